@@ -1,0 +1,156 @@
+//! The engine's own data types. Protobuf types stay at the edges (gRPC and the log codec);
+//! these are what the state machines reason about.
+
+use bytes::Bytes;
+
+/// Which protocol drives a transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Two-phase commit, presumed abort.
+    TwoPhase,
+    /// Saga: steps forward in order, compensations in reverse order on failure.
+    Saga,
+}
+
+/// The phase of a transaction, as recorded in the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// `Begun`: 2PC preparing, or saga running forward.
+    Active,
+    /// 2PC: the commit decision is recorded; sending `Commit`.
+    Committing,
+    /// 2PC: the abort decision is recorded (presumed abort: not necessarily durable).
+    Aborting,
+    /// Saga: compensating the steps that ran or may have run, in reverse order.
+    Compensating,
+    /// Terminal: committed.
+    Committed,
+    /// Terminal: aborted (2PC) or compensated (saga).
+    Aborted,
+}
+
+impl Phase {
+    /// Whether nothing more will happen to a transaction in this phase.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Committed | Phase::Aborted)
+    }
+}
+
+/// The final answer a client or a participant in doubt gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Not decided yet.
+    Pending,
+    Committed,
+    Aborted,
+}
+
+/// The state of one branch as the coordinator knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BranchState {
+    /// Never called.
+    Pending,
+    /// Called without a definite answer: it may have run.
+    InDoubt,
+    /// 2PC: answered `PREPARED`.
+    Prepared,
+    /// 2PC: answered `REFUSED`.
+    Refused,
+    /// Saga: answered `SUCCEEDED`.
+    Succeeded,
+    /// Saga: answered `FAILED` (nothing applied).
+    Failed,
+    /// Phase two finished with commit.
+    Committed,
+    /// Phase two finished with abort (2PC) or compensation (saga).
+    Aborted,
+}
+
+/// Retry policy: exponential backoff with full jitter, and the stuck threshold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// Phase-two attempts on one branch after which the transaction is flagged stuck.
+    pub stuck_after_attempts: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            initial_backoff_ms: 100,
+            max_backoff_ms: 30_000,
+            stuck_after_attempts: 10,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The upper bound of the backoff before attempt `attempt + 1`, after `attempt` failed
+    /// attempts (`attempt >= 1`): `min(max, initial * 2^(attempt-1))`. The runtime sleeps a
+    /// uniformly random time in `[0, bound]` (full jitter).
+    pub fn backoff_bound_ms(&self, attempt: u32) -> u64 {
+        let shift = attempt.saturating_sub(1).min(40);
+        self.initial_backoff_ms
+            .saturating_mul(1u64 << shift)
+            .min(self.max_backoff_ms)
+    }
+}
+
+/// What the client asked for in one branch. Immutable once begun.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BranchDef {
+    pub endpoint: String,
+    pub handler: String,
+    pub payload: Bytes,
+    /// Saga only.
+    pub compensation_payload: Bytes,
+}
+
+/// One branch in the log: its definition and what the coordinator knows of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BranchRecord {
+    pub def: BranchDef,
+    pub state: BranchState,
+    /// Calls made for this branch's current operation.
+    pub attempts: u32,
+    /// The last transient error, for operators.
+    pub last_error: String,
+}
+
+/// The durable record of one transaction. The log stores the latest copy per gid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxRecord {
+    pub gid: String,
+    pub mode: Mode,
+    pub phase: Phase,
+    /// Index = branch_id.
+    pub branches: Vec<BranchRecord>,
+    pub created_unix_ms: u64,
+    pub updated_unix_ms: u64,
+    /// End of phase one (2PC) or of the forward run (saga).
+    pub deadline_unix_ms: u64,
+    pub retry: RetryPolicy,
+    pub stuck: bool,
+    /// Bumped on every write of this record.
+    pub seq: u64,
+}
+
+impl TxRecord {
+    /// The outcome implied by the recorded phase, as `Outcome(gid)` reports it.
+    pub fn outcome(&self) -> Outcome {
+        match self.phase {
+            Phase::Active => Outcome::Pending,
+            Phase::Compensating => Outcome::Pending,
+            Phase::Committing | Phase::Committed => Outcome::Committed,
+            Phase::Aborting | Phase::Aborted => Outcome::Aborted,
+        }
+    }
+
+    /// Whether two records describe the same submitted transaction (for idempotent `Begin`).
+    pub fn same_definition(&self, mode: Mode, branches: &[BranchDef]) -> bool {
+        self.mode == mode
+            && self.branches.len() == branches.len()
+            && self.branches.iter().zip(branches).all(|(b, d)| &b.def == d)
+    }
+}

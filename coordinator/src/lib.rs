@@ -1,0 +1,3 @@
+//! Treaty's coordinator.
+pub mod engine;
+pub mod log;

@@ -1,0 +1,2 @@
+//! Treaty SDK.
+pub mod durable;

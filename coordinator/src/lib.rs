@@ -1,3 +1,31 @@
-//! Treaty's coordinator.
+//! Treaty's coordinator, as a library; `treatyd` (src/main.rs) is a thin `main` over it.
+//!
+//! Where things are:
+//! - [`engine`]: the pure protocol state machines (2PC presumed abort, saga). No I/O.
+//! - [`log`]: the [`log::LogStore`] trait, the durable sled backend with group commit, and an
+//!   in-memory backend that models durability for tests and simulation.
+//! - [`runtime`]: drives each transaction's engine with real participant calls, timers and
+//!   log writes.
+//! - [`api`]: the `treaty.v1.Coordinator` gRPC service and request validation.
+//! - [`server::run`]: the entry point: a listener, a log store, a [`config::Config`] and a
+//!   shutdown future.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use treaty_coordinator::{config::Config, log::sled::{SledLog, SledLogOptions}, server};
+//!
+//! let log = SledLog::open(std::path::Path::new("./treaty-data"), SledLogOptions::default())?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:7700").await?;
+//! server::run(listener, Arc::new(log), Config::default(), async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! })
+//! .await?;
+//! # Ok(()) }
+//! ```
+pub mod api;
+pub mod config;
 pub mod engine;
 pub mod log;
+pub mod runtime;
+pub mod server;

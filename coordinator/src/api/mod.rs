@@ -1,0 +1,224 @@
+//! The gRPC edge: `treaty.v1.Coordinator` over the [`Runtime`], plus conversions from the
+//! runtime's snapshots to protobuf. Health and reflection are added in `crate::server`.
+
+pub mod validate;
+
+use crate::engine::Mode;
+use crate::log::codec;
+use crate::log::{ListFilter, LogError};
+use crate::runtime::{now_ms, BeginError, Runtime, Snapshot, WatchTarget};
+use std::pin::Pin;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use treaty_proto::v1 as pb;
+use treaty_proto::v1::coordinator_server::Coordinator;
+
+/// The Coordinator gRPC service.
+#[derive(Clone)]
+pub struct CoordinatorService {
+    rt: Runtime,
+}
+
+impl CoordinatorService {
+    pub fn new(rt: Runtime) -> Self {
+        CoordinatorService { rt }
+    }
+}
+
+/// A snapshot as the API shows it.
+pub fn to_proto(s: &Snapshot) -> pb::Transaction {
+    let r = &s.record;
+    pb::Transaction {
+        gid: r.gid.clone(),
+        mode: codec::mode_to_proto(r.mode) as i32,
+        state: codec::phase_to_proto(r.phase) as i32,
+        outcome: codec::outcome_to_proto(s.outcome) as i32,
+        branches: r
+            .branches
+            .iter()
+            .enumerate()
+            .map(|(i, b)| pb::BranchStatus {
+                branch_id: i as u32,
+                endpoint: b.def.endpoint.clone(),
+                handler: b.def.handler.clone(),
+                state: codec::branch_state_to_proto(b.state) as i32,
+                attempts: b.attempts,
+                last_error: b.last_error.clone(),
+            })
+            .collect(),
+        created_unix_ms: r.created_unix_ms,
+        updated_unix_ms: r.updated_unix_ms,
+        deadline_unix_ms: r.deadline_unix_ms,
+        stuck: r.stuck,
+    }
+}
+
+fn log_status(e: LogError) -> Status {
+    match e {
+        LogError::Closed => Status::unavailable(e.to_string()),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+fn check_gid(gid: &str, rt: &Runtime) -> Result<(), Status> {
+    validate::gid("gid", gid, &rt.config().limits).map_err(|e| Status::invalid_argument(e.0))
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Transaction, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn begin(
+        &self,
+        req: Request<pb::BeginRequest>,
+    ) -> Result<Response<pb::BeginResponse>, Status> {
+        let (def, wait) = validate::begin(req.into_inner(), self.rt.config())
+            .map_err(|e| Status::invalid_argument(e.0))?;
+        let begun = self.rt.begin(def, wait).await.map_err(|e| match e {
+            BeginError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+            BeginError::ShuttingDown => Status::unavailable(e.to_string()),
+            BeginError::Log(l) => log_status(l),
+        })?;
+        Ok(Response::new(pb::BeginResponse {
+            gid: begun.gid,
+            outcome: codec::outcome_to_proto(begun.outcome) as i32,
+            existing: begun.existing,
+        }))
+    }
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::Transaction>, Status> {
+        let gid = req.into_inner().gid;
+        check_gid(&gid, &self.rt)?;
+        match self.rt.get(&gid).map_err(log_status)? {
+            Some(s) => Ok(Response::new(to_proto(&s))),
+            None => Err(Status::not_found(format!(
+                "no transaction with gid {gid:?}"
+            ))),
+        }
+    }
+
+    async fn list(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let req = req.into_inner();
+        let mut phases = Vec::with_capacity(req.states.len());
+        for (i, s) in req.states.iter().enumerate() {
+            let p = codec::phase_from_proto(*s)
+                .map_err(|_| Status::invalid_argument(format!("states[{i}]: unknown state {s}")))?;
+            phases.push(p);
+        }
+        let mode = match pb::Mode::try_from(req.mode) {
+            Ok(pb::Mode::Unspecified) => None,
+            Ok(pb::Mode::TwoPhase) => Some(Mode::TwoPhase),
+            Ok(pb::Mode::Saga) => Some(Mode::Saga),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "mode: unknown mode {}",
+                    req.mode
+                )))
+            }
+        };
+        if !req.page_token.is_empty() {
+            validate::gid("page_token", &req.page_token, &self.rt.config().limits)
+                .map_err(|e| Status::invalid_argument(e.0))?;
+        }
+        let limit = match req.page_size {
+            0 => 100,
+            n => n.min(1000) as usize,
+        };
+        let filter = ListFilter {
+            phases,
+            mode,
+            stuck_only: req.stuck_only,
+            created_before_unix_ms: (req.min_age_ms > 0)
+                .then(|| now_ms().saturating_sub(req.min_age_ms)),
+        };
+        let before = (!req.page_token.is_empty()).then_some(req.page_token.as_str());
+        let page = self.rt.list(&filter, before, limit).map_err(log_status)?;
+        let next_page_token = if page.len() == limit {
+            page.last()
+                .map(|s| s.record.gid.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListResponse {
+            transactions: page.iter().map(to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let gid = req.into_inner().gid;
+        check_gid(&gid, &self.rt)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        match self.rt.watch(&gid).map_err(log_status)? {
+            WatchTarget::Unknown => {
+                return Err(Status::not_found(format!(
+                    "no transaction with gid {gid:?}"
+                )))
+            }
+            WatchTarget::Stored(s) => {
+                let _ = tx.send(Ok(to_proto(&s))).await;
+            }
+            WatchTarget::Live(mut snap) => {
+                tokio::spawn(async move {
+                    loop {
+                        let current = snap.borrow_and_update().clone();
+                        let terminal = current.record.phase.is_terminal();
+                        if tx.send(Ok(to_proto(&current))).await.is_err() || terminal {
+                            return;
+                        }
+                        if snap.changed().await.is_err() {
+                            // The driver finished; its last snapshot is the terminal one.
+                            let last = snap.borrow().clone();
+                            if last.record.seq != current.record.seq {
+                                let _ = tx.send(Ok(to_proto(&last))).await;
+                            }
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn outcome(
+        &self,
+        req: Request<pb::OutcomeRequest>,
+    ) -> Result<Response<pb::OutcomeResponse>, Status> {
+        let gid = req.into_inner().gid;
+        check_gid(&gid, &self.rt)?;
+        let o = self.rt.outcome(&gid).map_err(log_status)?;
+        Ok(Response::new(pb::OutcomeResponse {
+            outcome: codec::outcome_to_proto(o) as i32,
+        }))
+    }
+
+    async fn retry(
+        &self,
+        req: Request<pb::RetryRequest>,
+    ) -> Result<Response<pb::RetryResponse>, Status> {
+        let gid = req.into_inner().gid;
+        check_gid(&gid, &self.rt)?;
+        match self.rt.retry(&gid).await {
+            Some(n) => Ok(Response::new(pb::RetryResponse { retried: n })),
+            // Not live: finished, so there is nothing to retry.
+            None => match self.rt.get(&gid).map_err(log_status)? {
+                Some(_) => Ok(Response::new(pb::RetryResponse { retried: 0 })),
+                None => Err(Status::not_found(format!(
+                    "no transaction with gid {gid:?}"
+                ))),
+            },
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Coordinator configuration: what the runtime, the API and the daemon may be tuned with.
+//!
+//! `treatyd` fills a [`Config`] from flags, `TREATY_*` environment variables and an optional
+//! TOML file, in that order of precedence (see `main.rs`); embedders build one directly.
+//! Every field has a default that suits a small production deployment.
+
+use serde::Deserialize;
+use std::time::Duration;
+
+/// Limits on what a client may submit; each is enforced with `INVALID_ARGUMENT`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub max_branches: usize,
+    pub max_payload_bytes: usize,
+    pub max_tx_bytes: usize,
+    pub max_gid_bytes: usize,
+    pub max_handler_bytes: usize,
+    pub max_endpoint_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_branches: 64,
+            max_payload_bytes: 1 << 20,
+            max_tx_bytes: 4 << 20,
+            max_gid_bytes: 128,
+            max_handler_bytes: 128,
+            max_endpoint_bytes: 2048,
+        }
+    }
+}
+
+/// Everything the coordinator runtime and API need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Phase-one / forward-run deadline when the client sets none.
+    pub default_deadline: Duration,
+    /// Largest deadline a client may ask for.
+    pub max_deadline: Duration,
+    /// Timeout of one participant call.
+    pub call_timeout: Duration,
+    /// Backoff start, cap and stuck threshold when the client sets none.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub stuck_after_attempts: u32,
+    /// Bound of `Begin` with `wait` when the client sets none, and its maximum.
+    pub default_wait: Duration,
+    pub max_wait: Duration,
+    /// How long finished transactions are kept, and how often they are collected.
+    pub retention: Duration,
+    pub gc_interval: Duration,
+    /// On shutdown, how long in-flight calls may finish before the process exits.
+    pub shutdown_grace: Duration,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            default_deadline: Duration::from_secs(30),
+            max_deadline: Duration::from_secs(24 * 3600),
+            call_timeout: Duration::from_secs(5),
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+            stuck_after_attempts: 10,
+            default_wait: Duration::from_secs(30),
+            max_wait: Duration::from_secs(300),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            gc_interval: Duration::from_secs(600),
+            shutdown_grace: Duration::from_secs(10),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Check the values make sense together; the message names the offending setting.
+    pub fn validate(&self) -> Result<(), String> {
+        let nonzero = [
+            ("default-deadline", self.default_deadline),
+            ("call-timeout", self.call_timeout),
+            ("initial-backoff", self.initial_backoff),
+            ("max-backoff", self.max_backoff),
+            ("gc-interval", self.gc_interval),
+        ];
+        for (name, d) in nonzero {
+            if d.is_zero() {
+                return Err(format!("{name} must be greater than zero"));
+            }
+        }
+        if self.max_backoff < self.initial_backoff {
+            return Err("max-backoff must be at least initial-backoff".into());
+        }
+        if self.default_deadline > self.max_deadline {
+            return Err("default-deadline must not exceed max-deadline".into());
+        }
+        if self.default_wait > self.max_wait {
+            return Err("default-wait must not exceed max-wait".into());
+        }
+        if self.stuck_after_attempts == 0 {
+            return Err("stuck-after-attempts must be at least 1".into());
+        }
+        let l = &self.limits;
+        if l.max_branches == 0 || l.max_payload_bytes == 0 || l.max_tx_bytes == 0 {
+            return Err("limits must be greater than zero".into());
+        }
+        if l.max_gid_bytes == 0 || l.max_handler_bytes == 0 {
+            return Err("limits must be greater than zero".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,720 @@
+//! The per-transaction state machine for both protocols.
+//!
+//! [`Tx::handle`] takes the current time and one [`Event`] and returns the [`Command`]s the
+//! runtime must carry out, in order. It never blocks, sleeps, reads a clock or does I/O, so the
+//! same code runs under tokio (the runtime), under a simulated network and clock (the
+//! simulation) and in table-driven unit tests.
+//!
+//! Rules the machine enforces (and asserts):
+//! - No `Commit` is issued before the forced decision record (`Committing`) is durable.
+//! - A saga compensates only steps that ran or may have run, highest first, one at a time,
+//!   and only after the forced `Compensating` record is durable.
+//! - A reply for an unknown branch, for an operation the branch is no longer doing, a duplicate
+//!   of an answer already taken, or a transient error from an outdated attempt is ignored.
+
+use super::types::{BranchRecord, BranchState, Mode, Outcome, Phase, RetryPolicy, TxRecord};
+
+/// An operation the coordinator asks a participant to do for one branch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    Prepare,
+    Commit,
+    Abort,
+    Execute,
+    Compensate,
+}
+
+impl Op {
+    /// Whether this operation belongs to phase two (must eventually succeed; retried forever).
+    pub fn is_phase_two(self) -> bool {
+        matches!(self, Op::Commit | Op::Abort | Op::Compensate)
+    }
+}
+
+/// What a participant answered (or what the runtime observed instead of an answer).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    Prepared,
+    Refused(String),
+    Succeeded,
+    Failed(String),
+    Done,
+    /// No definite answer: unavailable, timed out, `RETRY`, or an unexpected status.
+    Transient(String),
+}
+
+/// Something that happened to a transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A new transaction was submitted; nothing is stored yet.
+    Start,
+    /// The transaction was read back from the log after a restart.
+    Recovered,
+    /// The record written with this `seq` is on stable storage.
+    Durable { seq: u64 },
+    /// A participant answered a call.
+    Reply {
+        branch: u32,
+        op: Op,
+        attempt: u32,
+        reply: Reply,
+    },
+    /// A backoff scheduled by [`Command::ScheduleRetry`] has elapsed.
+    RetryDue { branch: u32, op: Op, attempt: u32 },
+    /// The phase-one / forward-run deadline set by [`Command::SetDeadline`] has passed.
+    DeadlinePassed,
+    /// An operator asked to retry every waiting call now.
+    RetryNow,
+}
+
+/// Something the runtime must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Write the record. A forced write must be reported back with [`Event::Durable`].
+    Persist { record: TxRecord, forced: bool },
+    /// Call the participant of `branch`.
+    Call { branch: u32, op: Op, attempt: u32 },
+    /// After a random delay in `[0, backoff_bound_ms]`, deliver [`Event::RetryDue`].
+    ScheduleRetry {
+        branch: u32,
+        op: Op,
+        attempt: u32,
+        backoff_bound_ms: u64,
+    },
+    /// Deliver [`Event::DeadlinePassed`] at this time (immediately if it is past).
+    SetDeadline { at_unix_ms: u64 },
+    /// The outcome is final and may be told to clients and participants. Issued once.
+    Decided(Outcome),
+    /// Nothing more will happen; once the preceding commands are done the runtime may drop
+    /// the transaction from memory. Always the last command of its batch.
+    Finished,
+}
+
+/// What to do once a forced write is durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Gate {
+    /// `Begun` is durable: start phase one / the forward run.
+    BeginDurable,
+    /// `Committing` is durable: tell the outcome and send `Commit`.
+    CommitDecisionDurable,
+    /// `Compensating` is durable: compensate.
+    CompensationDurable,
+    /// Saga `Committed` is durable: tell the outcome and finish.
+    SagaCommitDurable,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CallStatus {
+    /// No call outstanding for the branch's current operation.
+    Idle,
+    /// A call is outstanding.
+    InFlight,
+    /// Waiting for a backoff to elapse before the next attempt.
+    Backoff,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Call {
+    op: Option<Op>,
+    status: CallStatus,
+}
+
+/// Test-only deliberate protocol bugs, to prove the simulation and chaos checkers catch them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mutations {
+    /// Send `Commit` as soon as every branch prepared, before the decision is durable.
+    pub commit_before_durable: bool,
+    /// Skip compensating the lowest step that needs it.
+    pub skip_one_compensation: bool,
+    /// On recovery, forget the last branch (as if it were never part of the transaction).
+    pub forget_branch_on_recovery: bool,
+}
+
+/// One global transaction's protocol state: the durable record plus volatile call state.
+#[derive(Clone, Debug)]
+pub struct Tx {
+    rec: TxRecord,
+    calls: Vec<Call>,
+    /// A forced write we are waiting for, and what to do then.
+    gate: Option<(u64, Gate)>,
+    /// Highest seq known durable.
+    durable_seq: u64,
+    /// Seq of the `Committing` record, once written.
+    decision_seq: Option<u64>,
+    decided: Option<Outcome>,
+    finished: bool,
+    mutations: Mutations,
+}
+
+/// What a client submits; validated by the API layer before it gets here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewTx {
+    pub gid: String,
+    pub mode: Mode,
+    pub branches: Vec<super::types::BranchDef>,
+    pub deadline_unix_ms: u64,
+    pub retry: RetryPolicy,
+}
+
+impl Tx {
+    /// A transaction just submitted at `now_ms`. Feed it [`Event::Start`] next.
+    ///
+    /// # Panics
+    /// If `def` has no branch: the API layer rejects that before it gets here.
+    pub fn new(def: NewTx, now_ms: u64) -> Tx {
+        assert!(
+            !def.branches.is_empty(),
+            "a transaction has at least one branch"
+        );
+        let branches = def
+            .branches
+            .into_iter()
+            .map(|d| BranchRecord {
+                def: d,
+                state: BranchState::Pending,
+                attempts: 0,
+                last_error: String::new(),
+            })
+            .collect();
+        let rec = TxRecord {
+            gid: def.gid,
+            mode: def.mode,
+            phase: Phase::Active,
+            branches,
+            created_unix_ms: now_ms,
+            updated_unix_ms: now_ms,
+            deadline_unix_ms: def.deadline_unix_ms,
+            retry: def.retry,
+            stuck: false,
+            seq: 0,
+        };
+        Tx::with_record(rec, 0)
+    }
+
+    /// A transaction read back from the log. Feed it [`Event::Recovered`] next.
+    pub fn recover(rec: TxRecord) -> Tx {
+        let durable = rec.seq;
+        Tx::with_record(rec, durable)
+    }
+
+    fn with_record(rec: TxRecord, durable_seq: u64) -> Tx {
+        let rec_phase_is_committing = matches!(rec.phase, Phase::Committing | Phase::Committed);
+        let calls = vec![
+            Call {
+                op: None,
+                status: CallStatus::Idle,
+            };
+            rec.branches.len()
+        ];
+        Tx {
+            rec,
+            calls,
+            gate: None,
+            durable_seq,
+            decision_seq: (rec_phase_is_committing).then_some(durable_seq),
+            decided: None,
+            finished: false,
+            mutations: Mutations::default(),
+        }
+    }
+
+    /// Enable deliberate bugs (tests of the checkers only).
+    pub fn set_mutations(&mut self, m: Mutations) {
+        self.mutations = m;
+    }
+
+    /// The current record (including volatile attempt counts not yet written).
+    pub fn record(&self) -> &TxRecord {
+        &self.rec
+    }
+
+    /// The outcome once final ([`Command::Decided`] was issued), else `Pending`.
+    pub fn decided(&self) -> Outcome {
+        self.decided.unwrap_or(Outcome::Pending)
+    }
+
+    /// Whether [`Command::Finished`] was issued.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Handle one event at time `now_ms` (unix ms; only used to stamp records and to compare
+    /// with the deadline on recovery). Returns the commands to carry out, in order.
+    pub fn handle(&mut self, now_ms: u64, event: Event) -> Vec<Command> {
+        let mut out = Vec::new();
+        if self.finished {
+            return out;
+        }
+        match event {
+            Event::Start => self.on_start(now_ms, &mut out),
+            Event::Recovered => self.on_recovered(now_ms, &mut out),
+            Event::Durable { seq } => self.on_durable(now_ms, seq, &mut out),
+            Event::Reply {
+                branch,
+                op,
+                attempt,
+                reply,
+            } => self.on_reply(now_ms, branch, op, attempt, reply, &mut out),
+            Event::RetryDue {
+                branch,
+                op,
+                attempt,
+            } => self.on_retry_due(branch, op, attempt, &mut out),
+            Event::DeadlinePassed => self.on_deadline(now_ms, &mut out),
+            Event::RetryNow => self.on_retry_now(&mut out),
+        }
+        out
+    }
+
+    fn on_start(&mut self, now_ms: u64, out: &mut Vec<Command>) {
+        assert_eq!(
+            self.rec.seq, 0,
+            "Start is the first event of a new transaction"
+        );
+        assert_eq!(self.rec.phase, Phase::Active);
+        self.persist(now_ms, true, Some(Gate::BeginDurable), out);
+        out.push(Command::SetDeadline {
+            at_unix_ms: self.rec.deadline_unix_ms,
+        });
+    }
+
+    fn on_recovered(&mut self, now_ms: u64, out: &mut Vec<Command>) {
+        if self.mutations.forget_branch_on_recovery && self.rec.branches.len() > 1 {
+            self.rec.branches.pop();
+            self.calls.pop();
+        }
+        let n = self.rec.branches.len();
+        match (self.rec.mode, self.rec.phase) {
+            (_, Phase::Committed) | (_, Phase::Aborted) => {
+                self.decide(
+                    if self.rec.phase == Phase::Committed {
+                        Outcome::Committed
+                    } else {
+                        Outcome::Aborted
+                    },
+                    out,
+                );
+                self.finish(out);
+            }
+            // Prepares' answers died with the process: presumed abort.
+            (Mode::TwoPhase, Phase::Active) => self.abort_two_phase(now_ms, out),
+            (Mode::TwoPhase, Phase::Committing) => {
+                self.decide(Outcome::Committed, out);
+                for b in 0..n {
+                    if self.rec.branches[b].state != BranchState::Committed {
+                        self.start_op(b, Op::Commit, out);
+                    }
+                }
+                self.maybe_finish_phase_two(now_ms, out);
+            }
+            (Mode::TwoPhase, Phase::Aborting) => {
+                self.decide(Outcome::Aborted, out);
+                for b in 0..n {
+                    if self.rec.branches[b].state != BranchState::Aborted {
+                        self.start_op(b, Op::Abort, out);
+                    }
+                }
+                self.maybe_finish_phase_two(now_ms, out);
+            }
+            (Mode::Saga, Phase::Active) => {
+                let first = self
+                    .rec
+                    .branches
+                    .iter()
+                    .position(|b| b.state != BranchState::Succeeded);
+                match first {
+                    None => {
+                        // Every step succeeded but the final record was lost.
+                        self.rec.phase = Phase::Committed;
+                        self.persist(now_ms, true, Some(Gate::SagaCommitDurable), out);
+                    }
+                    Some(k) => {
+                        // Step outcomes are written unforced, so any step from k on may have
+                        // run: if we end up compensating, they are all compensated (the
+                        // barrier makes a compensation of a step that never ran a no-op).
+                        for b in &mut self.rec.branches[k..] {
+                            if matches!(b.state, BranchState::Pending) {
+                                b.state = BranchState::InDoubt;
+                            }
+                        }
+                        if self.rec.branches[k].state == BranchState::Failed {
+                            self.start_compensation(now_ms, out);
+                        } else if now_ms >= self.rec.deadline_unix_ms {
+                            self.start_compensation(now_ms, out);
+                        } else {
+                            out.push(Command::SetDeadline {
+                                at_unix_ms: self.rec.deadline_unix_ms,
+                            });
+                            self.start_op(k, Op::Execute, out);
+                        }
+                    }
+                }
+            }
+            (Mode::Saga, Phase::Compensating) => self.compensate_next(now_ms, out),
+            (Mode::Saga, Phase::Committing) | (Mode::Saga, Phase::Aborting) => {
+                // Not written by this engine for sagas; treat like compensation to be safe.
+                self.rec.phase = Phase::Compensating;
+                self.compensate_next(now_ms, out);
+            }
+            (Mode::TwoPhase, Phase::Compensating) => self.abort_two_phase(now_ms, out),
+        }
+    }
+
+    fn on_durable(&mut self, now_ms: u64, seq: u64, out: &mut Vec<Command>) {
+        self.durable_seq = self.durable_seq.max(seq);
+        let Some((gate_seq, gate)) = self.gate else {
+            return;
+        };
+        if seq < gate_seq {
+            return;
+        }
+        self.gate = None;
+        match gate {
+            Gate::BeginDurable if now_ms >= self.rec.deadline_unix_ms => {
+                // The deadline passed while `Begun` was being written: nothing ran yet.
+                match self.rec.mode {
+                    Mode::TwoPhase => self.abort_two_phase(now_ms, out),
+                    Mode::Saga => self.start_compensation(now_ms, out),
+                }
+            }
+            Gate::BeginDurable => match self.rec.mode {
+                Mode::TwoPhase => {
+                    for b in 0..self.rec.branches.len() {
+                        self.start_op(b, Op::Prepare, out);
+                    }
+                }
+                Mode::Saga => self.start_op(0, Op::Execute, out),
+            },
+            Gate::CommitDecisionDurable => {
+                if self.mutations.commit_before_durable {
+                    return; // commits were already sent
+                }
+                self.decide(Outcome::Committed, out);
+                for b in 0..self.rec.branches.len() {
+                    self.start_op(b, Op::Commit, out);
+                }
+            }
+            Gate::CompensationDurable => self.compensate_next(now_ms, out),
+            Gate::SagaCommitDurable => {
+                self.decide(Outcome::Committed, out);
+                self.finish(out);
+            }
+        }
+    }
+
+    fn on_reply(
+        &mut self,
+        now_ms: u64,
+        branch: u32,
+        op: Op,
+        attempt: u32,
+        reply: Reply,
+        out: &mut Vec<Command>,
+    ) {
+        let b = branch as usize;
+        // Unknown branch, an operation the branch no longer does, or already answered.
+        if b >= self.calls.len()
+            || self.calls[b].op != Some(op)
+            || self.calls[b].status == CallStatus::Idle
+        {
+            return;
+        }
+        let definite = matches!(
+            (op, &reply),
+            (Op::Prepare, Reply::Prepared | Reply::Refused(_))
+                | (Op::Execute, Reply::Succeeded | Reply::Failed(_))
+                | (Op::Commit | Op::Abort | Op::Compensate, Reply::Done)
+        );
+        if !definite {
+            let err = match reply {
+                Reply::Transient(e) => e,
+                other => format!("unexpected reply {other:?} to {op:?}"),
+            };
+            // Only the newest attempt's failure schedules a retry; older ones are noise.
+            if attempt == self.rec.branches[b].attempts
+                && self.calls[b].status == CallStatus::InFlight
+            {
+                self.on_transient(now_ms, b, op, err, out);
+            }
+            return;
+        }
+        self.calls[b].status = CallStatus::Idle;
+        let phase = self.rec.phase;
+        match reply {
+            Reply::Prepared => {
+                self.set_state(b, BranchState::Prepared);
+                let all = self
+                    .rec
+                    .branches
+                    .iter()
+                    .all(|x| x.state == BranchState::Prepared);
+                if phase == Phase::Active && all {
+                    self.rec.phase = Phase::Committing;
+                    self.persist(now_ms, true, Some(Gate::CommitDecisionDurable), out);
+                    self.decision_seq = Some(self.rec.seq);
+                    if self.mutations.commit_before_durable {
+                        self.decide(Outcome::Committed, out);
+                        for x in 0..self.rec.branches.len() {
+                            self.start_op(x, Op::Commit, out);
+                        }
+                    }
+                }
+            }
+            Reply::Refused(why) => {
+                self.set_state(b, BranchState::Refused);
+                self.rec.branches[b].last_error = why;
+                if phase == Phase::Active {
+                    self.abort_two_phase(now_ms, out);
+                }
+            }
+            Reply::Succeeded => {
+                self.set_state(b, BranchState::Succeeded);
+                if phase == Phase::Active {
+                    let next = b + 1;
+                    if next == self.rec.branches.len() {
+                        self.rec.phase = Phase::Committed;
+                        self.persist(now_ms, true, Some(Gate::SagaCommitDurable), out);
+                    } else {
+                        // Unforced: a lost step record only repeats the (idempotent) step.
+                        self.persist(now_ms, false, None, out);
+                        self.start_op(next, Op::Execute, out);
+                    }
+                }
+            }
+            Reply::Failed(why) => {
+                self.set_state(b, BranchState::Failed);
+                self.rec.branches[b].last_error = why;
+                if phase == Phase::Active {
+                    self.start_compensation(now_ms, out);
+                }
+            }
+            Reply::Done => match op {
+                Op::Commit => {
+                    self.set_state(b, BranchState::Committed);
+                    self.maybe_finish_phase_two(now_ms, out);
+                }
+                Op::Abort => {
+                    self.set_state(b, BranchState::Aborted);
+                    self.maybe_finish_phase_two(now_ms, out);
+                }
+                Op::Compensate => {
+                    self.set_state(b, BranchState::Aborted);
+                    self.compensate_next(now_ms, out);
+                }
+                Op::Prepare | Op::Execute => unreachable!("checked by `definite`"),
+            },
+            Reply::Transient(_) => unreachable!("checked by `definite`"),
+        }
+    }
+
+    fn on_transient(&mut self, now_ms: u64, b: usize, op: Op, err: String, out: &mut Vec<Command>) {
+        self.rec.branches[b].last_error = err;
+        if !op.is_phase_two() && self.rec.phase != Phase::Active {
+            // Phase one is over; this call no longer matters.
+            self.calls[b].status = CallStatus::Idle;
+            return;
+        }
+        let attempts = self.rec.branches[b].attempts;
+        if op.is_phase_two() && !self.rec.stuck && attempts >= self.rec.retry.stuck_after_attempts {
+            self.rec.stuck = true;
+            self.persist(now_ms, false, None, out);
+        }
+        self.calls[b].status = CallStatus::Backoff;
+        out.push(Command::ScheduleRetry {
+            branch: b as u32,
+            op,
+            attempt: attempts + 1,
+            backoff_bound_ms: self.rec.retry.backoff_bound_ms(attempts),
+        });
+    }
+
+    fn on_retry_due(&mut self, branch: u32, op: Op, attempt: u32, out: &mut Vec<Command>) {
+        let b = branch as usize;
+        if b >= self.calls.len()
+            || self.calls[b].op != Some(op)
+            || self.calls[b].status != CallStatus::Backoff
+            || attempt != self.rec.branches[b].attempts + 1
+        {
+            return;
+        }
+        if !op.is_phase_two() && self.rec.phase != Phase::Active {
+            self.calls[b].status = CallStatus::Idle;
+            return;
+        }
+        self.issue_call(b, op, out);
+    }
+
+    fn on_deadline(&mut self, now_ms: u64, out: &mut Vec<Command>) {
+        // Decided already, or still writing `Begun` (checked again once it is durable).
+        if self.rec.phase != Phase::Active || self.gate.is_some() {
+            return;
+        }
+        match self.rec.mode {
+            Mode::TwoPhase => self.abort_two_phase(now_ms, out),
+            Mode::Saga => self.start_compensation(now_ms, out),
+        }
+    }
+
+    fn on_retry_now(&mut self, out: &mut Vec<Command>) {
+        for b in 0..self.calls.len() {
+            if self.calls[b].status == CallStatus::Backoff {
+                if let Some(op) = self.calls[b].op {
+                    if op.is_phase_two() || self.rec.phase == Phase::Active {
+                        self.issue_call(b, op, out);
+                    }
+                }
+            }
+        }
+    }
+
+    /// 2PC: decide abort. Unforced: with presumed abort a lost `Aborting` record reads back
+    /// as `Begun`, which recovery aborts anyway.
+    fn abort_two_phase(&mut self, now_ms: u64, out: &mut Vec<Command>) {
+        debug_assert_eq!(self.rec.mode, Mode::TwoPhase);
+        self.rec.phase = Phase::Aborting;
+        self.gate = None;
+        self.persist(now_ms, false, None, out);
+        self.decide(Outcome::Aborted, out);
+        for b in 0..self.rec.branches.len() {
+            self.start_op(b, Op::Abort, out);
+        }
+    }
+
+    /// Saga: a step failed or the deadline passed. Forced: once compensation starts, recovery
+    /// must not resume the forward run.
+    fn start_compensation(&mut self, now_ms: u64, out: &mut Vec<Command>) {
+        debug_assert_eq!(self.rec.mode, Mode::Saga);
+        self.rec.phase = Phase::Compensating;
+        self.persist(now_ms, true, Some(Gate::CompensationDurable), out);
+    }
+
+    /// Saga: compensate the highest step that ran or may have run, or finish.
+    fn compensate_next(&mut self, now_ms: u64, out: &mut Vec<Command>) {
+        debug_assert_eq!(self.rec.phase, Phase::Compensating);
+        if self.gate.is_some() {
+            return;
+        }
+        let needs = |s: BranchState| matches!(s, BranchState::Succeeded | BranchState::InDoubt);
+        let pending: Vec<usize> = (0..self.rec.branches.len())
+            .filter(|&b| needs(self.rec.branches[b].state))
+            .collect();
+        // A compensation already in flight finishes first (one at a time, in order).
+        if (0..self.calls.len()).any(|b| {
+            self.calls[b].op == Some(Op::Compensate) && self.calls[b].status != CallStatus::Idle
+        }) {
+            return;
+        }
+        let next = if self.mutations.skip_one_compensation && pending.len() > 1 {
+            // Deliberate bug: pretend the lowest one was done.
+            let low = pending[0];
+            self.rec.branches[low].state = BranchState::Aborted;
+            pending.last().copied()
+        } else {
+            pending.last().copied()
+        };
+        match next {
+            Some(b) => self.start_op(b, Op::Compensate, out),
+            None => {
+                self.rec.phase = Phase::Aborted;
+                self.rec.stuck = false;
+                self.persist(now_ms, false, None, out);
+                self.decide(Outcome::Aborted, out);
+                self.finish(out);
+            }
+        }
+    }
+
+    /// 2PC phase two: finish when every branch is done.
+    fn maybe_finish_phase_two(&mut self, now_ms: u64, out: &mut Vec<Command>) {
+        let (target, phase) = match self.rec.phase {
+            Phase::Committing => (BranchState::Committed, Phase::Committed),
+            Phase::Aborting => (BranchState::Aborted, Phase::Aborted),
+            _ => return,
+        };
+        if self.rec.branches.iter().all(|b| b.state == target) {
+            self.rec.phase = phase;
+            self.rec.stuck = false;
+            // Unforced `Ended`: if lost, recovery repeats phase two, which is idempotent.
+            self.persist(now_ms, false, None, out);
+            self.finish(out);
+        }
+    }
+
+    fn start_op(&mut self, b: usize, op: Op, out: &mut Vec<Command>) {
+        if op == Op::Commit && !self.mutations.commit_before_durable {
+            assert!(
+                self.rec.phase == Phase::Committing
+                    && self.decision_seq.is_some_and(|d| self.durable_seq >= d),
+                "Commit before the decision is durable (gid {})",
+                self.rec.gid
+            );
+        }
+        if matches!(op, Op::Prepare | Op::Execute)
+            && self.rec.branches[b].state == BranchState::Pending
+        {
+            self.rec.branches[b].state = BranchState::InDoubt;
+        }
+        self.rec.branches[b].attempts = 0;
+        self.calls[b].op = Some(op);
+        self.issue_call(b, op, out);
+    }
+
+    fn issue_call(&mut self, b: usize, op: Op, out: &mut Vec<Command>) {
+        self.rec.branches[b].attempts += 1;
+        self.calls[b].status = CallStatus::InFlight;
+        out.push(Command::Call {
+            branch: b as u32,
+            op,
+            attempt: self.rec.branches[b].attempts,
+        });
+    }
+
+    fn set_state(&mut self, b: usize, to: BranchState) {
+        let from = self.rec.branches[b].state;
+        debug_assert!(
+            legal_branch_transition(from, to),
+            "illegal branch transition {from:?} -> {to:?} (gid {}, branch {b})",
+            self.rec.gid
+        );
+        self.rec.branches[b].state = to;
+    }
+
+    fn persist(&mut self, now_ms: u64, forced: bool, gate: Option<Gate>, out: &mut Vec<Command>) {
+        self.rec.seq += 1;
+        self.rec.updated_unix_ms = now_ms.max(self.rec.updated_unix_ms);
+        if let Some(g) = gate {
+            self.gate = Some((self.rec.seq, g));
+        }
+        out.push(Command::Persist {
+            record: self.rec.clone(),
+            forced,
+        });
+    }
+
+    fn decide(&mut self, outcome: Outcome, out: &mut Vec<Command>) {
+        if self.decided.is_none() {
+            self.decided = Some(outcome);
+            out.push(Command::Decided(outcome));
+        } else {
+            debug_assert_eq!(self.decided, Some(outcome), "the outcome never changes");
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<Command>) {
+        self.finished = true;
+        out.push(Command::Finished);
+    }
+}
+
+/// The branch state transitions the engine may make.
+fn legal_branch_transition(from: BranchState, to: BranchState) -> bool {
+    use BranchState::*;
+    from == to
+        || matches!(
+            (from, to),
+            (Pending | InDoubt, Prepared | Refused | Succeeded | Failed)
+                | (Prepared, Committed | Aborted)
+                | (Pending | InDoubt | Refused, Aborted)
+                | (Succeeded, Aborted)
+        )
+}

@@ -1,0 +1,124 @@
+//! The injectable entry point: serve the coordinator on a listener over a log store until a
+//! shutdown future resolves. `treatyd` is a thin `main` over [`run`]; tests and embedders call
+//! it the same way, on a listener bound to port 0.
+
+use crate::api::CoordinatorService;
+use crate::config::Config;
+use crate::log::{LogError, LogStore};
+use crate::runtime::Runtime;
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use treaty_proto::v1::coordinator_server::CoordinatorServer;
+
+/// Why the coordinator stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot recover transactions from the log: {0}")]
+    Recover(#[source] LogError),
+    #[error("cannot make the log durable at shutdown: {0}")]
+    Shutdown(#[source] LogError),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(String),
+}
+
+/// Serve until `shutdown` resolves, then shut down gracefully: stop taking new transactions,
+/// give in-flight work `config.shutdown_grace`, make the log durable.
+///
+/// Every non-terminal transaction in `log` is resumed before the first request is served.
+pub async fn run(
+    listener: TcpListener,
+    log: Arc<dyn LogStore>,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    config.validate().map_err(ServeError::Config)?;
+    let grace = config.shutdown_grace;
+    let gc_interval = config.gc_interval;
+    let rt = Runtime::new(log, config);
+    let resumed = rt.recover().map_err(ServeError::Recover)?;
+    let addr = listener.local_addr().ok();
+    tracing::info!(?addr, resumed, "treaty coordinator serving");
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<CoordinatorServer<CoordinatorService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(treaty_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
+    let gc = {
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(gc_interval);
+            loop {
+                tick.tick().await;
+                let rt = rt.clone();
+                match tokio::task::spawn_blocking(move || rt.collect_garbage()).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => tracing::info!(
+                        collected = n,
+                        "finished transactions past retention deleted"
+                    ),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "retention collection failed"),
+                    Err(e) => tracing::warn!(error = %e, "retention task failed"),
+                }
+            }
+        })
+    };
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(CoordinatorServer::new(CoordinatorService::new(rt.clone())))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    let mut server = tokio::spawn(server);
+
+    tokio::select! {
+        res = &mut server => {
+            gc.abort();
+            return match res {
+                Ok(r) => r.map_err(ServeError::from),
+                Err(e) => Err(ServeError::Config(format!("server task failed: {e}"))),
+            };
+        }
+        _ = shutdown => {}
+    }
+    tracing::info!(
+        live = rt.live(),
+        ?grace,
+        "shutting down: no new transactions"
+    );
+    health_reporter
+        .set_not_serving::<CoordinatorServer<CoordinatorService>>()
+        .await;
+    let _ = stop_tx.send(());
+    let deadline = tokio::time::Instant::now() + grace;
+    let finished = rt.shutdown(grace);
+    let (log_result, _) = tokio::join!(finished, async {
+        if tokio::time::timeout_at(deadline, &mut server)
+            .await
+            .is_err()
+        {
+            server.abort();
+        }
+    });
+    gc.abort();
+    log_result.map_err(ServeError::Shutdown)?;
+    tracing::info!(
+        unfinished = rt.live(),
+        "stopped; unfinished transactions resume at next start"
+    );
+    Ok(())
+}

@@ -1,2 +1,105 @@
-//! Treaty SDK.
+//! Treaty SDK: embed Treaty in a service.
+//!
+//! # Where things are
+//!
+//! - [`participant`]: the participant side. Register handlers ([`TwoPhaseHandler`],
+//!   [`SagaHandler`], or closures via [`two_phase_fn`] / [`saga_fn`]) on a
+//!   [`Participant::builder`], then either `add_service` [`Participant::into_service`] to
+//!   your own tonic server or call [`Participant::serve`]. Handlers run synchronously inside a
+//!   sled transaction on your tree.
+//! - [`barrier`]: exactly-once effects. One row per `(gid, branch, operation)` in your tree,
+//!   written in the same sled transaction as the business change; duplicates repeat the
+//!   first answer, a compensation that arrives before its action is recorded as a no-op and
+//!   the late action is refused. **Keys starting with `0xFF 't'` are reserved.**
+//! - [`durable`]: [`durable::SledSync`], the group-commit fsync that makes every barrier row
+//!   durable before its answer is sent (sled's own `flush` is not a full fsync).
+//! - [`client`]: submit sagas and 2PC transactions to the coordinator ([`Client`]).
+//! - [`SdkError`]: every error, split by what the caller must do (notably
+//!   [`SdkError::Rejected`] versus [`SdkError::OutcomeUnknown`]).
+//!
+//! # Example
+//!
+//! A participant with a 2PC handler and a saga handler, served on its own, and a client
+//! submitting a saga to it through the coordinator.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use treaty_sdk::{decode_json, refuse, saga_fn, two_phase_fn, Client, Outcome, Participant};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = std::path::Path::new("./bank-data");
+//! let db = sled::open(dir)?;
+//! let accounts = db.open_tree("accounts")?;
+//!
+//! let participant = Participant::builder(db.clone(), accounts, dir)
+//!     .coordinator("http://127.0.0.1:7700") // for in-doubt resolution after a crash
+//!     // 2PC: prepare reserves (here: just checks a key), commit applies, abort releases.
+//!     .two_phase(
+//!         "debit",
+//!         two_phase_fn(
+//!             |_ctx, tree, payload| {
+//!                 let amount: u64 = decode_json(payload)?;
+//!                 if amount > 100 {
+//!                     return Err(refuse("insufficient funds"));
+//!                 }
+//!                 tree.insert(b"held", payload)?;
+//!                 Ok(())
+//!             },
+//!             |_ctx, tree, _payload| {
+//!                 tree.remove(b"held")?;
+//!                 Ok(())
+//!             },
+//!             |_ctx, tree, _payload| {
+//!                 tree.remove(b"held")?;
+//!                 Ok(())
+//!             },
+//!         ),
+//!     )
+//!     // Saga step: execute applies, compensate undoes. Both may run more than once inside
+//!     // sled's retry loop: write only through `tree`.
+//!     .saga(
+//!         "book",
+//!         saga_fn(
+//!             |ctx, tree, payload| {
+//!                 tree.insert(ctx.gid.as_bytes(), payload)?;
+//!                 Ok(())
+//!             },
+//!             |ctx, tree, _payload| {
+//!                 tree.remove(ctx.gid.as_bytes())?;
+//!                 Ok(())
+//!             },
+//!         ),
+//!     )
+//!     .build()?;
+//!
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:7801").await?;
+//! tokio::spawn(participant.serve(listener, async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! }));
+//!
+//! let client = Client::connect("http://127.0.0.1:7700").await?;
+//! let outcome = client
+//!     .saga()
+//!     .step_json("http://127.0.0.1:7801", "book", &"room 12", &"room 12")
+//!     .deadline(Duration::from_secs(10))
+//!     .submit_and_wait(Duration::from_secs(5))
+//!     .await?;
+//! assert_ne!(outcome, Outcome::Pending);
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+pub mod barrier;
+pub mod client;
 pub mod durable;
+mod error;
+pub mod participant;
+
+pub use barrier::{Answer, Barrier, BarrierRow, Op, BARRIER_PREFIX};
+pub use client::{Client, Outcome, RetryPolicy, SagaBuilder, TwoPhaseBuilder};
+pub use error::SdkError;
+pub use participant::{
+    decode_json, refuse, saga_fn, two_phase_fn, BranchContext, HandlerResult, Participant,
+    ParticipantBuilder, Refusal, SagaHandler, TwoPhaseHandler,
+};

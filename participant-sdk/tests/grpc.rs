@@ -1,0 +1,540 @@
+//! The SDK over real gRPC on 127.0.0.1 (port 0): the participant service called through the
+//! generated client, in-doubt resolution against a fake coordinator, and the client's
+//! submit path and error classification.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Code, Request, Response, Status};
+use treaty_proto::v1 as pb;
+use treaty_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use treaty_proto::v1::participant_client::ParticipantClient;
+use treaty_proto::v1::participant_server::Participant as _;
+use treaty_sdk::{
+    refuse, saga_fn, two_phase_fn, Answer, Client, Op, Outcome, Participant, SdkError,
+};
+
+/// A sled dir with a tree, and a participant whose handlers write `<op>/<gid>/<branch>` keys;
+/// "debit" refuses a payload of `no`.
+struct Node {
+    _dir: tempfile::TempDir,
+    tree: sled::Tree,
+    participant: Participant,
+}
+
+fn node(coordinator: Option<String>) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path()).unwrap();
+    let tree = db.open_tree("business").unwrap();
+    fn mark(
+        op: &'static str,
+    ) -> impl Fn(
+        &treaty_sdk::BranchContext,
+        &sled::transaction::TransactionalTree,
+        &[u8],
+    ) -> treaty_sdk::HandlerResult
+           + Send
+           + Sync
+           + 'static {
+        move |ctx, tree, payload| {
+            if payload == b"no" {
+                return Err(refuse("the payload says no"));
+            }
+            tree.insert(
+                format!("{op}/{}/{}", ctx.gid, ctx.branch_id).as_bytes(),
+                payload,
+            )?;
+            Ok(())
+        }
+    }
+    let mut b = Participant::builder(db, tree.clone(), dir.path())
+        .two_phase(
+            "debit",
+            two_phase_fn(mark("prepare"), mark("commit"), mark("abort")),
+        )
+        .saga("book", saga_fn(mark("execute"), mark("compensate")));
+    if let Some(uri) = coordinator {
+        b = b.coordinator(uri);
+    }
+    Node {
+        _dir: dir,
+        tree,
+        participant: b.build().unwrap(),
+    }
+}
+
+impl Node {
+    fn has(&self, op: &str, gid: &str) -> bool {
+        self.tree.get(format!("{op}/{gid}/0")).unwrap().is_some()
+    }
+
+    fn rows(&self, gid: &str) -> Vec<(Op, Answer)> {
+        self.participant
+            .barrier()
+            .rows(gid)
+            .into_iter()
+            .map(|r| (r.op, r.answer))
+            .collect()
+    }
+}
+
+fn req(gid: &str, handler: &str, payload: &[u8]) -> pb::BranchRequest {
+    pb::BranchRequest {
+        gid: gid.to_string(),
+        branch_id: 0,
+        handler: handler.to_string(),
+        payload: payload.to_vec().into(),
+        attempt: 1,
+        deadline_unix_ms: 0,
+    }
+}
+
+async fn listener() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    (l, addr)
+}
+
+/// Polls `cond` every 10 ms for at most 10 s.
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn participant_over_grpc() {
+    let n = node(None);
+    let (l, addr) = listener().await;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(n.participant.clone().serve(l, async {
+        let _ = stopped.await;
+    }));
+    let mut c = ParticipantClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+
+    // Prepare twice, commit twice: business once each.
+    for _ in 0..2 {
+        let r = c
+            .prepare(req("t1", "debit", b"10"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.result(), pb::PrepareResult::Prepared, "{r:?}");
+    }
+    for _ in 0..2 {
+        let r = c
+            .commit(req("t1", "debit", b"10"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.result(), pb::PhaseTwoResult::Done, "{r:?}");
+    }
+    assert!(n.has("prepare", "t1") && n.has("commit", "t1"));
+    assert_eq!(
+        n.rows("t1"),
+        vec![(Op::Commit, Answer::Done), (Op::Prepare, Answer::Prepared)]
+    );
+
+    // Refused prepare: message carries the reason, no business change.
+    let r = c
+        .prepare(req("t2", "debit", b"no"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PrepareResult::Refused);
+    assert!(r.message.contains("the payload says no"), "{r:?}");
+    assert!(!n.has("prepare", "t2"));
+
+    // Abort before prepare, then the late prepare is refused.
+    let r = c
+        .abort(req("t3", "debit", b"1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PhaseTwoResult::Done);
+    let r = c
+        .prepare(req("t3", "debit", b"1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PrepareResult::Refused);
+    assert!(!n.has("prepare", "t3"));
+
+    // Commit without prepare: RETRY, no business.
+    let r = c
+        .commit(req("t4", "debit", b"1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PhaseTwoResult::Retry);
+    assert!(r.message.contains("protocol violation"), "{r:?}");
+    assert!(!n.has("commit", "t4"));
+
+    // Saga: compensate before execute, then execute FAILED; a normal step SUCCEEDED.
+    let r = c
+        .compensate(req("s1", "book", b"x"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PhaseTwoResult::Done);
+    let r = c
+        .execute(req("s1", "book", b"x"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::ExecuteResult::Failed);
+    let r = c
+        .execute(req("s2", "book", b"x"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::ExecuteResult::Succeeded);
+    assert!(n.has("execute", "s2") && !n.has("execute", "s1"));
+
+    // Unknown handler / wrong kind.
+    let r = c
+        .prepare(req("u1", "nope", b""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PrepareResult::Refused);
+    assert!(r.message.contains("unknown handler"), "{r:?}");
+    let r = c
+        .execute(req("u2", "debit", b""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::ExecuteResult::Failed);
+    assert!(r.message.contains("unknown handler"), "{r:?}");
+    // Commit needs the handler to run business code: RETRY until it is deployed.
+    let r = c
+        .commit(req("t1b", "debit", b"1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PhaseTwoResult::Retry);
+    c.prepare(req("t5", "debit", b"1")).await.unwrap();
+    let r = c
+        .commit(req("t5", "renamed", b"1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PhaseTwoResult::Retry);
+    assert!(r.message.contains("unknown handler"), "{r:?}");
+
+    // Empty gid.
+    let err = c.prepare(req("", "debit", b"1")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("gid"), "{err:?}");
+
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+/// A coordinator that answers `Outcome` from a table (unknown gids: PENDING, so the test
+/// notices a wrong question), counts the questions, and records `Begin` requests, answering
+/// them with `begin_answer`.
+#[derive(Default, Clone)]
+struct FakeCoordinator {
+    outcomes: Arc<Mutex<HashMap<String, pb::Outcome>>>,
+    asked: Arc<Mutex<Vec<String>>>,
+    begun: Arc<Mutex<Vec<pb::BeginRequest>>>,
+    begin_answer: Arc<Mutex<Option<Result<pb::Outcome, Status>>>>,
+}
+
+#[tonic::async_trait]
+impl Coordinator for FakeCoordinator {
+    async fn begin(
+        &self,
+        r: Request<pb::BeginRequest>,
+    ) -> Result<Response<pb::BeginResponse>, Status> {
+        let r = r.into_inner();
+        let gid = r.gid.clone();
+        self.begun.lock().unwrap().push(r);
+        let outcome = self
+            .begin_answer
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or(Ok(pb::Outcome::Pending))?;
+        Ok(Response::new(pb::BeginResponse {
+            gid,
+            outcome: outcome as i32,
+            existing: false,
+        }))
+    }
+    async fn get(&self, _: Request<pb::GetRequest>) -> Result<Response<pb::Transaction>, Status> {
+        Err(Status::not_found("no such transaction"))
+    }
+    async fn list(
+        &self,
+        _: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Transaction, Status>> + Send>>;
+    async fn watch(
+        &self,
+        _: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn outcome(
+        &self,
+        r: Request<pb::OutcomeRequest>,
+    ) -> Result<Response<pb::OutcomeResponse>, Status> {
+        let gid = r.into_inner().gid;
+        self.asked.lock().unwrap().push(gid.clone());
+        let o = self
+            .outcomes
+            .lock()
+            .unwrap()
+            .get(&gid)
+            .copied()
+            .unwrap_or(pb::Outcome::Pending);
+        Ok(Response::new(pb::OutcomeResponse { outcome: o as i32 }))
+    }
+    async fn retry(
+        &self,
+        _: Request<pb::RetryRequest>,
+    ) -> Result<Response<pb::RetryResponse>, Status> {
+        Err(Status::unavailable("fake is down"))
+    }
+}
+
+/// Serves `fake` on 127.0.0.1:0; returns its URI and a stopper.
+async fn serve_fake(fake: FakeCoordinator) -> (String, oneshot::Sender<()>) {
+    let (l, addr) = listener().await;
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(CoordinatorServer::new(fake))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(l), async {
+                let _ = stopped.await;
+            }),
+    );
+    (format!("http://{addr}"), stop)
+}
+
+#[tokio::test]
+async fn resolve_in_doubt_applies_the_coordinators_outcome() {
+    let fake = FakeCoordinator::default();
+    fake.outcomes.lock().unwrap().extend([
+        ("c".to_string(), pb::Outcome::Committed),
+        ("a".to_string(), pb::Outcome::Aborted),
+    ]);
+    let (uri, _stop) = serve_fake(fake.clone()).await;
+    let n = node(Some(uri));
+    let p = &n.participant;
+    for gid in ["c", "a", "pending", "done"] {
+        let r = p
+            .prepare(Request::new(req(gid, "debit", b"7")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.result(), pb::PrepareResult::Prepared);
+    }
+    p.commit(Request::new(req("done", "debit", b"7")))
+        .await
+        .unwrap();
+
+    // First round: every prepared, unfinished branch is in doubt, whatever its age.
+    assert_eq!(p.resolve_in_doubt().await.unwrap(), 2);
+    let mut asked = fake.asked.lock().unwrap().clone();
+    asked.sort();
+    assert_eq!(asked, vec!["a", "c", "pending"]);
+    assert!(n.has("commit", "c") && !n.has("abort", "c"));
+    assert!(n.has("abort", "a") && !n.has("commit", "a"));
+    assert!(!n.has("commit", "pending") && !n.has("abort", "pending"));
+    // The replayed commit used the payload stored with the prepare.
+    assert_eq!(
+        n.tree.get("commit/c/0").unwrap().as_deref(),
+        Some(&b"7"[..])
+    );
+    assert!(n.rows("c").contains(&(Op::Commit, Answer::Done)));
+
+    // Later rounds only ask about branches older than in_doubt_after (30 s): none here.
+    fake.asked.lock().unwrap().clear();
+    assert_eq!(p.resolve_in_doubt().await.unwrap(), 0);
+    assert!(fake.asked.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn serve_runs_the_in_doubt_resolver() {
+    let fake = FakeCoordinator::default();
+    fake.outcomes
+        .lock()
+        .unwrap()
+        .insert("c".to_string(), pb::Outcome::Committed);
+    let (uri, _stop) = serve_fake(fake).await;
+    let n = node(Some(uri));
+    n.participant
+        .prepare(Request::new(req("c", "debit", b"1")))
+        .await
+        .unwrap();
+    let (l, _) = listener().await;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(n.participant.clone().serve(l, async {
+        let _ = stopped.await;
+    }));
+    wait_for("the resolver to commit", || n.has("commit", "c")).await;
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn resolve_in_doubt_without_coordinator_or_unreachable() {
+    let n = node(None);
+    assert!(matches!(
+        n.participant.resolve_in_doubt().await,
+        Err(SdkError::Config(_))
+    ));
+    let (_, addr) = listener().await; // bound then dropped: nothing listens there
+    let uri = format!("http://{addr}");
+    // Nothing in doubt: no need to connect.
+    let n = node(Some(uri.clone()));
+    assert_eq!(n.participant.resolve_in_doubt().await.unwrap(), 0);
+    // Something in doubt (first round: whatever its age): the connection failure is reported.
+    let n = node(Some(uri));
+    n.participant
+        .prepare(Request::new(req("x", "debit", b"1")))
+        .await
+        .unwrap();
+    let err = n.participant.resolve_in_doubt().await.unwrap_err();
+    assert!(matches!(err, SdkError::Connect { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn builder_rejects_duplicate_handler_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path()).unwrap();
+    let tree = db.open_tree("t").unwrap();
+    let ok =
+        |_: &treaty_sdk::BranchContext, _: &sled::transaction::TransactionalTree, _: &[u8]| Ok(());
+    let err = Participant::builder(db, tree, dir.path())
+        .saga("x", saga_fn(ok, ok))
+        .two_phase("x", two_phase_fn(ok, ok, ok))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&err, SdkError::Config(m) if m.contains("\"x\"")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn client_submits_and_classifies_errors() {
+    let fake = FakeCoordinator::default();
+    let (uri, _stop) = serve_fake(fake.clone()).await;
+    let client = Client::connect(uri).await.unwrap();
+
+    // Generated gid: a UUIDv7, sent with the request.
+    let gid = client
+        .saga()
+        .step("http://127.0.0.1:1", "book", &b"p"[..], &b"c"[..])
+        .step_json(
+            "http://127.0.0.1:2",
+            "book",
+            &serde_json::json!({"room": 12}),
+            &12,
+        )
+        .deadline(Duration::from_secs(3))
+        .submit()
+        .await
+        .unwrap();
+    assert_eq!(uuid::Uuid::parse_str(&gid).unwrap().get_version_num(), 7);
+    {
+        let begun = fake.begun.lock().unwrap();
+        let b = &begun[0];
+        assert_eq!(b.gid, gid);
+        assert_eq!(b.mode(), pb::Mode::Saga);
+        assert_eq!(b.deadline_ms, 3000);
+        assert!(!b.wait);
+        assert_eq!(b.branches.len(), 2);
+        assert_eq!(&b.branches[1].payload[..], br#"{"room":12}"#);
+        assert_eq!(&b.branches[1].compensation_payload[..], b"12");
+    }
+
+    // submit_and_wait: the outcome comes back.
+    *fake.begin_answer.lock().unwrap() = Some(Ok(pb::Outcome::Committed));
+    let outcome = client
+        .two_phase()
+        .gid("mine")
+        .branch("http://127.0.0.1:1", "debit", &b"1"[..])
+        .submit_and_wait(Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Committed);
+    {
+        let begun = fake.begun.lock().unwrap();
+        assert_eq!(begun[1].gid, "mine");
+        assert!(begun[1].wait);
+        assert_eq!(begun[1].wait_timeout_ms, 2000);
+    }
+
+    // Rejected: bad input.
+    *fake.begin_answer.lock().unwrap() = Some(Err(Status::invalid_argument("too many branches")));
+    let err = client.two_phase().submit().await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            SdkError::Rejected {
+                code: Code::InvalidArgument,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    // Unknown outcome: names the gid it used.
+    *fake.begin_answer.lock().unwrap() = Some(Err(Status::unavailable("connection reset")));
+    let err = client.saga().gid("lost").submit().await.unwrap_err();
+    assert!(
+        matches!(&err, SdkError::OutcomeUnknown { gid, .. } if gid == "lost"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("lost"));
+
+    // Read calls.
+    let err = client.get("nope").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SdkError::Rejected {
+                code: Code::NotFound,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = client.retry("g").await.unwrap_err();
+    assert!(matches!(err, SdkError::Unavailable { .. }), "{err:?}");
+    fake.outcomes
+        .lock()
+        .unwrap()
+        .insert("g".into(), pb::Outcome::Aborted);
+    assert_eq!(client.outcome("g").await.unwrap(), Outcome::Aborted);
+}
+
+#[tokio::test]
+async fn client_connect_errors() {
+    let err = Client::connect("not a uri").await.unwrap_err();
+    assert!(matches!(err, SdkError::Config(_)), "{err:?}");
+    let (_, addr) = listener().await;
+    let err = Client::connect(format!("http://{addr}")).await.unwrap_err();
+    assert!(matches!(err, SdkError::Connect { .. }), "{err:?}");
+}

@@ -2,8 +2,8 @@
 //!
 //! # Why `Db::flush()` is not enough
 //!
-//! sled 0.34's [`sled::Db::flush`] writes its log buffers and then calls `sync_file_range` on
-//! Linux (`pagecache/iobuf.rs`). That pushes the data to the device queue, but it is not
+//! sled 0.34's `Db::flush` ([`sled::Tree::flush`]) writes its log buffers and then calls
+//! `sync_file_range` on Linux (`pagecache/iobuf.rs`). That pushes the data to the device queue, but it is not
 //! `fsync`/`fdatasync`: the drive's volatile cache is not flushed and neither is the file
 //! metadata (such as a grown file size), so a power loss can still lose "flushed" writes.
 //! Worse, values larger than a quarter of a segment (about 128 KiB with the default 512 KiB

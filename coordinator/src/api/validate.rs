@@ -241,7 +241,8 @@ mod tests {
     #[test]
     fn every_bad_field_is_named() {
         let big = Bytes::from(vec![0u8; (1 << 20) + 1]);
-        let cases: Vec<(&str, Box<dyn FnOnce(&mut pb::BeginRequest)>)> = vec![
+        type Mutate = Box<dyn FnOnce(&mut pb::BeginRequest)>;
+        let cases: Vec<(&str, Mutate)> = vec![
             ("gid: only", Box::new(|r| r.gid = "a b".into())),
             ("gid: at most 128", Box::new(|r| r.gid = "x".repeat(129))),
             ("mode:", Box::new(|r| r.mode = 0)),

@@ -94,13 +94,13 @@ pub enum Command {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Gate {
     /// `Begun` is durable: start phase one / the forward run.
-    BeginDurable,
+    Begun,
     /// `Committing` is durable: tell the outcome and send `Commit`.
-    CommitDecisionDurable,
+    CommitDecision,
     /// `Compensating` is durable: compensate.
-    CompensationDurable,
+    Compensation,
     /// Saga `Committed` is durable: tell the outcome and finish.
-    SagaCommitDurable,
+    SagaCommit,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -272,7 +272,7 @@ impl Tx {
             "Start is the first event of a new transaction"
         );
         assert_eq!(self.rec.phase, Phase::Active);
-        self.persist(now_ms, true, Some(Gate::BeginDurable), out);
+        self.persist(now_ms, true, Some(Gate::Begun), out);
         out.push(Command::SetDeadline {
             at_unix_ms: self.rec.deadline_unix_ms,
         });
@@ -326,7 +326,7 @@ impl Tx {
                     None => {
                         // Every step succeeded but the final record was lost.
                         self.rec.phase = Phase::Committed;
-                        self.persist(now_ms, true, Some(Gate::SagaCommitDurable), out);
+                        self.persist(now_ms, true, Some(Gate::SagaCommit), out);
                     }
                     Some(k) => {
                         // Step outcomes are written unforced, so any step from k on may have
@@ -337,9 +337,9 @@ impl Tx {
                                 b.state = BranchState::InDoubt;
                             }
                         }
-                        if self.rec.branches[k].state == BranchState::Failed {
-                            self.start_compensation(now_ms, out);
-                        } else if now_ms >= self.rec.deadline_unix_ms {
+                        if self.rec.branches[k].state == BranchState::Failed
+                            || now_ms >= self.rec.deadline_unix_ms
+                        {
                             self.start_compensation(now_ms, out);
                         } else {
                             out.push(Command::SetDeadline {
@@ -370,14 +370,14 @@ impl Tx {
         }
         self.gate = None;
         match gate {
-            Gate::BeginDurable if now_ms >= self.rec.deadline_unix_ms => {
+            Gate::Begun if now_ms >= self.rec.deadline_unix_ms => {
                 // The deadline passed while `Begun` was being written: nothing ran yet.
                 match self.rec.mode {
                     Mode::TwoPhase => self.abort_two_phase(now_ms, out),
                     Mode::Saga => self.start_compensation(now_ms, out),
                 }
             }
-            Gate::BeginDurable => match self.rec.mode {
+            Gate::Begun => match self.rec.mode {
                 Mode::TwoPhase => {
                     for b in 0..self.rec.branches.len() {
                         self.start_op(b, Op::Prepare, out);
@@ -385,7 +385,7 @@ impl Tx {
                 }
                 Mode::Saga => self.start_op(0, Op::Execute, out),
             },
-            Gate::CommitDecisionDurable => {
+            Gate::CommitDecision => {
                 if self.mutations.commit_before_durable {
                     return; // commits were already sent
                 }
@@ -394,8 +394,8 @@ impl Tx {
                     self.start_op(b, Op::Commit, out);
                 }
             }
-            Gate::CompensationDurable => self.compensate_next(now_ms, out),
-            Gate::SagaCommitDurable => {
+            Gate::Compensation => self.compensate_next(now_ms, out),
+            Gate::SagaCommit => {
                 self.decide(Outcome::Committed, out);
                 self.finish(out);
             }
@@ -450,7 +450,7 @@ impl Tx {
                     .all(|x| x.state == BranchState::Prepared);
                 if phase == Phase::Active && all {
                     self.rec.phase = Phase::Committing;
-                    self.persist(now_ms, true, Some(Gate::CommitDecisionDurable), out);
+                    self.persist(now_ms, true, Some(Gate::CommitDecision), out);
                     self.decision_seq = Some(self.rec.seq);
                     if self.mutations.commit_before_durable {
                         self.decide(Outcome::Committed, out);
@@ -473,7 +473,7 @@ impl Tx {
                     let next = b + 1;
                     if next == self.rec.branches.len() {
                         self.rec.phase = Phase::Committed;
-                        self.persist(now_ms, true, Some(Gate::SagaCommitDurable), out);
+                        self.persist(now_ms, true, Some(Gate::SagaCommit), out);
                     } else {
                         // Unforced: a lost step record only repeats the (idempotent) step.
                         self.persist(now_ms, false, None, out);
@@ -585,7 +585,7 @@ impl Tx {
     fn start_compensation(&mut self, now_ms: u64, out: &mut Vec<Command>) {
         debug_assert_eq!(self.rec.mode, Mode::Saga);
         self.rec.phase = Phase::Compensating;
-        self.persist(now_ms, true, Some(Gate::CompensationDurable), out);
+        self.persist(now_ms, true, Some(Gate::Compensation), out);
     }
 
     /// Saga: compensate the highest step that ran or may have run, or finish.

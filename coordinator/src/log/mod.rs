@@ -24,18 +24,28 @@ use futures::future::BoxFuture;
 pub enum LogError {
     /// The data directory is locked by another process.
     #[error("cannot open log at {path}: locked by another process ({holder}); is another treatyd running?")]
-    Locked { path: String, holder: String },
+    Locked {
+        /// The log directory.
+        path: String,
+        /// Who holds the lock, e.g. `pid 4242`, as read from `<path>/LOCK`.
+        holder: String,
+    },
     /// A stored record could not be decoded.
     #[error("log record for gid {gid:?} cannot be decoded: {reason}; the log at {path} needs repair or a newer treatyd")]
     Corrupt {
+        /// The log directory (`<memory>` for the memory log).
         path: String,
+        /// The gid the record is stored under.
         gid: String,
+        /// What the decoder refused.
         reason: String,
     },
     /// The storage engine or the file system failed.
     #[error("log i/o error while {doing}: {source}")]
     Io {
+        /// What was being done, to what path.
         doing: String,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
@@ -60,7 +70,9 @@ pub struct LogStats {
 pub struct ListFilter {
     /// Only these phases; empty: all.
     pub phases: Vec<Phase>,
+    /// Only this mode; `None`: both.
     pub mode: Option<Mode>,
+    /// Only records flagged stuck.
     pub stuck_only: bool,
     /// Only records created at or before this time.
     pub created_before_unix_ms: Option<u64>,

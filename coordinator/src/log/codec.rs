@@ -1,0 +1,525 @@
+//! Encoding of [`TxRecord`] as the versioned protobuf [`pb::LogRecord`], and the enum and
+//! message conversions between engine types and protobuf types (reused by the gRPC API layer).
+//!
+//! Decoding is strict: a record written by a newer format, an `UNSPECIFIED` or unknown enum
+//! value, an empty gid or a branch without its definition is refused with a reason naming the
+//! field, so a damaged log stops startup instead of being misread.
+
+use crate::engine::types::{
+    BranchDef, BranchRecord, BranchState, Mode, Outcome, Phase, RetryPolicy, TxRecord,
+};
+use prost::Message;
+use treaty_proto::v1 as pb;
+
+/// Why bytes could not be decoded into a [`TxRecord`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The bytes are not a protobuf `LogRecord`.
+    #[error("not a valid protobuf LogRecord: {0}")]
+    Malformed(String),
+    /// Written by a format this build does not know (a newer treatyd, or a missing version).
+    #[error("unknown format_version {found} (this build reads version {supported})")]
+    UnknownVersion {
+        /// The version in the record (0: missing).
+        found: u32,
+        /// The version this build writes and reads.
+        supported: u32,
+    },
+    /// A field holds a value the engine cannot represent.
+    #[error("invalid field {field}: {reason}")]
+    Invalid {
+        /// Path of the field, e.g. `branches[2].state`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// A protobuf enum value that has no engine equivalent: `UNSPECIFIED` or a value from a newer
+/// schema.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}", describe_enum_error(self))]
+pub struct EnumError {
+    /// The protobuf enum's name, e.g. `TxState`.
+    pub enum_name: &'static str,
+    /// The raw value received.
+    pub value: i32,
+}
+
+fn describe_enum_error(e: &EnumError) -> String {
+    if e.value == 0 {
+        format!("{} is UNSPECIFIED (0); a value is required", e.enum_name)
+    } else {
+        format!("unknown {} value {}", e.enum_name, e.value)
+    }
+}
+
+/// Encodes `rec` as a `LogRecord` with the current [`treaty_proto::LOG_FORMAT_VERSION`].
+pub fn encode(rec: &TxRecord) -> Vec<u8> {
+    to_proto(rec).encode_to_vec()
+}
+
+/// Decodes bytes written by [`encode`]. Never panics on bad input.
+pub fn decode(bytes: &[u8]) -> Result<TxRecord, DecodeError> {
+    let msg = pb::LogRecord::decode(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    from_proto(msg)
+}
+
+/// The protobuf form of `rec`.
+pub fn to_proto(rec: &TxRecord) -> pb::LogRecord {
+    pb::LogRecord {
+        format_version: treaty_proto::LOG_FORMAT_VERSION,
+        gid: rec.gid.clone(),
+        mode: mode_to_proto(rec.mode).into(),
+        state: phase_to_proto(rec.phase).into(),
+        branches: rec
+            .branches
+            .iter()
+            .map(|b| pb::LogBranch {
+                branch: Some(branch_def_to_proto(&b.def)),
+                state: branch_state_to_proto(b.state).into(),
+                attempts: b.attempts,
+                last_error: b.last_error.clone(),
+            })
+            .collect(),
+        created_unix_ms: rec.created_unix_ms,
+        updated_unix_ms: rec.updated_unix_ms,
+        deadline_unix_ms: rec.deadline_unix_ms,
+        retry: Some(retry_to_proto(&rec.retry)),
+        stuck: rec.stuck,
+        seq: rec.seq,
+    }
+}
+
+/// The engine form of a decoded `LogRecord`, refusing what [`decode`] refuses.
+pub fn from_proto(msg: pb::LogRecord) -> Result<TxRecord, DecodeError> {
+    if msg.format_version != treaty_proto::LOG_FORMAT_VERSION {
+        return Err(DecodeError::UnknownVersion {
+            found: msg.format_version,
+            supported: treaty_proto::LOG_FORMAT_VERSION,
+        });
+    }
+    if msg.gid.is_empty() {
+        return Err(invalid("gid", "empty"));
+    }
+    let mode = mode_from_proto(msg.mode).map_err(|e| invalid("mode", e))?;
+    let phase = phase_from_proto(msg.state).map_err(|e| invalid("state", e))?;
+    let retry = msg
+        .retry
+        .as_ref()
+        .map(retry_from_proto)
+        .ok_or_else(|| invalid("retry", "missing"))?;
+    let mut branches = Vec::with_capacity(msg.branches.len());
+    for (i, b) in msg.branches.into_iter().enumerate() {
+        let state = branch_state_from_proto(b.state)
+            .map_err(|e| invalid(&format!("branches[{i}].state"), e))?;
+        let def = b
+            .branch
+            .map(branch_def_from_proto)
+            .ok_or_else(|| invalid(&format!("branches[{i}].branch"), "missing"))?;
+        branches.push(BranchRecord {
+            def,
+            state,
+            attempts: b.attempts,
+            last_error: b.last_error,
+        });
+    }
+    Ok(TxRecord {
+        gid: msg.gid,
+        mode,
+        phase,
+        branches,
+        created_unix_ms: msg.created_unix_ms,
+        updated_unix_ms: msg.updated_unix_ms,
+        deadline_unix_ms: msg.deadline_unix_ms,
+        retry,
+        stuck: msg.stuck,
+        seq: msg.seq,
+    })
+}
+
+fn invalid(field: &str, reason: impl ToString) -> DecodeError {
+    DecodeError::Invalid {
+        field: field.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// [`Mode`] to its protobuf enum.
+pub fn mode_to_proto(m: Mode) -> pb::Mode {
+    match m {
+        Mode::TwoPhase => pb::Mode::TwoPhase,
+        Mode::Saga => pb::Mode::Saga,
+    }
+}
+
+/// A raw protobuf `Mode` value to [`Mode`]; `UNSPECIFIED` and unknown values are errors.
+pub fn mode_from_proto(v: i32) -> Result<Mode, EnumError> {
+    match pb::Mode::try_from(v) {
+        Ok(pb::Mode::TwoPhase) => Ok(Mode::TwoPhase),
+        Ok(pb::Mode::Saga) => Ok(Mode::Saga),
+        Ok(pb::Mode::Unspecified) | Err(_) => Err(EnumError {
+            enum_name: "Mode",
+            value: v,
+        }),
+    }
+}
+
+/// [`Phase`] to the protobuf `TxState`.
+pub fn phase_to_proto(p: Phase) -> pb::TxState {
+    match p {
+        Phase::Active => pb::TxState::Active,
+        Phase::Committing => pb::TxState::Committing,
+        Phase::Aborting => pb::TxState::Aborting,
+        Phase::Compensating => pb::TxState::Compensating,
+        Phase::Committed => pb::TxState::Committed,
+        Phase::Aborted => pb::TxState::Aborted,
+    }
+}
+
+/// A raw protobuf `TxState` value to [`Phase`]; `UNSPECIFIED` and unknown values are errors.
+pub fn phase_from_proto(v: i32) -> Result<Phase, EnumError> {
+    match pb::TxState::try_from(v) {
+        Ok(pb::TxState::Active) => Ok(Phase::Active),
+        Ok(pb::TxState::Committing) => Ok(Phase::Committing),
+        Ok(pb::TxState::Aborting) => Ok(Phase::Aborting),
+        Ok(pb::TxState::Compensating) => Ok(Phase::Compensating),
+        Ok(pb::TxState::Committed) => Ok(Phase::Committed),
+        Ok(pb::TxState::Aborted) => Ok(Phase::Aborted),
+        Ok(pb::TxState::Unspecified) | Err(_) => Err(EnumError {
+            enum_name: "TxState",
+            value: v,
+        }),
+    }
+}
+
+/// [`BranchState`] to its protobuf enum.
+pub fn branch_state_to_proto(s: BranchState) -> pb::BranchState {
+    match s {
+        BranchState::Pending => pb::BranchState::Pending,
+        BranchState::InDoubt => pb::BranchState::InDoubt,
+        BranchState::Prepared => pb::BranchState::Prepared,
+        BranchState::Refused => pb::BranchState::Refused,
+        BranchState::Succeeded => pb::BranchState::Succeeded,
+        BranchState::Failed => pb::BranchState::Failed,
+        BranchState::Committed => pb::BranchState::Committed,
+        BranchState::Aborted => pb::BranchState::Aborted,
+    }
+}
+
+/// A raw protobuf `BranchState` value to [`BranchState`]; `UNSPECIFIED` and unknown values
+/// are errors.
+pub fn branch_state_from_proto(v: i32) -> Result<BranchState, EnumError> {
+    match pb::BranchState::try_from(v) {
+        Ok(pb::BranchState::Pending) => Ok(BranchState::Pending),
+        Ok(pb::BranchState::InDoubt) => Ok(BranchState::InDoubt),
+        Ok(pb::BranchState::Prepared) => Ok(BranchState::Prepared),
+        Ok(pb::BranchState::Refused) => Ok(BranchState::Refused),
+        Ok(pb::BranchState::Succeeded) => Ok(BranchState::Succeeded),
+        Ok(pb::BranchState::Failed) => Ok(BranchState::Failed),
+        Ok(pb::BranchState::Committed) => Ok(BranchState::Committed),
+        Ok(pb::BranchState::Aborted) => Ok(BranchState::Aborted),
+        Ok(pb::BranchState::Unspecified) | Err(_) => Err(EnumError {
+            enum_name: "BranchState",
+            value: v,
+        }),
+    }
+}
+
+/// [`Outcome`] to its protobuf enum (for the API; the log stores the phase, not the outcome).
+pub fn outcome_to_proto(o: Outcome) -> pb::Outcome {
+    match o {
+        Outcome::Pending => pb::Outcome::Pending,
+        Outcome::Committed => pb::Outcome::Committed,
+        Outcome::Aborted => pb::Outcome::Aborted,
+    }
+}
+
+/// [`RetryPolicy`] to its protobuf message.
+pub fn retry_to_proto(r: &RetryPolicy) -> pb::RetryPolicy {
+    pb::RetryPolicy {
+        initial_backoff_ms: r.initial_backoff_ms,
+        max_backoff_ms: r.max_backoff_ms,
+        stuck_after_attempts: r.stuck_after_attempts,
+    }
+}
+
+/// A protobuf `RetryPolicy` to [`RetryPolicy`], field by field. No validation: the log
+/// returns what was written; the API layer validates what clients send (and fills defaults
+/// for a missing message).
+pub fn retry_from_proto(r: &pb::RetryPolicy) -> RetryPolicy {
+    RetryPolicy {
+        initial_backoff_ms: r.initial_backoff_ms,
+        max_backoff_ms: r.max_backoff_ms,
+        stuck_after_attempts: r.stuck_after_attempts,
+    }
+}
+
+/// [`BranchDef`] to the protobuf `Branch`. Payloads are shared, not copied.
+pub fn branch_def_to_proto(d: &BranchDef) -> pb::Branch {
+    pb::Branch {
+        endpoint: d.endpoint.clone(),
+        handler: d.handler.clone(),
+        payload: d.payload.clone(),
+        compensation_payload: d.compensation_payload.clone(),
+    }
+}
+
+/// A protobuf `Branch` to [`BranchDef`].
+pub fn branch_def_from_proto(b: pb::Branch) -> BranchDef {
+    BranchDef {
+        endpoint: b.endpoint,
+        handler: b.handler,
+        payload: b.payload,
+        compensation_payload: b.compensation_payload,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    const MODES: [Mode; 2] = [Mode::TwoPhase, Mode::Saga];
+    const PHASES: [Phase; 6] = [
+        Phase::Active,
+        Phase::Committing,
+        Phase::Aborting,
+        Phase::Compensating,
+        Phase::Committed,
+        Phase::Aborted,
+    ];
+    const BRANCH_STATES: [BranchState; 8] = [
+        BranchState::Pending,
+        BranchState::InDoubt,
+        BranchState::Prepared,
+        BranchState::Refused,
+        BranchState::Succeeded,
+        BranchState::Failed,
+        BranchState::Committed,
+        BranchState::Aborted,
+    ];
+
+    fn sample() -> TxRecord {
+        TxRecord {
+            gid: "g-1".into(),
+            mode: Mode::Saga,
+            phase: Phase::Compensating,
+            branches: vec![BranchRecord {
+                def: BranchDef {
+                    endpoint: "http://127.0.0.1:7801".into(),
+                    handler: "debit".into(),
+                    payload: Bytes::from_static(b"\x00\x01pay"),
+                    compensation_payload: Bytes::from_static(b"undo"),
+                },
+                state: BranchState::InDoubt,
+                attempts: 3,
+                last_error: "connection refused".into(),
+            }],
+            created_unix_ms: 1,
+            updated_unix_ms: 2,
+            deadline_unix_ms: 3,
+            retry: RetryPolicy::default(),
+            stuck: true,
+            seq: 9,
+        }
+    }
+
+    fn random_string(rng: &mut StdRng, max_len: usize) -> String {
+        const ALPHABET: &[char] = &['a', 'Z', '0', '-', '_', '/', ' ', 'é', '✓', '\u{0}'];
+        let len = rng.gen_range(0..=max_len);
+        (0..len)
+            .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())])
+            .collect()
+    }
+
+    fn random_bytes(rng: &mut StdRng, max_len: usize) -> Bytes {
+        let len = rng.gen_range(0..=max_len);
+        Bytes::from((0..len).map(|_| rng.gen::<u8>()).collect::<Vec<u8>>())
+    }
+
+    /// Edge values are over-represented: 0 and MAX are where varint bugs live.
+    fn random_u64(rng: &mut StdRng) -> u64 {
+        match rng.gen_range(0..4) {
+            0 => 0,
+            1 => u64::MAX,
+            _ => rng.gen(),
+        }
+    }
+
+    fn random_record(rng: &mut StdRng) -> TxRecord {
+        let mut gid = random_string(rng, 40);
+        if gid.is_empty() {
+            gid.push('g');
+        }
+        let branches = (0..rng.gen_range(0..6))
+            .map(|_| BranchRecord {
+                def: BranchDef {
+                    endpoint: random_string(rng, 30),
+                    handler: random_string(rng, 10),
+                    payload: random_bytes(rng, 64),
+                    compensation_payload: random_bytes(rng, 64),
+                },
+                state: BRANCH_STATES[rng.gen_range(0..BRANCH_STATES.len())],
+                attempts: rng.gen(),
+                last_error: random_string(rng, 20),
+            })
+            .collect();
+        TxRecord {
+            gid,
+            mode: MODES[rng.gen_range(0..MODES.len())],
+            phase: PHASES[rng.gen_range(0..PHASES.len())],
+            branches,
+            created_unix_ms: random_u64(rng),
+            updated_unix_ms: random_u64(rng),
+            deadline_unix_ms: random_u64(rng),
+            retry: RetryPolicy {
+                initial_backoff_ms: random_u64(rng),
+                max_backoff_ms: random_u64(rng),
+                stuck_after_attempts: rng.gen(),
+            },
+            stuck: rng.gen(),
+            seq: random_u64(rng),
+        }
+    }
+
+    #[test]
+    fn sample_round_trips_and_carries_the_format_version() {
+        let rec = sample();
+        let bytes = encode(&rec);
+        assert_eq!(decode(&bytes), Ok(rec));
+        let msg = pb::LogRecord::decode(&bytes[..]).expect("protobuf");
+        assert_eq!(msg.format_version, treaty_proto::LOG_FORMAT_VERSION);
+    }
+
+    #[test]
+    fn many_random_records_round_trip() {
+        let seed = 0x7e47_1a2b;
+        let mut rng = StdRng::seed_from_u64(seed);
+        for i in 0..5_000 {
+            let rec = random_record(&mut rng);
+            let bytes = encode(&rec);
+            assert_eq!(
+                decode(&bytes).as_ref(),
+                Ok(&rec),
+                "record {i} (seed {seed:#x})"
+            );
+        }
+    }
+
+    #[test]
+    fn garbage_and_truncations_never_panic() {
+        let mut rng = StdRng::seed_from_u64(0x6a7b);
+        for _ in 0..2_000 {
+            let garbage: Vec<u8> = (0..rng.gen_range(0..100)).map(|_| rng.gen()).collect();
+            let _ = decode(&garbage);
+            let bytes = encode(&random_record(&mut rng));
+            let cut = rng.gen_range(0..=bytes.len());
+            let _ = decode(&bytes[..cut]);
+        }
+    }
+
+    #[test]
+    fn every_enum_value_maps_both_ways() {
+        for m in MODES {
+            assert_eq!(mode_from_proto(mode_to_proto(m).into()), Ok(m));
+        }
+        for p in PHASES {
+            assert_eq!(phase_from_proto(phase_to_proto(p).into()), Ok(p));
+        }
+        for s in BRANCH_STATES {
+            assert_eq!(
+                branch_state_from_proto(branch_state_to_proto(s).into()),
+                Ok(s)
+            );
+        }
+        // Every valid proto value except UNSPECIFIED has an engine value.
+        assert!((1..=2).all(|v| mode_from_proto(v).is_ok()));
+        assert!((1..=6).all(|v| phase_from_proto(v).is_ok()));
+        assert!((1..=8).all(|v| branch_state_from_proto(v).is_ok()));
+        assert_eq!(outcome_to_proto(Outcome::Committed), pb::Outcome::Committed);
+    }
+
+    #[test]
+    fn unspecified_and_unknown_enums_are_refused_with_a_reason() {
+        let e = phase_from_proto(0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "TxState is UNSPECIFIED (0); a value is required"
+        );
+        let e = mode_from_proto(99).unwrap_err();
+        assert_eq!(e.to_string(), "unknown Mode value 99");
+
+        let mut msg = to_proto(&sample());
+        msg.state = 0;
+        let err = decode(&msg.encode_to_vec()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid field state: TxState is UNSPECIFIED (0); a value is required"
+        );
+
+        let mut msg = to_proto(&sample());
+        msg.branches[0].state = 42;
+        let err = decode(&msg.encode_to_vec()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid field branches[0].state: unknown BranchState value 42"
+        );
+
+        let mut msg = to_proto(&sample());
+        msg.mode = 0;
+        assert!(matches!(
+            decode(&msg.encode_to_vec()),
+            Err(DecodeError::Invalid { field, .. }) if field == "mode"
+        ));
+    }
+
+    #[test]
+    fn unknown_versions_are_refused() {
+        for v in [0, treaty_proto::LOG_FORMAT_VERSION + 1, u32::MAX] {
+            let mut msg = to_proto(&sample());
+            msg.format_version = v;
+            assert_eq!(
+                decode(&msg.encode_to_vec()),
+                Err(DecodeError::UnknownVersion {
+                    found: v,
+                    supported: treaty_proto::LOG_FORMAT_VERSION
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn missing_fields_are_refused() {
+        let mut msg = to_proto(&sample());
+        msg.gid.clear();
+        assert_eq!(
+            decode(&msg.encode_to_vec()).unwrap_err().to_string(),
+            "invalid field gid: empty"
+        );
+
+        let mut msg = to_proto(&sample());
+        msg.retry = None;
+        assert_eq!(
+            decode(&msg.encode_to_vec()).unwrap_err().to_string(),
+            "invalid field retry: missing"
+        );
+
+        let mut msg = to_proto(&sample());
+        msg.branches[0].branch = None;
+        assert_eq!(
+            decode(&msg.encode_to_vec()).unwrap_err().to_string(),
+            "invalid field branches[0].branch: missing"
+        );
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        assert!(matches!(
+            decode(b"\xff\xff\xff"),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+}

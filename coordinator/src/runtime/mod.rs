@@ -346,6 +346,7 @@ impl Runtime {
         let driver = Driver {
             rt: self.clone(),
             tx,
+            deadline: None,
             me: msg_tx,
             snap: snap_tx,
             ack,
@@ -388,9 +389,20 @@ async fn wait_outcome(mut snap: watch::Receiver<Snapshot>, bound: Duration) -> O
 struct Driver {
     rt: Runtime,
     tx: Tx,
+    /// The deadline timer, aborted when the transaction finishes so that finished
+    /// transactions leave no sleeping task behind.
+    deadline: Option<tokio::task::JoinHandle<()>>,
     me: mpsc::UnboundedSender<Msg>,
     snap: watch::Sender<Snapshot>,
     ack: Option<oneshot::Sender<Result<(), LogError>>>,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(d) = self.deadline.take() {
+            d.abort();
+        }
+    }
 }
 
 impl Driver {
@@ -491,10 +503,13 @@ impl Driver {
                 Command::SetDeadline { at_unix_ms } => {
                     let me = self.me.clone();
                     let delay = at_unix_ms.saturating_sub(now_ms());
-                    tokio::spawn(async move {
+                    if let Some(old) = self.deadline.take() {
+                        old.abort();
+                    }
+                    self.deadline = Some(tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_millis(delay)).await;
                         let _ = me.send(Msg::Engine(Event::DeadlinePassed));
-                    });
+                    }));
                 }
                 Command::Decided(outcome) => {
                     self.snap.send_modify(|s| s.outcome = outcome);

@@ -9,7 +9,6 @@ use crate::runtime::Runtime;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use treaty_proto::v1::coordinator_server::CoordinatorServer;
 
 /// Why the coordinator stopped with an error.
@@ -75,12 +74,14 @@ pub async fn run(
         })
     };
 
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
         .add_service(CoordinatorServer::new(CoordinatorService::new(rt.clone())))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        // Nagle off on accepted connections: small HTTP/2 frames must not wait for ACKs.
+        .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });
     let mut server = tokio::spawn(server);

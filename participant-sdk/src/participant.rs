@@ -405,7 +405,8 @@ impl Participant {
         let res = tonic::transport::Server::builder()
             .add_service(self.into_service())
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                // Nagle off: small HTTP/2 frames must not wait for delayed ACKs.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 shutdown,
             )
             .await;

@@ -1,0 +1,372 @@
+//! Test support for Treaty's cross-process tests, the chaos runner and the benchmark.
+//!
+//! - [`binary`] builds (once per test process) and locates a workspace binary, so tests always
+//!   run the current code: `treatyd` is built with the `failpoints` feature (failpoints are
+//!   inert unless armed through `FAILPOINTS`).
+//! - [`Proc`] is a child process that is killed (SIGKILL) and reaped when dropped, so a failing
+//!   test leaves nothing running. It waits for the child's "listening on <addr>" line to learn
+//!   the OS-assigned port.
+//! - [`Treatyd`] and [`BankAccount`] start the daemon and the bank example's account service on
+//!   127.0.0.1 in a temporary directory, and can be killed and restarted on the same address.
+//! - [`wait_until`] polls a condition with a bound: tests never sleep to synchronize.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The workspace root (this crate lives in `<root>/tests`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Build `bin` of `package` (with `features`) in the current profile and return its path.
+/// Builds happen once per process per binary; cargo makes them no-ops when fresh.
+pub fn binary(package: &str, bin: &str, features: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let key = format!("{package}/{bin}/{features}");
+    let mut built = BUILT
+        .get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = built.get(&key) {
+        return p.clone();
+    }
+    let mut build = escargot::CargoBuild::new()
+        .manifest_path(workspace_root().join("Cargo.toml"))
+        .package(package)
+        .bin(bin)
+        .current_release();
+    if !features.is_empty() {
+        build = build.features(features);
+    }
+    let run = build
+        .run()
+        .unwrap_or_else(|e| panic!("cannot build {package}/{bin}: {e}"));
+    let path = run.path().to_path_buf();
+    built.insert(key, path.clone());
+    path
+}
+
+/// The `treatyd` binary used by tests (with failpoints compiled in, unarmed by default).
+pub fn treatyd_bin() -> PathBuf {
+    binary("treaty-coordinator", "treatyd", "failpoints")
+}
+
+/// The bank example's account service.
+pub fn bank_account_bin() -> PathBuf {
+    binary("treaty-examples", "bank-account", "")
+}
+
+/// A child process killed with SIGKILL and reaped on drop.
+pub struct Proc {
+    child: Option<Child>,
+    /// The address the process reported it listens on.
+    pub addr: SocketAddr,
+    name: String,
+}
+
+impl Proc {
+    /// Start `cmd` and wait (up to `bound`) for a stdout line containing `listening on <addr>`.
+    /// Its later stdout is drained on a thread; stderr is inherited (visible on failure).
+    pub fn spawn(name: &str, mut cmd: Command, bound: Duration) -> Result<Proc, String> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let label = name.to_string();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if !sent {
+                    if let Some(addr) = line
+                        .split("listening on ")
+                        .nth(1)
+                        .and_then(|a| a.trim().parse::<SocketAddr>().ok())
+                    {
+                        let _ = tx.send(addr);
+                        sent = true;
+                        continue;
+                    }
+                }
+                eprintln!("[{label}] {line}");
+            }
+        });
+        let mut proc = Proc {
+            child: Some(child),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            name: name.to_string(),
+        };
+        match rx.recv_timeout(bound) {
+            Ok(addr) => {
+                proc.addr = addr;
+                Ok(proc)
+            }
+            Err(_) => {
+                let status = proc.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                Err(format!(
+                    "{name} did not report its address within {bound:?} (exit status: {status:?})"
+                ))
+            }
+        }
+    }
+
+    /// `http://<addr>`.
+    pub fn uri(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The OS process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGKILL now and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Send SIGTERM and wait (bounded) for exit; returns the exit status.
+    pub fn terminate(&mut self, bound: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let start = Instant::now();
+        while start.elapsed() < bound {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+
+    /// Whether the process has exited (for processes expected to crash on a failpoint).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// The name given at spawn.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Run a command to completion with a bound; returns (status code, stdout, stderr).
+pub fn run_to_end(mut cmd: Command, bound: Duration) -> Result<(i32, String, String), String> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().map_err(|e| format!("cannot start: {e}"))?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(bound) {
+        Ok(Ok(out)) => Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )),
+        Ok(Err(e)) => Err(format!("wait failed: {e}")),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            Err(format!("did not finish within {bound:?}"))
+        }
+    }
+}
+
+/// Poll `check` every 20 ms until it returns `Some`, or fail after `bound` naming `what`.
+pub async fn wait_until<T, F, Fut>(what: &str, bound: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if start.elapsed() > bound {
+            panic!("timed out after {bound:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A `treatyd` process over a data directory, restartable on the same address.
+pub struct Treatyd {
+    pub proc: Proc,
+    pub data_dir: PathBuf,
+    env: Vec<(String, String)>,
+    args: Vec<String>,
+}
+
+impl Treatyd {
+    /// Start on 127.0.0.1:0 over `data_dir`, with extra flags and environment.
+    pub fn start(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Treatyd, String> {
+        let mut t = Treatyd {
+            proc: Proc {
+                child: None,
+                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                name: "treatyd".into(),
+            },
+            data_dir: data_dir.to_path_buf(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        t.proc = t.spawn(SocketAddr::from(([127, 0, 0, 1], 0)), &[])?;
+        Ok(t)
+    }
+
+    fn spawn(&self, addr: SocketAddr, extra_env: &[(&str, &str)]) -> Result<Proc, String> {
+        let mut cmd = Command::new(treatyd_bin());
+        cmd.arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .env("TREATY_LOG_LEVEL", std::env::var("TREATY_TEST_LOG").unwrap_or("warn".into()));
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        Proc::spawn("treatyd", cmd, Duration::from_secs(120))
+    }
+
+    /// `http://<addr>`.
+    pub fn uri(&self) -> String {
+        self.proc.uri()
+    }
+
+    /// SIGKILL the daemon (a crash: nothing is flushed).
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Start again on the same address and data directory, with extra environment (e.g. to
+    /// arm a failpoint for this run only).
+    pub fn restart_with(&mut self, extra_env: &[(&str, &str)]) -> Result<(), String> {
+        self.proc.kill();
+        let addr = self.proc.addr;
+        // The old socket may linger for a moment after SIGKILL; retry the bind briefly.
+        let start = Instant::now();
+        loop {
+            match self.spawn(addr, extra_env) {
+                Ok(p) => {
+                    self.proc = p;
+                    return Ok(());
+                }
+                Err(e) if start.elapsed() < Duration::from_secs(10) => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Start again on the same address and data directory.
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.restart_with(&[])
+    }
+}
+
+/// A bank example account service (`bank-account`), restartable on the same address.
+pub struct BankAccount {
+    pub proc: Proc,
+    pub data_dir: PathBuf,
+    coordinator: String,
+    accounts: String,
+}
+
+impl BankAccount {
+    /// Start on 127.0.0.1:0 with `accounts` like `alice=100,bob=50`.
+    pub fn start(data_dir: &Path, coordinator: &str, accounts: &str) -> Result<BankAccount, String> {
+        let mut b = BankAccount {
+            proc: Proc {
+                child: None,
+                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                name: "bank-account".into(),
+            },
+            data_dir: data_dir.to_path_buf(),
+            coordinator: coordinator.to_string(),
+            accounts: accounts.to_string(),
+        };
+        b.proc = b.spawn(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        Ok(b)
+    }
+
+    fn spawn(&self, addr: SocketAddr) -> Result<Proc, String> {
+        let mut cmd = Command::new(bank_account_bin());
+        cmd.arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--coordinator")
+            .arg(&self.coordinator)
+            .arg("--accounts")
+            .arg(&self.accounts)
+            .env("RUST_LOG", "warn");
+        Proc::spawn("bank-account", cmd, Duration::from_secs(120))
+    }
+
+    /// `http://<addr>`.
+    pub fn uri(&self) -> String {
+        self.proc.uri()
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Start again on the same address and data directory.
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.proc.kill();
+        let addr = self.proc.addr;
+        let start = Instant::now();
+        loop {
+            match self.spawn(addr) {
+                Ok(p) => {
+                    self.proc = p;
+                    return Ok(());
+                }
+                Err(_) if start.elapsed() < Duration::from_secs(10) => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

@@ -114,7 +114,10 @@ impl Proc {
                 Ok(proc)
             }
             Err(_) => {
-                let status = proc.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                let status = proc
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
                 Err(format!(
                     "{name} did not report its address within {bound:?} (exit status: {status:?})"
                 ))
@@ -161,7 +164,9 @@ impl Proc {
 
     /// Whether the process has exited (for processes expected to crash on a failpoint).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// The name given at spawn.
@@ -240,7 +245,10 @@ impl Treatyd {
                 name: "treatyd".into(),
             },
             data_dir: data_dir.to_path_buf(),
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             args: args.iter().map(|s| s.to_string()).collect(),
         };
         t.proc = t.spawn(SocketAddr::from(([127, 0, 0, 1], 0)), &[])?;
@@ -254,7 +262,10 @@ impl Treatyd {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.args)
-            .env("TREATY_LOG_LEVEL", std::env::var("TREATY_TEST_LOG").unwrap_or("warn".into()));
+            .env(
+                "TREATY_LOG_LEVEL",
+                std::env::var("TREATY_TEST_LOG").unwrap_or("warn".into()),
+            );
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -312,7 +323,11 @@ pub struct BankAccount {
 
 impl BankAccount {
     /// Start on 127.0.0.1:0 with `accounts` like `alice=100,bob=50`.
-    pub fn start(data_dir: &Path, coordinator: &str, accounts: &str) -> Result<BankAccount, String> {
+    pub fn start(
+        data_dir: &Path,
+        coordinator: &str,
+        accounts: &str,
+    ) -> Result<BankAccount, String> {
         let mut b = BankAccount {
             proc: Proc {
                 child: None,
@@ -368,5 +383,42 @@ impl BankAccount {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// Reading a bank-account instance through its `Bank` service.
+pub mod bank {
+    use std::collections::BTreeMap;
+    use treaty_examples::proto::{bank_client::BankClient, BalancesRequest, BarrierRowsRequest};
+
+    pub use treaty_examples::proto::BarrierRow;
+
+    /// account → (balance, held) of the instance at `uri`.
+    pub async fn balances(uri: &str) -> Result<BTreeMap<String, (i64, i64)>, String> {
+        let mut c = BankClient::connect(uri.to_string())
+            .await
+            .map_err(|e| format!("connect {uri}: {e}"))?;
+        let accounts = c
+            .balances(BalancesRequest {})
+            .await
+            .map_err(|e| format!("{uri}: {e}"))?
+            .into_inner()
+            .accounts;
+        Ok(accounts
+            .into_iter()
+            .map(|a| (a.name, (a.balance, a.held)))
+            .collect())
+    }
+
+    /// Every barrier row of the instance at `uri` (or of one gid).
+    pub async fn barrier_rows(uri: &str, gid: &str) -> Result<Vec<BarrierRow>, String> {
+        let mut c = BankClient::connect(uri.to_string())
+            .await
+            .map_err(|e| format!("connect {uri}: {e}"))?;
+        Ok(c.barrier_rows(BarrierRowsRequest { gid: gid.into() })
+            .await
+            .map_err(|e| format!("{uri}: {e}"))?
+            .into_inner()
+            .rows)
     }
 }

@@ -1,0 +1,544 @@
+//! End-to-end tests with real processes on 127.0.0.1: `treatyd` and the bank example's
+//! account service, on OS-assigned ports, in temporary directories. Every process is killed on
+//! drop, so a failing test leaves nothing behind.
+
+use std::time::Duration;
+use treaty_proto::v1 as pb;
+use treaty_sdk::{Client, Outcome, SdkError};
+use treaty_tests::{bank, run_to_end, wait_until, BankAccount, Treatyd};
+
+/// One coordinator and two bank instances: alice=100 on `a`, bob=50 on `b`.
+struct Bank {
+    _dir: tempfile::TempDir,
+    treatyd: Treatyd,
+    a: BankAccount,
+    b: BankAccount,
+    client: Client,
+}
+
+async fn bank_cluster(treatyd_args: &[&str]) -> Bank {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let treatyd = Treatyd::start(&dir.path().join("treatyd"), treatyd_args, &[]).expect("treatyd");
+    let a = BankAccount::start(&dir.path().join("a"), &treatyd.uri(), "alice=100").expect("a");
+    let b = BankAccount::start(&dir.path().join("b"), &treatyd.uri(), "bob=50").expect("b");
+    let client = Client::connect(treatyd.uri()).await.expect("connect");
+    Bank {
+        _dir: dir,
+        treatyd,
+        a,
+        b,
+        client,
+    }
+}
+
+fn payload(account: &str, amount: i64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "account": account, "amount": amount })).unwrap()
+}
+
+impl Bank {
+    fn two_phase(&self, amount: i64) -> treaty_sdk::TwoPhaseBuilder {
+        self.client
+            .two_phase()
+            .branch(self.a.uri(), "debit", payload("alice", amount))
+            .branch(self.b.uri(), "credit", payload("bob", amount))
+    }
+
+    fn saga(&self, amount: i64) -> treaty_sdk::SagaBuilder {
+        self.client
+            .saga()
+            .step(
+                self.a.uri(),
+                "saga-debit",
+                payload("alice", amount),
+                payload("alice", amount),
+            )
+            .step(
+                self.b.uri(),
+                "saga-credit",
+                payload("bob", amount),
+                payload("bob", amount),
+            )
+    }
+
+    /// (alice balance, alice held, bob balance, bob held)
+    async fn balances(&self) -> (i64, i64, i64, i64) {
+        let a = bank::balances(&self.a.uri()).await.expect("balances a");
+        let b = bank::balances(&self.b.uri()).await.expect("balances b");
+        (a["alice"].0, a["alice"].1, b["bob"].0, b["bob"].1)
+    }
+
+    /// Wait until the transaction is terminal in the coordinator and return its state.
+    async fn terminal(&self, gid: &str) -> pb::TxState {
+        wait_until(
+            &format!("{gid} to be terminal"),
+            Duration::from_secs(60),
+            || async {
+                let tx = self.client.get(gid).await.ok()?;
+                matches!(tx.state(), pb::TxState::Committed | pb::TxState::Aborted)
+                    .then(|| tx.state())
+            },
+        )
+        .await
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_phase_commit_moves_money_between_instances() {
+    let bank = bank_cluster(&[]).await;
+    let gid = "2pc-commit-1";
+    let outcome = bank
+        .two_phase(30)
+        .gid(gid)
+        .submit_and_wait(WAIT)
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Committed);
+    assert_eq!(bank.terminal(gid).await, pb::TxState::Committed);
+    assert_eq!(bank.balances().await, (70, 0, 80, 0));
+    // Begin is idempotent for the same gid and definition, and refuses another definition.
+    let again = bank
+        .two_phase(30)
+        .gid(gid)
+        .submit_and_wait(WAIT)
+        .await
+        .unwrap();
+    assert_eq!(again, Outcome::Committed);
+    assert_eq!(bank.balances().await, (70, 0, 80, 0), "no second effect");
+    match bank.two_phase(31).gid(gid).submit().await {
+        Err(SdkError::Rejected { code, .. }) => assert_eq!(code, tonic::Code::AlreadyExists),
+        other => panic!("want ALREADY_EXISTS, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_phase_aborts_when_a_participant_refuses() {
+    let bank = bank_cluster(&[]).await;
+    let outcome = bank.two_phase(1000).submit_and_wait(WAIT).await.unwrap();
+    assert_eq!(outcome, Outcome::Aborted);
+    assert_eq!(bank.balances().await, (100, 0, 50, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_phase_aborts_at_the_deadline_and_releases_held_money() {
+    let mut bank = bank_cluster(&["--initial-backoff-ms", "20", "--max-backoff-ms", "200"]).await;
+    bank.b.kill();
+    let gid = bank
+        .two_phase(10)
+        .deadline(Duration::from_millis(1500))
+        .submit()
+        .await
+        .unwrap();
+    // alice prepared (money held), bob cannot answer: the deadline aborts.
+    assert_eq!(bank.client.outcome(&gid).await.unwrap(), Outcome::Pending);
+    let outcome = wait_until("abort at deadline", Duration::from_secs(30), || async {
+        match bank.client.outcome(&gid).await.ok()? {
+            Outcome::Pending => None,
+            o => Some(o),
+        }
+    })
+    .await;
+    assert_eq!(outcome, Outcome::Aborted);
+    // bob comes back; the abort reaches it and the transaction ends.
+    bank.b.restart().unwrap();
+    assert_eq!(bank.terminal(&gid).await, pb::TxState::Aborted);
+    assert_eq!(bank.balances().await, (100, 0, 50, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saga_commits_and_a_failed_saga_is_compensated() {
+    let bank = bank_cluster(&[]).await;
+    assert_eq!(
+        bank.saga(25).submit_and_wait(WAIT).await.unwrap(),
+        Outcome::Committed
+    );
+    assert_eq!(bank.balances().await, (75, 0, 75, 0));
+    // Debit succeeds, then a third step fails: the debit and the credit are compensated.
+    let gid = bank
+        .saga(5)
+        .step(
+            bank.b.uri(),
+            "saga-debit",
+            payload("bob", 10_000),
+            payload("bob", 10_000),
+        )
+        .submit()
+        .await
+        .unwrap();
+    assert_eq!(bank.terminal(&gid).await, pb::TxState::Aborted);
+    assert_eq!(bank.balances().await, (75, 0, 75, 0));
+    let tx = bank.client.get(&gid).await.unwrap();
+    let states: Vec<pb::BranchState> = tx.branches.iter().map(|b| b.state()).collect();
+    assert_eq!(
+        states,
+        [
+            pb::BranchState::Aborted,
+            pb::BranchState::Aborted,
+            pb::BranchState::Failed
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trip_saga_compensates_in_reverse_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let treatyd = Treatyd::start(&dir.path().join("treatyd"), &[], &[]).unwrap();
+    let trip = treaty_tests::binary("treaty-examples", "trip", "");
+    let mut cmd = std::process::Command::new(trip);
+    cmd.args([
+        "--coordinator",
+        &treatyd.uri(),
+        "--fail-at",
+        "car",
+        "--data-dir",
+    ])
+    .arg(dir.path().join("trip"));
+    let (code, out, err) = run_to_end(cmd, Duration::from_secs(60)).unwrap();
+    assert!(
+        out.contains("ABORTED"),
+        "stdout: {out}\nstderr: {err} (exit {code})"
+    );
+    let journal: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains(": booked") || l.contains(": cancelled") || l.contains(": refused"))
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        journal,
+        [
+            "flight: booked",
+            "hotel: booked",
+            "car: refused",
+            "hotel: cancelled",
+            "flight: cancelled"
+        ],
+        "stdout: {out}"
+    );
+}
+
+/// Duplicated, late and reordered deliveries straight to a participant: one effect each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_and_reordered_deliveries_have_one_effect() {
+    let bank = bank_cluster(&[]).await;
+    let mut p = pb::participant_client::ParticipantClient::connect(bank.a.uri())
+        .await
+        .unwrap();
+    let req = |gid: &str, handler: &str, amount: i64| pb::BranchRequest {
+        gid: gid.into(),
+        branch_id: 0,
+        handler: handler.into(),
+        payload: payload("alice", amount).into(),
+        attempt: 1,
+        deadline_unix_ms: 0,
+    };
+    // Prepare twice, commit twice: debited once.
+    for _ in 0..2 {
+        let r = p
+            .prepare(req("dup-1", "debit", 10))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.result(), pb::PrepareResult::Prepared);
+    }
+    assert_eq!(bank.balances().await, (90, 10, 50, 0));
+    for _ in 0..2 {
+        let r = p
+            .commit(req("dup-1", "debit", 10))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.result(), pb::PhaseTwoResult::Done);
+    }
+    assert_eq!(bank.balances().await, (90, 0, 50, 0));
+    // Abort arrives before its prepare: a null abort, and the late prepare is refused.
+    let r = p
+        .abort(req("late-1", "debit", 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PhaseTwoResult::Done);
+    let r = p
+        .prepare(req("late-1", "debit", 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PrepareResult::Refused);
+    // The same for a saga step: compensation first, then the execute fails.
+    let r = p
+        .compensate(req("late-2", "saga-debit", 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PhaseTwoResult::Done);
+    let r = p
+        .execute(req("late-2", "saga-debit", 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::ExecuteResult::Failed);
+    // Executed twice, compensated twice: net zero, applied once each.
+    for _ in 0..2 {
+        let r = p
+            .execute(req("dup-2", "saga-debit", 10))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.result(), pb::ExecuteResult::Succeeded);
+    }
+    assert_eq!(bank.balances().await, (80, 0, 50, 0));
+    for _ in 0..2 {
+        let r = p
+            .compensate(req("dup-2", "saga-debit", 10))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.result(), pb::PhaseTwoResult::Done);
+    }
+    assert_eq!(bank.balances().await, (90, 0, 50, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_that_comes_back_completes_the_transaction() {
+    let mut bank = bank_cluster(&["--initial-backoff-ms", "20", "--max-backoff-ms", "200"]).await;
+    bank.b.kill();
+    let gid = bank
+        .two_phase(10)
+        .deadline(Duration::from_secs(60))
+        .submit()
+        .await
+        .unwrap();
+    // While bob is down nothing is decided; once it is back the prepare goes through.
+    let tx = bank.client.get(&gid).await.unwrap();
+    assert_eq!(tx.state(), pb::TxState::Active);
+    bank.b.restart().unwrap();
+    assert_eq!(bank.terminal(&gid).await, pb::TxState::Committed);
+    assert_eq!(bank.balances().await, (90, 0, 60, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn treatyd_killed_after_the_decision_finishes_the_transaction_after_restart() {
+    let mut bank = bank_cluster(&[]).await;
+    // Crash right after the commit decision is durable, before any Commit is sent.
+    bank.treatyd
+        .restart_with(&[("FAILPOINTS", "treaty::after_decision_durable=return")])
+        .unwrap();
+    let client = Client::connect(bank.treatyd.uri()).await.unwrap();
+    let gid = "crash-after-decision";
+    let result = client
+        .two_phase()
+        .gid(gid)
+        .branch(bank.a.uri(), "debit", payload("alice", 40))
+        .branch(bank.b.uri(), "credit", payload("bob", 40))
+        .submit_and_wait(WAIT)
+        .await;
+    assert!(
+        matches!(result, Err(SdkError::OutcomeUnknown { .. })),
+        "the daemon died mid-call: {result:?}"
+    );
+    wait_until(
+        "treatyd to exit at the failpoint",
+        Duration::from_secs(10),
+        || {
+            let exited = bank.treatyd.proc.exited().is_some();
+            async move { exited.then_some(()) }
+        },
+    )
+    .await;
+    // Prepared but not committed: alice's money is held.
+    assert_eq!(bank.balances().await, (60, 40, 50, 0));
+    bank.treatyd.restart().unwrap();
+    let client = Client::connect(bank.treatyd.uri()).await.unwrap();
+    let bank = Bank { client, ..bank };
+    assert_eq!(bank.terminal(gid).await, pb::TxState::Committed);
+    assert_eq!(bank.balances().await, (60, 0, 90, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_invalid_argument_naming_the_field() {
+    let bank = bank_cluster(&[]).await;
+    let mut c = bank.client.coordinator();
+    let good = pb::BeginRequest {
+        mode: pb::Mode::Saga as i32,
+        branches: vec![pb::Branch {
+            endpoint: bank.a.uri(),
+            handler: "saga-debit".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let cases: Vec<(&str, pb::BeginRequest)> = vec![
+        (
+            "mode",
+            pb::BeginRequest {
+                mode: 0,
+                ..good.clone()
+            },
+        ),
+        (
+            "branches",
+            pb::BeginRequest {
+                branches: vec![],
+                ..good.clone()
+            },
+        ),
+        (
+            "gid",
+            pb::BeginRequest {
+                gid: "no spaces".into(),
+                ..good.clone()
+            },
+        ),
+        (
+            "branches[0].endpoint",
+            pb::BeginRequest {
+                branches: vec![pb::Branch {
+                    endpoint: "not a uri".into(),
+                    ..good.branches[0].clone()
+                }],
+                ..good.clone()
+            },
+        ),
+        (
+            "branches[0].handler",
+            pb::BeginRequest {
+                branches: vec![pb::Branch {
+                    handler: String::new(),
+                    ..good.branches[0].clone()
+                }],
+                ..good.clone()
+            },
+        ),
+    ];
+    for (field, req) in cases {
+        let status = c.begin(req).await.expect_err(field);
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{field}: {status:?}"
+        );
+        assert!(
+            status.message().starts_with(field),
+            "{field}: {}",
+            status.message()
+        );
+    }
+    let status = c
+        .get(pb::GetRequest { gid: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let status = c
+        .get(pb::GetRequest {
+            gid: "unknown".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    // Presumed abort: an unknown gid's outcome is ABORTED.
+    let o = c
+        .outcome(pb::OutcomeRequest {
+            gid: "unknown".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(o.into_inner().outcome(), pb::Outcome::Aborted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn treatyd_refuses_a_locked_data_dir_a_used_port_and_bad_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut first = Treatyd::start(&data, &[], &[]).unwrap();
+    let run = |args: Vec<String>| {
+        let mut cmd = std::process::Command::new(treaty_tests::treatyd_bin());
+        cmd.args(args);
+        run_to_end(cmd, Duration::from_secs(30)).unwrap()
+    };
+    let data_s = data.display().to_string();
+    let (code, _, err) = run(vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        data_s.clone(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("locked"), "{err}");
+    let (code, _, err) = run(vec![
+        "--listen".into(),
+        first.proc.addr.to_string(),
+        "--data-dir".into(),
+        dir.path().join("other").display().to_string(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("address already in use"), "{err}");
+    let (code, _, err) = run(vec!["--call-timeout-ms".into(), "0".into()]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("call-timeout must be greater than zero"),
+        "{err}"
+    );
+    let bad_toml = dir.path().join("bad.toml");
+    std::fs::write(&bad_toml, "no_such_setting = 1\n").unwrap();
+    let (code, _, err) = run(vec!["--config".into(), bad_toml.display().to_string()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no_such_setting"), "{err}");
+    let (code, out, _) = run(vec!["--help".into()]);
+    assert_eq!(code, 0);
+    for flag in [
+        "--listen",
+        "--data-dir",
+        "--config",
+        "TREATY_LISTEN",
+        "--call-timeout-ms",
+    ] {
+        assert!(out.contains(flag), "--help lacks {flag}");
+    }
+    // SIGTERM: a graceful stop with exit status 0.
+    let status = first
+        .proc
+        .terminate(Duration::from_secs(30))
+        .expect("exits");
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_come_from_flags_then_environment_then_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("treaty.toml");
+    std::fs::write(&file, "max_branches = 1\nmax_gid_bytes = 5\n").unwrap();
+    let file_s = file.display().to_string();
+    // File says 1 branch; the environment overrides the gid limit; a flag overrides the env.
+    let t = Treatyd::start(
+        &dir.path().join("data"),
+        &["--config", &file_s, "--max-gid-bytes", "8"],
+        &[("TREATY_MAX_GID_BYTES", "6")],
+    )
+    .unwrap();
+    let mut c = pb::coordinator_client::CoordinatorClient::connect(t.uri())
+        .await
+        .unwrap();
+    let branch = pb::Branch {
+        endpoint: "http://127.0.0.1:1".into(),
+        handler: "h".into(),
+        ..Default::default()
+    };
+    let req = |gid: &str, n: usize| pb::BeginRequest {
+        gid: gid.into(),
+        mode: pb::Mode::Saga as i32,
+        branches: vec![branch.clone(); n],
+        deadline_ms: 100,
+        ..Default::default()
+    };
+    let e = c.begin(req("abcdefgh", 2)).await.unwrap_err();
+    assert!(
+        e.message().starts_with("branches: at most 1"),
+        "{}",
+        e.message()
+    );
+    c.begin(req("abcdefgh", 1))
+        .await
+        .expect("8-byte gid allowed by the flag");
+    let e = c.begin(req("abcdefghi", 1)).await.unwrap_err();
+    assert!(e.message().starts_with("gid: at most 8"), "{}", e.message());
+}

@@ -1,0 +1,234 @@
+//! The coordinator started in-process through its library entry point, `server::run`, on a
+//! 127.0.0.1:0 listener over the in-memory log, with an SDK participant in the same process:
+//! health, reflection, Begin/Watch/List/Get, recovery of a logged transaction, and a graceful
+//! stop through the shutdown future.
+
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_stream::StreamExt;
+use treaty_coordinator::config::Config;
+use treaty_coordinator::engine::{BranchDef, Mode, NewTx, Phase, RetryPolicy, Tx};
+use treaty_coordinator::log::memory::MemoryLog;
+use treaty_coordinator::log::LogStore;
+use treaty_proto::v1 as pb;
+use treaty_sdk::{saga_fn, two_phase_fn, Client, Outcome, Participant};
+
+struct Harness {
+    coordinator: String,
+    participant: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<Result<(), treaty_coordinator::server::ServeError>>,
+    log: Arc<MemoryLog>,
+    dir: tempfile::TempDir,
+}
+
+/// Start a participant (2PC handler `h2`, saga handler `hs`, each recording what it did
+/// under `<op>/<gid>/<branch>`) and the coordinator over `log`.
+async fn start(log: Arc<MemoryLog>) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path()).unwrap();
+    let tree = db.open_tree("data").unwrap();
+    let mark = |op: &'static str| {
+        move |ctx: &treaty_sdk::BranchContext,
+              tree: &sled::transaction::TransactionalTree,
+              _: &[u8]|
+              -> treaty_sdk::HandlerResult {
+            tree.insert(
+                format!("{op}/{}/{}", ctx.gid, ctx.branch_id).as_bytes(),
+                b"",
+            )?;
+            Ok(())
+        }
+    };
+    let participant = Participant::builder(db, tree, dir.path())
+        .two_phase(
+            "h2",
+            two_phase_fn(mark("prepare"), mark("commit"), mark("abort")),
+        )
+        .saga("hs", saga_fn(mark("execute"), mark("compensate")))
+        .build()
+        .unwrap();
+    let pl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let participant_uri = format!("http://{}", pl.local_addr().unwrap());
+    tokio::spawn(participant.serve(pl, std::future::pending()));
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let coordinator = format!("http://{}", listener.local_addr().unwrap());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let config = Config {
+        shutdown_grace: Duration::from_secs(2),
+        ..Config::default()
+    };
+    let dyn_log: Arc<dyn LogStore> = log.clone();
+    let server = tokio::spawn(treaty_coordinator::server::run(
+        listener,
+        dyn_log,
+        config,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    Harness {
+        coordinator,
+        participant: participant_uri,
+        stop: Some(stop_tx),
+        server,
+        log,
+        dir,
+    }
+}
+
+impl Harness {
+    /// Stop the coordinator; the participant keeps serving from its directory, returned here
+    /// so it outlives this harness.
+    async fn stop(mut self) -> (Arc<MemoryLog>, tempfile::TempDir) {
+        self.stop.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), &mut self.server)
+            .await
+            .expect("stops within the grace period")
+            .unwrap()
+            .expect("clean shutdown");
+        (self.log.clone(), self.dir)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_health_reflection_and_transactions_then_stops_gracefully() {
+    let h = start(Arc::new(MemoryLog::new())).await;
+    let channel = tonic::transport::Endpoint::from_shared(h.coordinator.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "treaty.v1.Coordinator".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+
+    use tonic_reflection::pb::v1 as refl;
+    let mut reflection = refl::server_reflection_client::ServerReflectionClient::new(channel);
+    let req = refl::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            refl::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut stream = reflection
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = stream.next().await.unwrap().unwrap();
+    let services = match answer.message_response {
+        Some(refl::server_reflection_response::MessageResponse::ListServicesResponse(l)) => {
+            l.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    };
+    assert!(
+        services.contains(&"treaty.v1.Coordinator".to_string()),
+        "{services:?}"
+    );
+
+    let client = Client::connect(h.coordinator.clone()).await.unwrap();
+    let gid = client
+        .saga()
+        .gid("in-process-saga")
+        .step(h.participant.clone(), "hs", "a", "a")
+        .step(h.participant.clone(), "hs", "b", "b")
+        .submit()
+        .await
+        .unwrap();
+    // Watch streams every change until the terminal state, then ends.
+    let mut watch = client.watch(&gid).await.unwrap();
+    let mut last = None;
+    while let Some(tx) = watch.next().await {
+        last = Some(tx.unwrap());
+    }
+    let last = last.expect("at least one state");
+    assert_eq!(last.state(), pb::TxState::Committed);
+    assert_eq!(last.outcome(), pb::Outcome::Committed);
+
+    let two_phase = client
+        .two_phase()
+        .branch(h.participant.clone(), "h2", "x")
+        .branch(h.participant.clone(), "h2", "y")
+        .submit_and_wait(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(two_phase, Outcome::Committed);
+
+    let list = client
+        .list(pb::ListRequest {
+            mode: pb::Mode::Saga as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let gids: Vec<_> = list.transactions.iter().map(|t| t.gid.as_str()).collect();
+    assert_eq!(gids, ["in-process-saga"]);
+
+    let (log, _dir) = h.stop().await;
+    let rec = log.get("in-process-saga").unwrap().unwrap();
+    assert_eq!(rec.phase, Phase::Committed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logged_undecided_two_phase_transaction_is_aborted_at_startup() {
+    // A 2PC transaction whose Begun record is durable but which has no decision: the process
+    // died during phase one. Presumed abort: the restarted coordinator aborts it.
+    let log = Arc::new(MemoryLog::new());
+    let h0 = start(log.clone()).await;
+    let participant = h0.participant.clone();
+    let mut tx = Tx::new(
+        NewTx {
+            gid: "left-behind".into(),
+            mode: Mode::TwoPhase,
+            branches: vec![BranchDef {
+                endpoint: participant.clone(),
+                handler: "h2".into(),
+                payload: bytes::Bytes::from_static(b"p"),
+                compensation_payload: bytes::Bytes::new(),
+            }],
+            deadline_unix_ms: u64::MAX / 2,
+            retry: RetryPolicy::default(),
+        },
+        1,
+    );
+    for cmd in tx.handle(1, treaty_coordinator::engine::Event::Start) {
+        if let treaty_coordinator::engine::Command::Persist { record, .. } = cmd {
+            log.put_sync(record, true).unwrap();
+        }
+    }
+    // Restart the coordinator over the same log (the participant keeps running).
+    let (log, _participant_dir) = h0.stop().await;
+    let h = start(log.clone()).await;
+    let client = Client::connect(h.coordinator.clone()).await.unwrap();
+    let state = {
+        let start = std::time::Instant::now();
+        loop {
+            let t = client.get("left-behind").await.unwrap();
+            if t.state() == pb::TxState::Aborted || start.elapsed() > Duration::from_secs(20) {
+                break t.state();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let t = client.get("left-behind").await.unwrap();
+    assert_eq!(state, pb::TxState::Aborted, "{t:?}");
+    assert_eq!(
+        client.outcome("left-behind").await.unwrap(),
+        Outcome::Aborted
+    );
+    h.stop().await;
+}

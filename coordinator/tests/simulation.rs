@@ -1,0 +1,1711 @@
+//! Deterministic simulation of the protocol engine (DESIGN.md section 11).
+//!
+//! One seed drives one single-threaded, discrete-event world: a priority queue of
+//! `(sim_time, seq, event)`. In it run
+//! - the **coordinator**: the real engine (`Tx::handle`) per gid and the real [`MemoryLog`]
+//!   (codec included). A forced write is written at once but made durable only when its
+//!   simulated fsync completes (`sync_now`), and only then is `Durable{seq}` delivered, so a
+//!   crash in between loses it (unless another fsync, group-commit style, covered it);
+//! - **participants**: a model of the SDK barrier (DESIGN.md section 7), whose rows are durable
+//!   and survive their crashes; they answer at random and sometimes `RETRY`;
+//! - the **network**: every call and reply may be lost, duplicated or delayed (so reordered);
+//!   a call without an answer turns into a `Transient` at the per-call timeout;
+//! - **faults**: coordinator crashes at random times and between two commands of a batch
+//!   (in-memory state and timers gone, the log loses what was not durable, restart recovers
+//!   from `scan_active`), participant crashes, operator `Retry(gid)`.
+//!
+//! Faults happen during a window, then stop; the world then runs until no event is left
+//! (bounded in sim time). Checked at every step:
+//! - no `Commit` issued before the durable record is `Committing`; no `Compensate` before it is
+//!   `Compensating`;
+//! - no 2PC branch committed while another aborted; `Commit` only for a prepared branch;
+//! - saga compensations in reverse order (a step is compensated only once every later step that
+//!   was sent is compensated or failed), and only for steps whose `Execute` was sent (or, after
+//!   a restart, that the log says may have run);
+//! - each participant effect (business closure run) at most once per (gid, branch, operation);
+//!   no step or prepare applied after its compensation or abort;
+//! - an outcome once told (`Decided`) never changes; the engine never panics.
+//!
+//! And at the end: the coordinator is idle, every transaction is terminal in the log (or never
+//! begun, and then nothing ran); the outcome told is the one logged; 2PC committed means every
+//! branch committed, aborted means none committed and every prepared one aborted; saga
+//! committed means every step ran and none was compensated, aborted means every step that ran
+//! was compensated.
+//!
+//! Running:
+//! - `cargo test -p treaty-coordinator --test simulation`: seeds `0..2000`.
+//! - `TREATY_SIM_SEEDS=100000`: a longer campaign (all cores).
+//! - `TREATY_SIM_SEED=<n>`: one seed, with its readable trace of events on stdout.
+
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::fmt::{self, Write as _};
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use treaty_coordinator::engine::{
+    BranchDef, Command, Event, Mode, Mutations, NewTx, Op, Outcome, Phase, Reply, RetryPolicy, Tx,
+};
+use treaty_coordinator::log::memory::MemoryLog;
+use treaty_coordinator::log::LogStore;
+
+/// Seeds run by default (CI).
+const CI_SEEDS: u64 = 2_000;
+/// The simulated clock starts at a plausible unix time (ms); traces print time since then.
+const T0: u64 = 1_700_000_000_000;
+/// Faults (crashes, losses, duplicates, `RETRY`s) happen only before this (ms since T0).
+const FAULT_WINDOW_MS: u64 = 6_000;
+/// After the fault window, every transaction must be done within this (sim ms).
+const SETTLE_LIMIT_MS: u64 = 600_000;
+/// The coordinator's per-call timeout.
+const CALL_TIMEOUT_MS: u64 = 300;
+const PARTICIPANTS: usize = 4;
+/// Coordinator crashes per run, at most (random ones and those between two commands).
+const COORD_CRASHES_MAX: u32 = 5;
+/// Trace lines printed with a failure (the replay prints all).
+const TRACE_TAIL: usize = 80;
+
+// ---------------------------------------------------------------------------------------------
+// The workload and the fault profile of one seed.
+
+struct TxDef {
+    gid: String,
+    mode: Mode,
+    /// The participant serving each branch.
+    parts: Vec<usize>,
+    submit_ms: u64,
+    deadline_ms: u64,
+    retry: RetryPolicy,
+}
+
+/// Probabilities and counts, drawn per seed so that runs range from calm to hostile.
+#[derive(Debug)]
+struct Faults {
+    loss: f64,
+    dup: f64,
+    /// Chance a message takes a long path (past the call timeout).
+    slow: f64,
+    delay_max_ms: u64,
+    fsync_max_ms: u64,
+    retry_answer: f64,
+    refuse: f64,
+    fail: f64,
+    coord_crashes: u32,
+    crash_between_commands: f64,
+    part_crashes: u32,
+    part_crash_after_apply: f64,
+    retry_now: u32,
+}
+
+impl Faults {
+    fn draw(rng: &mut StdRng) -> Faults {
+        let calm = rng.gen_bool(0.15);
+        let p = |rng: &mut StdRng, max: f64| if calm { 0.0 } else { rng.gen_range(0.0..max) };
+        Faults {
+            loss: p(rng, 0.15),
+            dup: p(rng, 0.10),
+            slow: p(rng, 0.05),
+            delay_max_ms: rng.gen_range(1..=120),
+            fsync_max_ms: rng.gen_range(1..=30),
+            retry_answer: p(rng, 0.2),
+            refuse: rng.gen_range(0.0..0.25),
+            fail: rng.gen_range(0.0..0.25),
+            coord_crashes: if calm { 0 } else { rng.gen_range(0..=4) },
+            crash_between_commands: p(rng, 0.02),
+            part_crashes: if calm { 0 } else { rng.gen_range(0..=4) },
+            part_crash_after_apply: p(rng, 0.03),
+            retry_now: rng.gen_range(0..=2),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events of the world.
+
+#[derive(Clone, Debug)]
+struct Request {
+    epoch: u64,
+    call: u64,
+    tx: usize,
+    branch: u32,
+    op: Op,
+    attempt: u32,
+}
+
+#[derive(Clone, Debug)]
+struct Response {
+    req: Request,
+    reply: Reply,
+}
+
+#[derive(Clone, Debug)]
+enum SimEv {
+    /// A client submits transaction `tx` (`Begin`).
+    Submit {
+        tx: usize,
+    },
+    /// The fsync covering the forced write `seq` of `tx` completed.
+    FsyncDone {
+        epoch: u64,
+        tx: usize,
+        seq: u64,
+    },
+    /// An engine timer (`RetryDue`, `DeadlinePassed`) fires, or `Durable` is delivered.
+    Timer {
+        epoch: u64,
+        tx: usize,
+        ev: Event,
+    },
+    /// A call arrives at its participant.
+    Request(Request),
+    /// A reply arrives at the coordinator.
+    Response(Response),
+    /// The per-call timeout of a call.
+    CallTimeout(Request),
+    CoordCrash,
+    CoordRestart,
+    PartCrash {
+        p: usize,
+    },
+    PartRestart {
+        p: usize,
+    },
+    /// An operator's `Retry(gid)`.
+    RetryNow {
+        tx: usize,
+    },
+    FaultsEnd,
+}
+
+struct Item {
+    at: u64,
+    seq: u64,
+    ev: SimEv,
+}
+
+impl PartialEq for Item {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Item {}
+impl PartialOrd for Item {
+    fn partial_cmp(&self, o: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Item {
+    /// Reversed: `BinaryHeap` pops the earliest, ties in scheduling order.
+    fn cmp(&self, o: &Self) -> CmpOrdering {
+        (o.at, o.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trace: structured while running (cheap), rendered only when printed.
+
+#[derive(Clone, Debug)]
+enum Actor {
+    Client,
+    Coord,
+    Part(usize),
+    Net,
+}
+
+impl fmt::Display for Actor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Actor::Client => f.write_str("client"),
+            Actor::Coord => f.write_str("coord"),
+            Actor::Part(p) => write!(f, "p{p}"),
+            Actor::Net => f.write_str("net"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum What {
+    Submit {
+        tx: usize,
+        mode: Mode,
+        parts: Vec<usize>,
+        deadline_in_ms: u64,
+    },
+    SubmitLater {
+        tx: usize,
+    },
+    Engine {
+        tx: usize,
+        ev: Event,
+    },
+    Persist {
+        tx: usize,
+        phase: Phase,
+        forced: bool,
+        seq: u64,
+    },
+    Call {
+        tx: usize,
+        branch: u32,
+        op: Op,
+        attempt: u32,
+    },
+    Retry {
+        tx: usize,
+        branch: u32,
+        op: Op,
+        attempt: u32,
+        in_ms: u64,
+    },
+    Deadline {
+        tx: usize,
+        at: u64,
+    },
+    Decided {
+        tx: usize,
+        outcome: Outcome,
+    },
+    Finished {
+        tx: usize,
+    },
+    Crash {
+        why: &'static str,
+        lost_writes: usize,
+    },
+    Restart {
+        recovered: usize,
+    },
+    Down,
+    Up,
+    Apply {
+        tx: usize,
+        branch: u32,
+        op: Op,
+        reply: Reply,
+        effect: bool,
+        dup: bool,
+    },
+    Unavailable {
+        tx: usize,
+        branch: u32,
+        op: Op,
+    },
+    Lost {
+        to: &'static str,
+        tx: usize,
+        branch: u32,
+        op: Op,
+        attempt: u32,
+    },
+    Duplicated {
+        to: &'static str,
+        tx: usize,
+        branch: u32,
+        op: Op,
+        attempt: u32,
+    },
+    Dropped {
+        tx: usize,
+        branch: u32,
+        op: Op,
+        attempt: u32,
+    },
+    Timeout {
+        tx: usize,
+        branch: u32,
+        op: Op,
+        attempt: u32,
+    },
+    FaultsEnd,
+}
+
+#[derive(Clone, Debug)]
+struct Line {
+    at: u64,
+    actor: Actor,
+    what: What,
+}
+
+fn gid(tx: usize) -> String {
+    format!("g{tx:02}")
+}
+
+impl fmt::Display for Line {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:>7} {:<6} ", self.at - T0, self.actor.to_string())?;
+        match &self.what {
+            What::Submit {
+                tx,
+                mode,
+                parts,
+                deadline_in_ms,
+            } => write!(
+                f,
+                "submit {} {mode:?}, branches on participants {parts:?}, deadline in {deadline_in_ms} ms",
+                gid(*tx)
+            ),
+            What::SubmitLater { tx } => {
+                write!(f, "submit {}: coordinator down, retry later", gid(*tx))
+            }
+            What::Engine { tx, ev } => write!(f, "{} <- {ev:?}", gid(*tx)),
+            What::Persist {
+                tx,
+                phase,
+                forced,
+                seq,
+            } => write!(
+                f,
+                "{} persist #{seq} {phase:?}{}",
+                gid(*tx),
+                if *forced { " (forced)" } else { "" }
+            ),
+            What::Call {
+                tx,
+                branch,
+                op,
+                attempt,
+            } => {
+                write!(f, "{} call b{branch} {op:?} attempt {attempt}", gid(*tx))
+            }
+            What::Retry {
+                tx,
+                branch,
+                op,
+                attempt,
+                in_ms,
+            } => write!(
+                f,
+                "{} retry b{branch} {op:?} attempt {attempt} in {in_ms} ms",
+                gid(*tx)
+            ),
+            What::Deadline { tx, at } => {
+                write!(f, "{} deadline at {}", gid(*tx), at.saturating_sub(T0))
+            }
+            What::Decided { tx, outcome } => write!(f, "{} decided {outcome:?}", gid(*tx)),
+            What::Finished { tx } => write!(f, "{} finished", gid(*tx)),
+            What::Crash { why, lost_writes } => {
+                write!(
+                    f,
+                    "CRASH ({why}); {lost_writes} log writes not durable are lost"
+                )
+            }
+            What::Restart { recovered } => {
+                write!(f, "restart: {recovered} non-terminal records recovered")
+            }
+            What::Down => f.write_str("CRASH (down)"),
+            What::Up => f.write_str("up"),
+            What::Apply {
+                tx,
+                branch,
+                op,
+                reply,
+                effect,
+                dup,
+            } => write!(
+                f,
+                "{} b{branch} {op:?} -> {reply:?}{}",
+                gid(*tx),
+                if *dup {
+                    " (barrier: duplicate)"
+                } else if *effect {
+                    " (business effect)"
+                } else {
+                    " (barrier: no effect)"
+                }
+            ),
+            What::Unavailable { tx, branch, op } => {
+                write!(f, "{} b{branch} {op:?}: participant down", gid(*tx))
+            }
+            What::Lost {
+                to,
+                tx,
+                branch,
+                op,
+                attempt,
+            } => {
+                write!(f, "lost {to} {} b{branch} {op:?} #{attempt}", gid(*tx))
+            }
+            What::Duplicated {
+                to,
+                tx,
+                branch,
+                op,
+                attempt,
+            } => {
+                write!(
+                    f,
+                    "duplicated {to} {} b{branch} {op:?} #{attempt}",
+                    gid(*tx)
+                )
+            }
+            What::Dropped {
+                tx,
+                branch,
+                op,
+                attempt,
+            } => write!(
+                f,
+                "reply {} b{branch} {op:?} #{attempt} dropped (coordinator restarted)",
+                gid(*tx)
+            ),
+            What::Timeout {
+                tx,
+                branch,
+                op,
+                attempt,
+            } => {
+                write!(f, "{} b{branch} {op:?} #{attempt} timed out", gid(*tx))
+            }
+            What::FaultsEnd => f.write_str("faults stop"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Participants: the SDK barrier, one row per (gid, branch, operation), durable.
+
+const OPS: [Op; 5] = [
+    Op::Prepare,
+    Op::Commit,
+    Op::Abort,
+    Op::Execute,
+    Op::Compensate,
+];
+
+fn op_idx(op: Op) -> usize {
+    OPS.iter()
+        .position(|&o| o == op)
+        .expect("every op is listed")
+}
+
+type Rows = [Option<Reply>; 5];
+
+struct Participant {
+    up: bool,
+    /// (tx, branch) -> the first answer to each operation. Survives crashes.
+    barrier: BTreeMap<(usize, u32), Rows>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// A failed invariant.
+
+/// An invariant the run broke, with when and what.
+#[derive(Clone, Debug)]
+pub struct Violation {
+    at: u64,
+    invariant: &'static str,
+    detail: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "at t={} ms: {}: {}",
+            self.at.saturating_sub(T0),
+            self.invariant,
+            self.detail
+        )
+    }
+}
+
+/// What one run saw, summed over a campaign to show the faults really happened.
+#[derive(Clone, Copy, Debug, Default)]
+struct Stats {
+    committed_2pc: u64,
+    aborted_2pc: u64,
+    committed_saga: u64,
+    aborted_saga: u64,
+    never_begun: u64,
+    coord_crashes: u64,
+    recovered_txs: u64,
+    part_crashes: u64,
+    lost: u64,
+    duplicated: u64,
+    timeouts: u64,
+    late_replies: u64,
+    events: u64,
+}
+
+impl Stats {
+    fn add(&mut self, o: &Stats) {
+        self.committed_2pc += o.committed_2pc;
+        self.aborted_2pc += o.aborted_2pc;
+        self.committed_saga += o.committed_saga;
+        self.aborted_saga += o.aborted_saga;
+        self.never_begun += o.never_begun;
+        self.coord_crashes += o.coord_crashes;
+        self.recovered_txs += o.recovered_txs;
+        self.part_crashes += o.part_crashes;
+        self.lost += o.lost;
+        self.duplicated += o.duplicated;
+        self.timeouts += o.timeouts;
+        self.late_replies += o.late_replies;
+        self.events += o.events;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The world.
+
+/// What a run tests: the engine as built, or with a deliberate bug.
+#[derive(Clone, Copy, Debug, Default)]
+struct Setup {
+    mutations: Mutations,
+    /// Leave out the direct check that no `Commit` is issued before the decision is durable,
+    /// to show that the participants' effects alone expose such a bug.
+    trust_commit_timing: bool,
+}
+
+struct Slot {
+    tx: Tx,
+    /// Read back from the log: it may not know everything the crashed process did.
+    recovered: bool,
+}
+
+struct Sim {
+    rng: StdRng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Item>,
+    faults: Faults,
+    faults_on: bool,
+    setup: Setup,
+    defs: Vec<TxDef>,
+
+    // Coordinator.
+    log: MemoryLog,
+    /// The log's durable phases, read from it; dropped whenever they may change (a flush or
+    /// a crash: unforced puts never change them).
+    durable_phases: Option<BTreeMap<String, Phase>>,
+    up: bool,
+    /// Bumped at each crash: timers, fsyncs and replies of an older epoch died with it.
+    epoch: u64,
+    txs: BTreeMap<usize, Slot>,
+    next_call: u64,
+    /// Calls of this epoch that got their answer or timed out.
+    resolved: HashMap<u64, bool>,
+    crashes: u32,
+
+    // Participants.
+    parts: Vec<Participant>,
+
+    // What the harness observes.
+    /// Business closures run, per (tx, branch, op index).
+    effects: BTreeMap<(usize, u32), [u32; 5]>,
+    /// (tx, branch) for which a `Prepare`/`Execute` was ever sent.
+    forward_sent: BTreeSet<(usize, u32)>,
+    /// The first outcome told for each tx; it must never change.
+    decided: BTreeMap<usize, Outcome>,
+    stats: Stats,
+    trace: Vec<Line>,
+}
+
+type Check = Result<(), Violation>;
+
+impl Sim {
+    fn new(seed: u64, setup: Setup) -> Sim {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let faults = Faults::draw(&mut rng);
+        let n_tx = rng.gen_range(2..=16);
+        let defs = (0..n_tx)
+            .map(|i| {
+                let mode = if rng.gen_bool(0.5) {
+                    Mode::TwoPhase
+                } else {
+                    Mode::Saga
+                };
+                let n = rng.gen_range(1..=5);
+                let submit_ms = T0 + rng.gen_range(0..FAULT_WINDOW_MS * 3 / 4);
+                TxDef {
+                    gid: gid(i),
+                    mode,
+                    parts: (0..n).map(|_| rng.gen_range(0..PARTICIPANTS)).collect(),
+                    submit_ms,
+                    deadline_ms: submit_ms + rng.gen_range(50..=3_000),
+                    retry: RetryPolicy {
+                        initial_backoff_ms: rng.gen_range(5..=100),
+                        max_backoff_ms: 800,
+                        stuck_after_attempts: 5,
+                    },
+                }
+            })
+            .collect();
+        let mut sim = Sim {
+            rng,
+            now: T0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            faults,
+            faults_on: true,
+            setup,
+            defs,
+            log: MemoryLog::new(),
+            durable_phases: None,
+            up: true,
+            epoch: 0,
+            txs: BTreeMap::new(),
+            next_call: 0,
+            resolved: HashMap::new(),
+            crashes: 0,
+            parts: (0..PARTICIPANTS)
+                .map(|_| Participant {
+                    up: true,
+                    barrier: BTreeMap::new(),
+                })
+                .collect(),
+            effects: BTreeMap::new(),
+            forward_sent: BTreeSet::new(),
+            decided: BTreeMap::new(),
+            stats: Stats::default(),
+            trace: Vec::new(),
+        };
+        for tx in 0..sim.defs.len() {
+            sim.at(sim.defs[tx].submit_ms, SimEv::Submit { tx });
+        }
+        for _ in 0..sim.faults.coord_crashes {
+            let t = T0 + sim.rng.gen_range(0..FAULT_WINDOW_MS);
+            sim.at(t, SimEv::CoordCrash);
+        }
+        for _ in 0..sim.faults.part_crashes {
+            let t = T0 + sim.rng.gen_range(0..FAULT_WINDOW_MS);
+            let p = sim.rng.gen_range(0..PARTICIPANTS);
+            sim.at(t, SimEv::PartCrash { p });
+        }
+        for _ in 0..sim.faults.retry_now {
+            let t = T0 + sim.rng.gen_range(0..FAULT_WINDOW_MS);
+            let tx = sim.rng.gen_range(0..sim.defs.len());
+            sim.at(t, SimEv::RetryNow { tx });
+        }
+        sim.at(T0 + FAULT_WINDOW_MS, SimEv::FaultsEnd);
+        sim
+    }
+
+    fn at(&mut self, at: u64, ev: SimEv) {
+        self.seq += 1;
+        self.queue.push(Item {
+            at: at.max(self.now),
+            seq: self.seq,
+            ev,
+        });
+    }
+
+    fn after(&mut self, delay_ms: u64, ev: SimEv) {
+        self.at(self.now + delay_ms, ev);
+    }
+
+    fn note(&mut self, actor: Actor, what: What) {
+        self.trace.push(Line {
+            at: self.now,
+            actor,
+            what,
+        });
+    }
+
+    fn violation(&self, invariant: &'static str, detail: String) -> Violation {
+        Violation {
+            at: self.now,
+            invariant,
+            detail,
+        }
+    }
+
+    /// Runs to quiescence, then checks the end state.
+    fn run(&mut self) -> Check {
+        while let Some(item) = self.queue.pop() {
+            if item.at > T0 + FAULT_WINDOW_MS + SETTLE_LIMIT_MS {
+                let live: Vec<String> = self.txs.keys().map(|&t| gid(t)).collect();
+                return Err(self.violation(
+                    "every transaction ends once faults stop",
+                    format!("still running after the settle limit: {live:?}"),
+                ));
+            }
+            self.now = item.at;
+            self.stats.events += 1;
+            self.step(item.ev)?;
+        }
+        self.check_end()
+    }
+
+    fn step(&mut self, ev: SimEv) -> Check {
+        match ev {
+            SimEv::Submit { tx } => self.submit(tx),
+            SimEv::FsyncDone { epoch, tx, seq } => {
+                if epoch != self.epoch {
+                    return Ok(());
+                }
+                self.log.sync_now();
+                self.durable_phases = None;
+                // The write is on disk; the engine hears of it a moment later (a crash in
+                // between leaves a durable record its process never acted on).
+                let ev = Event::Durable { seq };
+                let delay = self.rng.gen_range(0..=2);
+                self.after(delay, SimEv::Timer { epoch, tx, ev });
+                Ok(())
+            }
+            SimEv::Timer { epoch, tx, ev } => {
+                if epoch != self.epoch {
+                    return Ok(());
+                }
+                self.deliver(tx, ev)
+            }
+            SimEv::Request(req) => self.participant_receives(req),
+            SimEv::Response(resp) => self.coordinator_receives(resp),
+            SimEv::CallTimeout(req) => {
+                if req.epoch != self.epoch || self.resolved.get(&req.call) == Some(&true) {
+                    return Ok(());
+                }
+                self.resolved.insert(req.call, true);
+                self.stats.timeouts += 1;
+                self.note(
+                    Actor::Coord,
+                    What::Timeout {
+                        tx: req.tx,
+                        branch: req.branch,
+                        op: req.op,
+                        attempt: req.attempt,
+                    },
+                );
+                let ev = Event::Reply {
+                    branch: req.branch,
+                    op: req.op,
+                    attempt: req.attempt,
+                    reply: Reply::Transient("deadline exceeded".into()),
+                };
+                self.deliver(req.tx, ev)
+            }
+            SimEv::CoordCrash => {
+                if self.up && self.crashes < COORD_CRASHES_MAX {
+                    self.crash_coordinator("random time");
+                }
+                Ok(())
+            }
+            SimEv::CoordRestart => self.restart_coordinator(),
+            SimEv::PartCrash { p } => {
+                self.crash_participant(p);
+                Ok(())
+            }
+            SimEv::PartRestart { p } => {
+                self.parts[p].up = true;
+                self.note(Actor::Part(p), What::Up);
+                Ok(())
+            }
+            SimEv::RetryNow { tx } => self.deliver(tx, Event::RetryNow),
+            SimEv::FaultsEnd => {
+                self.faults_on = false;
+                self.note(Actor::Net, What::FaultsEnd);
+                Ok(())
+            }
+        }
+    }
+
+    // -- client --------------------------------------------------------------------------------
+
+    fn submit(&mut self, tx: usize) -> Check {
+        if !self.up {
+            // The client cannot reach the coordinator; it tries again.
+            self.note(Actor::Client, What::SubmitLater { tx });
+            self.after(100, SimEv::Submit { tx });
+            return Ok(());
+        }
+        let d = &self.defs[tx];
+        let what = What::Submit {
+            tx,
+            mode: d.mode,
+            parts: d.parts.clone(),
+            deadline_in_ms: d.deadline_ms.saturating_sub(self.now),
+        };
+        self.note(Actor::Client, what);
+        let d = &self.defs[tx];
+        let branches = d
+            .parts
+            .iter()
+            .enumerate()
+            .map(|(b, p)| BranchDef {
+                endpoint: format!("http://p{p}.sim:7000"),
+                handler: "h".into(),
+                payload: Bytes::from(format!("{}:{b}", d.gid)),
+                compensation_payload: Bytes::from_static(b"undo"),
+            })
+            .collect();
+        let mut t = Tx::new(
+            NewTx {
+                gid: d.gid.clone(),
+                mode: d.mode,
+                branches,
+                deadline_unix_ms: d.deadline_ms,
+                retry: d.retry,
+            },
+            self.now,
+        );
+        t.set_mutations(self.setup.mutations);
+        self.txs.insert(
+            tx,
+            Slot {
+                tx: t,
+                recovered: false,
+            },
+        );
+        self.deliver(tx, Event::Start)
+    }
+
+    // -- coordinator ---------------------------------------------------------------------------
+
+    fn deliver(&mut self, tx: usize, ev: Event) -> Check {
+        if !self.up {
+            return Ok(());
+        }
+        let Some(slot) = self.txs.get_mut(&tx) else {
+            return Ok(()); // finished, or never begun in this incarnation
+        };
+        let now = self.now;
+        let commands = slot.tx.handle(now, ev.clone());
+        self.note(Actor::Coord, What::Engine { tx, ev });
+        self.execute(tx, commands)
+    }
+
+    /// Carries out commands in order, as the runtime does. May crash between two of them.
+    fn execute(&mut self, tx: usize, commands: Vec<Command>) -> Check {
+        let epoch = self.epoch;
+        for (i, cmd) in commands.into_iter().enumerate() {
+            if i > 0
+                && self.faults_on
+                && self.crashes < COORD_CRASHES_MAX
+                && self.rng.gen_bool(self.faults.crash_between_commands)
+            {
+                self.crash_coordinator("between two commands");
+                return Ok(());
+            }
+            debug_assert_eq!(epoch, self.epoch);
+            match cmd {
+                Command::Persist { record, forced } => {
+                    let seq = record.seq;
+                    self.note(
+                        Actor::Coord,
+                        What::Persist {
+                            tx,
+                            phase: record.phase,
+                            forced,
+                            seq,
+                        },
+                    );
+                    // Written now, durable only when the simulated fsync completes.
+                    self.log
+                        .put_sync(record, false)
+                        .expect("the memory log accepts every engine record");
+                    if forced {
+                        let delay = self.rng.gen_range(1..=self.faults.fsync_max_ms);
+                        self.after(delay, SimEv::FsyncDone { epoch, tx, seq });
+                    }
+                }
+                Command::Call {
+                    branch,
+                    op,
+                    attempt,
+                } => {
+                    self.note(
+                        Actor::Coord,
+                        What::Call {
+                            tx,
+                            branch,
+                            op,
+                            attempt,
+                        },
+                    );
+                    self.check_call(tx, branch, op)?;
+                    self.next_call += 1;
+                    let req = Request {
+                        epoch,
+                        call: self.next_call,
+                        tx,
+                        branch,
+                        op,
+                        attempt,
+                    };
+                    self.after(CALL_TIMEOUT_MS, SimEv::CallTimeout(req.clone()));
+                    self.send(SimEv::Request(req));
+                }
+                Command::ScheduleRetry {
+                    branch,
+                    op,
+                    attempt,
+                    backoff_bound_ms,
+                } => {
+                    let in_ms = self.rng.gen_range(0..=backoff_bound_ms);
+                    self.note(
+                        Actor::Coord,
+                        What::Retry {
+                            tx,
+                            branch,
+                            op,
+                            attempt,
+                            in_ms,
+                        },
+                    );
+                    let ev = Event::RetryDue {
+                        branch,
+                        op,
+                        attempt,
+                    };
+                    self.after(in_ms, SimEv::Timer { epoch, tx, ev });
+                }
+                Command::SetDeadline { at_unix_ms } => {
+                    self.note(Actor::Coord, What::Deadline { tx, at: at_unix_ms });
+                    let ev = Event::DeadlinePassed;
+                    self.at(at_unix_ms, SimEv::Timer { epoch, tx, ev });
+                }
+                Command::Decided(outcome) => {
+                    self.note(Actor::Coord, What::Decided { tx, outcome });
+                    if outcome == Outcome::Pending {
+                        return Err(self.violation(
+                            "a decided outcome is final",
+                            format!("{} decided Pending", gid(tx)),
+                        ));
+                    }
+                    match self.decided.get(&tx) {
+                        Some(&first) if first != outcome => {
+                            return Err(self.violation(
+                                "an outcome once told never changes",
+                                format!("{} told {first:?}, later {outcome:?}", gid(tx)),
+                            ))
+                        }
+                        _ => {
+                            self.decided.insert(tx, outcome);
+                        }
+                    }
+                }
+                Command::Finished => {
+                    self.note(Actor::Coord, What::Finished { tx });
+                    self.txs.remove(&tx);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The durable phase of `tx`'s record: what a crash now would leave.
+    fn durable_phase(&mut self, tx: usize) -> Option<Phase> {
+        let log = &self.log;
+        let durable = self.durable_phases.get_or_insert_with(|| {
+            log.durable_snapshot()
+                .into_iter()
+                .map(|r| (r.gid, r.phase))
+                .collect()
+        });
+        durable.get(&gid(tx)).copied()
+    }
+
+    /// Invariants on the calls the coordinator issues.
+    fn check_call(&mut self, tx: usize, branch: u32, op: Op) -> Check {
+        let mode = self.defs[tx].mode;
+        let fits = match op {
+            Op::Prepare | Op::Commit | Op::Abort => mode == Mode::TwoPhase,
+            Op::Execute | Op::Compensate => mode == Mode::Saga,
+        };
+        if !fits {
+            return Err(self.violation(
+                "operations fit the protocol",
+                format!("{op:?} sent for a {mode:?} transaction {}", gid(tx)),
+            ));
+        }
+        match op {
+            Op::Prepare | Op::Execute => {
+                self.forward_sent.insert((tx, branch));
+            }
+            Op::Commit if !self.setup.trust_commit_timing => {
+                let phase = self.durable_phase(tx);
+                if !matches!(phase, Some(Phase::Committing | Phase::Committed)) {
+                    return Err(self.violation(
+                        "no Commit before the decision is durable",
+                        format!(
+                            "Commit to {} b{branch} while the durable record is {phase:?}",
+                            gid(tx)
+                        ),
+                    ));
+                }
+            }
+            Op::Compensate => {
+                let phase = self.durable_phase(tx);
+                if phase != Some(Phase::Compensating) {
+                    return Err(self.violation(
+                        "no Compensate before the Compensating record is durable",
+                        format!(
+                            "Compensate to {} b{branch} while the durable record is {phase:?}",
+                            gid(tx)
+                        ),
+                    ));
+                }
+                // A process that saw the whole forward run compensates only steps it sent;
+                // one that recovered from the log may compensate any step that may have run.
+                let recovered = self.txs.get(&tx).is_some_and(|s| s.recovered);
+                if !recovered && !self.forward_sent.contains(&(tx, branch)) {
+                    return Err(self.violation(
+                        "compensations only for steps that ran or may have run",
+                        format!("Compensate {} b{branch}: no Execute was ever sent", gid(tx)),
+                    ));
+                }
+            }
+            Op::Abort | Op::Commit => {}
+        }
+        Ok(())
+    }
+
+    fn crash_coordinator(&mut self, why: &'static str) {
+        let lost_writes = self.log.pending_writes();
+        self.log.crash();
+        self.durable_phases = None;
+        self.up = false;
+        self.epoch += 1;
+        self.crashes += 1;
+        self.stats.coord_crashes += 1;
+        self.txs.clear();
+        self.resolved.clear();
+        self.note(Actor::Coord, What::Crash { why, lost_writes });
+        let down_ms = self.rng.gen_range(1..=1_500);
+        self.after(down_ms, SimEv::CoordRestart);
+    }
+
+    /// Restart as the runtime does: resume every non-terminal record in the log.
+    fn restart_coordinator(&mut self) -> Check {
+        self.up = true;
+        let records = self
+            .log
+            .scan_active()
+            .expect("every record in the memory log decodes");
+        self.note(
+            Actor::Coord,
+            What::Restart {
+                recovered: records.len(),
+            },
+        );
+        self.stats.recovered_txs += records.len() as u64;
+        let mut order = Vec::new();
+        for rec in records {
+            let tx: usize = rec.gid[1..].parse().expect("gids are g<index>");
+            let mut t = Tx::recover(rec);
+            t.set_mutations(self.setup.mutations);
+            self.txs.insert(
+                tx,
+                Slot {
+                    tx: t,
+                    recovered: true,
+                },
+            );
+            order.push(tx);
+        }
+        let epoch = self.epoch;
+        for tx in order {
+            if self.epoch != epoch {
+                break; // crashed again while recovering
+            }
+            self.deliver(tx, Event::Recovered)?;
+        }
+        Ok(())
+    }
+
+    fn coordinator_receives(&mut self, resp: Response) -> Check {
+        let req = resp.req;
+        if !self.up || req.epoch != self.epoch {
+            self.note(
+                Actor::Coord,
+                What::Dropped {
+                    tx: req.tx,
+                    branch: req.branch,
+                    op: req.op,
+                    attempt: req.attempt,
+                },
+            );
+            return Ok(());
+        }
+        if self.resolved.insert(req.call, true) == Some(true) {
+            // After its timeout, or a duplicate: the engine must shrug it off.
+            self.stats.late_replies += 1;
+        }
+        let ev = Event::Reply {
+            branch: req.branch,
+            op: req.op,
+            attempt: req.attempt,
+            reply: resp.reply,
+        };
+        self.deliver(req.tx, ev)
+    }
+
+    // -- network -------------------------------------------------------------------------------
+
+    fn send(&mut self, ev: SimEv) {
+        let (to, req) = match &ev {
+            SimEv::Request(r) => ("call", r),
+            SimEv::Response(r) => ("reply", &r.req),
+            _ => unreachable!("only messages travel"),
+        };
+        let (tx, branch, op, attempt) = (req.tx, req.branch, req.op, req.attempt);
+        if self.faults_on && self.rng.gen_bool(self.faults.loss) {
+            self.stats.lost += 1;
+            self.note(
+                Actor::Net,
+                What::Lost {
+                    to,
+                    tx,
+                    branch,
+                    op,
+                    attempt,
+                },
+            );
+            return;
+        }
+        let copies = if self.faults_on && self.rng.gen_bool(self.faults.dup) {
+            self.stats.duplicated += 1;
+            self.note(
+                Actor::Net,
+                What::Duplicated {
+                    to,
+                    tx,
+                    branch,
+                    op,
+                    attempt,
+                },
+            );
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = if self.faults_on && self.rng.gen_bool(self.faults.slow) {
+                self.rng.gen_range(CALL_TIMEOUT_MS..=4 * CALL_TIMEOUT_MS)
+            } else {
+                self.rng.gen_range(1..=self.faults.delay_max_ms)
+            };
+            self.after(delay, ev.clone());
+        }
+    }
+
+    // -- participants --------------------------------------------------------------------------
+
+    fn crash_participant(&mut self, p: usize) {
+        if !self.parts[p].up {
+            return;
+        }
+        self.parts[p].up = false;
+        self.stats.part_crashes += 1;
+        self.note(Actor::Part(p), What::Down);
+        let down_ms = self.rng.gen_range(1..=2_000);
+        self.after(down_ms, SimEv::PartRestart { p });
+    }
+
+    fn participant_receives(&mut self, req: Request) -> Check {
+        let p = self.defs[req.tx].parts[req.branch as usize];
+        let reply = if !self.parts[p].up {
+            // Connection refused: the caller sees UNAVAILABLE.
+            self.note(
+                Actor::Part(p),
+                What::Unavailable {
+                    tx: req.tx,
+                    branch: req.branch,
+                    op: req.op,
+                },
+            );
+            Reply::Transient("unavailable".into())
+        } else if self.faults_on && self.rng.gen_bool(self.faults.retry_answer) {
+            // The SDK answers RETRY before the barrier runs (e.g. a lock timeout).
+            Reply::Transient("RETRY".into())
+        } else {
+            let reply = self.barrier(p, req.tx, req.branch, req.op)?;
+            if self.faults_on && self.rng.gen_bool(self.faults.part_crash_after_apply) {
+                // Applied and committed locally, then died before answering.
+                self.crash_participant(p);
+                return Ok(());
+            }
+            reply
+        };
+        self.send(SimEv::Response(Response { req, reply }));
+        Ok(())
+    }
+
+    fn rows(&self, tx: usize, b: u32) -> Option<&Rows> {
+        let p = self.defs[tx].parts[b as usize];
+        self.parts[p].barrier.get(&(tx, b))
+    }
+
+    fn row(&self, tx: usize, b: u32, op: Op) -> Option<&Reply> {
+        self.rows(tx, b).and_then(|r| r[op_idx(op)].as_ref())
+    }
+
+    /// The SDK barrier (DESIGN.md section 7) in front of a business closure that answers at
+    /// random. Returns the answer; records the business effect for the checks.
+    fn barrier(&mut self, p: usize, tx: usize, b: u32, op: Op) -> Result<Reply, Violation> {
+        let rows = self.parts[p]
+            .barrier
+            .get(&(tx, b))
+            .cloned()
+            .unwrap_or_default();
+        if let Some(first) = &rows[op_idx(op)] {
+            let reply = first.clone();
+            self.note(
+                Actor::Part(p),
+                What::Apply {
+                    tx,
+                    branch: b,
+                    op,
+                    reply: reply.clone(),
+                    effect: false,
+                    dup: true,
+                },
+            );
+            return Ok(reply);
+        }
+        let g = gid(tx);
+        let (reply, effect) = match op {
+            Op::Prepare if rows[op_idx(Op::Abort)].is_some() => {
+                (Reply::Refused("aborted before prepare".into()), false)
+            }
+            Op::Prepare if self.rng.gen_bool(self.faults.refuse) => {
+                (Reply::Refused("insufficient funds".into()), true)
+            }
+            Op::Prepare => (Reply::Prepared, true),
+            Op::Commit => {
+                if rows[op_idx(Op::Prepare)] != Some(Reply::Prepared) {
+                    return Err(self.violation(
+                        "Commit only for a prepared branch",
+                        format!("{g} b{b}: Commit while Prepare is {:?}", rows[0]),
+                    ));
+                }
+                if rows[op_idx(Op::Abort)].is_some() {
+                    return Err(self.violation(
+                        "no branch both committed and aborted",
+                        format!("{g} b{b}: Commit after Abort"),
+                    ));
+                }
+                (Reply::Done, true)
+            }
+            Op::Abort => {
+                if rows[op_idx(Op::Commit)].is_some() {
+                    return Err(self.violation(
+                        "no branch both committed and aborted",
+                        format!("{g} b{b}: Abort after Commit"),
+                    ));
+                }
+                // Roll back a prepared branch; otherwise a null abort.
+                let effect = rows[op_idx(Op::Prepare)] == Some(Reply::Prepared);
+                (Reply::Done, effect)
+            }
+            Op::Execute if rows[op_idx(Op::Compensate)].is_some() => {
+                (Reply::Failed("compensated before execute".into()), false)
+            }
+            Op::Execute if self.rng.gen_bool(self.faults.fail) => {
+                (Reply::Failed("no seats left".into()), true)
+            }
+            Op::Execute => (Reply::Succeeded, true),
+            Op::Compensate => {
+                // Reverse order: every later step that may have applied is undone already.
+                let n = self.defs[tx].parts.len() as u32;
+                for later in b + 1..n {
+                    let applied_or_may = self.forward_sent.contains(&(tx, later))
+                        && !matches!(self.row(tx, later, Op::Execute), Some(Reply::Failed(_)));
+                    if applied_or_may && self.row(tx, later, Op::Compensate).is_none() {
+                        return Err(self.violation(
+                            "saga compensations in reverse order",
+                            format!(
+                                "{g}: compensating b{b} while b{later} (Execute sent, answer \
+                                 {:?}) is not compensated",
+                                self.row(tx, later, Op::Execute)
+                            ),
+                        ));
+                    }
+                }
+                let effect = rows[op_idx(Op::Execute)] == Some(Reply::Succeeded);
+                (Reply::Done, effect)
+            }
+        };
+        let undone = rows[op_idx(Op::Abort)].is_some() || rows[op_idx(Op::Compensate)].is_some();
+        if effect && matches!(op, Op::Prepare | Op::Execute) && undone {
+            return Err(self.violation(
+                "no step or prepare applied after its compensation or abort",
+                format!("{g} b{b}: {op:?} ran its business code after the undo"),
+            ));
+        }
+        let mut rows = rows;
+        rows[op_idx(op)] = Some(reply.clone());
+        self.parts[p].barrier.insert((tx, b), rows);
+        self.note(
+            Actor::Part(p),
+            What::Apply {
+                tx,
+                branch: b,
+                op,
+                reply: reply.clone(),
+                effect,
+                dup: false,
+            },
+        );
+        if effect {
+            let count = &mut self.effects.entry((tx, b)).or_default()[op_idx(op)];
+            *count += 1;
+            if *count > 1 {
+                let count = *count;
+                return Err(self.violation(
+                    "each participant effect applied at most once",
+                    format!("{g} b{b} {op:?} applied {count} times"),
+                ));
+            }
+        }
+        if matches!(op, Op::Commit | Op::Abort) {
+            self.check_atomic_2pc(tx)?;
+        }
+        Ok(reply)
+    }
+
+    fn check_atomic_2pc(&self, tx: usize) -> Check {
+        let n = self.defs[tx].parts.len() as u32;
+        let committed: Vec<u32> = (0..n)
+            .filter(|&b| self.row(tx, b, Op::Commit).is_some())
+            .collect();
+        let aborted: Vec<u32> = (0..n)
+            .filter(|&b| self.row(tx, b, Op::Abort).is_some())
+            .collect();
+        if !committed.is_empty() && !aborted.is_empty() {
+            return Err(self.violation(
+                "no 2PC branch committed while another aborted",
+                format!("{}: committed {committed:?}, aborted {aborted:?}", gid(tx)),
+            ));
+        }
+        Ok(())
+    }
+
+    // -- the end -------------------------------------------------------------------------------
+
+    fn check_end(&mut self) -> Check {
+        if !self.up {
+            return Err(self.violation("the coordinator is up at the end", String::new()));
+        }
+        if let Some((&tx, _)) = self.txs.iter().next() {
+            return Err(self.violation(
+                "every transaction ends once faults stop",
+                format!("{} is still live with nothing left to happen", gid(tx)),
+            ));
+        }
+        for tx in 0..self.defs.len() {
+            self.check_end_of(tx)?;
+        }
+        Ok(())
+    }
+
+    fn check_end_of(&mut self, tx: usize) -> Check {
+        let g = gid(tx);
+        let d = &self.defs[tx];
+        let n = d.parts.len() as u32;
+        let mode = d.mode;
+        let Some(rec) = self
+            .log
+            .get(&g)
+            .expect("the memory log decodes its own records")
+        else {
+            // `Begun` never became durable: the client got no gid, nothing may have run.
+            if let Some(b) = (0..n).find(|&b| self.rows(tx, b).is_some()) {
+                return Err(self.violation(
+                    "nothing runs before Begun is durable",
+                    format!("{g} is not in the log but b{b} saw calls"),
+                ));
+            }
+            if let Some(o) = self.decided.get(&tx) {
+                return Err(self.violation(
+                    "nothing is decided before Begun is durable",
+                    format!("{g} is not in the log but was decided {o:?}"),
+                ));
+            }
+            self.stats.never_begun += 1;
+            return Ok(());
+        };
+        if !rec.phase.is_terminal() {
+            return Err(self.violation(
+                "every transaction terminal in the log",
+                format!("{g} ends in phase {:?}", rec.phase),
+            ));
+        }
+        let outcome = rec.outcome();
+        // Nothing told is fine: a terminal record made durable by another write's flush just
+        // before a crash is not recovered, and `Get` reports it from the log.
+        if let Some(&told) = self.decided.get(&tx).filter(|&&o| o != outcome) {
+            return Err(self.violation(
+                "the outcome told is the outcome logged",
+                format!("{g} logged {outcome:?}, told {told:?}"),
+            ));
+        }
+        let row = |b: u32, op: Op| self.row(tx, b, op).cloned();
+        let mut bad = Vec::new();
+        for b in 0..n {
+            let ok = match (mode, outcome) {
+                (Mode::TwoPhase, Outcome::Committed) => {
+                    row(b, Op::Commit).is_some() && row(b, Op::Abort).is_none()
+                }
+                // Nothing committed, and every prepared branch released.
+                (Mode::TwoPhase, _) => {
+                    row(b, Op::Commit).is_none()
+                        && (row(b, Op::Prepare) != Some(Reply::Prepared)
+                            || row(b, Op::Abort).is_some())
+                }
+                (Mode::Saga, Outcome::Committed) => {
+                    row(b, Op::Execute) == Some(Reply::Succeeded)
+                        && row(b, Op::Compensate).is_none()
+                }
+                (Mode::Saga, _) => {
+                    row(b, Op::Execute) != Some(Reply::Succeeded)
+                        || row(b, Op::Compensate).is_some()
+                }
+            };
+            if !ok {
+                bad.push(format!(
+                    "b{b}: {:?}",
+                    self.rows(tx, b).cloned().unwrap_or_default()
+                ));
+            }
+        }
+        if !bad.is_empty() {
+            let invariant = match (mode, outcome) {
+                (Mode::TwoPhase, Outcome::Committed) => "2PC committed: every branch committed",
+                (Mode::TwoPhase, _) => {
+                    "2PC aborted: no branch committed, every prepared one aborted"
+                }
+                (Mode::Saga, Outcome::Committed) => {
+                    "saga committed: every step ran, none compensated"
+                }
+                (Mode::Saga, _) => "saga aborted: every step that ran is compensated",
+            };
+            return Err(self.violation(
+                invariant,
+                format!(
+                    "{g}: rows [Prepare, Commit, Abort, Execute, Compensate] {}",
+                    bad.join("; ")
+                ),
+            ));
+        }
+        match (mode, outcome) {
+            (Mode::TwoPhase, Outcome::Committed) => self.stats.committed_2pc += 1,
+            (Mode::TwoPhase, _) => self.stats.aborted_2pc += 1,
+            (Mode::Saga, Outcome::Committed) => self.stats.committed_saga += 1,
+            (Mode::Saga, _) => self.stats.aborted_saga += 1,
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running seeds.
+
+/// The result of one seed: the violation if any (an engine panic counts as one), the trace
+/// and what happened.
+struct RunResult {
+    violation: Option<Violation>,
+    trace: Vec<Line>,
+    stats: Stats,
+}
+
+fn run_seed(seed: u64, setup: Setup) -> RunResult {
+    let mut sim = Sim::new(seed, setup);
+    // An engine assert is a finding too: report it with its seed and trace.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim.run()));
+    let violation = match outcome {
+        Ok(Ok(())) => None,
+        Ok(Err(v)) => Some(v),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "non-string panic".into());
+            Some(Violation {
+                at: sim.now,
+                invariant: "the engine does not panic",
+                detail: msg,
+            })
+        }
+    };
+    RunResult {
+        violation,
+        trace: sim.trace,
+        stats: sim.stats,
+    }
+}
+
+fn render_trace(trace: &[Line]) -> String {
+    let mut s = String::new();
+    for line in trace {
+        let _ = writeln!(s, "{line}");
+    }
+    s
+}
+
+/// Runs seeds `0..n` on every core; returns the lowest failing seed (with its result) and the
+/// summed stats of the seeds run.
+fn campaign(n: u64, setup: Setup) -> (Option<(u64, RunResult)>, Stats) {
+    let next = AtomicU64::new(0);
+    let stop_at = AtomicU64::new(u64::MAX);
+    let found: Mutex<Option<(u64, RunResult)>> = Mutex::new(None);
+    let total = Mutex::new(Stats::default());
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut mine = Stats::default();
+                loop {
+                    let seed = next.fetch_add(1, Ordering::SeqCst);
+                    // Seeds are taken in order, so every seed below the first failure found
+                    // is still run: the failure reported is the lowest.
+                    if seed >= n || seed > stop_at.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let r = run_seed(seed, setup);
+                    mine.add(&r.stats);
+                    if r.violation.is_some() {
+                        stop_at.fetch_min(seed, Ordering::SeqCst);
+                        let mut f = found.lock().unwrap_or_else(|p| p.into_inner());
+                        if f.as_ref().is_none_or(|(s, _)| seed < *s) {
+                            *f = Some((seed, r));
+                        }
+                    }
+                }
+                total.lock().unwrap_or_else(|p| p.into_inner()).add(&mine);
+            });
+        }
+    });
+    (
+        found.into_inner().unwrap_or_else(|p| p.into_inner()),
+        total.into_inner().unwrap_or_else(|p| p.into_inner()),
+    )
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    Some(
+        v.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+    )
+}
+
+/// Bypasses the test harness's output capture, so the replay trace shows without --nocapture.
+fn print_uncaptured(s: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(s.as_bytes());
+    let _ = out.flush();
+}
+
+fn failure_report(seed: u64, r: &RunResult) -> String {
+    let v = r.violation.as_ref().expect("a failure has a violation");
+    let tail = &r.trace[r.trace.len().saturating_sub(TRACE_TAIL)..];
+    format!(
+        "simulation seed {seed} failed: {v}\n\nlast {} trace lines (time ms, actor, event):\n{}\n\
+         replay with: TREATY_SIM_SEED={seed} cargo test -p treaty-coordinator --test simulation",
+        tail.len(),
+        render_trace(tail)
+    )
+}
+
+#[test]
+fn simulation() {
+    if let Some(seed) = env_u64("TREATY_SIM_SEED") {
+        let r = run_seed(seed, Setup::default());
+        print_uncaptured(&format!(
+            "seed {seed}: {:?}\n   time actor  event\n{}",
+            Sim::new(seed, Setup::default()).faults,
+            render_trace(&r.trace)
+        ));
+        if r.violation.is_some() {
+            panic!("{}", failure_report(seed, &r));
+        }
+        print_uncaptured(&format!("seed {seed}: every invariant holds\n"));
+        return;
+    }
+    let n = env_u64("TREATY_SIM_SEEDS").unwrap_or(CI_SEEDS);
+    let started = std::time::Instant::now();
+    let (failure, stats) = campaign(n, Setup::default());
+    if let Some((seed, r)) = failure {
+        panic!("{}", failure_report(seed, &r));
+    }
+    eprintln!(
+        "simulation: {n} seeds in {:.1?}, every invariant held; {stats:?}",
+        started.elapsed()
+    );
+    // The campaign is only worth something if it reached every outcome and every fault.
+    if n >= 200 {
+        for (what, count) in [
+            ("2PC commits", stats.committed_2pc),
+            ("2PC aborts", stats.aborted_2pc),
+            ("saga commits", stats.committed_saga),
+            ("saga aborts", stats.aborted_saga),
+            ("coordinator crashes", stats.coord_crashes),
+            ("recovered transactions", stats.recovered_txs),
+            ("participant crashes", stats.part_crashes),
+            ("lost messages", stats.lost),
+            ("duplicated messages", stats.duplicated),
+            ("timeouts", stats.timeouts),
+            ("late or duplicate replies", stats.late_replies),
+        ] {
+            assert!(count > 0, "the campaign never produced {what}: {stats:?}");
+        }
+    }
+}
+
+#[test]
+fn the_same_seed_replays_the_same_run() {
+    let a = run_seed(7, Setup::default());
+    let b = run_seed(7, Setup::default());
+    assert_eq!(render_trace(&a.trace), render_trace(&b.trace));
+    assert!(a.trace.len() > 10, "seed 7 does something");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Show that it bites: each deliberate engine bug is caught within the CI seed budget.
+
+/// Runs the CI seed budget with `setup` and asserts a seed fails on an invariant of the
+/// harness (an engine assert does not count); returns the seed and the invariant.
+fn assert_caught(name: &str, setup: Setup) -> (u64, &'static str) {
+    let (failure, _) = campaign(CI_SEEDS, setup);
+    let Some((seed, r)) = failure else {
+        panic!("mutation {name} survived {CI_SEEDS} seeds: the simulation does not catch it");
+    };
+    let v = r.violation.as_ref().expect("a failure has a violation");
+    eprintln!("mutation {name}: caught by seed {seed}: {v}");
+    assert_ne!(
+        v.invariant, "the engine does not panic",
+        "mutation {name} must be caught by an invariant of the harness, not an engine assert"
+    );
+    (seed, v.invariant)
+}
+
+fn mutated(m: impl FnOnce(&mut Mutations)) -> Setup {
+    let mut setup = Setup::default();
+    m(&mut setup.mutations);
+    setup
+}
+
+#[test]
+fn mutation_commit_before_durable_is_caught() {
+    let setup = mutated(|m| m.commit_before_durable = true);
+    let (_, invariant) = assert_caught("commit_before_durable", setup);
+    assert_eq!(invariant, "no Commit before the decision is durable");
+    // Without that direct check, a crash that loses the decision still shows: as an outcome
+    // told and then changed, or as mixed effects at the participants.
+    let (_, invariant) = assert_caught(
+        "commit_before_durable (participant effects only)",
+        Setup {
+            trust_commit_timing: true,
+            ..setup
+        },
+    );
+    assert_ne!(invariant, "no Commit before the decision is durable");
+}
+
+#[test]
+fn mutation_skip_one_compensation_is_caught() {
+    let setup = mutated(|m| m.skip_one_compensation = true);
+    assert_caught("skip_one_compensation", setup);
+}
+
+#[test]
+fn mutation_forget_branch_on_recovery_is_caught() {
+    let setup = mutated(|m| m.forget_branch_on_recovery = true);
+    assert_caught("forget_branch_on_recovery", setup);
+}

@@ -3,7 +3,7 @@
 
 pub mod validate;
 
-use crate::engine::Mode;
+use crate::engine::{Mode, Outcome};
 use crate::log::codec;
 use crate::log::{ListFilter, LogError};
 use crate::runtime::{now_ms, BeginError, Runtime, Snapshot, WatchTarget};
@@ -89,7 +89,7 @@ impl Coordinator for CoordinatorService {
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::Transaction>, Status> {
         let gid = req.into_inner().gid;
         check_gid(&gid, &self.rt)?;
-        match self.rt.get(&gid).map_err(log_status)? {
+        match self.rt.get(&gid).await.map_err(log_status)? {
             Some(s) => Ok(Response::new(to_proto(&s))),
             None => Err(Status::not_found(format!(
                 "no transaction with gid {gid:?}"
@@ -135,7 +135,11 @@ impl Coordinator for CoordinatorService {
                 .then(|| now_ms().saturating_sub(req.min_age_ms)),
         };
         let before = (!req.page_token.is_empty()).then_some(req.page_token.as_str());
-        let page = self.rt.list(&filter, before, limit).map_err(log_status)?;
+        let page = self
+            .rt
+            .list(&filter, before, limit)
+            .await
+            .map_err(log_status)?;
         let next_page_token = if page.len() == limit {
             page.last()
                 .map(|s| s.record.gid.clone())
@@ -158,7 +162,7 @@ impl Coordinator for CoordinatorService {
         let gid = req.into_inner().gid;
         check_gid(&gid, &self.rt)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        match self.rt.watch(&gid).map_err(log_status)? {
+        match self.rt.watch(&gid).await.map_err(log_status)? {
             WatchTarget::Unknown => {
                 return Err(Status::not_found(format!(
                     "no transaction with gid {gid:?}"
@@ -171,7 +175,10 @@ impl Coordinator for CoordinatorService {
                 tokio::spawn(async move {
                     loop {
                         let current = snap.borrow_and_update().clone();
-                        let terminal = current.record.phase.is_terminal();
+                        // Ends at the terminal phase once its outcome can be told (a saga's final record
+                        // is terminal in memory before it is durable).
+                        let terminal = current.record.phase.is_terminal()
+                            && current.outcome != Outcome::Pending;
                         if tx.send(Ok(to_proto(&current))).await.is_err() || terminal {
                             return;
                         }
@@ -198,7 +205,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::OutcomeResponse>, Status> {
         let gid = req.into_inner().gid;
         check_gid(&gid, &self.rt)?;
-        let o = self.rt.outcome(&gid).map_err(log_status)?;
+        let o = self.rt.outcome(&gid).await.map_err(log_status)?;
         Ok(Response::new(pb::OutcomeResponse {
             outcome: codec::outcome_to_proto(o) as i32,
         }))
@@ -213,7 +220,7 @@ impl Coordinator for CoordinatorService {
         match self.rt.retry(&gid).await {
             Some(n) => Ok(Response::new(pb::RetryResponse { retried: n })),
             // Not live: finished, so there is nothing to retry.
-            None => match self.rt.get(&gid).map_err(log_status)? {
+            None => match self.rt.get(&gid).await.map_err(log_status)? {
                 Some(_) => Ok(Response::new(pb::RetryResponse { retried: 0 })),
                 None => Err(Status::not_found(format!(
                     "no transaction with gid {gid:?}"

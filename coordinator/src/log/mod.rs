@@ -92,9 +92,13 @@ impl ListFilter {
 
 /// Storage for transaction records. Cheap to share (`Arc<dyn LogStore>`).
 pub trait LogStore: Send + Sync + 'static {
-    /// Write `rec` as the latest record of `rec.gid`. The future resolves once the record is
-    /// readable by `get` (unforced) or on stable storage (`forced`). Writes of one gid must be
-    /// issued one after the other (the runtime awaits each before the next of that gid).
+    /// Write `rec` as the latest record of `rec.gid`.
+    ///
+    /// The write is applied (readable by `get`, ordered after every earlier `put`) before
+    /// `put` returns; the runtime relies on this to keep one transaction's writes in order
+    /// without awaiting each. The future resolves at once for an unforced write and once the
+    /// record is on stable storage for a forced one (a write that failed to apply resolves to
+    /// that error).
     fn put(&self, rec: TxRecord, forced: bool) -> BoxFuture<'static, Result<(), LogError>>;
 
     /// The latest record of `gid`, if any.

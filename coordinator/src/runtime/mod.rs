@@ -1,17 +1,21 @@
 //! The runtime: carries out the engine's commands with real sockets, files and time.
 //!
-//! Each live transaction has one driver task that owns its [`Tx`] state machine and a
-//! channel of events. The driver writes records through the [`LogStore`] (awaiting forced
-//! writes, whose durability it then reports to the engine), spawns participant calls, timers
-//! and backoffs that send their results back as events, and publishes a [`Snapshot`] after
-//! each batch for `Get`, `Watch` and waiting clients.
+//! Live transactions are spread over a fixed number of **shards** by a hash of their gid.
+//! Each shard is one tokio task that owns its transactions' [`Tx`] state machines, one timer
+//! queue (backoffs and deadlines) and one inbox; it feeds events to the engine and executes
+//! the commands: log writes (forced ones report back as [`Event::Durable`] when the log says
+//! they are on stable storage), participant calls (spawned; their answers come back through
+//! the inbox), timers, and answers to clients waiting for an outcome. A parked transaction
+//! therefore costs its state and a timer entry, not a task and channels of its own.
 //!
 //! Invariants kept here:
 //! - A forced record is reported durable to the engine only after the log says so.
-//! - A transaction leaves the in-memory table only after its terminal record is readable
-//!   from the log, so `Get`/`Outcome` never miss it.
-//! - A failed log write is retried, never skipped (except the first `Begun` write, which
-//!   fails the `Begin` call instead).
+//! - Writes of one transaction reach the log in the order the engine issued them (`put`
+//!   applies a write before it returns; see [`LogStore::put`]).
+//! - A transaction leaves its shard only after its terminal record is readable from the log,
+//!   so `Get`/`Outcome` never miss it.
+//! - A transaction whose log write fails is never driven past it: it is dropped from memory
+//!   (and resumed from the log at the next start); a failed `Begun` write fails the `Begin`.
 
 pub mod participants;
 
@@ -21,13 +25,17 @@ use crate::engine::{
     TxRecord,
 };
 use crate::log::{ListFilter, LogError, LogStore};
+use futures::{FutureExt, StreamExt};
 use participants::Pool;
 use rand::Rng;
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::time::{delay_queue, DelayQueue};
 use treaty_proto::v1::BranchRequest;
 
 /// Unix time in milliseconds.
@@ -58,7 +66,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// A snapshot of a record read from the log (no driver running).
+    /// A snapshot of a record read from the log (no shard drives it).
     pub fn from_log(record: TxRecord) -> Snapshot {
         let outcome = match record.phase {
             Phase::Committed | Phase::Committing => Outcome::Committed,
@@ -67,18 +75,13 @@ impl Snapshot {
         };
         Snapshot { record, outcome }
     }
-}
 
-enum Msg {
-    Engine(Event),
-    /// Operator retry; answers how many calls went out.
-    RetryNow(oneshot::Sender<u32>),
-}
-
-#[derive(Clone)]
-struct Handle {
-    tx: mpsc::UnboundedSender<Msg>,
-    snapshot: watch::Receiver<Snapshot>,
+    fn of(tx: &Tx) -> Snapshot {
+        Snapshot {
+            record: tx.record().clone(),
+            outcome: tx.decided(),
+        }
+    }
 }
 
 /// Why `begin` did not start a transaction.
@@ -101,16 +104,67 @@ pub struct Begun {
     pub existing: bool,
 }
 
+/// Where `Watch` reads from.
+pub enum WatchTarget {
+    Live(watch::Receiver<Snapshot>),
+    Stored(Snapshot),
+    Unknown,
+}
+
+/// A message to a shard about one gid. Boxed in the inbox so its slots stay small.
+enum Msg {
+    /// Something for the engine.
+    Engine(Event),
+    /// A forced write finished (durable, or failed).
+    Written {
+        seq: u64,
+        result: Result<(), String>,
+    },
+    /// Start a new transaction unless the gid is live; answer once `Begun` is durable.
+    Begin {
+        tx: Box<Tx>,
+        reply: oneshot::Sender<Result<Started, BeginError>>,
+    },
+    /// Resume a transaction read from the log.
+    Recover(Box<Tx>),
+    Get(oneshot::Sender<Option<Snapshot>>),
+    Watch(oneshot::Sender<Option<watch::Receiver<Snapshot>>>),
+    /// Answer with the outcome once decided (or `Pending` if the gid is not live).
+    WaitOutcome(oneshot::Sender<Outcome>),
+    RetryNow(oneshot::Sender<Option<u32>>),
+}
+
+/// What a shard answers to `Begin`.
+enum Started {
+    /// A new transaction; `Begun` is durable.
+    New,
+    /// The gid is live with the same definition.
+    Live,
+}
+
+struct Entry {
+    tx: Tx,
+    deadline: Option<delay_queue::Key>,
+    /// The `Begin` call waiting for `Begun` to be durable.
+    begun: Option<oneshot::Sender<Result<Started, BeginError>>>,
+    /// Clients waiting for the outcome.
+    waiters: Vec<oneshot::Sender<Outcome>>,
+    /// Created on the first `Watch`.
+    watch: Option<watch::Sender<Snapshot>>,
+}
+
 struct Inner {
     log: Arc<dyn LogStore>,
     config: Config,
-    txs: Mutex<HashMap<String, Handle>>,
     pool: Pool,
+    shards: Vec<mpsc::UnboundedSender<(String, Box<Msg>)>>,
+    live: AtomicUsize,
     accepting: AtomicBool,
     mutations: Mutations,
 }
 
-/// The coordinator runtime: owns live transactions. Cheap to clone.
+/// The coordinator runtime: owns live transactions. Cheap to clone. Must be created inside a
+/// tokio runtime (it spawns its shards).
 #[derive(Clone)]
 pub struct Runtime {
     inner: Arc<Inner>,
@@ -123,17 +177,35 @@ impl Runtime {
 
     /// A runtime whose engines carry deliberate bugs (checker tests only).
     pub fn with_mutations(log: Arc<dyn LogStore>, config: Config, mutations: Mutations) -> Runtime {
-        let pool = Pool::new(config.call_timeout);
-        Runtime {
-            inner: Arc::new(Inner {
-                log,
-                config,
-                txs: Mutex::new(HashMap::new()),
-                pool,
-                accepting: AtomicBool::new(true),
-                mutations,
-            }),
+        // A few shards per core: enough to use every core, few enough to batch well.
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+        let mut receivers = Vec::with_capacity(n);
+        let mut senders = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.push(tx);
+            receivers.push(rx);
         }
+        let pool = Pool::new(config.call_timeout);
+        let inner = Arc::new(Inner {
+            log,
+            config,
+            pool,
+            shards: senders,
+            live: AtomicUsize::new(0),
+            accepting: AtomicBool::new(true),
+            mutations,
+        });
+        for (i, rx) in receivers.into_iter().enumerate() {
+            let shard = Shard {
+                rt: Arc::downgrade(&inner),
+                me: inner.shards[i].downgrade(),
+                txs: HashMap::new(),
+                timers: DelayQueue::new(),
+            };
+            tokio::spawn(shard.run(rx));
+        }
+        Runtime { inner }
     }
 
     pub fn config(&self) -> &Config {
@@ -146,11 +218,14 @@ impl Runtime {
 
     /// Number of transactions being driven.
     pub fn live(&self) -> usize {
-        self.table().len()
+        self.inner.live.load(Ordering::Acquire)
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Handle>> {
-        self.inner.txs.lock().unwrap_or_else(|p| p.into_inner())
+    fn send(&self, gid: &str, msg: Msg) -> bool {
+        let mut h = DefaultHasher::new();
+        gid.hash(&mut h);
+        let shard = &self.inner.shards[(h.finish() as usize) % self.inner.shards.len()];
+        shard.send((gid.to_string(), Box::new(msg))).is_ok()
     }
 
     /// Resume every non-terminal transaction in the log. Returns how many.
@@ -158,9 +233,10 @@ impl Runtime {
         let records = self.inner.log.scan_active()?;
         let n = records.len();
         for rec in records {
+            let gid = rec.gid.clone();
             let mut tx = Tx::recover(rec);
             tx.set_mutations(self.inner.mutations);
-            self.spawn_driver(tx, Event::Recovered, None);
+            self.send(&gid, Msg::Recover(Box::new(tx)));
         }
         Ok(n)
     }
@@ -171,8 +247,7 @@ impl Runtime {
         if !self.inner.accepting.load(Ordering::Acquire) {
             return Err(BeginError::ShuttingDown);
         }
-        // Payloads decoded from a gRPC request are zero-copy slices of tonic's decode buffer
-        // (8 KiB or more), so keeping them would pin that whole buffer for the life of the
+        // Zero-copy payloads would keep tonic's whole decode buffer alive for as long as the
         // transaction: measured 8 KiB per parked transaction (treaty-bench parked, massif).
         // Copy them into allocations of their own size.
         for b in &mut def.branches {
@@ -180,63 +255,23 @@ impl Runtime {
             b.compensation_payload = bytes::Bytes::copy_from_slice(&b.compensation_payload);
         }
         let gid = def.gid.clone();
-        // Check and insert under the table lock so two racing Begins of one gid start one
-        // driver. A finished transaction is found in the log (its terminal record is readable
-        // before it leaves the table).
-        let start = {
-            let mut table = self.table();
-            if let Some(h) = table.get(&gid) {
-                let same = h
-                    .snapshot
-                    .borrow()
-                    .record
-                    .same_definition(def.mode, &def.branches);
-                Start::Live(h.clone(), same)
-            } else if let Some(rec) = self.inner.log.get(&gid)? {
-                let same = rec.same_definition(def.mode, &def.branches);
-                Start::Stored(rec, same)
-            } else {
-                let mut tx = Tx::new(def, now_ms());
-                tx.set_mutations(self.inner.mutations);
-                let (ack_tx, ack_rx) = oneshot::channel();
-                let snap = self.spawn_driver_locked(&mut table, tx, Event::Start, Some(ack_tx));
-                Start::New(snap, ack_rx)
-            }
-        };
-        let (snapshot, existing) = match start {
-            Start::Live(h, same) => {
-                if !same {
-                    return Err(BeginError::AlreadyExists(gid));
-                }
-                (h.snapshot, true)
-            }
-            Start::Stored(rec, same) => {
-                if !same {
-                    return Err(BeginError::AlreadyExists(gid));
-                }
-                let outcome = Snapshot::from_log(rec).outcome;
-                return Ok(Begun {
-                    gid,
-                    outcome: if wait.is_some() {
-                        outcome
-                    } else {
-                        Outcome::Pending
-                    },
-                    existing: true,
-                });
-            }
-            Start::New(snap, ack) => {
-                match ack.await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err(e.into()),
-                    Err(_) => return Err(LogError::Closed.into()),
-                }
-                (snap, false)
-            }
-        };
-        let outcome = match wait {
-            None => Outcome::Pending,
-            Some(bound) => wait_outcome(snapshot, bound).await,
+        let mut tx = Tx::new(def, now_ms());
+        tx.set_mutations(self.inner.mutations);
+        let (reply, answer) = oneshot::channel();
+        if !self.send(
+            &gid,
+            Msg::Begin {
+                tx: Box::new(tx),
+                reply,
+            },
+        ) {
+            return Err(BeginError::ShuttingDown);
+        }
+        let started = answer.await.map_err(|_| LogError::Closed)??;
+        let existing = matches!(started, Started::Live);
+        let outcome = match (wait, started) {
+            (None, _) => Outcome::Pending,
+            (Some(bound), _) => self.wait_outcome(&gid, bound).await?,
         };
         Ok(Begun {
             gid,
@@ -245,18 +280,44 @@ impl Runtime {
         })
     }
 
+    /// The outcome once final, waiting up to `bound`; from the log when the gid is not live.
+    async fn wait_outcome(&self, gid: &str, bound: Duration) -> Result<Outcome, LogError> {
+        let (tx, rx) = oneshot::channel();
+        if self.send(gid, Msg::WaitOutcome(tx)) {
+            match tokio::time::timeout(bound, rx).await {
+                Ok(Ok(Outcome::Pending)) | Ok(Err(_)) => {}
+                Ok(Ok(o)) => return Ok(o),
+                Err(_) => return Ok(Outcome::Pending),
+            }
+        }
+        // Not live (finished meanwhile): the log has the final record.
+        Ok(self
+            .inner
+            .log
+            .get(gid)?
+            .map_or(Outcome::Pending, |r| Snapshot::from_log(r).outcome))
+    }
+
+    async fn ask<T>(&self, gid: &str, msg: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        if !self.send(gid, msg(tx)) {
+            return None;
+        }
+        rx.await.ok()
+    }
+
     /// The current snapshot of `gid`: live, else from the log.
-    pub fn get(&self, gid: &str) -> Result<Option<Snapshot>, LogError> {
-        if let Some(h) = self.table().get(gid) {
-            return Ok(Some(h.snapshot.borrow().clone()));
+    pub async fn get(&self, gid: &str) -> Result<Option<Snapshot>, LogError> {
+        if let Some(Some(s)) = self.ask(gid, Msg::Get).await {
+            return Ok(Some(s));
         }
         Ok(self.inner.log.get(gid)?.map(Snapshot::from_log))
     }
 
     /// A receiver of every change of a live transaction, or its stored snapshot.
-    pub fn watch(&self, gid: &str) -> Result<WatchTarget, LogError> {
-        if let Some(h) = self.table().get(gid) {
-            return Ok(WatchTarget::Live(h.snapshot.clone()));
+    pub async fn watch(&self, gid: &str) -> Result<WatchTarget, LogError> {
+        if let Some(Some(rx)) = self.ask(gid, Msg::Watch).await {
+            return Ok(WatchTarget::Live(rx));
         }
         Ok(match self.inner.log.get(gid)? {
             Some(rec) => WatchTarget::Stored(Snapshot::from_log(rec)),
@@ -265,8 +326,8 @@ impl Runtime {
     }
 
     /// What a participant in doubt is told. Presumed abort: unknown means aborted.
-    pub fn outcome(&self, gid: &str) -> Result<Outcome, LogError> {
-        Ok(match self.get(gid)? {
+    pub async fn outcome(&self, gid: &str) -> Result<Outcome, LogError> {
+        Ok(match self.get(gid).await? {
             Some(s) => s.outcome,
             None => Outcome::Aborted,
         })
@@ -274,28 +335,27 @@ impl Runtime {
 
     /// Send every waiting call of `gid` now. `None` when the gid is not live.
     pub async fn retry(&self, gid: &str) -> Option<u32> {
-        let h = self.table().get(gid).cloned()?;
-        let (tx, rx) = oneshot::channel();
-        h.tx.send(Msg::RetryNow(tx)).ok()?;
-        rx.await.ok()
+        self.ask(gid, Msg::RetryNow).await.flatten()
     }
 
     /// Records matching `filter`, newest gid first, with live state overlaid.
-    pub fn list(
+    pub async fn list(
         &self,
         filter: &ListFilter,
         before_gid: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Snapshot>, LogError> {
         let records = self.inner.log.list(filter, before_gid, limit)?;
-        let table = self.table();
-        Ok(records
-            .into_iter()
-            .map(|rec| match table.get(&rec.gid) {
-                Some(h) => h.snapshot.borrow().clone(),
-                None => Snapshot::from_log(rec),
-            })
-            .collect())
+        let overlaid = records.into_iter().map(|rec| async move {
+            if rec.phase.is_terminal() {
+                return Snapshot::from_log(rec);
+            }
+            match self.ask(&rec.gid, Msg::Get).await {
+                Some(Some(s)) => s,
+                _ => Snapshot::from_log(rec),
+            }
+        });
+        Ok(futures::future::join_all(overlaid).await)
     }
 
     /// Stop taking new transactions; wait up to `grace` for live ones to finish; make the
@@ -331,160 +391,212 @@ impl Runtime {
             }
         }
     }
-
-    fn spawn_driver(
-        &self,
-        tx: Tx,
-        first: Event,
-        ack: Option<oneshot::Sender<Result<(), LogError>>>,
-    ) -> watch::Receiver<Snapshot> {
-        let mut table = self.table();
-        self.spawn_driver_locked(&mut table, tx, first, ack)
-    }
-
-    fn spawn_driver_locked(
-        &self,
-        table: &mut HashMap<String, Handle>,
-        tx: Tx,
-        first: Event,
-        ack: Option<oneshot::Sender<Result<(), LogError>>>,
-    ) -> watch::Receiver<Snapshot> {
-        let (msg_tx, msg_rx) = mpsc::unbounded_channel();
-        let (snap_tx, snap_rx) = watch::channel(Snapshot {
-            record: tx.record().clone(),
-            outcome: tx.decided(),
-        });
-        table.insert(
-            tx.record().gid.clone(),
-            Handle {
-                tx: msg_tx.clone(),
-                snapshot: snap_rx.clone(),
-            },
-        );
-        let driver = Driver {
-            rt: self.clone(),
-            tx,
-            deadline: None,
-            me: msg_tx,
-            snap: snap_tx,
-            ack,
-        };
-        tokio::spawn(driver.run(first, msg_rx));
-        snap_rx
-    }
 }
 
-enum Start {
-    Live(Handle, bool),
-    Stored(TxRecord, bool),
-    New(
-        watch::Receiver<Snapshot>,
-        oneshot::Receiver<Result<(), LogError>>,
-    ),
+/// One shard: the transactions whose gid hashes here, their timers, and an inbox.
+struct Shard {
+    /// Weak, so that dropping the last `Runtime` ends the shards.
+    rt: std::sync::Weak<Inner>,
+    /// Weak too: the shard's inbox closes, and the shard ends, once the runtime is gone and
+    /// no call or write is still in flight.
+    me: mpsc::WeakUnboundedSender<(String, Box<Msg>)>,
+    txs: HashMap<String, Entry>,
+    timers: DelayQueue<(String, Event)>,
 }
 
-/// Where `Watch` reads from.
-pub enum WatchTarget {
-    Live(watch::Receiver<Snapshot>),
-    Stored(Snapshot),
-    Unknown,
-}
-
-async fn wait_outcome(mut snap: watch::Receiver<Snapshot>, bound: Duration) -> Outcome {
-    let waited = tokio::time::timeout(bound, async {
-        snap.wait_for(|s| s.outcome != Outcome::Pending)
-            .await
-            .map(|s| s.outcome)
-    })
-    .await;
-    match waited {
-        Ok(Ok(outcome)) => outcome,
-        // The driver ended (finished: read the last value) or the bound passed.
-        _ => snap.borrow().outcome,
-    }
-}
-
-struct Driver {
-    rt: Runtime,
-    tx: Tx,
-    /// The deadline timer, aborted when the transaction finishes so that finished
-    /// transactions leave no sleeping task behind.
-    deadline: Option<tokio::task::JoinHandle<()>>,
-    me: mpsc::UnboundedSender<Msg>,
-    snap: watch::Sender<Snapshot>,
-    ack: Option<oneshot::Sender<Result<(), LogError>>>,
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        if let Some(d) = self.deadline.take() {
-            d.abort();
+impl Shard {
+    async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<(String, Box<Msg>)>) {
+        loop {
+            tokio::select! {
+                msg = inbox.recv() => match msg {
+                    Some((gid, msg)) => {
+                        let Some(rt) = self.rt.upgrade() else { return };
+                        self.on_msg(&rt, gid, *msg);
+                    }
+                    None => return,
+                },
+                Some(expired) = self.timers.next(), if !self.timers.is_empty() => {
+                    let Some(rt) = self.rt.upgrade() else { return };
+                    let (gid, event) = expired.into_inner();
+                    if event == Event::DeadlinePassed {
+                        if let Some(e) = self.txs.get_mut(&gid) {
+                            e.deadline = None;
+                        }
+                    }
+                    self.feed(&rt, &gid, event);
+                }
+            }
         }
     }
-}
 
-impl Driver {
-    async fn run(mut self, first: Event, mut rx: mpsc::UnboundedReceiver<Msg>) {
-        let gid = self.tx.record().gid.clone();
-        let mut queue = VecDeque::from([first]);
-        loop {
-            while let Some(ev) = queue.pop_front() {
-                let commands = self.tx.handle(now_ms(), ev);
-                if !self.execute(commands, &mut queue).await {
-                    self.rt.table().remove(&gid);
+    fn on_msg(&mut self, rt: &Inner, gid: String, msg: Msg) {
+        match msg {
+            Msg::Engine(event) => {
+                self.feed(rt, &gid, event);
+            }
+            Msg::Written { seq, result } => match result {
+                Ok(()) => {
+                    if let Some(e) = self.txs.get_mut(&gid) {
+                        if let Some(reply) = e.begun.take() {
+                            crash_point!("treaty::after_begun_durable");
+                            let _ = reply.send(Ok(Started::New));
+                        } else if matches!(
+                            e.tx.record().phase,
+                            Phase::Committing | Phase::Compensating
+                        ) {
+                            crash_point!("treaty::after_decision_durable");
+                        }
+                    }
+                    self.feed(rt, &gid, Event::Durable { seq });
+                }
+                Err(e) => self.drop_failed(rt, &gid, e),
+            },
+            Msg::Begin { tx, reply } => {
+                if let Some(e) = self.txs.get(&gid) {
+                    let def: Vec<BranchDef> =
+                        tx.record().branches.iter().map(|b| b.def.clone()).collect();
+                    let same = e.tx.record().same_definition(tx.record().mode, &def);
+                    let _ = reply.send(if same {
+                        Ok(Started::Live)
+                    } else {
+                        Err(BeginError::AlreadyExists(gid))
+                    });
                     return;
                 }
-            }
-            self.snap.send_replace(Snapshot {
-                record: self.tx.record().clone(),
-                outcome: self.tx.decided(),
-            });
-            if self.tx.is_finished() {
-                self.rt.table().remove(&gid);
-                return;
-            }
-            match rx.recv().await {
-                Some(Msg::Engine(ev)) => queue.push_back(ev),
-                Some(Msg::RetryNow(reply)) => {
-                    let commands = self.tx.handle(now_ms(), Event::RetryNow);
-                    let n = commands
-                        .iter()
-                        .filter(|c| matches!(c, Command::Call { .. }))
-                        .count() as u32;
-                    let _ = reply.send(n);
-                    if !self.execute(commands, &mut queue).await {
-                        self.rt.table().remove(&gid);
-                        return;
+                // A finished transaction is found in the log: its terminal record is readable
+                // before it leaves the shard.
+                match rt.log.get(&gid) {
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                    Ok(Some(rec)) => {
+                        let def: Vec<BranchDef> =
+                            tx.record().branches.iter().map(|b| b.def.clone()).collect();
+                        let _ = reply.send(if rec.same_definition(tx.record().mode, &def) {
+                            Ok(Started::Live)
+                        } else {
+                            Err(BeginError::AlreadyExists(gid))
+                        });
+                    }
+                    Ok(None) => {
+                        self.insert(rt, &gid, *tx, Some(reply));
+                        self.feed(rt, &gid, Event::Start);
                     }
                 }
-                None => return,
+            }
+            Msg::Recover(tx) => {
+                if !self.txs.contains_key(&gid) {
+                    self.insert(rt, &gid, *tx, None);
+                    self.feed(rt, &gid, Event::Recovered);
+                }
+            }
+            Msg::Get(reply) => {
+                let _ = reply.send(self.txs.get(&gid).map(|e| Snapshot::of(&e.tx)));
+            }
+            Msg::Watch(reply) => {
+                let rx = self.txs.get_mut(&gid).map(|e| match &e.watch {
+                    Some(w) => w.subscribe(),
+                    None => {
+                        let (w, rx) = watch::channel(Snapshot::of(&e.tx));
+                        e.watch = Some(w);
+                        rx
+                    }
+                });
+                let _ = reply.send(rx);
+            }
+            Msg::WaitOutcome(reply) => match self.txs.get_mut(&gid) {
+                Some(e) if e.tx.decided() == Outcome::Pending => e.waiters.push(reply),
+                Some(e) => {
+                    let _ = reply.send(e.tx.decided());
+                }
+                None => {
+                    let _ = reply.send(Outcome::Pending);
+                }
+            },
+            Msg::RetryNow(reply) => {
+                let n = self.txs.contains_key(&gid).then(|| {
+                    let calls = self.feed(rt, &gid, Event::RetryNow);
+                    calls as u32
+                });
+                let _ = reply.send(n);
             }
         }
     }
 
-    /// Carry out commands in order. Returns false when the driver must stop (the `Begun`
-    /// write failed and the client was told).
-    async fn execute(&mut self, commands: Vec<Command>, queue: &mut VecDeque<Event>) -> bool {
-        let mut phase_two_calls = 0usize;
+    fn insert(
+        &mut self,
+        rt: &Inner,
+        gid: &str,
+        tx: Tx,
+        begun: Option<oneshot::Sender<Result<Started, BeginError>>>,
+    ) {
+        rt.live.fetch_add(1, Ordering::AcqRel);
+        self.txs.insert(
+            gid.to_string(),
+            Entry {
+                tx,
+                deadline: None,
+                begun,
+                waiters: Vec::new(),
+                watch: None,
+            },
+        );
+    }
+
+    fn remove(&mut self, rt: &Inner, gid: &str) -> Option<Entry> {
+        let mut e = self.txs.remove(gid)?;
+        rt.live.fetch_sub(1, Ordering::AcqRel);
+        if let Some(k) = e.deadline.take() {
+            self.timers.remove(&k);
+        }
+        Some(e)
+    }
+
+    /// A log write of `gid` failed: stop driving it. Its last durable record is resumed at the
+    /// next start; nothing that depends on the failed write happens.
+    fn drop_failed(&mut self, rt: &Inner, gid: &str, error: String) {
+        tracing::error!(gid, %error, "log write failed; the transaction is left to recovery");
+        if let Some(mut e) = self.remove(rt, gid) {
+            if let Some(reply) = e.begun.take() {
+                let _ = reply.send(Err(BeginError::Log(LogError::Io {
+                    doing: format!("recording Begun of gid {gid:?}"),
+                    source: std::io::Error::other(error),
+                })));
+            }
+        }
+    }
+
+    /// Feed one event to `gid`'s engine and carry out the commands. Returns how many calls
+    /// went out (for `Retry`).
+    fn feed(&mut self, rt: &Inner, gid: &str, event: Event) -> usize {
+        let Some(entry) = self.txs.get_mut(gid) else {
+            return 0;
+        };
+        let commands = entry.tx.handle(now_ms(), event);
+        let mut calls = 0;
+        let mut phase_two_calls = 0;
+        let mut finished = false;
         for cmd in commands {
             match cmd {
                 Command::Persist { record, forced } => {
-                    let seq = record.seq;
-                    let phase = record.phase;
-                    if phase.is_terminal() {
+                    if record.phase.is_terminal() {
                         crash_point!("treaty::before_ended");
                     }
-                    if !self.persist(record, forced).await {
-                        return false;
-                    }
+                    let seq = record.seq;
+                    // `put` applies the write before returning: order is the call order.
+                    let written = rt.log.put(record, forced);
                     if forced {
-                        queue.push_back(Event::Durable { seq });
-                        if let Some(ack) = self.ack.take() {
-                            crash_point!("treaty::after_begun_durable");
-                            let _ = ack.send(Ok(()));
-                        } else if matches!(phase, Phase::Committing | Phase::Compensating) {
-                            crash_point!("treaty::after_decision_durable");
-                        }
+                        let Some(me) = self.me.upgrade() else {
+                            return calls;
+                        };
+                        let gid = gid.to_string();
+                        tokio::spawn(async move {
+                            let result = written.await.map_err(|e| e.to_string());
+                            let _ = me.send((gid, Box::new(Msg::Written { seq, result })));
+                        });
+                    } else if let Some(Err(e)) = written.now_or_never() {
+                        self.drop_failed(rt, gid, e.to_string());
+                        return calls;
                     }
                 }
                 Command::Call {
@@ -498,7 +610,8 @@ impl Driver {
                         }
                         phase_two_calls += 1;
                     }
-                    self.spawn_call(branch, op, attempt);
+                    calls += 1;
+                    self.spawn_call(rt, gid, branch, op, attempt);
                 }
                 Command::ScheduleRetry {
                     branch,
@@ -508,59 +621,58 @@ impl Driver {
                 } => {
                     // Full jitter: uniform in [0, bound].
                     let delay = rand::thread_rng().gen_range(0..=backoff_bound_ms);
-                    let me = self.me.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(delay)).await;
-                        let _ = me.send(Msg::Engine(Event::RetryDue {
-                            branch,
-                            op,
-                            attempt,
-                        }));
-                    });
+                    self.timers.insert(
+                        (
+                            gid.to_string(),
+                            Event::RetryDue {
+                                branch,
+                                op,
+                                attempt,
+                            },
+                        ),
+                        Duration::from_millis(delay),
+                    );
                 }
                 Command::SetDeadline { at_unix_ms } => {
-                    let me = self.me.clone();
-                    let delay = at_unix_ms.saturating_sub(now_ms());
-                    if let Some(old) = self.deadline.take() {
-                        old.abort();
+                    let delay = Duration::from_millis(at_unix_ms.saturating_sub(now_ms()));
+                    let key = self
+                        .timers
+                        .insert((gid.to_string(), Event::DeadlinePassed), delay);
+                    if let Some(e) = self.txs.get_mut(gid) {
+                        if let Some(old) = e.deadline.replace(key) {
+                            self.timers.remove(&old);
+                        }
                     }
-                    self.deadline = Some(tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(delay)).await;
-                        let _ = me.send(Msg::Engine(Event::DeadlinePassed));
-                    }));
                 }
                 Command::Decided(outcome) => {
-                    self.snap.send_modify(|s| s.outcome = outcome);
-                }
-                Command::Finished => {}
-            }
-        }
-        true
-    }
-
-    /// Write a record; retry failures forever with capped backoff, except the very first
-    /// `Begun` write, whose failure is the client's answer.
-    async fn persist(&mut self, record: TxRecord, forced: bool) -> bool {
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match self.rt.inner.log.put(record.clone(), forced).await {
-                Ok(()) => return true,
-                Err(e) => {
-                    if let Some(ack) = self.ack.take() {
-                        tracing::error!(gid = %record.gid, error = %e, "cannot record Begun");
-                        let _ = ack.send(Err(e));
-                        return false;
+                    if let Some(e) = self.txs.get_mut(gid) {
+                        for w in e.waiters.drain(..) {
+                            let _ = w.send(outcome);
+                        }
                     }
-                    tracing::error!(gid = %record.gid, error = %e, "log write failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Command::Finished => finished = true,
+            }
+        }
+        if let Some(e) = self.txs.get(gid) {
+            if let Some(w) = &e.watch {
+                w.send_replace(Snapshot::of(&e.tx));
+            }
+        }
+        if finished {
+            if let Some(e) = self.remove(rt, gid) {
+                let outcome = e.tx.decided();
+                for w in e.waiters {
+                    let _ = w.send(outcome);
                 }
             }
         }
+        calls
     }
 
-    fn spawn_call(&self, branch: u32, op: Op, attempt: u32) {
-        let rec = self.tx.record();
+    fn spawn_call(&self, rt: &Inner, gid: &str, branch: u32, op: Op, attempt: u32) {
+        let Some(e) = self.txs.get(gid) else { return };
+        let rec = e.tx.record();
         let b = &rec.branches[branch as usize];
         let payload = if op == Op::Compensate {
             b.def.compensation_payload.clone()
@@ -568,7 +680,7 @@ impl Driver {
             b.def.payload.clone()
         };
         let req = BranchRequest {
-            gid: rec.gid.clone(),
+            gid: gid.to_string(),
             branch_id: branch,
             handler: b.def.handler.clone(),
             payload,
@@ -579,20 +691,22 @@ impl Driver {
                 rec.deadline_unix_ms
             },
         };
-        let endpoint = b.def.endpoint.clone();
-        let me = self.me.clone();
-        let rt = self.rt.clone();
+        let client = rt.pool.client(&b.def.endpoint);
+        let timeout = rt.config.call_timeout;
+        let Some(me) = self.me.upgrade() else { return };
+        let gid = gid.to_string();
         tokio::spawn(async move {
-            let reply = rt.inner.pool.call(&endpoint, op, req).await;
+            let reply = participants::call(client, timeout, op, req).await;
             if matches!(op, Op::Prepare | Op::Execute) {
                 crash_point!("treaty::after_some_phase_one_replies");
             }
-            let _ = me.send(Msg::Engine(Event::Reply {
+            let event = Event::Reply {
                 branch,
                 op,
                 attempt,
                 reply,
-            }));
+            };
+            let _ = me.send((gid, Box::new(Msg::Engine(event))));
         });
     }
 }

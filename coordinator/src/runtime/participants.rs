@@ -44,11 +44,18 @@ impl Pool {
         clients.insert(endpoint.to_string(), client.clone());
         Ok(client)
     }
+}
 
-    /// Make one call and classify the result. Never fails: anything that is not a definite
-    /// answer is [`Reply::Transient`].
-    pub async fn call(&self, endpoint: &str, op: Op, req: BranchRequest) -> Reply {
-        let mut client = match self.client(endpoint) {
+/// Make one call with `client` (as [`Pool::client`] returned it) and classify the result.
+/// Never fails: anything that is not a definite answer is [`Reply::Transient`].
+pub async fn call(
+    client: Result<ParticipantClient<Channel>, String>,
+    call_timeout: Duration,
+    op: Op,
+    req: BranchRequest,
+) -> Reply {
+    {
+        let mut client = match client {
             Ok(c) => c,
             Err(e) => return Reply::Transient(e),
         };
@@ -93,12 +100,12 @@ impl Pool {
             }
         };
         // tonic's per-request timeout normally fires first; this is the backstop.
-        match tokio::time::timeout(self.call_timeout + Duration::from_millis(500), call).await {
+        match tokio::time::timeout(call_timeout + Duration::from_millis(500), call).await {
             Ok(Ok(reply)) => reply,
             Ok(Err(status)) => {
                 Reply::Transient(format!("{:?}: {}", status.code(), status.message()))
             }
-            Err(_) => Reply::Transient(format!("no answer within {:?}", self.call_timeout)),
+            Err(_) => Reply::Transient(format!("no answer within {call_timeout:?}")),
         }
     }
 }

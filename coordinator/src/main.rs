@@ -13,6 +13,11 @@ use std::time::Duration;
 use treaty_coordinator::config::{Config, Limits};
 use treaty_coordinator::log::sled::{SledLog, SledLogOptions};
 
+// glibc malloc showed up at the top of treatyd's profile (free-list consolidation under
+// many small, short-lived allocations); mimalloc handles that pattern far better.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
 const DEFAULT_DATA_DIR: &str = "./treaty-data";
 

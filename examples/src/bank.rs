@@ -14,43 +14,66 @@
 
 use crate::proto;
 use serde::{Deserialize, Serialize};
-use sled::transaction::TransactionalTree;
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use std::path::Path;
 use treaty_sdk::{
-    decode_json, refuse, saga_fn, two_phase_fn, BranchContext, HandlerResult, Participant, SdkError,
+    decode_json, refuse, saga_fn, two_phase_fn, BranchContext, HandlerResult, Participant, Refusal,
+    SdkError,
 };
 
-/// A transfer leg: which account, how much.
+/// A transfer leg, the payload of every bank handler: which account, how much.
+///
+/// On the wire it is JSON, `{"account": "alice", "amount": 10}`; handlers refuse an amount
+/// that is not positive.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Leg {
+    /// The account's name on the instance the leg is sent to.
     pub account: String,
+    /// How much to move; must be more than zero.
     pub amount: i64,
 }
 
 impl Leg {
     /// The JSON payload of this leg.
     pub fn payload(account: &str, amount: i64) -> Vec<u8> {
+        // A struct of a string and an integer always serializes; no panic path on input.
         serde_json::to_vec(&Leg {
             account: account.into(),
             amount,
         })
-        .expect("a Leg always serializes")
+        .unwrap_or_default()
     }
 }
+
+type TxResult<T> = Result<T, ConflictableTransactionError<Refusal>>;
 
 fn key(prefix: &str, account: &str) -> Vec<u8> {
     format!("{prefix}/{account}").into_bytes()
 }
 
-fn read(
-    tree: &TransactionalTree,
-    k: &[u8],
-) -> Result<Option<i64>, sled::transaction::UnabortableTransactionError> {
-    Ok(tree.get(k)?.map(|v| {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&v[..8.min(v.len())]);
-        i64::from_be_bytes(b)
-    }))
+/// Decodes a stored amount (i64 big-endian). Anything else is corruption, never guessed at.
+fn decode_i64(k: &[u8], v: &[u8]) -> Result<i64, sled::Error> {
+    let bytes: [u8; 8] = v.try_into().map_err(|_| {
+        sled::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "corrupt bank value at {:?}: {} bytes, expected 8",
+                String::from_utf8_lossy(k),
+                v.len()
+            ),
+        ))
+    })?;
+    Ok(i64::from_be_bytes(bytes))
+}
+
+fn read(tree: &TransactionalTree, k: &[u8]) -> TxResult<Option<i64>> {
+    match tree.get(k)? {
+        None => Ok(None),
+        // A storage error: answered RETRY by the SDK, and logged.
+        Some(v) => decode_i64(k, &v)
+            .map(Some)
+            .map_err(ConflictableTransactionError::Storage),
+    }
 }
 
 fn write(tree: &TransactionalTree, k: &[u8], v: i64) -> HandlerResult {
@@ -58,9 +81,7 @@ fn write(tree: &TransactionalTree, k: &[u8], v: i64) -> HandlerResult {
     Ok(())
 }
 
-fn leg(
-    payload: &[u8],
-) -> Result<Leg, sled::transaction::ConflictableTransactionError<treaty_sdk::Refusal>> {
+fn leg(payload: &[u8]) -> TxResult<Leg> {
     let leg: Leg = decode_json(payload)?;
     if leg.amount <= 0 {
         return Err(refuse(format!(
@@ -72,28 +93,39 @@ fn leg(
 }
 
 /// Balance of an existing account, or a refusal naming it.
-fn balance(
-    tree: &TransactionalTree,
-    account: &str,
-) -> Result<i64, sled::transaction::ConflictableTransactionError<treaty_sdk::Refusal>> {
+fn balance(tree: &TransactionalTree, account: &str) -> TxResult<i64> {
     read(tree, &key("acct", account))?.ok_or_else(|| refuse(format!("no account {account:?}")))
 }
 
+/// Adds `delta` to the value at `prefix/account` (absent counts as 0). An overflow is a
+/// refusal: from prepare/execute a business "no", from a phase-two operation a RETRY that
+/// makes the transaction visible as stuck rather than silently wrong.
 fn add(tree: &TransactionalTree, prefix: &str, account: &str, delta: i64) -> HandlerResult {
     let k = key(prefix, account);
     let v = read(tree, &k)?.unwrap_or(0);
-    write(tree, &k, v + delta)
+    let sum = v
+        .checked_add(delta)
+        .ok_or_else(|| refuse(format!("{prefix}/{account} would overflow: {v} + {delta}")))?;
+    write(tree, &k, sum)
+}
+
+/// Refuses when the account does not have `amount`.
+fn check_funds(l: &Leg, balance: i64) -> HandlerResult {
+    if balance < l.amount {
+        return Err(refuse(format!(
+            "insufficient funds in {}: balance {balance} < amount {}",
+            l.account, l.amount
+        )));
+    }
+    Ok(())
 }
 
 fn debit_prepare(_: &BranchContext, tree: &TransactionalTree, payload: &[u8]) -> HandlerResult {
     let l = leg(payload)?;
     let b = balance(tree, &l.account)?;
-    if b < l.amount {
-        return Err(refuse(format!(
-            "insufficient funds in {}: {b} < {}",
-            l.account, l.amount
-        )));
-    }
+    check_funds(&l, b)?;
+    // Reserve, do not just check: commit must be certain to succeed, and the held money can
+    // not be spent by another transaction in between.
     write(tree, &key("acct", &l.account), b - l.amount)?;
     add(tree, "held", &l.account, l.amount)
 }
@@ -111,7 +143,16 @@ fn debit_abort(_: &BranchContext, tree: &TransactionalTree, payload: &[u8]) -> H
 
 fn credit_prepare(_: &BranchContext, tree: &TransactionalTree, payload: &[u8]) -> HandlerResult {
     let l = leg(payload)?;
-    balance(tree, &l.account)?;
+    let b = balance(tree, &l.account)?;
+    // Nothing is written: the credit must stay invisible before the decision. The overflow
+    // check is only a best effort (other credits may commit in between), hence `add` checks
+    // again at commit.
+    if b.checked_add(l.amount).is_none() {
+        return Err(refuse(format!(
+            "crediting {} to {} would overflow its balance {b}",
+            l.amount, l.account
+        )));
+    }
     Ok(())
 }
 
@@ -121,18 +162,14 @@ fn credit_commit(_: &BranchContext, tree: &TransactionalTree, payload: &[u8]) ->
 }
 
 fn credit_abort(_: &BranchContext, _: &TransactionalTree, _: &[u8]) -> HandlerResult {
+    // Prepare changed nothing, so there is nothing to release.
     Ok(())
 }
 
 fn saga_debit(_: &BranchContext, tree: &TransactionalTree, payload: &[u8]) -> HandlerResult {
     let l = leg(payload)?;
     let b = balance(tree, &l.account)?;
-    if b < l.amount {
-        return Err(refuse(format!(
-            "insufficient funds in {}: {b} < {}",
-            l.account, l.amount
-        )));
-    }
+    check_funds(&l, b)?;
     write(tree, &key("acct", &l.account), b - l.amount)
 }
 
@@ -143,41 +180,82 @@ fn saga_debit_undo(_: &BranchContext, tree: &TransactionalTree, payload: &[u8]) 
 
 fn saga_credit(_: &BranchContext, tree: &TransactionalTree, payload: &[u8]) -> HandlerResult {
     let l = leg(payload)?;
-    let b = balance(tree, &l.account)?;
-    write(tree, &key("acct", &l.account), b + l.amount)
+    balance(tree, &l.account)?;
+    add(tree, "acct", &l.account, l.amount)
 }
 
 fn saga_credit_undo(_: &BranchContext, tree: &TransactionalTree, payload: &[u8]) -> HandlerResult {
     let l = leg(payload)?;
+    // No isolation in a saga: the credited money may have been spent meanwhile, so this may
+    // take the balance below zero. A compensation must succeed, so it does.
     add(tree, "acct", &l.account, -l.amount)
 }
 
-/// One bank instance: its sled store and its participant with every handler registered.
+/// The sled tree (inside the instance's db) that holds accounts and barrier rows.
+pub const TREE: &str = "bank";
+
+/// One account's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountState {
+    /// The account's name.
+    pub name: String,
+    /// Money available to spend.
+    pub balance: i64,
+    /// Money reserved by prepared 2PC debits: gone from `balance`, not yet committed.
+    pub held: i64,
+}
+
+/// Every account in `tree`, by name.
+pub fn accounts(tree: &sled::Tree) -> Result<Vec<AccountState>, sled::Error> {
+    let mut out = Vec::new();
+    for kv in tree.scan_prefix(b"acct/") {
+        let (k, v) = kv?;
+        let name = String::from_utf8_lossy(&k[b"acct/".len()..]).into_owned();
+        let hk = key("held", &name);
+        let held = match tree.get(&hk)? {
+            Some(h) => decode_i64(&hk, &h)?,
+            None => 0,
+        };
+        out.push(AccountState {
+            name,
+            balance: decode_i64(&k, &v)?,
+            held,
+        });
+    }
+    Ok(out)
+}
+
+/// One bank instance: its sled store and its participant with every handler registered:
+/// 2PC `debit` / `credit`, saga `saga-debit` / `saga-credit` (one name, one handler).
 pub struct Instance {
+    /// The instance's sled database.
     pub db: sled::Db,
+    /// The [`TREE`] tree: accounts and the SDK's barrier rows.
     pub tree: sled::Tree,
+    /// The participant to serve (the barrier wraps every handler).
     pub participant: Participant,
 }
 
 impl Instance {
-    /// Open (or create) the instance's store in `dir`, create the missing `accounts` with their
-    /// opening balances, and build the participant.
+    /// Opens (or creates) the instance's store in `dir`, creates the missing `accounts` with
+    /// their opening balances (existing accounts keep theirs), and builds the participant,
+    /// which asks `coordinator` about branches left in doubt.
     pub fn open(
         dir: &Path,
         coordinator: &str,
         accounts: &[(String, i64)],
     ) -> Result<Instance, SdkError> {
-        std::fs::create_dir_all(dir).map_err(|e| SdkError::Storage(sled::Error::Io(e)))?;
+        std::fs::create_dir_all(dir)?;
         let db = sled::open(dir)?;
-        let tree = db.open_tree("bank")?;
+        let tree = db.open_tree(TREE)?;
         for (name, opening) in accounts {
-            // Only if absent: a restarted instance keeps its balances.
-            tree.compare_and_swap(
+            // Only if absent: a restarted instance keeps its balances. The inner Err is
+            // "the key exists", which is the case to leave alone.
+            let _exists = tree.compare_and_swap(
                 key("acct", name),
                 None as Option<&[u8]>,
                 Some(&opening.to_be_bytes()[..]),
-            )?
-            .ok();
+            )?;
         }
         let participant = Participant::builder(db.clone(), tree.clone(), dir)
             .coordinator(coordinator)
@@ -201,20 +279,9 @@ impl Instance {
         })
     }
 
-    /// Every account: (name, balance, held).
-    pub fn accounts(&self) -> Result<Vec<(String, i64, i64)>, sled::Error> {
-        let mut out = Vec::new();
-        for kv in self.tree.scan_prefix(b"acct/") {
-            let (k, v) = kv?;
-            let name = String::from_utf8_lossy(&k[5..]).into_owned();
-            let held = self
-                .tree
-                .get(key("held", &name))?
-                .map(|h| be_i64(&h))
-                .unwrap_or(0);
-            out.push((name, be_i64(&v), held));
-        }
-        Ok(out)
+    /// Every account of this instance.
+    pub fn accounts(&self) -> Result<Vec<AccountState>, sled::Error> {
+        accounts(&self.tree)
     }
 
     /// The `Bank` inspection service of this instance.
@@ -226,17 +293,14 @@ impl Instance {
     }
 }
 
-fn be_i64(v: &[u8]) -> i64 {
-    let mut b = [0u8; 8];
-    let n = v.len().min(8);
-    b[..n].copy_from_slice(&v[..n]);
-    i64::from_be_bytes(b)
-}
-
-/// Serves `Balances` and `BarrierRows` for one instance.
+/// Serves `Balances` and `BarrierRows` for one instance (read-only).
 pub struct BankService {
     tree: sled::Tree,
     barrier: treaty_sdk::Barrier,
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> tonic::Status {
+    tonic::Status::internal(format!("{what}: {e}; check the instance's data directory"))
 }
 
 #[tonic::async_trait]
@@ -245,23 +309,21 @@ impl proto::bank_server::Bank for BankService {
         &self,
         _: tonic::Request<proto::BalancesRequest>,
     ) -> Result<tonic::Response<proto::BalancesResponse>, tonic::Status> {
-        let mut accounts = Vec::new();
-        for kv in self.tree.scan_prefix(b"acct/") {
-            let (k, v) = kv.map_err(|e| tonic::Status::internal(e.to_string()))?;
-            let name = String::from_utf8_lossy(&k[5..]).into_owned();
-            let held = self
-                .tree
-                .get(key("held", &name))
-                .map_err(|e| tonic::Status::internal(e.to_string()))?
-                .map(|h| be_i64(&h))
-                .unwrap_or(0);
-            accounts.push(proto::Account {
-                name,
-                balance: be_i64(&v),
-                held,
-            });
-        }
-        Ok(tonic::Response::new(proto::BalancesResponse { accounts }))
+        let tree = self.tree.clone();
+        let accounts = tokio::task::spawn_blocking(move || accounts(&tree))
+            .await
+            .map_err(|e| internal("reading balances", e))?
+            .map_err(|e| internal("reading balances", e))?;
+        Ok(tonic::Response::new(proto::BalancesResponse {
+            accounts: accounts
+                .into_iter()
+                .map(|a| proto::Account {
+                    name: a.name,
+                    balance: a.balance,
+                    held: a.held,
+                })
+                .collect(),
+        }))
     }
 
     async fn barrier_rows(
@@ -269,12 +331,17 @@ impl proto::bank_server::Bank for BankService {
         req: tonic::Request<proto::BarrierRowsRequest>,
     ) -> Result<tonic::Response<proto::BarrierRowsResponse>, tonic::Status> {
         let gid = req.into_inner().gid;
-        let rows = if gid.is_empty() {
-            self.barrier.try_all_rows()
-        } else {
-            self.barrier.try_rows(&gid)
-        }
-        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let barrier = self.barrier.clone();
+        let rows = tokio::task::spawn_blocking(move || {
+            if gid.is_empty() {
+                barrier.try_all_rows()
+            } else {
+                barrier.try_rows(&gid)
+            }
+        })
+        .await
+        .map_err(|e| internal("reading barrier rows", e))?
+        .map_err(|e| internal("reading barrier rows", e))?;
         Ok(tonic::Response::new(proto::BarrierRowsResponse {
             rows: rows
                 .into_iter()
@@ -282,44 +349,82 @@ impl proto::bank_server::Bank for BankService {
                     gid: r.gid,
                     branch_id: r.branch_id,
                     op: r.op.to_string(),
-                    answer: format!("{:?}", r.answer).to_lowercase(),
+                    answer: answer_name(r.answer).to_string(),
                 })
                 .collect(),
         }))
     }
 }
 
-/// Parse `alice=100,bob=50`.
-pub fn parse_accounts(s: &str) -> Result<Vec<(String, i64)>, String> {
-    s.split(',')
-        .filter(|p| !p.trim().is_empty())
-        .map(|p| {
-            let (name, amount) = p
-                .split_once('=')
-                .ok_or_else(|| format!("account {p:?}: expected name=amount"))?;
-            let amount: i64 = amount
-                .trim()
-                .parse()
-                .map_err(|e| format!("account {p:?}: amount is not an integer: {e}"))?;
-            let name = name.trim();
-            if name.is_empty() || amount < 0 {
-                return Err(format!(
-                    "account {p:?}: needs a name and a non-negative amount"
-                ));
-            }
-            Ok((name.to_string(), amount))
-        })
-        .collect()
+/// The wire name of a barrier answer (see `BarrierRow.answer` in bank.proto).
+pub fn answer_name(a: treaty_sdk::Answer) -> &'static str {
+    use treaty_sdk::Answer::*;
+    match a {
+        Prepared => "prepared",
+        Refused => "refused",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        Done => "done",
+    }
 }
 
-/// Split `http://127.0.0.1:7801/alice` into the participant URI and the account.
+/// Parses `alice=100,bob=50` into (name, opening balance) pairs.
+///
+/// A name is 1 to 64 characters of `[A-Za-z0-9_.-]` (it ends a URI and a sled key); a balance
+/// is a non-negative integer; a name may appear once.
+pub fn parse_accounts(s: &str) -> Result<Vec<(String, i64)>, String> {
+    let mut out: Vec<(String, i64)> = Vec::new();
+    for p in s.split(',').filter(|p| !p.trim().is_empty()) {
+        let (name, amount) = p
+            .split_once('=')
+            .ok_or_else(|| format!("account {p:?}: expected name=amount, e.g. alice=100"))?;
+        let name = name.trim();
+        check_account_name(name).map_err(|e| format!("account {p:?}: {e}"))?;
+        let amount: i64 = amount
+            .trim()
+            .parse()
+            .map_err(|e| format!("account {p:?}: amount is not an integer: {e}"))?;
+        if amount < 0 {
+            return Err(format!(
+                "account {p:?}: an opening balance cannot be negative"
+            ));
+        }
+        if out.iter().any(|(n, _)| n == name) {
+            return Err(format!("account {name:?} is given twice"));
+        }
+        out.push((name.to_string(), amount));
+    }
+    Ok(out)
+}
+
+fn check_account_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "account name {name:?} must be 1 to 64 characters of A-Z a-z 0-9 _ . -"
+        ))
+    }
+}
+
+/// Splits `http://127.0.0.1:7801/alice` at the last `/` into the participant URI and the
+/// account name.
 pub fn parse_account_uri(s: &str) -> Result<(String, String), String> {
     let (uri, account) = s
         .rsplit_once('/')
-        .filter(|(u, a)| u.contains("://") && !u.ends_with('/') && !a.is_empty())
+        .filter(|(u, _)| {
+            u.split_once("://")
+                .is_some_and(|(scheme, host)| !scheme.is_empty() && !host.is_empty())
+        })
         .ok_or_else(|| {
             format!("{s:?}: expected <participant-uri>/<account>, e.g. http://127.0.0.1:7801/alice")
         })?;
+    check_account_name(account).map_err(|e| format!("{s:?}: {e}"))?;
     Ok((uri.to_string(), account.to_string()))
 }
 
@@ -327,20 +432,81 @@ pub fn parse_account_uri(s: &str) -> Result<(String, String), String> {
 mod tests {
     use super::*;
     use treaty_proto::v1 as pb;
+    use treaty_proto::v1::participant_client::ParticipantClient;
 
-    async fn serve(accounts: &str) -> (tempfile::TempDir, Instance, String) {
-        let dir = tempfile::tempdir().unwrap();
-        let inst = Instance::open(
-            dir.path(),
-            "http://127.0.0.1:1",
-            &parse_accounts(accounts).unwrap(),
-        )
-        .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let uri = format!("http://{}", listener.local_addr().unwrap());
-        let p = inst.participant.clone();
-        tokio::spawn(p.serve(listener, std::future::pending()));
-        (dir, inst, uri)
+    /// One instance served through the SDK on 127.0.0.1:0, and a raw participant client.
+    struct Bench {
+        _dir: tempfile::TempDir,
+        inst: Instance,
+        client: ParticipantClient<tonic::transport::Channel>,
+        _stop: tokio::sync::oneshot::Sender<()>,
+    }
+
+    impl Bench {
+        async fn new(accounts: &str) -> Bench {
+            let dir = tempfile::tempdir().unwrap();
+            // Nothing listens on port 1: in-doubt resolution is not under test here.
+            let inst = Instance::open(
+                dir.path(),
+                "http://127.0.0.1:1",
+                &parse_accounts(accounts).unwrap(),
+            )
+            .unwrap();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let uri = format!("http://{}", listener.local_addr().unwrap());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            tokio::spawn(inst.participant.clone().serve(listener, async {
+                let _ = stopped.await;
+            }));
+            let client = ParticipantClient::connect(uri).await.unwrap();
+            Bench {
+                _dir: dir,
+                inst,
+                client,
+                _stop: stop,
+            }
+        }
+
+        /// (name, balance, held) of every account.
+        fn state(&self) -> Vec<(String, i64, i64)> {
+            self.inst
+                .accounts()
+                .unwrap()
+                .into_iter()
+                .map(|a| (a.name, a.balance, a.held))
+                .collect()
+        }
+
+        async fn prepare(&mut self, gid: &str, h: &str, acct: &str, n: i64) -> pb::PrepareResult {
+            let r = self.client.prepare(req(gid, h, acct, n)).await.unwrap();
+            r.into_inner().result()
+        }
+
+        async fn commit(&mut self, gid: &str, h: &str, acct: &str, n: i64) -> pb::PhaseTwoResult {
+            let r = self.client.commit(req(gid, h, acct, n)).await.unwrap();
+            r.into_inner().result()
+        }
+
+        async fn abort(&mut self, gid: &str, h: &str, acct: &str, n: i64) -> pb::PhaseTwoResult {
+            let r = self.client.abort(req(gid, h, acct, n)).await.unwrap();
+            r.into_inner().result()
+        }
+
+        async fn execute(&mut self, gid: &str, h: &str, acct: &str, n: i64) -> pb::ExecuteResult {
+            let r = self.client.execute(req(gid, h, acct, n)).await.unwrap();
+            r.into_inner().result()
+        }
+
+        async fn compensate(
+            &mut self,
+            gid: &str,
+            h: &str,
+            acct: &str,
+            n: i64,
+        ) -> pb::PhaseTwoResult {
+            let r = self.client.compensate(req(gid, h, acct, n)).await.unwrap();
+            r.into_inner().result()
+        }
     }
 
     fn req(gid: &str, handler: &str, account: &str, amount: i64) -> pb::BranchRequest {
@@ -354,63 +520,161 @@ mod tests {
         }
     }
 
-    fn bal(inst: &Instance) -> Vec<(String, i64, i64)> {
-        inst.accounts().unwrap()
+    fn row(name: &str, balance: i64, held: i64) -> (String, i64, i64) {
+        (name.to_string(), balance, held)
+    }
+
+    use pb::{ExecuteResult as E, PhaseTwoResult as P2, PrepareResult as P};
+
+    #[tokio::test]
+    async fn debit_prepare_holds_commit_keeps_it_abort_returns_it() {
+        let mut b = Bench::new("alice=100").await;
+        assert_eq!(b.prepare("g1", "debit", "alice", 30).await, P::Prepared);
+        assert_eq!(b.state(), [row("alice", 70, 30)]);
+        // A duplicate prepare repeats the answer and holds nothing more.
+        assert_eq!(b.prepare("g1", "debit", "alice", 30).await, P::Prepared);
+        assert_eq!(b.state(), [row("alice", 70, 30)]);
+        assert_eq!(b.commit("g1", "debit", "alice", 30).await, P2::Done);
+        assert_eq!(b.commit("g1", "debit", "alice", 30).await, P2::Done);
+        assert_eq!(b.state(), [row("alice", 70, 0)]);
+
+        assert_eq!(b.prepare("g2", "debit", "alice", 20).await, P::Prepared);
+        assert_eq!(b.state(), [row("alice", 50, 20)]);
+        assert_eq!(b.abort("g2", "debit", "alice", 20).await, P2::Done);
+        assert_eq!(b.abort("g2", "debit", "alice", 20).await, P2::Done);
+        assert_eq!(b.state(), [row("alice", 70, 0)]);
     }
 
     #[tokio::test]
-    async fn two_phase_debit_holds_then_commits_or_releases() {
-        let (_d, inst, uri) = serve("alice=100").await;
-        let mut c = pb::participant_client::ParticipantClient::connect(uri)
-            .await
-            .unwrap();
-        let r = c
-            .prepare(req("g1", "debit", "alice", 30))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.result(), pb::PrepareResult::Prepared);
-        assert_eq!(bal(&inst), [("alice".into(), 70, 30)]);
-        c.commit(req("g1", "debit", "alice", 30)).await.unwrap();
-        assert_eq!(bal(&inst), [("alice".into(), 70, 0)]);
-        c.prepare(req("g2", "debit", "alice", 20)).await.unwrap();
-        c.abort(req("g2", "debit", "alice", 20)).await.unwrap();
-        assert_eq!(bal(&inst), [("alice".into(), 70, 0)]);
-        // Refusals change nothing.
-        let r = c
-            .prepare(req("g3", "debit", "alice", 1000))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.result(), pb::PrepareResult::Refused);
-        let r = c
-            .prepare(req("g4", "credit", "nobody", 1))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.result(), pb::PrepareResult::Refused);
-        assert_eq!(bal(&inst), [("alice".into(), 70, 0)]);
+    async fn credit_is_invisible_until_commit_and_abort_changes_nothing() {
+        let mut b = Bench::new("bob=50").await;
+        assert_eq!(b.prepare("g1", "credit", "bob", 30).await, P::Prepared);
+        assert_eq!(b.state(), [row("bob", 50, 0)]);
+        assert_eq!(b.commit("g1", "credit", "bob", 30).await, P2::Done);
+        assert_eq!(b.state(), [row("bob", 80, 0)]);
+
+        assert_eq!(b.prepare("g2", "credit", "bob", 5).await, P::Prepared);
+        assert_eq!(b.abort("g2", "credit", "bob", 5).await, P2::Done);
+        assert_eq!(b.state(), [row("bob", 80, 0)]);
     }
 
     #[tokio::test]
-    async fn saga_steps_apply_and_compensate() {
-        let (_d, inst, uri) = serve("bob=10").await;
-        let mut c = pb::participant_client::ParticipantClient::connect(uri)
-            .await
-            .unwrap();
-        c.execute(req("s1", "saga-credit", "bob", 5)).await.unwrap();
-        assert_eq!(bal(&inst), [("bob".into(), 15, 0)]);
-        c.compensate(req("s1", "saga-credit", "bob", 5))
-            .await
-            .unwrap();
-        assert_eq!(bal(&inst), [("bob".into(), 10, 0)]);
-        let r = c
-            .execute(req("s2", "saga-debit", "bob", 50))
-            .await
+    async fn refused_prepares_leave_balances_untouched() {
+        let mut b = Bench::new("alice=100").await;
+        assert_eq!(b.prepare("g1", "debit", "alice", 101).await, P::Refused);
+        assert_eq!(b.prepare("g2", "debit", "nobody", 1).await, P::Refused);
+        assert_eq!(b.prepare("g3", "credit", "nobody", 1).await, P::Refused);
+        assert_eq!(b.prepare("g4", "debit", "alice", 0).await, P::Refused);
+        assert_eq!(b.prepare("g5", "credit", "alice", -5).await, P::Refused);
+        assert_eq!(
+            b.prepare("g6", "no-such-handler", "alice", 1).await,
+            P::Refused
+        );
+        let mut bad = req("g7", "debit", "alice", 1);
+        bad.payload = bytes::Bytes::from_static(b"not json");
+        let r = b.client.prepare(bad).await.unwrap().into_inner();
+        assert_eq!(r.result(), P::Refused, "{}", r.message);
+        // The coordinator aborts a refused branch: nothing to give back.
+        assert_eq!(b.abort("g1", "debit", "alice", 101).await, P2::Done);
+        assert_eq!(b.state(), [row("alice", 100, 0)]);
+    }
+
+    #[tokio::test]
+    async fn a_2pc_transfer_across_two_instances_keeps_the_total() {
+        let mut a = Bench::new("alice=100").await;
+        let mut b = Bench::new("bob=50").await;
+        assert_eq!(a.prepare("t", "debit", "alice", 40).await, P::Prepared);
+        assert_eq!(b.prepare("t", "credit", "bob", 40).await, P::Prepared);
+        assert_eq!(a.commit("t", "debit", "alice", 40).await, P2::Done);
+        assert_eq!(b.commit("t", "credit", "bob", 40).await, P2::Done);
+        assert_eq!(a.state(), [row("alice", 60, 0)]);
+        assert_eq!(b.state(), [row("bob", 90, 0)]);
+    }
+
+    #[tokio::test]
+    async fn saga_debit_applies_at_once_and_compensation_restores() {
+        let mut b = Bench::new("alice=100").await;
+        assert_eq!(
+            b.execute("s1", "saga-debit", "alice", 30).await,
+            E::Succeeded
+        );
+        assert_eq!(
+            b.execute("s1", "saga-debit", "alice", 30).await,
+            E::Succeeded
+        );
+        assert_eq!(b.state(), [row("alice", 70, 0)]);
+        assert_eq!(
+            b.compensate("s1", "saga-debit", "alice", 30).await,
+            P2::Done
+        );
+        assert_eq!(
+            b.compensate("s1", "saga-debit", "alice", 30).await,
+            P2::Done
+        );
+        assert_eq!(b.state(), [row("alice", 100, 0)]);
+
+        assert_eq!(b.execute("s2", "saga-debit", "alice", 500).await, E::Failed);
+        assert_eq!(b.execute("s3", "saga-debit", "nobody", 1).await, E::Failed);
+        // Compensating a failed step undoes nothing.
+        assert_eq!(
+            b.compensate("s2", "saga-debit", "alice", 500).await,
+            P2::Done
+        );
+        assert_eq!(b.state(), [row("alice", 100, 0)]);
+    }
+
+    #[tokio::test]
+    async fn saga_credit_compensation_succeeds_even_below_zero() {
+        let mut b = Bench::new("bob=10").await;
+        assert_eq!(b.execute("s1", "saga-credit", "bob", 5).await, E::Succeeded);
+        assert_eq!(b.state(), [row("bob", 15, 0)]);
+        assert_eq!(b.compensate("s1", "saga-credit", "bob", 5).await, P2::Done);
+        assert_eq!(b.state(), [row("bob", 10, 0)]);
+        assert_eq!(b.execute("s2", "saga-credit", "nobody", 5).await, E::Failed);
+
+        // No isolation: the credited money is spent before the compensation arrives.
+        assert_eq!(
+            b.execute("s3", "saga-credit", "bob", 20).await,
+            E::Succeeded
+        );
+        assert_eq!(b.execute("s4", "saga-debit", "bob", 30).await, E::Succeeded);
+        assert_eq!(b.compensate("s3", "saga-credit", "bob", 20).await, P2::Done);
+        assert_eq!(b.state(), [row("bob", -20, 0)]);
+    }
+
+    #[tokio::test]
+    async fn a_compensation_before_its_step_makes_the_late_step_fail() {
+        let mut b = Bench::new("alice=100").await;
+        assert_eq!(
+            b.compensate("s1", "saga-debit", "alice", 10).await,
+            P2::Done
+        );
+        assert_eq!(b.execute("s1", "saga-debit", "alice", 10).await, E::Failed);
+        assert_eq!(b.state(), [row("alice", 100, 0)]);
+    }
+
+    #[test]
+    fn opening_balances_are_kept_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let accounts = parse_accounts("alice=100").unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let _guard = rt.enter();
+        {
+            let inst = Instance::open(dir.path(), "http://127.0.0.1:1", &accounts).unwrap();
+            inst.tree
+                .insert(key("acct", "alice"), &7i64.to_be_bytes())
+                .unwrap();
+            inst.db.flush().unwrap();
+        }
+        let more = parse_accounts("alice=100,carol=5").unwrap();
+        let inst = Instance::open(dir.path(), "http://127.0.0.1:1", &more).unwrap();
+        let got: Vec<_> = inst
+            .accounts()
             .unwrap()
-            .into_inner();
-        assert_eq!(r.result(), pb::ExecuteResult::Failed);
-        assert_eq!(bal(&inst), [("bob".into(), 10, 0)]);
+            .into_iter()
+            .map(|a| (a.name, a.balance))
+            .collect();
+        assert_eq!(got, [("alice".to_string(), 7), ("carol".to_string(), 5)]);
     }
 
     #[test]
@@ -419,13 +683,30 @@ mod tests {
             parse_accounts("a=1, b=2").unwrap(),
             [("a".into(), 1), ("b".into(), 2)]
         );
-        assert!(parse_accounts("a").is_err());
-        assert!(parse_accounts("a=x").is_err());
+        assert_eq!(parse_accounts("").unwrap(), []);
+        for bad in [
+            "a",
+            "a=x",
+            "a=-1",
+            "=1",
+            "a/b=1",
+            "a=1,a=2",
+            "a=99999999999999999999",
+        ] {
+            assert!(parse_accounts(bad).is_err(), "{bad}");
+        }
         assert_eq!(
             parse_account_uri("http://127.0.0.1:7801/alice").unwrap(),
             ("http://127.0.0.1:7801".into(), "alice".into())
         );
-        assert!(parse_account_uri("alice").is_err());
-        assert!(parse_account_uri("http://127.0.0.1:7801/").is_err());
+        for bad in [
+            "alice",
+            "http://127.0.0.1:7801/",
+            "http:///alice",
+            "/alice",
+            "x/a b",
+        ] {
+            assert!(parse_account_uri(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -1,6 +1,5 @@
 //! `bank-account`: one instance of the bank example's account service.
 
-use clap::Parser;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,7 +9,7 @@ use treaty_examples::bank::{parse_accounts, Instance};
 /// An account service of the Treaty bank example: serves treaty.v1.Participant (handlers
 /// debit/credit for 2PC, saga-debit/saga-credit for sagas) and the Bank inspection service
 /// (balances, barrier rows) on one port, over its own sled store.
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(name = "bank-account", version)]
 struct Cli {
     /// Address to serve on (port 0: any free port; the chosen address is printed).
@@ -37,7 +36,7 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli: Cli = treaty_examples::parse_args();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -49,6 +48,7 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), String> {
     let accounts = parse_accounts(&cli.accounts).map_err(|e| format!("--accounts: {e}"))?;
+    treaty_examples::check_http_uri("--coordinator", &cli.coordinator)?;
     let inst = Instance::open(&cli.data_dir, &cli.coordinator, &accounts)
         .map_err(|e| format!("cannot open the store at {}: {e}", cli.data_dir.display()))?;
     let listener = tokio::net::TcpListener::bind(cli.listen)

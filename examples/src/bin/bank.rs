@@ -5,9 +5,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 use treaty_examples::bank::{parse_account_uri, Leg};
 use treaty_examples::proto::{bank_client::BankClient, BalancesRequest};
+use treaty_examples::{check_http_uri, error_chain};
 use treaty_sdk::{Client, Outcome};
 
-/// The Treaty bank example's command line.
+/// The Treaty bank example's command line: transfers between accounts of `bank-account`
+/// instances, through the coordinator, by 2PC or saga; and balances.
 #[derive(Parser, Debug)]
 #[command(name = "bank", version)]
 struct Cli {
@@ -29,29 +31,31 @@ enum Cmd {
     /// Move money from one account to another (on the same or another instance).
     /// Exit status: 0 committed, 3 aborted, 4 still pending, 1 error.
     Transfer {
-        /// The coordinator (treatyd).
+        /// The coordinator (treatyd) gRPC URI.
         #[arg(long, default_value = "http://127.0.0.1:7700")]
         coordinator: String,
-        /// Source: <participant-uri>/<account>, e.g. http://127.0.0.1:7801/alice.
+        /// Source account: PARTICIPANT_URI/ACCOUNT, e.g. http://127.0.0.1:7801/alice.
         #[arg(long)]
         from: String,
-        /// Destination: <participant-uri>/<account>, e.g. http://127.0.0.1:7802/bob.
+        /// Destination account: PARTICIPANT_URI/ACCOUNT, e.g. http://127.0.0.1:7802/bob.
         #[arg(long)]
         to: String,
         /// Amount, a positive integer.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
         amount: i64,
-        /// Protocol.
+        /// Protocol: 2pc (handlers debit/credit) or saga (saga-debit/saga-credit).
         #[arg(long, value_enum, default_value = "2pc")]
         mode: Mode,
-        /// How long to wait for the outcome.
+        /// How long to wait for the outcome, in milliseconds; past it the transfer is
+        /// printed as PENDING (exit 4) and the coordinator finishes it on its own.
         #[arg(long, default_value_t = 10_000)]
         wait_ms: u64,
-        /// Transaction id (default: a new UUIDv7). Reusing one makes the transfer idempotent.
+        /// Transaction id (default: a new UUIDv7). Resubmitting the same transfer with the same
+        /// gid is idempotent: use it to retry a transfer whose outcome is unknown.
         #[arg(long)]
         gid: Option<String>,
     },
-    /// Print every account of the given instances and the total.
+    /// Print every account (balance and held) of the given instances, and the total.
     Balances {
         /// Participant URIs, e.g. http://127.0.0.1:7801 http://127.0.0.1:7802.
         #[arg(required = true)]
@@ -61,7 +65,7 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match Cli::parse().command {
+    match treaty_examples::parse_args::<Cli>().command {
         Cmd::Transfer {
             coordinator,
             from,
@@ -109,9 +113,10 @@ async fn transfer(
     }
     let (from_uri, from_acct) = parse_account_uri(from).map_err(|e| format!("--from {e}"))?;
     let (to_uri, to_acct) = parse_account_uri(to).map_err(|e| format!("--to {e}"))?;
+    check_http_uri("--coordinator", coordinator)?;
     let client = Client::connect(coordinator)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| error_chain(&e))?;
     // Chosen here (not by the SDK) so it can be printed even when the outcome is unknown.
     let gid = gid.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let debit = Leg::payload(&from_acct, amount);
@@ -137,30 +142,48 @@ async fn transfer(
                 .await
         }
     }
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| error_chain(&e))?;
     Ok((gid, outcome))
 }
+
+/// Bound on connecting to an instance and on each `Balances` call.
+const BALANCES_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn balances(instances: &[String]) -> Result<(), String> {
     let mut total = 0i64;
     for uri in instances {
-        let mut c = BankClient::connect(uri.clone())
-            .await
-            .map_err(|e| format!("cannot connect to {uri}: {e}; is bank-account running?"))?;
-        let accounts = c
+        let endpoint = tonic::transport::Endpoint::from_shared(uri.clone())
+            .map_err(|e| {
+                format!("{uri:?} is not a URI ({e}); expected e.g. http://127.0.0.1:7801")
+            })?
+            .connect_timeout(BALANCES_TIMEOUT)
+            .timeout(BALANCES_TIMEOUT);
+        let channel = endpoint.connect().await.map_err(|e| {
+            format!(
+                "cannot connect to {uri}: {}; is bank-account running there?",
+                error_chain(&e)
+            )
+        })?;
+        let accounts = BankClient::new(channel)
             .balances(BalancesRequest {})
             .await
             .map_err(|e| format!("{uri}: {}", e.message()))?
             .into_inner()
             .accounts;
+        if accounts.is_empty() {
+            println!("{uri}: no accounts (start bank-account with --accounts name=amount)");
+        }
         for a in accounts {
             println!(
-                "{uri}/{:<12} balance {:>8}  held {:>6}",
-                a.name, a.balance, a.held
+                "{:<32} balance {:>8}  held {:>6}",
+                format!("{uri}/{}", a.name),
+                a.balance,
+                a.held
             );
-            total += a.balance + a.held;
+            // Held money is prepared for a debit but not committed: it still exists.
+            total = total.saturating_add(a.balance).saturating_add(a.held);
         }
     }
-    println!("total {total}");
+    println!("total {total} (balance + held over all accounts)");
     Ok(())
 }

@@ -54,7 +54,10 @@ pub enum SdkError {
     },
 
     /// No connection could be established to `uri`.
-    #[error("cannot connect to {uri}: {source}; is the service running and is the URI right?")]
+    #[error(
+        "cannot connect to {uri}: {cause}; is the service running and is the URI right?",
+        cause = chain(source)
+    )]
     Connect {
         /// The URI that was dialed.
         uri: String,
@@ -132,4 +135,17 @@ pub(crate) fn read_error(status: tonic::Status) -> SdkError {
     } else {
         SdkError::Unavailable { source: status }
     }
+}
+
+/// An error and its causes, `outer: inner: innermost` (tonic's transport error alone says only
+/// "transport error"; the cause says e.g. "Connection refused").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
 }

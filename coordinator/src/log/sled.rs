@@ -173,9 +173,14 @@ impl SledLog {
                 .remove(gid)
                 .map_err(|e| io_err(doing(), e.into()))?;
         } else {
-            self.active
-                .insert(gid, &[])
-                .map_err(|e| io_err(doing(), e.into()))?;
+            // Only a transaction's first write (seq 1) needs the index entry: every later
+            // non-terminal write finds it in place (recovery found the transaction through it),
+            // and skipping it saves one sled insert per step.
+            if rec.seq <= 1 {
+                self.active
+                    .insert(gid, &[])
+                    .map_err(|e| io_err(doing(), e.into()))?;
+            }
             self.tx
                 .insert(gid, bytes)
                 .map_err(|e| io_err(doing(), e.into()))?;

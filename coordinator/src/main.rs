@@ -288,7 +288,51 @@ async fn serve(s: Settings) -> Result<(), String> {
     if let Ok(addr) = listener.local_addr() {
         println!("treatyd listening on {addr}");
     }
+    #[cfg(feature = "failpoints")]
+    {
+        let mutations = test_mutations()?;
+        treaty_coordinator::server::run_with_mutations(
+            listener,
+            Arc::new(log),
+            s.config,
+            mutations,
+            shutdown_signal(),
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
+    #[cfg(not(feature = "failpoints"))]
     treaty_coordinator::server::run(listener, Arc::new(log), s.config, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Deliberate engine bugs named in `TREATY_TEST_MUTATIONS` (comma-separated:
+/// `commit_before_durable`, `skip_one_compensation`, `forget_branch_on_recovery`), for tests
+/// proving the chaos checker catches a broken coordinator. Only in test builds (feature
+/// `failpoints`): the release build users run cannot enable them.
+#[cfg(feature = "failpoints")]
+fn test_mutations() -> Result<treaty_coordinator::engine::Mutations, String> {
+    let mut m = treaty_coordinator::engine::Mutations::default();
+    let names = std::env::var("TREATY_TEST_MUTATIONS").unwrap_or_default();
+    for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        match name {
+            "commit_before_durable" => m.commit_before_durable = true,
+            "skip_one_compensation" => m.skip_one_compensation = true,
+            "forget_branch_on_recovery" => m.forget_branch_on_recovery = true,
+            other => {
+                return Err(format!(
+                    "TREATY_TEST_MUTATIONS: unknown mutation {other:?}; known: \
+                     commit_before_durable, skip_one_compensation, forget_branch_on_recovery"
+                ))
+            }
+        }
+    }
+    if m != treaty_coordinator::engine::Mutations::default() {
+        tracing::warn!(
+            ?m,
+            "deliberate engine bugs are ON (TREATY_TEST_MUTATIONS): test use only"
+        );
+    }
+    Ok(m)
 }

@@ -4,6 +4,7 @@
 
 use crate::api::CoordinatorService;
 use crate::config::Config;
+use crate::engine::Mutations;
 use crate::log::{LogError, LogStore};
 use crate::runtime::Runtime;
 use std::future::Future;
@@ -36,10 +37,23 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    run_with_mutations(listener, log, config, Mutations::default(), shutdown).await
+}
+
+/// [`run`] with deliberate engine bugs switched on: only for tests proving that a checker
+/// (the chaos runner) catches a broken coordinator. `treatyd` reaches this only when built
+/// with the `failpoints` feature and `TREATY_TEST_MUTATIONS` is set.
+pub async fn run_with_mutations(
+    listener: TcpListener,
+    log: Arc<dyn LogStore>,
+    config: Config,
+    mutations: Mutations,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     config.validate().map_err(ServeError::Config)?;
     let grace = config.shutdown_grace;
     let gc_interval = config.gc_interval;
-    let rt = Runtime::new(log, config);
+    let rt = Runtime::with_mutations(log, config, mutations);
     let resumed = rt.recover().map_err(ServeError::Recover)?;
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, resumed, "treaty coordinator serving");

@@ -10,6 +10,8 @@
 //!   127.0.0.1 in a temporary directory, and can be killed and restarted on the same address.
 //! - [`wait_until`] polls a condition with a bound: tests never sleep to synchronize.
 
+pub mod proxy;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -1,0 +1,352 @@
+//! The chaos runner: command line, the run (start, load + faults, drain, check), the summary.
+//!
+//! - [`cluster`]: the processes (treatyd, bank instances), the proxies, and the nemesis that
+//!   kills, crashes at failpoints and cuts connections.
+//! - [`workload`]: the transfers and the clients that submit them.
+//! - [`check`]: the invariants checked at the end.
+
+mod check;
+mod cluster;
+mod workload;
+
+use check::{Final, Observed};
+use clap::Parser;
+use cluster::Cluster;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+use treaty_proto::v1 as pb;
+use treaty_sdk::{Client, SdkError};
+use workload::Record;
+
+/// Treaty chaos runner: a bank under concurrent 2PC and saga transfers while participants and
+/// the coordinator are SIGKILLed (at random moments and at every named failpoint) and their
+/// connections are cut, black-holed and delayed. Then every fault stops, every transaction must
+/// become terminal, and the bank is checked: total money unchanged, no negative balance a saga
+/// cannot explain, every transaction all-or-nothing by each branch's barrier rows, balances
+/// equal to the opening balances plus the committed transfers, nothing stuck or lost.
+///
+/// The seed is printed first; `TREATY_SEED=<n>` replays the same fault schedule and the same
+/// transfers (timing, and so the interleaving, still varies). The last line of stdout is a
+/// JSON summary. Exit status: 0 when no violation, 1 when any (each printed with the seed and
+/// the gid), 2 when the cluster could not be started.
+///
+/// Build it in release for long campaigns:
+/// `TREATY_CHAOS_SECS=600 cargo run --release -p treaty-tests --bin treaty-chaos`.
+#[derive(Parser, Debug)]
+#[command(name = "treaty-chaos", version)]
+struct Cli {
+    /// Seconds of load with faults, before the drain and the checks.
+    #[arg(long, env = "TREATY_CHAOS_SECS", default_value_t = 20)]
+    secs: u64,
+    /// Seed of every random choice (faults and transfers); random when not given.
+    #[arg(long, env = "TREATY_SEED")]
+    seed: Option<u64>,
+    /// Bank account service instances (separate processes, each behind its own proxy).
+    #[arg(long, default_value_t = 3)]
+    instances: usize,
+    /// Accounts per instance.
+    #[arg(long, default_value_t = 4)]
+    accounts: usize,
+    /// Opening balance of every account.
+    #[arg(long, default_value_t = 1000)]
+    opening: i64,
+    /// Concurrent clients submitting transfers.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Bound, after the faults stop, for every transaction to become terminal.
+    #[arg(long, default_value_t = 120)]
+    drain_secs: u64,
+    /// Run without faults (a baseline for the checker).
+    #[arg(long)]
+    no_faults: bool,
+    /// Directory to put the run's data directories in (a fresh subdirectory, removed at the
+    /// end unless a violation was found) [default: the system temp dir].
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.instances == 0 || cli.instances * cli.accounts < 4 {
+        eprintln!("treaty-chaos: need at least 4 accounts in all (--instances x --accounts)");
+        return ExitCode::from(2);
+    }
+    let seed = cli.seed.unwrap_or_else(rand::random);
+    println!("treaty-chaos: seed {seed} (replay with TREATY_SEED={seed})");
+    let _ = std::io::stdout().flush();
+    // Keep the daemons' logs to what matters unless asked otherwise (a run logs many expected
+    // warnings: calls failing while a participant is down).
+    if std::env::var_os("TREATY_TEST_LOG").is_none() {
+        std::env::set_var("TREATY_TEST_LOG", "error");
+    }
+    match run(&cli, seed) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("treaty-chaos: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// One campaign; returns the number of violations.
+fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
+    let dir = match &cli.work_dir {
+        Some(d) => tempfile::Builder::new()
+            .prefix("treaty-chaos-")
+            .tempdir_in(d),
+        None => tempfile::Builder::new().prefix("treaty-chaos-").tempdir(),
+    }
+    .map_err(|e| format!("cannot create a work directory: {e}"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let cluster = Cluster::start(
+        rt.handle(),
+        dir.path(),
+        cli.instances,
+        cli.accounts,
+        cli.opening,
+    )?;
+    eprintln!(
+        "treaty-chaos: treatyd {} ; banks {:?} behind proxies {:?} ; data in {}",
+        cluster.treatyd_uri,
+        cluster.bank_uris,
+        cluster.endpoints(),
+        dir.path().display()
+    );
+    let client = rt
+        .block_on(Client::connect(cluster.treatyd_uri.clone()))
+        .map_err(|e| format!("cannot connect to treatyd: {e}"))?;
+
+    let t0 = Instant::now();
+    let stop_at = t0 + Duration::from_secs(cli.secs);
+    let drain = Duration::from_secs(cli.drain_secs);
+    // A submit whose outcome stays unknown is resubmitted until this; the rest of the drain
+    // bound is for transactions to become terminal.
+    let give_up_at = stop_at + drain / 2;
+    let workers: Vec<_> = (0..cli.concurrency)
+        .map(|w| {
+            rt.spawn(workload::worker(
+                seed,
+                w,
+                client.clone(),
+                cluster.endpoints(),
+                cluster.accounts.clone(),
+                stop_at,
+                give_up_at,
+            ))
+        })
+        .collect();
+
+    let abort = AtomicBool::new(false);
+    let (faults, records) = std::thread::scope(|s| {
+        let nemesis = (!cli.no_faults)
+            .then(|| s.spawn(|| cluster::nemesis(&cluster, seed, t0, stop_at, &abort)));
+        let records: Result<Vec<Record>, String> = rt.block_on(async {
+            let mut all = Vec::new();
+            for w in workers {
+                all.extend(w.await.map_err(|e| format!("a client task failed: {e}"))?);
+            }
+            Ok(all)
+        });
+        if records.is_err() {
+            abort.store(true, std::sync::atomic::Ordering::Release);
+        }
+        let faults = match nemesis {
+            Some(n) => n
+                .join()
+                .unwrap_or_else(|_| Err("the nemesis thread panicked".into())),
+            None => Ok(cluster::FaultCounts::default()),
+        };
+        (faults, records)
+    });
+    let records = records?;
+    let mut harness_problems = Vec::new();
+    let faults = faults.unwrap_or_else(|e| {
+        harness_problems.push(format!(
+            "the cluster could not be restored after a fault: {e}"
+        ));
+        cluster::FaultCounts::default()
+    });
+    if let Err(e) = cluster.heal() {
+        harness_problems.push(format!("the cluster could not be healed: {e}"));
+    }
+    eprintln!(
+        "[chaos {:6.1}s] load stopped: {} transfers; waiting (up to {}s) for every one to end",
+        t0.elapsed().as_secs_f64(),
+        records.len(),
+        cli.drain_secs
+    );
+
+    let finals = rt.block_on(drain_all(&client, &records, stop_at + drain));
+    eprintln!(
+        "[chaos {:6.1}s] coordinator states read; reading the banks and checking",
+        t0.elapsed().as_secs_f64()
+    );
+    let (rows, balances) = rt.block_on(read_banks(&cluster.bank_uris))?;
+    let mut verdict = check::check(
+        &records,
+        &cluster.openings,
+        &Observed {
+            finals,
+            rows,
+            balances,
+        },
+    );
+    for p in harness_problems {
+        verdict
+            .violations
+            .push(check::Violation { gid: None, what: p });
+    }
+    for (i, v) in verdict.violations.iter().enumerate() {
+        if i == 50 {
+            eprintln!("... and {} more", verdict.violations.len() - 50);
+            break;
+        }
+        eprintln!(
+            "VIOLATION seed={seed} gid={}: {}",
+            v.gid.as_deref().unwrap_or("-"),
+            v.what
+        );
+    }
+    let unknown_answers: u64 = records.iter().map(|r| r.unknown_answers as u64).sum();
+    let summary = serde_json::json!({
+        "seed": seed,
+        "transactions": records.len(),
+        "committed": verdict.committed,
+        "aborted": verdict.aborted,
+        "participant_kills": faults.participant_kills,
+        "coordinator_kills": faults.coordinator_kills,
+        "proxy_faults": faults.proxy_faults,
+        "violations": verdict.violations.len(),
+        "failpoint_crashes": faults.failpoint_crashes,
+        "never_begun": verdict.never_begun,
+        "rejected": verdict.rejected,
+        "unknown_outcome_resubmits": unknown_answers,
+        "compensated_saga_credits": verdict.compensated_credits,
+        "negative_accounts_explained_by_sagas": verdict.negative_accounts,
+        "chaos_secs": cli.secs,
+        "elapsed_secs": (t0.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+    });
+    let n = verdict.violations.len();
+    drop(cluster);
+    if n > 0 {
+        let kept = dir.keep();
+        eprintln!(
+            "treaty-chaos: {n} violations with seed {seed}; data directories kept in {}",
+            kept.display()
+        );
+    }
+    println!("{summary}");
+    let _ = std::io::stdout().flush();
+    Ok(n)
+}
+
+/// Poll the coordinator until every submitted gid is terminal (or unknown to it), or until
+/// `deadline`; what is left is reported as not terminal. Gids are looked up by
+/// [`DRAIN_TASKS`] concurrent tasks: a long campaign has tens of thousands.
+async fn drain_all(
+    client: &Client,
+    records: &[Record],
+    deadline: Instant,
+) -> HashMap<String, Final> {
+    let gids: Vec<String> = records.iter().map(|r| r.transfer.gid.clone()).collect();
+    let mut tasks = Vec::with_capacity(DRAIN_TASKS);
+    for k in 0..DRAIN_TASKS {
+        let mine: Vec<String> = gids.iter().skip(k).step_by(DRAIN_TASKS).cloned().collect();
+        tasks.push(tokio::spawn(drain_some(client.clone(), mine, deadline)));
+    }
+    let mut finals = HashMap::with_capacity(gids.len());
+    for t in tasks {
+        match t.await {
+            Ok(part) => finals.extend(part),
+            // Its gids stay unread: the checker reports each one.
+            Err(e) => eprintln!("treaty-chaos: a drain task failed: {e}"),
+        }
+    }
+    finals
+}
+
+const DRAIN_TASKS: usize = 16;
+
+async fn drain_some(
+    client: Client,
+    mut pending: Vec<String>,
+    deadline: Instant,
+) -> Vec<(String, Final)> {
+    let mut finals = Vec::with_capacity(pending.len());
+    let mut last: HashMap<String, String> = HashMap::new();
+    loop {
+        let mut still = Vec::new();
+        for gid in pending {
+            match client.get(gid.as_str()).await {
+                Ok(tx) => match tx.state() {
+                    pb::TxState::Committed => finals.push((gid, Final::Committed)),
+                    pb::TxState::Aborted => finals.push((gid, Final::Aborted)),
+                    s => {
+                        last.insert(gid.clone(), format!("{s:?} (stuck flag: {})", tx.stuck));
+                        still.push(gid);
+                    }
+                },
+                Err(SdkError::Rejected {
+                    code: tonic::Code::NotFound,
+                    ..
+                }) => finals.push((gid, Final::NotFound)),
+                Err(e) => {
+                    last.insert(gid.clone(), format!("unreadable: {e}"));
+                    still.push(gid);
+                }
+            }
+        }
+        pending = still;
+        if pending.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for gid in pending {
+        let state = last.remove(&gid).unwrap_or_default();
+        finals.push((gid, Final::NotTerminal(state)));
+    }
+    finals
+}
+
+type Balances = std::collections::BTreeMap<String, (i64, i64)>;
+
+/// Every instance's barrier rows and balances, read directly (not through a proxy), with a
+/// few retries while an instance finishes starting.
+async fn read_banks(
+    uris: &[String],
+) -> Result<(Vec<Vec<treaty_tests::bank::BarrierRow>>, Vec<Balances>), String> {
+    let mut rows = Vec::new();
+    let mut balances = Vec::new();
+    for uri in uris {
+        let mut tries = 0;
+        loop {
+            let read = async {
+                let r = treaty_tests::bank::barrier_rows(uri, "").await?;
+                let b = treaty_tests::bank::balances(uri).await?;
+                Ok::<_, String>((r, b))
+            };
+            match read.await {
+                Ok((r, b)) => {
+                    rows.push(r);
+                    balances.push(b);
+                    break;
+                }
+                Err(e) if tries >= 50 => return Err(format!("cannot read bank {uri}: {e}")),
+                Err(_) => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+    Ok((rows, balances))
+}

@@ -326,10 +326,15 @@ impl proto::bank_server::Bank for BankService {
         }))
     }
 
+    type BarrierRowsStream =
+        tokio_stream::Iter<std::vec::IntoIter<Result<proto::BarrierRowsResponse, tonic::Status>>>;
+
     async fn barrier_rows(
         &self,
         req: tonic::Request<proto::BarrierRowsRequest>,
-    ) -> Result<tonic::Response<proto::BarrierRowsResponse>, tonic::Status> {
+    ) -> Result<tonic::Response<Self::BarrierRowsStream>, tonic::Status> {
+        /// Rows per streamed page: about 200 KiB, far below the 4 MiB message limit.
+        const PAGE: usize = 4096;
         let gid = req.into_inner().gid;
         let barrier = self.barrier.clone();
         let rows = tokio::task::spawn_blocking(move || {
@@ -342,17 +347,23 @@ impl proto::bank_server::Bank for BankService {
         .await
         .map_err(|e| internal("reading barrier rows", e))?
         .map_err(|e| internal("reading barrier rows", e))?;
-        Ok(tonic::Response::new(proto::BarrierRowsResponse {
-            rows: rows
-                .into_iter()
-                .map(|r| proto::BarrierRow {
-                    gid: r.gid,
-                    branch_id: r.branch_id,
-                    op: r.op.to_string(),
-                    answer: answer_name(r.answer).to_string(),
+        let pages: Vec<_> = rows
+            .chunks(PAGE)
+            .map(|page| {
+                Ok(proto::BarrierRowsResponse {
+                    rows: page
+                        .iter()
+                        .map(|r| proto::BarrierRow {
+                            gid: r.gid.clone(),
+                            branch_id: r.branch_id,
+                            op: r.op.to_string(),
+                            answer: answer_name(r.answer).to_string(),
+                        })
+                        .collect(),
                 })
-                .collect(),
-        }))
+            })
+            .collect();
+        Ok(tonic::Response::new(tokio_stream::iter(pages)))
     }
 }
 

@@ -307,7 +307,10 @@ macro_rules! common_options {
         }
 
         /// Submits the transaction and waits up to `wait` for its final outcome (the
-        /// coordinator may cap the wait). [`Outcome::Pending`] when the wait ran out.
+        /// coordinator may cap the wait). [`Outcome::Pending`] when the wait ran out: to
+        /// follow such a transaction up ([`Client::get`], [`Client::watch`]), choose its gid
+        /// with `gid(..)` before submitting (which also makes a resubmission after
+        /// [`SdkError::OutcomeUnknown`] idempotent), or use `submit` and then `watch`.
         pub async fn submit_and_wait(self, wait: Duration) -> Result<Outcome, SdkError> {
             Ok(self.def.submit(Some(wait)).await?.1)
         }

@@ -417,10 +417,15 @@ pub mod bank {
         let mut c = BankClient::connect(uri.to_string())
             .await
             .map_err(|e| format!("connect {uri}: {e}"))?;
-        Ok(c.barrier_rows(BarrierRowsRequest { gid: gid.into() })
+        let mut pages = c
+            .barrier_rows(BarrierRowsRequest { gid: gid.into() })
             .await
             .map_err(|e| format!("{uri}: {e}"))?
-            .into_inner()
-            .rows)
+            .into_inner();
+        let mut rows = Vec::new();
+        while let Some(page) = pages.message().await.map_err(|e| format!("{uri}: {e}"))? {
+            rows.extend(page.rows);
+        }
+        Ok(rows)
     }
 }

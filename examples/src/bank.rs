@@ -720,4 +720,65 @@ mod tests {
             assert!(parse_account_uri(bad).is_err(), "{bad}");
         }
     }
+
+    /// More rows than one page: `BarrierRows` streams them all, in pages, and a one-gid
+    /// request gets only that gid's rows.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn barrier_rows_stream_every_row_in_pages() {
+        use futures::StreamExt;
+        let b = Bench::new("alice=100").await;
+        const GIDS: usize = 2_300;
+        // Null compensations (nothing ran) each leave rows (the compensation's, and the one
+        // that refuses a late Execute); many at once share fsyncs.
+        let calls = futures::stream::iter(0..GIDS).map(|i| {
+            let mut c = b.client.clone();
+            async move {
+                let r = c.compensate(req(&format!("g{i}"), "saga-debit", "alice", 1));
+                r.await.unwrap().into_inner().result()
+            }
+        });
+        let answers: Vec<_> = calls.buffer_unordered(64).collect().await;
+        assert!(answers.iter().all(|a| *a == P2::Done));
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri = format!("http://{}", listener.local_addr().unwrap());
+        let svc = b.inst.bank_service();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut bank = proto::bank_client::BankClient::connect(uri).await.unwrap();
+        let mut pages = bank
+            .barrier_rows(proto::BarrierRowsRequest { gid: String::new() })
+            .await
+            .unwrap()
+            .into_inner();
+        let (mut n_pages, mut rows) = (0, Vec::new());
+        while let Some(page) = pages.message().await.unwrap() {
+            n_pages += 1;
+            rows.extend(page.rows);
+        }
+        let mut one = bank
+            .barrier_rows(proto::BarrierRowsRequest { gid: "g7".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let page = one.message().await.unwrap().expect("one page");
+        assert!(one.message().await.unwrap().is_none());
+        assert!(page.rows.iter().all(|r| r.gid == "g7"));
+        let ops: Vec<_> = page
+            .rows
+            .iter()
+            .map(|r| (r.op.as_str(), r.answer.as_str()))
+            .collect();
+        assert!(ops.contains(&("compensate", "done")), "{ops:?}");
+
+        let per_gid = page.rows.len();
+        assert_eq!(rows.len(), GIDS * per_gid);
+        assert!(rows.len() > 4096, "the test must span pages");
+        assert_eq!(n_pages, rows.len().div_ceil(4096));
+        let gids: std::collections::HashSet<_> = rows.iter().map(|r| r.gid.as_str()).collect();
+        assert_eq!(gids.len(), GIDS);
+    }
 }

@@ -59,3 +59,31 @@ fn a_short_bench_run_prints_the_figures_as_json() {
         "{line}"
     );
 }
+
+/// `treaty-bench log`: one writer alone needs an fsync per forced write; many writers waiting
+/// at once share them (group commit). Counts, not times.
+#[test]
+fn the_log_bench_shows_forced_writes_sharing_fsyncs() {
+    let bench = treaty_tests::binary("treaty-tests", "treaty-bench", "");
+    let mut cmd = Command::new(bench);
+    cmd.args(["log", "--count", "300", "--concurrency", "1,64", "--json"]);
+    let (code, stdout, stderr) =
+        treaty_tests::run_to_end(cmd, Duration::from_secs(300)).expect("treaty-bench finishes");
+    assert_eq!(code, 0, "treaty-bench log failed:\n{stderr}");
+    let levels: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(levels.len(), 2, "{stdout}");
+    assert_eq!(levels[0]["concurrency"], 1);
+    assert_eq!(
+        levels[0]["flushes"], 300,
+        "alone, every forced write is flushed: {stdout}"
+    );
+    assert_eq!(levels[1]["concurrency"], 64);
+    let shared = levels[1]["flushes"].as_u64().expect("number");
+    assert!(
+        (1..300).contains(&shared),
+        "64 writers at once must share fsyncs: {stdout}"
+    );
+}

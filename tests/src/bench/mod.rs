@@ -3,8 +3,10 @@
 //! - [`procs`]: child processes (treatyd, participants) and `/proc` readings.
 //! - [`participant`]: the no-op participant service.
 //! - [`load`]: the closed-loop load driver and latency quantiles.
+//! - [`log`]: the `log` subcommand (forced writes to the sled log, with and without sharing).
 
 mod load;
+mod log;
 mod participant;
 mod procs;
 
@@ -48,6 +50,8 @@ enum Cmd {
     Parked(ScaleArgs),
     /// Time for treatyd to restart over many non-terminal transactions and resume them all.
     Recovery(ScaleArgs),
+    /// Forced writes to the sled log one at a time and many at once: what group commit buys.
+    Log(log::LogArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -191,6 +195,7 @@ pub fn main() -> ExitCode {
         Cmd::Run(a) => rt.block_on(run(a)),
         Cmd::Parked(a) => rt.block_on(parked(a)),
         Cmd::Recovery(a) => rt.block_on(recovery(a)),
+        Cmd::Log(a) => rt.block_on(log::run(a)),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -233,6 +233,7 @@ where
 pub struct Treatyd {
     pub proc: Proc,
     pub data_dir: PathBuf,
+    bin: PathBuf,
     env: Vec<(String, String)>,
     args: Vec<String>,
 }
@@ -240,7 +241,18 @@ pub struct Treatyd {
 impl Treatyd {
     /// Start on 127.0.0.1:0 over `data_dir`, with extra flags and environment.
     pub fn start(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Treatyd, String> {
+        Treatyd::start_from(treatyd_bin(), data_dir, args, env)
+    }
+
+    /// [`Treatyd::start`] with the binary at `bin` (every restart uses it too).
+    pub fn start_from(
+        bin: PathBuf,
+        data_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Treatyd, String> {
         let mut t = Treatyd {
+            bin,
             proc: Proc {
                 child: None,
                 addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -258,7 +270,7 @@ impl Treatyd {
     }
 
     fn spawn(&self, addr: SocketAddr, extra_env: &[(&str, &str)]) -> Result<Proc, String> {
-        let mut cmd = Command::new(treatyd_bin());
+        let mut cmd = Command::new(&self.bin);
         cmd.arg("--listen")
             .arg(addr.to_string())
             .arg("--data-dir")
@@ -319,6 +331,7 @@ impl Treatyd {
 pub struct BankAccount {
     pub proc: Proc,
     pub data_dir: PathBuf,
+    bin: PathBuf,
     coordinator: String,
     accounts: String,
 }
@@ -330,7 +343,18 @@ impl BankAccount {
         coordinator: &str,
         accounts: &str,
     ) -> Result<BankAccount, String> {
+        BankAccount::start_from(bank_account_bin(), data_dir, coordinator, accounts)
+    }
+
+    /// [`BankAccount::start`] with the binary at `bin` (every restart uses it too).
+    pub fn start_from(
+        bin: PathBuf,
+        data_dir: &Path,
+        coordinator: &str,
+        accounts: &str,
+    ) -> Result<BankAccount, String> {
         let mut b = BankAccount {
+            bin,
             proc: Proc {
                 child: None,
                 addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -345,7 +369,7 @@ impl BankAccount {
     }
 
     fn spawn(&self, addr: SocketAddr) -> Result<Proc, String> {
-        let mut cmd = Command::new(bank_account_bin());
+        let mut cmd = Command::new(&self.bin);
         cmd.arg("--listen")
             .arg(addr.to_string())
             .arg("--data-dir")

@@ -101,6 +101,12 @@ fn a_short_chaos_campaign_finds_nothing() {
     ] {
         assert!(count(&run, field) > 0, "{field} is 0: {}", run.summary);
     }
+    // treatyd really crashed at its named failpoints (a build without them never does).
+    let at_failpoints: u64 = run.summary["failpoint_crashes"]
+        .as_object()
+        .map(|m| m.values().filter_map(|v| v.as_u64()).sum())
+        .unwrap_or(0);
+    assert!(at_failpoints > 0, "no failpoint crash: {}", run.summary);
     assert!(
         run.stdout.contains("seed 20240601"),
         "the seed is printed first: {}",

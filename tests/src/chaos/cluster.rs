@@ -15,7 +15,7 @@ use super::workload::Account;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -69,7 +69,21 @@ impl Cluster {
         per_instance: usize,
         opening: i64,
     ) -> Result<Cluster, String> {
-        let treatyd = Treatyd::start(&dir.join("treatyd"), &TREATYD_ARGS, &[])?;
+        // Private copies of the binaries: a campaign outlives builds, and a build of the
+        // workspace meanwhile (e.g. `cargo build --release`, which compiles treatyd without
+        // failpoints) would otherwise swap a different treatyd in under the runner.
+        let bin = dir.join("bin");
+        let copy = |from: PathBuf| -> Result<PathBuf, String> {
+            std::fs::create_dir_all(&bin)
+                .map_err(|e| format!("cannot create {}: {e}", bin.display()))?;
+            let to = bin.join(from.file_name().unwrap_or_default());
+            std::fs::copy(&from, &to)
+                .map_err(|e| format!("cannot copy {} to {}: {e}", from.display(), to.display()))?;
+            Ok(to)
+        };
+        let treatyd_bin = copy(treaty_tests::treatyd_bin())?;
+        let bank_bin = copy(treaty_tests::bank_account_bin())?;
+        let treatyd = Treatyd::start_from(treatyd_bin, &dir.join("treatyd"), &TREATYD_ARGS, &[])?;
         let treatyd_uri = treatyd.uri();
         let mut banks = Vec::new();
         let mut bank_uris = Vec::new();
@@ -83,7 +97,12 @@ impl Cluster {
                 .map(|n| format!("{n}={opening}"))
                 .collect::<Vec<_>>()
                 .join(",");
-            let bank = BankAccount::start(&dir.join(format!("bank{i}")), &treatyd_uri, &spec)?;
+            let bank = BankAccount::start_from(
+                bank_bin.clone(),
+                &dir.join(format!("bank{i}")),
+                &treatyd_uri,
+                &spec,
+            )?;
             let proxy = rt
                 .block_on(Proxy::start(bank.proc.addr))
                 .map_err(|e| format!("cannot start the proxy for bank {i}: {e}"))?;

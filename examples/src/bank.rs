@@ -528,6 +528,7 @@ mod tests {
             payload: Leg::payload(account, amount).into(),
             attempt: 1,
             deadline_unix_ms: 0,
+            ..Default::default()
         }
     }
 

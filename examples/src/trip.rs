@@ -292,6 +292,7 @@ mod tests {
             payload: bytes::Bytes::from_static(b"{}"),
             attempt: 1,
             deadline_unix_ms: 0,
+            ..Default::default()
         };
         for b in 0..3u32 {
             let r = clients[b as usize]

@@ -93,6 +93,7 @@ fn req(gid: &str, handler: &str, payload: &[u8]) -> pb::BranchRequest {
         payload: payload.to_vec().into(),
         attempt: 1,
         deadline_unix_ms: 0,
+        ..Default::default()
     }
 }
 
@@ -306,13 +307,22 @@ impl Coordinator for FakeCoordinator {
             .get(&gid)
             .copied()
             .unwrap_or(pb::Outcome::Pending);
-        Ok(Response::new(pb::OutcomeResponse { outcome: o as i32 }))
+        Ok(Response::new(pb::OutcomeResponse {
+            outcome: o as i32,
+            ..Default::default()
+        }))
     }
     async fn retry(
         &self,
         _: Request<pb::RetryRequest>,
     ) -> Result<Response<pb::RetryResponse>, Status> {
         Err(Status::unavailable("fake is down"))
+    }
+    async fn resolve(
+        &self,
+        _: Request<pb::ResolveRequest>,
+    ) -> Result<Response<pb::Transaction>, Status> {
+        Err(Status::unimplemented("fake"))
     }
 }
 

@@ -231,6 +231,7 @@ async fn duplicate_and_reordered_deliveries_have_one_effect() {
         payload: payload("alice", amount).into(),
         attempt: 1,
         deadline_unix_ms: 0,
+        ..Default::default()
     };
     // Prepare twice, commit twice: debited once.
     for _ in 0..2 {

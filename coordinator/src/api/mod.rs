@@ -44,6 +44,7 @@ pub fn to_proto(s: &Snapshot) -> pb::Transaction {
                 state: codec::branch_state_to_proto(b.state) as i32,
                 attempts: b.attempts,
                 last_error: b.last_error.clone(),
+                resolution: None,
             })
             .collect(),
         created_unix_ms: r.created_unix_ms,
@@ -208,6 +209,8 @@ impl Coordinator for CoordinatorService {
         let o = self.rt.outcome(&gid).await.map_err(log_status)?;
         Ok(Response::new(pb::OutcomeResponse {
             outcome: codec::outcome_to_proto(o) as i32,
+            known: true,
+            log_id: String::new(),
         }))
     }
 
@@ -227,5 +230,12 @@ impl Coordinator for CoordinatorService {
                 ))),
             },
         }
+    }
+
+    async fn resolve(
+        &self,
+        _req: Request<pb::ResolveRequest>,
+    ) -> Result<Response<pb::Transaction>, Status> {
+        Err(Status::unimplemented("resolve"))
     }
 }

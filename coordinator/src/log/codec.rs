@@ -80,6 +80,7 @@ pub fn to_proto(rec: &TxRecord) -> pb::LogRecord {
                 state: branch_state_to_proto(b.state).into(),
                 attempts: b.attempts,
                 last_error: b.last_error.clone(),
+                resolution: None,
             })
             .collect(),
         created_unix_ms: rec.created_unix_ms,

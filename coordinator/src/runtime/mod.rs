@@ -690,6 +690,8 @@ impl Shard {
             } else {
                 rec.deadline_unix_ms
             },
+            log_id: String::new(),
+            outcome_endpoint: String::new(),
         };
         let client = rt.pool.client(&b.def.endpoint);
         let timeout = rt.config.call_timeout;

@@ -444,6 +444,7 @@ async fn run(a: RunArgs) -> Result<(), String> {
             payload: bound_payload.clone(),
             attempt: 1,
             deadline_unix_ms: 0,
+            ..Default::default()
         };
         async move {
             match client.commit(req).await {

@@ -32,6 +32,10 @@ impl Default for Limits {
     }
 }
 
+/// The largest `max_deadline` accepted: a year. A transaction's deadline is a timer the
+/// runtime must be able to arm (it re-arms day by day), and a year is beyond any phase one.
+pub const MAX_DEADLINE_LIMIT: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Everything the coordinator runtime and API need.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -51,6 +55,18 @@ pub struct Config {
     /// How long finished transactions are kept, and how often they are collected.
     pub retention: Duration,
     pub gc_interval: Duration,
+    /// How long the tombstone (gid, outcome, fingerprint) of a collected transaction is kept:
+    /// until then a `Begin` reusing the gid is answered from it, never started again, and an
+    /// `Outcome` inquiry gets the real outcome. About 100 bytes per transaction.
+    pub tombstone_retention: Duration,
+    /// Live transactions at most; past it `Begin` answers RESOURCE_EXHAUSTED.
+    pub max_live_transactions: usize,
+    /// Bytes of definitions (payloads, endpoints, handlers) live transactions may hold in
+    /// memory at most; past it `Begin` answers RESOURCE_EXHAUSTED.
+    pub max_live_bytes: usize,
+    /// The gRPC URI participants should use to ask this coordinator about outcomes (sent with
+    /// every branch call). `None`: participants ask their own configured coordinator.
+    pub advertise_url: Option<String>,
     /// On shutdown, how long in-flight calls may finish before the process exits.
     pub shutdown_grace: Duration,
     pub limits: Limits,
@@ -69,6 +85,10 @@ impl Default for Config {
             max_wait: Duration::from_secs(300),
             retention: Duration::from_secs(7 * 24 * 3600),
             gc_interval: Duration::from_secs(600),
+            tombstone_retention: Duration::from_secs(90 * 24 * 3600),
+            max_live_transactions: 1_000_000,
+            max_live_bytes: 4 << 30,
+            advertise_url: None,
             shutdown_grace: Duration::from_secs(10),
             limits: Limits::default(),
         }
@@ -95,6 +115,35 @@ impl Config {
         }
         if self.default_deadline > self.max_deadline {
             return Err("default-deadline must not exceed max-deadline".into());
+        }
+        if self.max_deadline > MAX_DEADLINE_LIMIT {
+            return Err(format!(
+                "max-deadline must be at most {} days",
+                MAX_DEADLINE_LIMIT.as_secs() / 86_400
+            ));
+        }
+        if self.tombstone_retention < self.retention {
+            return Err(
+                "tombstone-retention must be at least retention: a gid must not be \
+                        forgotten while its record could still be collected"
+                    .into(),
+            );
+        }
+        if self.max_live_transactions == 0 || self.max_live_bytes == 0 {
+            return Err(
+                "max-live-transactions and max-live-bytes must be greater than zero".into(),
+            );
+        }
+        if let Some(url) = &self.advertise_url {
+            match url.parse::<http::Uri>() {
+                Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => {}
+                Ok(u) if u.scheme_str() == Some("https") => {
+                    return Err(format!(
+                        "advertise-url {url:?}: https is not supported by this build (no TLS); use http://"
+                    ))
+                }
+                _ => return Err(format!("advertise-url {url:?} is not an http://host:port URI")),
+            }
         }
         if self.default_wait > self.max_wait {
             return Err("default-wait must not exceed max-wait".into());

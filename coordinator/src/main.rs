@@ -103,6 +103,20 @@ struct Cli {
     /// sled page cache size [default: 67108864].
     #[arg(long, env = "TREATY_CACHE_BYTES", value_name = "BYTES")]
     cache_bytes: Option<u64>,
+    /// How long the tombstone (gid, outcome) of a collected transaction is kept; until then
+    /// a Begin reusing the gid is answered from it [default: 7776000 (90 days)].
+    #[arg(long, env = "TREATY_TOMBSTONE_RETENTION_SECS", value_name = "SECS")]
+    tombstone_retention_secs: Option<u64>,
+    /// Live transactions at most; past it Begin answers RESOURCE_EXHAUSTED [default: 1000000].
+    #[arg(long, env = "TREATY_MAX_LIVE_TRANSACTIONS", value_name = "N")]
+    max_live_transactions: Option<usize>,
+    /// Bytes of definitions live transactions may hold in memory [default: 4294967296].
+    #[arg(long, env = "TREATY_MAX_LIVE_BYTES", value_name = "BYTES")]
+    max_live_bytes: Option<usize>,
+    /// gRPC URI participants use to ask this coordinator about outcomes, sent with every
+    /// branch call [default: http://<listen address>, unless it is 0.0.0.0 or [::]].
+    #[arg(long, env = "TREATY_ADVERTISE_URL", value_name = "URL")]
+    advertise_url: Option<String>,
 }
 
 /// The same settings as the flags, read from the TOML file.
@@ -130,6 +144,10 @@ struct FileConfig {
     max_gid_bytes: Option<usize>,
     max_handler_bytes: Option<usize>,
     cache_bytes: Option<u64>,
+    tombstone_retention_secs: Option<u64>,
+    max_live_transactions: Option<usize>,
+    max_live_bytes: Option<usize>,
+    advertise_url: Option<String>,
 }
 
 struct Settings {
@@ -179,6 +197,13 @@ fn settings(cli: Cli) -> Result<Settings, String> {
         max_wait: ms(pick!(max_wait_ms, d.max_wait.as_millis() as u64)),
         retention: secs(pick!(retention_secs, d.retention.as_secs())),
         gc_interval: secs(pick!(gc_interval_secs, d.gc_interval.as_secs())),
+        tombstone_retention: secs(pick!(
+            tombstone_retention_secs,
+            d.tombstone_retention.as_secs()
+        )),
+        max_live_transactions: pick!(max_live_transactions, d.max_live_transactions),
+        max_live_bytes: pick!(max_live_bytes, d.max_live_bytes),
+        advertise_url: cli.advertise_url.clone().or(file.advertise_url.clone()),
         shutdown_grace: ms(pick!(
             shutdown_grace_ms,
             d.shutdown_grace.as_millis() as u64
@@ -268,7 +293,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(s: Settings) -> Result<(), String> {
+async fn serve(mut s: Settings) -> Result<(), String> {
     let opts = SledLogOptions {
         cache_capacity_bytes: s.cache_bytes,
     };
@@ -287,6 +312,9 @@ async fn serve(s: Settings) -> Result<(), String> {
     // Tests and scripts that pass port 0 read the real address from this line.
     if let Ok(addr) = listener.local_addr() {
         println!("treatyd listening on {addr}");
+        if s.config.advertise_url.is_none() && !addr.ip().is_unspecified() {
+            s.config.advertise_url = Some(format!("http://{addr}"));
+        }
     }
     #[cfg(feature = "failpoints")]
     {

@@ -19,6 +19,8 @@ pub enum ServeError {
     Config(String),
     #[error("cannot recover transactions from the log: {0}")]
     Recover(#[source] LogError),
+    #[error("stopped after a failure (fail-stop); restart to recover from the log on disk: {0}")]
+    Failed(String),
     #[error("cannot make the log durable at shutdown: {0}")]
     Shutdown(#[source] LogError),
     #[error("gRPC server failed: {0}")]
@@ -53,8 +55,12 @@ pub async fn run_with_mutations(
     config.validate().map_err(ServeError::Config)?;
     let grace = config.shutdown_grace;
     let gc_interval = config.gc_interval;
+    let max_message_bytes = config.limits.max_tx_bytes.saturating_add(64 << 10);
+    // What a killed process left in the page cache may not be on disk: make it durable
+    // before recovery acts on it (a record read back must be one a crash would keep).
+    log.sync().await.map_err(ServeError::Recover)?;
     let rt = Runtime::with_mutations(log, config, mutations);
-    let resumed = rt.recover().map_err(ServeError::Recover)?;
+    let resumed = rt.recover().await.map_err(ServeError::Recover)?;
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, resumed, "treaty coordinator serving");
 
@@ -76,10 +82,11 @@ pub async fn run_with_mutations(
                 tick.tick().await;
                 let rt = rt.clone();
                 match tokio::task::spawn_blocking(move || rt.collect_garbage()).await {
-                    Ok(Ok(0)) => {}
-                    Ok(Ok(n)) => tracing::info!(
-                        collected = n,
-                        "finished transactions past retention deleted"
+                    Ok(Ok((0, 0))) => {}
+                    Ok(Ok((records, tombstones))) => tracing::info!(
+                        records,
+                        tombstones,
+                        "retention: finished transactions replaced by tombstones, old tombstones deleted"
                     ),
                     Ok(Err(e)) => tracing::warn!(error = %e, "retention collection failed"),
                     Err(e) => tracing::warn!(error = %e, "retention task failed"),
@@ -93,7 +100,12 @@ pub async fn run_with_mutations(
     let server = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
-        .add_service(CoordinatorServer::new(CoordinatorService::new(rt.clone())))
+        .add_service(
+            // tonic's default 4 MiB decode limit would refuse a valid transaction of
+            // max_tx_bytes before validation could say why.
+            CoordinatorServer::new(CoordinatorService::new(rt.clone()))
+                .max_decoding_message_size(max_message_bytes),
+        )
         // Nagle off on accepted connections: small HTTP/2 frames must not wait for ACKs.
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
@@ -107,6 +119,16 @@ pub async fn run_with_mutations(
                 Ok(r) => r.map_err(ServeError::from),
                 Err(e) => Err(ServeError::Config(format!("server task failed: {e}"))),
             };
+        }
+        why = rt.failed() => {
+            // Fail-stop: nothing more is answered; the caller exits and the next start
+            // recovers from the disk. No graceful drain: the log can vouch for nothing.
+            health_reporter
+                .set_not_serving::<CoordinatorServer<CoordinatorService>>()
+                .await;
+            gc.abort();
+            server.abort();
+            return Err(ServeError::Failed(why));
         }
         _ = shutdown => {}
     }

@@ -1073,7 +1073,7 @@ impl Sim {
         self.up = true;
         let records = self
             .log
-            .scan_active()
+            .scan_active(None, usize::MAX)
             .expect("every record in the memory log decodes");
         self.note(
             Actor::Coord,

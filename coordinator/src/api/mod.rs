@@ -6,7 +6,7 @@ pub mod validate;
 use crate::engine::{Mode, Outcome};
 use crate::log::codec;
 use crate::log::{ListFilter, LogError};
-use crate::runtime::{now_ms, BeginError, Runtime, Snapshot, WatchTarget};
+use crate::runtime::{now_ms, BeginError, ResolveError, Runtime, Snapshot, WatchTarget};
 use std::pin::Pin;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -44,7 +44,7 @@ pub fn to_proto(s: &Snapshot) -> pb::Transaction {
                 state: codec::branch_state_to_proto(b.state) as i32,
                 attempts: b.attempts,
                 last_error: b.last_error.clone(),
-                resolution: None,
+                resolution: b.resolution.as_ref().map(codec::resolution_to_proto),
             })
             .collect(),
         created_unix_ms: r.created_unix_ms,
@@ -56,10 +56,23 @@ pub fn to_proto(s: &Snapshot) -> pb::Transaction {
 
 fn log_status(e: LogError) -> Status {
     match e {
-        LogError::Closed => Status::unavailable(e.to_string()),
+        LogError::Closed | LogError::Stopped(_) => Status::unavailable(e.to_string()),
         other => Status::internal(other.to_string()),
     }
 }
+
+fn begin_status(e: BeginError) -> Status {
+    match e {
+        BeginError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+        BeginError::ShuttingDown => Status::unavailable(e.to_string()),
+        BeginError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
+        BeginError::Log(l) => log_status(l),
+    }
+}
+
+/// Bounds on the free-text fields of `Resolve`, which are stored in the log.
+const OPERATOR_BYTES_MAX: usize = 256;
+const REASON_BYTES_MAX: usize = 1024;
 
 fn check_gid(gid: &str, rt: &Runtime) -> Result<(), Status> {
     validate::gid("gid", gid, &rt.config().limits).map_err(|e| Status::invalid_argument(e.0))
@@ -75,11 +88,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::BeginResponse>, Status> {
         let (def, wait) = validate::begin(req.into_inner(), self.rt.config())
             .map_err(|e| Status::invalid_argument(e.0))?;
-        let begun = self.rt.begin(def, wait).await.map_err(|e| match e {
-            BeginError::AlreadyExists(_) => Status::already_exists(e.to_string()),
-            BeginError::ShuttingDown => Status::unavailable(e.to_string()),
-            BeginError::Log(l) => log_status(l),
-        })?;
+        let begun = self.rt.begin(def, wait).await.map_err(begin_status)?;
         Ok(Response::new(pb::BeginResponse {
             gid: begun.gid,
             outcome: codec::outcome_to_proto(begun.outcome) as i32,
@@ -135,22 +144,17 @@ impl Coordinator for CoordinatorService {
             created_before_unix_ms: (req.min_age_ms > 0)
                 .then(|| now_ms().saturating_sub(req.min_age_ms)),
         };
-        let before = (!req.page_token.is_empty()).then_some(req.page_token.as_str());
-        let page = self
+        let cursor = (!req.page_token.is_empty()).then_some(req.page_token.as_str());
+        let (page, next) = self
             .rt
-            .list(&filter, before, limit)
+            .list(&filter, cursor, limit)
             .await
             .map_err(log_status)?;
-        let next_page_token = if page.len() == limit {
-            page.last()
-                .map(|s| s.record.gid.clone())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
         Ok(Response::new(pb::ListResponse {
             transactions: page.iter().map(to_proto).collect(),
-            next_page_token,
+            // The cursor is where the scan stopped, not the last match: a short page (the
+            // scan budget ran out) still continues, and only the end of the log ends paging.
+            next_page_token: next.unwrap_or_default(),
         }))
     }
 
@@ -163,7 +167,7 @@ impl Coordinator for CoordinatorService {
         let gid = req.into_inner().gid;
         check_gid(&gid, &self.rt)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        match self.rt.watch(&gid).await.map_err(log_status)? {
+        match self.rt.watch(&gid).await.map_err(begin_status)? {
             WatchTarget::Unknown => {
                 return Err(Status::not_found(format!(
                     "no transaction with gid {gid:?}"
@@ -176,14 +180,19 @@ impl Coordinator for CoordinatorService {
                 tokio::spawn(async move {
                     loop {
                         let current = snap.borrow_and_update().clone();
-                        // Ends at the terminal phase once its outcome can be told (a saga's final record
-                        // is terminal in memory before it is durable).
+                        // Ends at the terminal phase once its outcome can be told.
                         let terminal = current.record.phase.is_terminal()
                             && current.outcome != Outcome::Pending;
                         if tx.send(Ok(to_proto(&current))).await.is_err() || terminal {
                             return;
                         }
-                        if snap.changed().await.is_err() {
+                        let changed = tokio::select! {
+                            c = snap.changed() => c,
+                            // The client went away: stop watching a transaction that may
+                            // never change again, rather than hold its receiver forever.
+                            _ = tx.closed() => return,
+                        };
+                        if changed.is_err() {
                             // The driver finished; its last snapshot is the terminal one.
                             let last = snap.borrow().clone();
                             if last.record.seq != current.record.seq {
@@ -208,9 +217,9 @@ impl Coordinator for CoordinatorService {
         check_gid(&gid, &self.rt)?;
         let o = self.rt.outcome(&gid).await.map_err(log_status)?;
         Ok(Response::new(pb::OutcomeResponse {
-            outcome: codec::outcome_to_proto(o) as i32,
-            known: true,
-            log_id: String::new(),
+            outcome: codec::outcome_to_proto(o.outcome) as i32,
+            known: o.known,
+            log_id: self.rt.log().log_id().to_string(),
         }))
     }
 
@@ -220,7 +229,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::RetryResponse>, Status> {
         let gid = req.into_inner().gid;
         check_gid(&gid, &self.rt)?;
-        match self.rt.retry(&gid).await {
+        match self.rt.retry(&gid).await.map_err(log_status)? {
             Some(n) => Ok(Response::new(pb::RetryResponse { retried: n })),
             // Not live: finished, so there is nothing to retry.
             None => match self.rt.get(&gid).await.map_err(log_status)? {
@@ -234,8 +243,35 @@ impl Coordinator for CoordinatorService {
 
     async fn resolve(
         &self,
-        _req: Request<pb::ResolveRequest>,
+        req: Request<pb::ResolveRequest>,
     ) -> Result<Response<pb::Transaction>, Status> {
-        Err(Status::unimplemented("resolve"))
+        let req = req.into_inner();
+        check_gid(&req.gid, &self.rt)?;
+        for (field, value, max) in [
+            ("operator", &req.operator, OPERATOR_BYTES_MAX),
+            ("reason", &req.reason, REASON_BYTES_MAX),
+        ] {
+            if value.trim().is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "{field}: required: a resolution by hand is an audited action"
+                )));
+            }
+            if value.len() > max {
+                return Err(Status::invalid_argument(format!(
+                    "{field}: at most {max} bytes allowed, got {}",
+                    value.len()
+                )));
+            }
+        }
+        match self
+            .rt
+            .resolve(&req.gid, req.branch_id, &req.operator, &req.reason)
+            .await
+        {
+            Ok(s) => Ok(Response::new(to_proto(&s))),
+            Err(e @ ResolveError::NotLive(_)) => Err(Status::failed_precondition(e.to_string())),
+            Err(e @ ResolveError::Refused(_)) => Err(Status::failed_precondition(e.to_string())),
+            Err(ResolveError::Log(l)) => Err(log_status(l)),
+        }
     }
 }

@@ -51,10 +51,17 @@ fn endpoint(field: &str, ep: &str, limits: &Limits) -> Result<(), Invalid> {
         .parse()
         .map_err(|e| invalid(format!("{field}: not a valid URI ({e}): {ep:?}")))?;
     match uri.scheme_str() {
-        Some("http") | Some("https") => {}
+        Some("http") => {}
+        // tonic dials an https URI in plaintext without a TLS feature, so every call would
+        // fail and the transaction would hang in retries: refuse it up front.
+        Some("https") => {
+            return Err(invalid(format!(
+                "{field}: https:// is not supported by this treatyd (it is built without TLS); use http://, got {ep:?}"
+            )))
+        }
         _ => {
             return Err(invalid(format!(
-                "{field}: must be an http:// or https:// URI, got {ep:?}"
+                "{field}: must be an http:// URI, got {ep:?}"
             )))
         }
     }

@@ -12,7 +12,9 @@
 //! - A reply for an unknown branch, for an operation the branch is no longer doing, a duplicate
 //!   of an answer already taken, or a transient error from an outdated attempt is ignored.
 
-use super::types::{BranchRecord, BranchState, Mode, Outcome, Phase, RetryPolicy, TxRecord};
+use super::types::{
+    BranchRecord, BranchState, Mode, Outcome, Phase, Resolution, RetryPolicy, TxRecord,
+};
 
 /// An operation the coordinator asks a participant to do for one branch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -139,6 +141,12 @@ pub struct Tx {
     gate: Option<(u64, Gate)>,
     /// Highest seq known durable.
     durable_seq: u64,
+    /// Seq of the latest forced write issued (0: none).
+    forced_seq: u64,
+    /// Phase of the latest record issued, and the phase of the record issued before the
+    /// latest forced write: what may be shown while that write is in flight.
+    persisted_phase: Phase,
+    phase_before_forced: Phase,
     /// Seq of the `Committing` record, once written.
     decision_seq: Option<u64>,
     decided: Option<Outcome>,
@@ -174,6 +182,7 @@ impl Tx {
                 state: BranchState::Pending,
                 attempts: 0,
                 last_error: String::new(),
+                resolution: None,
             })
             .collect();
         let rec = TxRecord {
@@ -207,10 +216,13 @@ impl Tx {
             rec.branches.len()
         ];
         Tx {
+            persisted_phase: rec.phase,
+            phase_before_forced: rec.phase,
             rec,
             calls,
             gate: None,
             durable_seq,
+            forced_seq: 0,
             decision_seq: (rec_phase_is_committing).then_some(durable_seq),
             decided: None,
             finished: false,
@@ -238,11 +250,109 @@ impl Tx {
         self.finished
     }
 
+    /// Whether a forced write was issued and is not reported durable yet. While it is, the
+    /// current record must not be shown to anyone: it may never reach the disk.
+    pub fn forced_pending(&self) -> bool {
+        self.forced_seq > self.durable_seq
+    }
+
+    /// Whether the transaction's first record (`Begun`) is durable, i.e. it may be told to
+    /// exist. Always true for a recovered transaction.
+    pub fn begun_durable(&self) -> bool {
+        self.durable_seq >= 1
+    }
+
+    /// The highest record seq known durable.
+    pub fn durable_seq(&self) -> u64 {
+        self.durable_seq
+    }
+
+    /// The phase that may be told: the current one, or while a forced write is in flight the
+    /// phase recorded before it (a `Committing` decision is not a decision until durable).
+    pub fn visible_phase(&self) -> Phase {
+        if self.forced_pending() {
+            self.phase_before_forced
+        } else {
+            self.rec.phase
+        }
+    }
+
+    /// An operator declares that `branch`'s phase-two operation (commit, abort or
+    /// compensate) was carried out by hand: the branch is done, the record keeps who, when
+    /// and why (written forced: it is an audit record), and the transaction moves on.
+    ///
+    /// Allowed only for a branch whose phase-two operation is outstanding; anything else
+    /// (phase one, a finished branch, a saga step not being compensated now) is refused
+    /// with the reason, and nothing changes.
+    pub fn resolve(
+        &mut self,
+        now_ms: u64,
+        branch: u32,
+        operator: &str,
+        reason: &str,
+    ) -> Result<Vec<Command>, String> {
+        let b = branch as usize;
+        if self.finished {
+            return Err("the transaction is finished".into());
+        }
+        if b >= self.calls.len() {
+            return Err(format!(
+                "no branch {branch}: the transaction has {} branches",
+                self.calls.len()
+            ));
+        }
+        let op = match self.calls[b].op {
+            Some(op) if op.is_phase_two() && self.calls[b].status != CallStatus::Idle => op,
+            _ => {
+                return Err(format!(
+                    "branch {branch} has no outstanding commit, abort or compensation (state \
+                     {:?}, transaction {:?}); only those can be resolved by hand",
+                    self.rec.branches[b].state, self.rec.phase
+                ))
+            }
+        };
+        let mut out = Vec::new();
+        self.calls[b] = Call {
+            op: None,
+            status: CallStatus::Idle,
+        };
+        self.rec.branches[b].resolution = Some(Resolution {
+            operator: operator.to_string(),
+            unix_ms: now_ms,
+            reason: reason.to_string(),
+        });
+        self.rec.branches[b].last_error.clear();
+        let done = if op == Op::Commit {
+            BranchState::Committed
+        } else {
+            BranchState::Aborted
+        };
+        self.set_state(b, done);
+        if !self
+            .calls
+            .iter()
+            .any(|c| c.op.is_some_and(Op::is_phase_two) && c.status != CallStatus::Idle)
+        {
+            self.rec.stuck = false;
+        }
+        self.persist(now_ms, true, None, &mut out);
+        match op {
+            Op::Compensate => self.compensate_next(now_ms, &mut out),
+            _ => self.maybe_finish_phase_two(now_ms, &mut out),
+        }
+        Ok(out)
+    }
+
     /// Handle one event at time `now_ms` (unix ms; only used to stamp records and to compare
     /// with the deadline on recovery). Returns the commands to carry out, in order.
     pub fn handle(&mut self, now_ms: u64, event: Event) -> Vec<Command> {
         let mut out = Vec::new();
         if self.finished {
+            // A finished transaction may still have a forced write in flight (an operator's
+            // resolution right before the end); its durability is still news.
+            if let Event::Durable { seq } = event {
+                self.durable_seq = self.durable_seq.max(seq);
+            }
             return out;
         }
         match event {
@@ -681,6 +791,11 @@ impl Tx {
 
     fn persist(&mut self, now_ms: u64, forced: bool, gate: Option<Gate>, out: &mut Vec<Command>) {
         self.rec.seq += 1;
+        if forced {
+            self.forced_seq = self.rec.seq;
+            self.phase_before_forced = self.persisted_phase;
+        }
+        self.persisted_phase = self.rec.phase;
         self.rec.updated_unix_ms = now_ms.max(self.rec.updated_unix_ms);
         if let Some(g) = gate {
             self.gate = Some((self.rec.seq, g));

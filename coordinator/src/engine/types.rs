@@ -107,6 +107,17 @@ pub struct BranchDef {
     pub compensation_payload: Bytes,
 }
 
+/// An operator's manual resolution of a branch (`Coordinator.Resolve`): the audit trail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolution {
+    /// Who resolved it.
+    pub operator: String,
+    /// When, unix ms.
+    pub unix_ms: u64,
+    /// Why, as the operator put it.
+    pub reason: String,
+}
+
 /// One branch in the log: its definition and what the coordinator knows of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BranchRecord {
@@ -116,6 +127,47 @@ pub struct BranchRecord {
     pub attempts: u32,
     /// The last transient error, for operators.
     pub last_error: String,
+    /// Set when an operator resolved the branch by hand.
+    pub resolution: Option<Resolution>,
+}
+
+/// SHA-256 of a transaction's definition (mode and every branch), to tell a resubmission of
+/// the same transaction from a different one that reuses its gid. Every variable-length
+/// field is length-prefixed, so no two definitions share an encoding.
+pub fn fingerprint(mode: Mode, branches: &[BranchDef]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"treaty.tx.v1");
+    h.update([match mode {
+        Mode::TwoPhase => 1u8,
+        Mode::Saga => 2u8,
+    }]);
+    h.update((branches.len() as u64).to_be_bytes());
+    for b in branches {
+        for field in [
+            b.endpoint.as_bytes(),
+            b.handler.as_bytes(),
+            &b.payload[..],
+            &b.compensation_payload[..],
+        ] {
+            h.update((field.len() as u64).to_be_bytes());
+            h.update(field);
+        }
+    }
+    h.finalize().into()
+}
+
+/// What stays of a finished transaction once retention collected its record: enough to
+/// answer a `Begin` that reuses the gid, and an `Outcome` inquiry, for a long horizon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tombstone {
+    pub gid: String,
+    /// `Committed` or `Aborted`.
+    pub outcome: Outcome,
+    /// [`fingerprint`] of the definition.
+    pub fingerprint: [u8; 32],
+    /// When the record was collected, unix ms (the tombstone's own retention starts here).
+    pub collected_unix_ms: u64,
 }
 
 /// The durable record of one transaction. The log stores the latest copy per gid.
@@ -152,5 +204,25 @@ impl TxRecord {
         self.mode == mode
             && self.branches.len() == branches.len()
             && self.branches.iter().zip(branches).all(|(b, d)| &b.def == d)
+    }
+
+    /// [`fingerprint`] of this record's definition.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let defs: Vec<BranchDef> = self.branches.iter().map(|b| b.def.clone()).collect();
+        fingerprint(self.mode, &defs)
+    }
+
+    /// The tombstone that replaces this terminal record when retention collects it.
+    pub fn tombstone(&self, collected_unix_ms: u64) -> Tombstone {
+        debug_assert!(
+            self.phase.is_terminal(),
+            "only finished records are collected"
+        );
+        Tombstone {
+            gid: self.gid.clone(),
+            outcome: self.outcome(),
+            fingerprint: self.fingerprint(),
+            collected_unix_ms,
+        }
     }
 }

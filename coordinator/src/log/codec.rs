@@ -6,7 +6,8 @@
 //! field, so a damaged log stops startup instead of being misread.
 
 use crate::engine::types::{
-    BranchDef, BranchRecord, BranchState, Mode, Outcome, Phase, RetryPolicy, TxRecord,
+    BranchDef, BranchRecord, BranchState, Mode, Outcome, Phase, Resolution, RetryPolicy, Tombstone,
+    TxRecord,
 };
 use prost::Message;
 use treaty_proto::v1 as pb;
@@ -80,7 +81,7 @@ pub fn to_proto(rec: &TxRecord) -> pb::LogRecord {
                 state: branch_state_to_proto(b.state).into(),
                 attempts: b.attempts,
                 last_error: b.last_error.clone(),
-                resolution: None,
+                resolution: b.resolution.as_ref().map(resolution_to_proto),
             })
             .collect(),
         created_unix_ms: rec.created_unix_ms,
@@ -123,6 +124,7 @@ pub fn from_proto(msg: pb::LogRecord) -> Result<TxRecord, DecodeError> {
             state,
             attempts: b.attempts,
             last_error: b.last_error,
+            resolution: b.resolution.map(resolution_from_proto),
         });
     }
     Ok(TxRecord {
@@ -137,6 +139,92 @@ pub fn from_proto(msg: pb::LogRecord) -> Result<TxRecord, DecodeError> {
         stuck: msg.stuck,
         seq: msg.seq,
     })
+}
+
+/// [`Resolution`] to its protobuf form.
+pub fn resolution_to_proto(r: &Resolution) -> pb::OperatorResolution {
+    pb::OperatorResolution {
+        operator: r.operator.clone(),
+        unix_ms: r.unix_ms,
+        reason: r.reason.clone(),
+    }
+}
+
+/// The protobuf `OperatorResolution` to [`Resolution`].
+pub fn resolution_from_proto(r: pb::OperatorResolution) -> Resolution {
+    Resolution {
+        operator: r.operator,
+        unix_ms: r.unix_ms,
+        reason: r.reason,
+    }
+}
+
+/// Encodes a [`Tombstone`] (same format version as records).
+pub fn encode_tombstone(t: &Tombstone) -> Vec<u8> {
+    pb::Tombstone {
+        format_version: treaty_proto::LOG_FORMAT_VERSION,
+        gid: t.gid.clone(),
+        outcome: outcome_to_proto(t.outcome).into(),
+        fingerprint: t.fingerprint.to_vec().into(),
+        collected_unix_ms: t.collected_unix_ms,
+    }
+    .encode_to_vec()
+}
+
+/// Decodes bytes written by [`encode_tombstone`]. Never panics on bad input.
+pub fn decode_tombstone(bytes: &[u8]) -> Result<Tombstone, DecodeError> {
+    let msg = pb::Tombstone::decode(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if msg.format_version != treaty_proto::LOG_FORMAT_VERSION {
+        return Err(DecodeError::UnknownVersion {
+            found: msg.format_version,
+            supported: treaty_proto::LOG_FORMAT_VERSION,
+        });
+    }
+    if msg.gid.is_empty() {
+        return Err(invalid("gid", "empty"));
+    }
+    let outcome = match pb::Outcome::try_from(msg.outcome) {
+        Ok(pb::Outcome::Committed) => Outcome::Committed,
+        Ok(pb::Outcome::Aborted) => Outcome::Aborted,
+        _ => return Err(invalid("outcome", format!("not final: {}", msg.outcome))),
+    };
+    let fingerprint: [u8; 32] = msg.fingerprint[..].try_into().map_err(|_| {
+        invalid(
+            "fingerprint",
+            format!("{} bytes, want 32", msg.fingerprint.len()),
+        )
+    })?;
+    Ok(Tombstone {
+        gid: msg.gid,
+        outcome,
+        fingerprint,
+        collected_unix_ms: msg.collected_unix_ms,
+    })
+}
+
+/// Encodes a log's identity record.
+pub fn encode_meta(log_id: &str, created_unix_ms: u64) -> Vec<u8> {
+    pb::LogMeta {
+        format_version: treaty_proto::LOG_FORMAT_VERSION,
+        log_id: log_id.to_string(),
+        created_unix_ms,
+    }
+    .encode_to_vec()
+}
+
+/// The log id in bytes written by [`encode_meta`].
+pub fn decode_meta(bytes: &[u8]) -> Result<String, DecodeError> {
+    let msg = pb::LogMeta::decode(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if msg.format_version != treaty_proto::LOG_FORMAT_VERSION {
+        return Err(DecodeError::UnknownVersion {
+            found: msg.format_version,
+            supported: treaty_proto::LOG_FORMAT_VERSION,
+        });
+    }
+    if uuid::Uuid::parse_str(&msg.log_id).is_err() {
+        return Err(invalid("log_id", format!("not a UUID: {:?}", msg.log_id)));
+    }
+    Ok(msg.log_id)
 }
 
 fn invalid(field: &str, reason: impl ToString) -> DecodeError {
@@ -318,6 +406,11 @@ mod tests {
                 state: BranchState::InDoubt,
                 attempts: 3,
                 last_error: "connection refused".into(),
+                resolution: Some(Resolution {
+                    operator: "ops@example".into(),
+                    unix_ms: 4,
+                    reason: "refunded by hand".into(),
+                }),
             }],
             created_unix_ms: 1,
             updated_unix_ms: 2,
@@ -366,6 +459,11 @@ mod tests {
                 state: BRANCH_STATES[rng.gen_range(0..BRANCH_STATES.len())],
                 attempts: rng.gen(),
                 last_error: random_string(rng, 20),
+                resolution: rng.gen_bool(0.2).then(|| Resolution {
+                    operator: random_string(rng, 8),
+                    unix_ms: rng.gen(),
+                    reason: random_string(rng, 20),
+                }),
             })
             .collect();
         TxRecord {

@@ -1,51 +1,106 @@
 //! [`MemoryLog`]: an in-memory [`LogStore`] that models durability, for tests and the
 //! deterministic simulation.
 //!
-//! It keeps two things: the `durable` map (what survives a crash) and the list of pending
+//! It keeps two things: the durable state (what survives a crash) and the list of pending
 //! writes and deletions not yet durable, in the order they were issued. An unforced put or a
 //! deletion becomes pending; a forced put or [`LogStore::sync`] makes every pending write
 //! durable, in order, like one group-commit flush of a real disk. [`MemoryLog::crash`] throws
 //! the pending writes away, as a power loss would.
 //!
+//! Faults for tests of the runtime: [`MemoryLog::hold_syncs`] makes forced writes wait until
+//! [`MemoryLog::release_syncs`] (a slow disk), and [`MemoryLog::fail_syncs`] makes them fail
+//! after their record was applied, as a failed fsync does on a real disk;
+//! [`MemoryLog::fault_at`] starts either at the first forced write of a record in a given
+//! phase, so a test can aim at one decision without racing the runtime.
+//!
 //! Records are stored encoded with [`codec`], so the simulation exercises the codec too.
-//! Everything is synchronous and needs no runtime: the futures returned are already ready.
+//! Without held syncs everything is synchronous and needs no runtime: the futures returned
+//! are already ready.
 
 use super::codec;
-use super::{ListFilter, LogError, LogStats, LogStore};
-use crate::engine::types::TxRecord;
+use super::{ListFilter, ListPage, LogError, LogStats, LogStore, LIST_SCANNED_PER_RESULT_MAX};
+use crate::engine::types::{Phase, Tombstone, TxRecord};
 use futures::future::{BoxFuture, FutureExt};
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// The path reported in errors; there is no file.
 const PATH: &str = "<memory>";
 
-/// How many records [`LogStore::list`] examines per record it may return, as the sled
-/// backend does (see `super::sled::LIST_SCANNED_PER_RESULT_MAX`), so that pagination behaves
-/// the same in the simulation as in production.
-const LIST_SCANNED_PER_RESULT_MAX: usize = super::sled::LIST_SCANNED_PER_RESULT_MAX;
-
 /// An in-memory log that knows which writes would survive a crash. Cheap to share behind an
 /// `Arc`; all methods take `&self`.
-#[derive(Default)]
 pub struct MemoryLog {
-    state: Mutex<State>,
+    log_id: String,
+    /// Shared with forced writes held by [`MemoryLog::hold_syncs`], which finish later.
+    state: Arc<Mutex<State>>,
+}
+
+impl Default for MemoryLog {
+    fn default() -> Self {
+        MemoryLog {
+            log_id: uuid::Uuid::new_v4().to_string(),
+            state: Arc::default(),
+        }
+    }
+}
+
+/// The stored maps: records and tombstones, by gid.
+#[derive(Clone, Default)]
+struct Maps {
+    records: BTreeMap<String, Vec<u8>>,
+    tombs: BTreeMap<String, Tombstone>,
 }
 
 #[derive(Default)]
 struct State {
-    /// What a crash leaves: gid -> encoded record.
-    durable: BTreeMap<String, Vec<u8>>,
+    /// What a crash leaves.
+    durable: Maps,
     /// Writes issued but not yet durable, oldest first.
     pending: Vec<Op>,
     /// What readers see: `durable` with `pending` applied.
-    visible: BTreeMap<String, Vec<u8>>,
+    visible: Maps,
     stats: LogStats,
+    /// Forced writes wait here while syncs are held.
+    held: Option<Vec<futures::channel::oneshot::Sender<()>>>,
+    /// While set, forced writes and syncs fail with this message (nothing becomes durable).
+    failing: Option<String>,
+    /// A fault that starts at the first forced write of a record in this phase.
+    armed: Option<(Phase, Fault)>,
+}
+
+/// What [`MemoryLog::fault_at`] starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Hold forced writes and syncs, from that write on, until [`MemoryLog::release_syncs`].
+    Hold,
+    /// Fail that write and every sync after it (as after an fsync EIO).
+    Fail,
 }
 
 enum Op {
     Put(String, Vec<u8>),
     Delete(String),
+    PutTomb(Tombstone),
+    DeleteTomb(String),
+}
+
+impl Maps {
+    fn apply(&mut self, op: &Op) {
+        match op {
+            Op::Put(gid, bytes) => {
+                self.records.insert(gid.clone(), bytes.clone());
+            }
+            Op::Delete(gid) => {
+                self.records.remove(gid);
+            }
+            Op::PutTomb(t) => {
+                self.tombs.insert(t.gid.clone(), t.clone());
+            }
+            Op::DeleteTomb(gid) => {
+                self.tombs.remove(gid);
+            }
+        }
+    }
 }
 
 impl State {
@@ -54,29 +109,39 @@ impl State {
         if self.pending.is_empty() {
             return;
         }
-        for op in self.pending.drain(..) {
-            match op {
-                Op::Put(gid, bytes) => {
-                    self.durable.insert(gid, bytes);
-                }
-                Op::Delete(gid) => {
-                    self.durable.remove(&gid);
-                }
-            }
+        for op in std::mem::take(&mut self.pending) {
+            self.durable.apply(&op);
         }
         self.stats.flushes += 1;
+    }
+
+    /// Issues `op`: visible at once, durable at the next flush.
+    fn issue(&mut self, op: Op) {
+        self.visible.apply(&op);
+        self.pending.push(op);
     }
 }
 
 impl MemoryLog {
-    /// An empty log.
+    /// An empty log with a new identity.
     pub fn new() -> MemoryLog {
         MemoryLog::default()
     }
 
     /// [`LogStore::put`] without a future: writes `rec`; when `forced`, makes it and every
-    /// earlier pending write durable before returning.
+    /// earlier pending write durable before returning (syncs must not be held).
     pub fn put_sync(&self, rec: TxRecord, forced: bool) -> Result<(), LogError> {
+        self.apply(rec, forced)?;
+        if forced {
+            let mut st = self.lock();
+            assert!(st.held.is_none(), "put_sync with held syncs");
+            Self::flush_or_fail(&mut st)?;
+        }
+        Ok(())
+    }
+
+    /// Applies a write (visible, pending) and counts it.
+    fn apply(&self, rec: TxRecord, forced: bool) -> Result<(), LogError> {
         if rec.gid.is_empty() {
             // The codec refuses to read such a record back; refuse to write it.
             return Err(LogError::Io {
@@ -87,13 +152,39 @@ impl MemoryLog {
         let bytes = codec::encode(&rec);
         debug_assert_eq!(codec::decode(&bytes).as_ref(), Ok(&rec));
         let mut st = self.lock();
-        st.visible.insert(rec.gid.clone(), bytes.clone());
-        st.pending.push(Op::Put(rec.gid, bytes));
+        if forced && st.armed.is_some_and(|(p, _)| p == rec.phase) {
+            match st.armed.take().map(|(_, f)| f) {
+                Some(Fault::Hold) if st.held.is_none() => st.held = Some(Vec::new()),
+                Some(Fault::Fail) => {
+                    st.failing = Some(format!(
+                        "injected fsync failure at the forced write of gid {:?} in phase {:?}",
+                        rec.gid, rec.phase
+                    ))
+                }
+                _ => {}
+            }
+        }
+        st.issue(Op::Put(rec.gid, bytes));
         st.stats.writes += 1;
         if forced {
             st.stats.forced_writes += 1;
-            st.flush();
         }
+        Ok(())
+    }
+
+    /// Arms `fault` to start at the first forced write of a record in `phase`.
+    pub fn fault_at(&self, phase: Phase, fault: Fault) {
+        self.lock().armed = Some((phase, fault));
+    }
+
+    fn flush_or_fail(st: &mut State) -> Result<(), LogError> {
+        if let Some(msg) = &st.failing {
+            return Err(LogError::Io {
+                doing: "syncing the memory log".into(),
+                source: std::io::Error::other(msg.clone()),
+            });
+        }
+        st.flush();
         Ok(())
     }
 
@@ -102,8 +193,36 @@ impl MemoryLog {
         self.lock().flush();
     }
 
+    /// From now on forced writes and syncs wait (a slow disk) until [`MemoryLog::release_syncs`].
+    pub fn hold_syncs(&self) {
+        let mut st = self.lock();
+        if st.held.is_none() {
+            st.held = Some(Vec::new());
+        }
+    }
+
+    /// Lets every held forced write and sync complete (succeeding or failing per
+    /// [`MemoryLog::fail_syncs`]), and stops holding new ones.
+    pub fn release_syncs(&self) {
+        let held = self.lock().held.take().unwrap_or_default();
+        for h in held {
+            let _ = h.send(());
+        }
+    }
+
+    /// Forced writes and syncs waiting in [`MemoryLog::hold_syncs`].
+    pub fn held_syncs(&self) -> usize {
+        self.lock().held.as_ref().map_or(0, Vec::len)
+    }
+
+    /// From now on forced writes and syncs fail with `message` after their record was
+    /// applied (as a failed fsync leaves the page cache), until called with `None`.
+    pub fn fail_syncs(&self, message: Option<&str>) {
+        self.lock().failing = message.map(str::to_string);
+    }
+
     /// Simulates a power loss: every write not yet durable is lost. The log stays usable, as
-    /// if reopened after the crash.
+    /// if reopened after the crash, with the same identity.
     pub fn crash(&self) {
         let mut st = self.lock();
         st.pending.clear();
@@ -116,6 +235,7 @@ impl MemoryLog {
     pub fn durable_snapshot(&self) -> Vec<TxRecord> {
         self.lock()
             .durable
+            .records
             .values()
             .filter_map(|b| codec::decode(b).ok())
             .collect()
@@ -131,15 +251,38 @@ impl MemoryLog {
     pub fn put_raw(&self, gid: &str, bytes: Vec<u8>) {
         let mut st = self.lock();
         st.flush();
-        st.durable.insert(gid.to_string(), bytes.clone());
-        st.visible.insert(gid.to_string(), bytes);
+        st.durable.records.insert(gid.to_string(), bytes.clone());
+        st.visible.records.insert(gid.to_string(), bytes);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // Every update of State completes without panicking points in between that could
-        // leave it half-changed, so a poisoned lock still guards consistent data.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
+
+    /// A future that completes the forced write or sync: now, or once released.
+    fn completion(&self) -> BoxFuture<'static, Result<(), LogError>> {
+        let mut st = self.lock();
+        let Some(held) = st.held.as_mut() else {
+            return futures::future::ready(Self::flush_or_fail(&mut st)).boxed();
+        };
+        let (tx, rx) = futures::channel::oneshot::channel();
+        held.push(tx);
+        drop(st);
+        let state = Arc::clone(&self.state);
+        async move {
+            // A dropped sender (the log went away) completes the write as released.
+            let _ = rx.await;
+            let mut st = lock(&state);
+            Self::flush_or_fail(&mut st)
+        }
+        .boxed()
+    }
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    // Every update of State completes without panicking points in between that could leave
+    // it half-changed, so a poisoned lock still guards consistent data.
+    state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn decode(gid: &str, bytes: &[u8]) -> Result<TxRecord, LogError> {
@@ -162,21 +305,44 @@ fn corrupt(gid: &str, reason: String) -> LogError {
 }
 
 impl LogStore for MemoryLog {
+    fn log_id(&self) -> &str {
+        &self.log_id
+    }
+
     fn put(&self, rec: TxRecord, forced: bool) -> BoxFuture<'static, Result<(), LogError>> {
-        futures::future::ready(self.put_sync(rec, forced)).boxed()
+        if let Err(e) = self.apply(rec, forced) {
+            return futures::future::ready(Err(e)).boxed();
+        }
+        if !forced {
+            return futures::future::ready(Ok(())).boxed();
+        }
+        self.completion()
     }
 
     fn get(&self, gid: &str) -> Result<Option<TxRecord>, LogError> {
-        match self.lock().visible.get(gid) {
+        match self.lock().visible.records.get(gid) {
             Some(b) => decode(gid, b).map(Some),
             None => Ok(None),
         }
     }
 
-    fn scan_active(&self) -> Result<Vec<TxRecord>, LogError> {
+    fn scan_active(
+        &self,
+        after_gid: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TxRecord>, LogError> {
+        use std::ops::Bound;
         let st = self.lock();
+        let lower = after_gid.map_or(Bound::Unbounded, Bound::Excluded);
         let mut out = Vec::new();
-        for (gid, b) in &st.visible {
+        for (gid, b) in st
+            .visible
+            .records
+            .range::<str, _>((lower, Bound::Unbounded))
+        {
+            if out.len() >= limit {
+                break;
+            }
             let rec = decode(gid, b)?;
             if !rec.phase.is_terminal() {
                 out.push(rec);
@@ -185,54 +351,88 @@ impl LogStore for MemoryLog {
         Ok(out)
     }
 
+    /// Examines records in gid order with the same budget as the sled log's indexes would
+    /// (the memory log has no indexes: every record counts as examined), so pagination
+    /// behaves alike.
     fn list(
         &self,
         filter: &ListFilter,
-        before_gid: Option<&str>,
+        cursor: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<TxRecord>, LogError> {
-        let st = self.lock();
+    ) -> Result<ListPage, LogError> {
         use std::ops::Bound;
-        let upper = before_gid.map_or(Bound::Unbounded, Bound::Excluded);
-        let range = st.visible.range::<str, _>((Bound::Unbounded, upper));
-        let mut out = Vec::new();
-        let scan_max = limit.saturating_mul(LIST_SCANNED_PER_RESULT_MAX);
-        for (gid, b) in range.rev().take(scan_max) {
-            if out.len() >= limit {
-                break;
+        let st = self.lock();
+        let upper = cursor.map_or(Bound::Unbounded, Bound::Excluded);
+        let scan_max = limit.max(1).saturating_mul(LIST_SCANNED_PER_RESULT_MAX);
+        let mut page = ListPage::default();
+        let mut last = None;
+        for (scanned, (gid, b)) in st
+            .visible
+            .records
+            .range::<str, _>((Bound::Unbounded, upper))
+            .rev()
+            .enumerate()
+        {
+            if page.records.len() >= limit || scanned >= scan_max {
+                page.next_cursor = last;
+                return Ok(page);
             }
+            last = Some(gid.clone());
             let rec = decode(gid, b)?;
             if filter.matches(&rec) {
-                out.push(rec);
+                page.records.push(rec);
             }
         }
-        Ok(out)
+        Ok(page)
     }
 
-    fn collect_ended(&self, before_unix_ms: u64, max: usize) -> Result<usize, LogError> {
+    fn collect_ended(
+        &self,
+        before_unix_ms: u64,
+        now_unix_ms: u64,
+        max: usize,
+    ) -> Result<usize, LogError> {
         let mut st = self.lock();
-        // Oldest first, like the sled backend's (updated_unix_ms, gid) index.
         let mut ended = Vec::new();
-        for (gid, b) in &st.visible {
-            let rec = decode(gid, b)?;
+        for (gid, b) in &st.visible.records {
+            // Undecodable records are skipped (and stay), as the sled log does.
+            let Ok(rec) = decode(gid, b) else { continue };
             if rec.phase.is_terminal() && rec.updated_unix_ms < before_unix_ms {
-                ended.push((rec.updated_unix_ms, gid.clone()));
+                ended.push((rec.updated_unix_ms, rec));
             }
         }
-        ended.sort();
+        ended.sort_by(|a, b| (a.0, &a.1.gid).cmp(&(b.0, &b.1.gid)));
         ended.truncate(max);
-        for (_, gid) in &ended {
-            st.visible.remove(gid);
-            // A deletion is not durable until the next flush, as on disk: a crash brings the
-            // (terminal) record back, which is harmless.
-            st.pending.push(Op::Delete(gid.clone()));
+        for (_, rec) in &ended {
+            st.issue(Op::PutTomb(rec.tombstone(now_unix_ms)));
+            st.issue(Op::Delete(rec.gid.clone()));
         }
         Ok(ended.len())
     }
 
+    fn get_tombstone(&self, gid: &str) -> Result<Option<Tombstone>, LogError> {
+        Ok(self.lock().visible.tombs.get(gid).cloned())
+    }
+
+    fn collect_tombstones(&self, before_unix_ms: u64, max: usize) -> Result<usize, LogError> {
+        let mut st = self.lock();
+        let mut old: Vec<(u64, String)> = st
+            .visible
+            .tombs
+            .values()
+            .filter(|t| t.collected_unix_ms < before_unix_ms)
+            .map(|t| (t.collected_unix_ms, t.gid.clone()))
+            .collect();
+        old.sort();
+        old.truncate(max);
+        for (_, gid) in &old {
+            st.issue(Op::DeleteTomb(gid.clone()));
+        }
+        Ok(old.len())
+    }
+
     fn sync(&self) -> BoxFuture<'static, Result<(), LogError>> {
-        self.sync_now();
-        futures::future::ready(Ok(())).boxed()
+        self.completion()
     }
 
     fn stats(&self) -> LogStats {
@@ -243,7 +443,7 @@ impl LogStore for MemoryLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::types::{Mode, Phase, RetryPolicy};
+    use crate::engine::types::{Mode, Outcome, Phase, RetryPolicy};
     use futures::FutureExt;
 
     fn rec(gid: &str, phase: Phase, updated_unix_ms: u64) -> TxRecord {
@@ -259,6 +459,41 @@ mod tests {
             stuck: false,
             seq: 1,
         }
+    }
+
+    #[test]
+    fn conforms_to_the_log_store_contract() {
+        super::super::conformance::check_all(&mut || Box::new(MemoryLog::new()));
+    }
+
+    #[test]
+    fn a_failed_sync_applies_the_write_but_does_not_make_it_durable() {
+        let log = MemoryLog::new();
+        log.fail_syncs(Some("EIO"));
+        let res = log
+            .put(rec("a", Phase::Committing, 1), true)
+            .now_or_never()
+            .expect("ready");
+        assert!(res.is_err());
+        assert!(
+            log.get("a").expect("get").is_some(),
+            "applied, as in a page cache"
+        );
+        log.crash();
+        assert_eq!(log.get("a").expect("get"), None, "never durable");
+    }
+
+    #[test]
+    fn held_syncs_complete_on_release() {
+        let log = MemoryLog::new();
+        log.hold_syncs();
+        let mut put = log.put(rec("a", Phase::Active, 1), true);
+        assert!((&mut put).now_or_never().is_none(), "held");
+        assert_eq!(log.held_syncs(), 1);
+        log.release_syncs();
+        put.now_or_never().expect("released").expect("durable");
+        log.crash();
+        assert!(log.get("a").expect("get").is_some());
     }
 
     #[test]
@@ -281,7 +516,7 @@ mod tests {
         log.put_sync(rec("a", Phase::Committing, 2), false)
             .expect("put");
         assert_eq!(log.pending_writes(), 2);
-        assert_eq!(log.scan_active().expect("scan").len(), 2);
+        assert_eq!(log.scan_active(None, 10).expect("scan").len(), 2);
         log.crash();
         assert_eq!(log.durable_snapshot(), vec![rec("a", Phase::Active, 1)]);
         assert_eq!(log.get("b").expect("get"), None);
@@ -339,10 +574,13 @@ mod tests {
             phases: vec![Phase::Active],
             ..ListFilter::default()
         };
-        let gids = |v: Vec<TxRecord>| v.into_iter().map(|r| r.gid).collect::<Vec<_>>();
-        assert_eq!(gids(log.list(&f, None, 2).expect("list")), ["d", "c"]);
-        assert_eq!(gids(log.list(&f, Some("c"), 2).expect("list")), ["a"]);
-        assert!(log.list(&f, None, 0).expect("list").is_empty());
+        let gids = |p: ListPage| p.records.into_iter().map(|r| r.gid).collect::<Vec<_>>();
+        let first = log.list(&f, None, 2).expect("list");
+        assert_eq!(first.next_cursor.as_deref(), Some("c"));
+        assert_eq!(gids(first), ["d", "c"]);
+        let second = log.list(&f, Some("c"), 2).expect("list");
+        assert_eq!(second.next_cursor, None, "the scan reached the end");
+        assert_eq!(gids(second), ["a"]);
     }
 
     #[test]
@@ -356,9 +594,14 @@ mod tests {
             .expect("put");
         log.put_sync(rec("done-old1", Phase::Committed, 3), false)
             .expect("put");
-        assert_eq!(log.collect_ended(50, 1).expect("collect"), 1);
+        assert_eq!(log.collect_ended(50, 60, 1).expect("collect"), 1);
         assert_eq!(log.get("done-old1").expect("get"), None);
-        assert_eq!(log.collect_ended(50, 10).expect("collect"), 1);
+        let tomb = log.get_tombstone("done-old1").expect("tomb").expect("kept");
+        assert_eq!(
+            (tomb.outcome, tomb.collected_unix_ms),
+            (Outcome::Committed, 60)
+        );
+        assert_eq!(log.collect_ended(50, 70, 10).expect("collect"), 1);
         assert_eq!(log.get("done-old2").expect("get"), None);
         assert!(log.get("active-old").expect("get").is_some());
         assert!(log.get("done-new").expect("get").is_some());
@@ -368,7 +611,7 @@ mod tests {
     fn a_corrupt_record_is_an_error_naming_the_gid() {
         let log = MemoryLog::new();
         log.put_raw("bad-gid", b"\xff\xff".to_vec());
-        match log.scan_active() {
+        match log.scan_active(None, 10) {
             Err(LogError::Corrupt { gid, .. }) => assert_eq!(gid, "bad-gid"),
             other => panic!("expected Corrupt, got {other:?}"),
         }

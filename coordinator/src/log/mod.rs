@@ -7,16 +7,20 @@
 //! crash can lose the rest).
 //!
 //! Invariants:
-//! - A forced `put` resolves only after the record is on stable storage.
+//! - Every log has an identity ([`LogStore::log_id`]) created with it and never changed.
+//! - A forced `put` resolves only after the record is on stable storage; an error from a
+//!   forced `put` or from `sync` means durability can no longer be promised (the caller
+//!   must stop and recover from disk, see the runtime's fail-stop).
 //! - Any `put` resolves only after a following `get` of the same gid sees it.
 //! - Writes of one gid are applied in the order they were issued.
 //! - A record that fails to decode is an error naming the gid, never skipped.
 
 pub mod codec;
+pub mod conformance;
 pub mod memory;
 pub mod sled;
 
-use crate::engine::types::{Mode, Phase, TxRecord};
+use crate::engine::types::{Mode, Phase, Tombstone, TxRecord};
 use futures::future::BoxFuture;
 
 /// Why a log operation failed.
@@ -52,6 +56,10 @@ pub enum LogError {
     /// The log was closed (shutdown) before the operation completed.
     #[error("log is closed")]
     Closed,
+    /// The coordinator stopped serving after a storage failure (fail-stop); it must be
+    /// restarted and recovers from what is on disk.
+    #[error("the coordinator stopped after a failure and answers nothing until restarted: {0}")]
+    Stopped(String),
 }
 
 /// Counters a log exposes for benchmarks and metrics.
@@ -90,8 +98,27 @@ impl ListFilter {
     }
 }
 
+/// One page of [`LogStore::list`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListPage {
+    /// Matching records, descending gid order.
+    pub records: Vec<TxRecord>,
+    /// Where the next page starts (exclusive): the last gid *examined*, which may be below
+    /// the last one returned. `None` once the scan reached the end. A page may hold fewer
+    /// than `limit` records (each call examines a bounded number) and still have a cursor.
+    pub next_cursor: Option<String>,
+}
+
+/// How many index entries [`LogStore::list`] examines per record it may return, so that a
+/// selective filter over a large log costs a bounded amount of work per call.
+pub const LIST_SCANNED_PER_RESULT_MAX: usize = 100;
+
 /// Storage for transaction records. Cheap to share (`Arc<dyn LogStore>`).
 pub trait LogStore: Send + Sync + 'static {
+    /// The identity of this log: a UUID created with it, never changed. Participants trust
+    /// presumed abort only from the log that drove their branch.
+    fn log_id(&self) -> &str;
+
     /// Write `rec` as the latest record of `rec.gid`.
     ///
     /// The write is applied (readable by `get`, ordered after every earlier `put`) before
@@ -104,21 +131,37 @@ pub trait LogStore: Send + Sync + 'static {
     /// The latest record of `gid`, if any.
     fn get(&self, gid: &str) -> Result<Option<TxRecord>, LogError>;
 
-    /// Every non-terminal record (for recovery at startup).
-    fn scan_active(&self) -> Result<Vec<TxRecord>, LogError>;
+    /// Up to `limit` non-terminal records with a gid strictly above `after_gid`, in
+    /// ascending gid order (recovery reads them page by page, never all at once).
+    fn scan_active(&self, after_gid: Option<&str>, limit: usize)
+        -> Result<Vec<TxRecord>, LogError>;
 
-    /// Up to `limit` records matching `filter`, in descending gid order, starting strictly
-    /// below `before_gid` when given (pagination).
+    /// Records matching `filter`, in descending gid order, strictly below `cursor` when
+    /// given. Non-terminal and stuck records are found through indexes, so a filter on them
+    /// costs what they number, not what the log holds.
     fn list(
         &self,
         filter: &ListFilter,
-        before_gid: Option<&str>,
+        cursor: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<TxRecord>, LogError>;
+    ) -> Result<ListPage, LogError>;
 
-    /// Delete up to `max` terminal records last updated before `before_unix_ms` (retention).
-    /// Returns how many were deleted. Never deletes a non-terminal record.
-    fn collect_ended(&self, before_unix_ms: u64, max: usize) -> Result<usize, LogError>;
+    /// Replace up to `max` terminal records last updated before `before_unix_ms` by their
+    /// tombstones stamped `now_unix_ms` (retention). Returns how many were collected. Never
+    /// touches a non-terminal record; a record that cannot be decoded is logged with its gid
+    /// and skipped, never stopping retention.
+    fn collect_ended(
+        &self,
+        before_unix_ms: u64,
+        now_unix_ms: u64,
+        max: usize,
+    ) -> Result<usize, LogError>;
+
+    /// The tombstone of a collected transaction, if any.
+    fn get_tombstone(&self, gid: &str) -> Result<Option<Tombstone>, LogError>;
+
+    /// Delete up to `max` tombstones collected before `before_unix_ms`. Returns how many.
+    fn collect_tombstones(&self, before_unix_ms: u64, max: usize) -> Result<usize, LogError>;
 
     /// Make every write issued so far durable (used at shutdown).
     fn sync(&self) -> BoxFuture<'static, Result<(), LogError>>;

@@ -2,20 +2,29 @@
 //!
 //! Live transactions are spread over a fixed number of **shards** by a hash of their gid.
 //! Each shard is one tokio task that owns its transactions' [`Tx`] state machines, one timer
-//! queue (backoffs and deadlines) and one inbox; it feeds events to the engine and executes
-//! the commands: log writes (forced ones report back as [`Event::Durable`] when the log says
-//! they are on stable storage), participant calls (spawned; their answers come back through
-//! the inbox), timers, and answers to clients waiting for an outcome. A parked transaction
-//! therefore costs its state and a timer entry, not a task and channels of its own.
+//! queue (backoffs and deadlines) and one bounded inbox; it feeds events to the engine and
+//! executes the commands: log writes (forced ones report back as [`Event::Durable`] when the
+//! log says they are on stable storage), participant calls (spawned; their answers come back
+//! through the inbox), timers, and answers to clients waiting for an outcome. A parked
+//! transaction therefore costs its state and a timer entry, not a task and channels of its own.
 //!
 //! Invariants kept here:
-//! - A forced record is reported durable to the engine only after the log says so.
+//! - **Nothing is told from a record whose forced write has not completed.** A live
+//!   transaction is shown through [`Snapshot::of`], which hides a transaction whose `Begun`
+//!   is not durable and shows the phase from before a pending forced write; a transaction
+//!   leaves its shard (and is then read from the log) only once all its forced writes are
+//!   durable.
+//! - **Fail-stop on the log.** A log write that fails (a forced write that could not be made
+//!   durable, or any write the log refused) stops the runtime at once: every shard stops,
+//!   every call answers [`LogError::Stopped`], and [`Runtime::failed`] resolves so the server
+//!   exits; the next start recovers from what is on disk, after one sync.
+//! - **A dead shard stops the process too**: each shard runs under a supervisor that turns a
+//!   panic into the same fail-stop, so no shard is ever silently gone.
 //! - Writes of one transaction reach the log in the order the engine issued them (`put`
 //!   applies a write before it returns; see [`LogStore::put`]).
-//! - A transaction leaves its shard only after its terminal record is readable from the log,
-//!   so `Get`/`Outcome` never miss it.
-//! - A transaction whose log write fails is never driven past it: it is dropped from memory
-//!   (and resumed from the log at the next start); a failed `Begun` write fails the `Begin`.
+//! - Everything is bounded: live transactions and their bytes (`Begin` answers
+//!   [`BeginError::Overloaded`]), shard inboxes, waiters and watchers per transaction, timer
+//!   delays (clamped and re-armed, so no deadline can overflow the timer wheel).
 
 pub mod participants;
 
@@ -46,6 +55,25 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The longest delay one timer entry is armed for. tokio-util's `DelayQueue` panics on a
+/// delay above about 2^36 ms (2.18 years); a deadline further away (or a wall clock far
+/// behind the one that set it) is reached by re-arming, one day at a time.
+pub const TIMER_DELAY_MAX: Duration = Duration::from_secs(24 * 3600);
+
+/// Messages a shard's inbox holds at most. A full inbox answers `Begin` with
+/// [`BeginError::Overloaded`]; internal messages (answers, completed writes) wait for room.
+pub const SHARD_INBOX_CAPACITY: usize = 16_384;
+
+/// Clients waiting on one transaction's outcome (`Begin` with `wait`) at most; beyond it a
+/// waiter is answered `Pending` at once (the answer a wait that runs out gets anyway).
+pub const WAITERS_PER_TX_MAX: usize = 1_024;
+
+/// `Watch` streams of one transaction at most; beyond it `Watch` is refused as overloaded.
+pub const WATCHERS_PER_TX_MAX: usize = 1_024;
+
+/// Records recovery reads from the log at a time.
+const RECOVERY_PAGE: usize = 1_024;
+
 /// Crash on purpose at a named point when the `failpoints` feature is on and the point is
 /// armed (`FAILPOINTS=<name>=return`); compiled out otherwise.
 macro_rules! crash_point {
@@ -66,7 +94,9 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// A snapshot of a record read from the log (no shard drives it).
+    /// A snapshot of a record read from the log (no shard drives it). Every forced write of
+    /// a record in the log has completed (see the module invariants), so its phase can be
+    /// told.
     pub fn from_log(record: TxRecord) -> Snapshot {
         let outcome = match record.phase {
             Phase::Committed | Phase::Committing => Outcome::Committed,
@@ -76,21 +106,30 @@ impl Snapshot {
         Snapshot { record, outcome }
     }
 
-    fn of(tx: &Tx) -> Snapshot {
-        Snapshot {
-            record: tx.record().clone(),
-            outcome: tx.decided(),
+    /// What may be told of a live transaction: `None` until its `Begun` is durable, and the
+    /// phase from before a forced write still in flight (the write may never reach the disk).
+    fn of(tx: &Tx) -> Option<Snapshot> {
+        if !tx.begun_durable() {
+            return None;
         }
+        let mut record = tx.record().clone();
+        record.phase = tx.visible_phase();
+        Some(Snapshot {
+            record,
+            outcome: tx.decided(),
+        })
     }
 }
 
 /// Why `begin` did not start a transaction.
 #[derive(Debug, thiserror::Error)]
 pub enum BeginError {
-    #[error("a transaction with gid {0:?} already exists with a different definition")]
+    #[error("a transaction with gid {0:?} already exists with a different definition; look it up (Get/Watch) rather than resubmitting it")]
     AlreadyExists(String),
     #[error("the coordinator is shutting down and takes no new transactions")]
     ShuttingDown,
+    #[error("the coordinator is at capacity: {0}; retry later")]
+    Overloaded(String),
     #[error(transparent)]
     Log(#[from] LogError),
 }
@@ -104,11 +143,39 @@ pub struct Begun {
     pub existing: bool,
 }
 
+/// What `outcome` answers a participant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutcomeAnswer {
+    pub outcome: Outcome,
+    /// False when this log has no record of the gid (the outcome is then presumed abort).
+    pub known: bool,
+}
+
+/// Why `resolve` did not resolve a branch.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("no live transaction with gid {0:?} (finished or unknown): nothing to resolve")]
+    NotLive(String),
+    #[error("cannot resolve: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
 /// Where `Watch` reads from.
 pub enum WatchTarget {
     Live(watch::Receiver<Snapshot>),
     Stored(Snapshot),
     Unknown,
+}
+
+/// What a shard knows of a gid.
+enum Lookup {
+    /// Not driven by this shard.
+    NotLive,
+    /// Live, but its `Begun` is not durable yet: it may not be told to exist.
+    Hidden,
+    Live(Snapshot),
 }
 
 /// A message to a shard about one gid. Boxed in the inbox so its slots stay small.
@@ -123,44 +190,103 @@ enum Msg {
     /// Start a new transaction unless the gid is live; answer once `Begun` is durable.
     Begin {
         tx: Box<Tx>,
+        /// Live-byte budget this transaction holds (released when it leaves).
+        bytes: usize,
+        /// Set when the runtime is at capacity: answer an existing gid, start nothing new.
+        refuse_new: Option<String>,
         reply: oneshot::Sender<Result<Started, BeginError>>,
     },
     /// Resume a transaction read from the log.
     Recover(Box<Tx>),
-    Get(oneshot::Sender<Option<Snapshot>>),
-    Watch(oneshot::Sender<Option<watch::Receiver<Snapshot>>>),
+    Get(oneshot::Sender<Lookup>),
+    Watch(oneshot::Sender<Result<Option<watch::Receiver<Snapshot>>, BeginError>>),
     /// Answer with the outcome once decided (or `Pending` if the gid is not live).
     WaitOutcome(oneshot::Sender<Outcome>),
     RetryNow(oneshot::Sender<Option<u32>>),
+    Resolve {
+        branch: u32,
+        operator: String,
+        reason: String,
+        reply: oneshot::Sender<Result<Snapshot, ResolveError>>,
+    },
 }
 
 /// What a shard answers to `Begin`.
 enum Started {
     /// A new transaction; `Begun` is durable.
     New,
-    /// The gid is live with the same definition.
-    Live,
+    /// The gid is live (or in the log) with the same definition; `Begun` is durable.
+    Existing,
+    /// The gid finished long ago with this outcome (its tombstone matched).
+    Finished(Outcome),
 }
 
 struct Entry {
     tx: Tx,
     deadline: Option<delay_queue::Key>,
-    /// The `Begin` call waiting for `Begun` to be durable.
-    begun: Option<oneshot::Sender<Result<Started, BeginError>>>,
+    /// `Begin` calls waiting for `Begun` to be durable, with what each is to be told.
+    begun: Vec<(oneshot::Sender<Result<Started, BeginError>>, Started)>,
     /// Clients waiting for the outcome.
     waiters: Vec<oneshot::Sender<Outcome>>,
     /// Created on the first `Watch`.
     watch: Option<watch::Sender<Snapshot>>,
+    /// Operator resolutions waiting for their forced record: answered once `seq` is durable.
+    resolved: Vec<(u64, oneshot::Sender<Result<Snapshot, ResolveError>>)>,
+    /// Live-byte budget held.
+    bytes: usize,
+    /// The engine finished it; it leaves once its forced writes are durable.
+    finishing: bool,
+    /// The stuck flag as last seen, to log the moment a transaction becomes stuck.
+    was_stuck: bool,
+}
+
+/// A timer: the event to deliver, and for a deadline the time it is really due (a timer is
+/// armed for at most [`TIMER_DELAY_MAX`] and re-armed until then).
+struct Timer {
+    gid: String,
+    event: Event,
+    due_unix_ms: Option<u64>,
+}
+
+/// The fail-stop latch, shared by the runtime, its shards and their supervisors.
+struct Fatal {
+    reason: watch::Sender<Option<String>>,
+}
+
+impl Fatal {
+    fn stop(&self, why: String) {
+        self.reason.send_if_modified(|r| {
+            if r.is_some() {
+                return false;
+            }
+            tracing::error!(reason = %why, "fail-stop: the coordinator stops serving; restart it to recover from the log on disk");
+            *r = Some(why);
+            true
+        });
+    }
+
+    fn check(&self) -> Result<(), LogError> {
+        match &*self.reason.borrow() {
+            Some(why) => Err(LogError::Stopped(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.reason.borrow().is_some()
+    }
 }
 
 struct Inner {
     log: Arc<dyn LogStore>,
     config: Config,
     pool: Pool,
-    shards: Vec<mpsc::UnboundedSender<(String, Box<Msg>)>>,
+    shards: Vec<mpsc::Sender<(String, Box<Msg>)>>,
     live: AtomicUsize,
+    live_bytes: AtomicUsize,
     accepting: AtomicBool,
     mutations: Mutations,
+    fatal: Arc<Fatal>,
 }
 
 /// The coordinator runtime: owns live transactions. Cheap to clone. Must be created inside a
@@ -182,19 +308,24 @@ impl Runtime {
         let mut receivers = Vec::with_capacity(n);
         let mut senders = Vec::with_capacity(n);
         for _ in 0..n {
-            let (tx, rx) = mpsc::unbounded_channel();
+            let (tx, rx) = mpsc::channel(SHARD_INBOX_CAPACITY);
             senders.push(tx);
             receivers.push(rx);
         }
         let pool = Pool::new(config.call_timeout);
+        let fatal = Arc::new(Fatal {
+            reason: watch::channel(None).0,
+        });
         let inner = Arc::new(Inner {
             log,
             config,
             pool,
             shards: senders,
             live: AtomicUsize::new(0),
+            live_bytes: AtomicUsize::new(0),
             accepting: AtomicBool::new(true),
             mutations,
+            fatal: Arc::clone(&fatal),
         });
         for (i, rx) in receivers.into_iter().enumerate() {
             let shard = Shard {
@@ -203,7 +334,23 @@ impl Runtime {
                 txs: HashMap::new(),
                 timers: DelayQueue::new(),
             };
-            tokio::spawn(shard.run(rx));
+            // The supervisor: a shard that panics takes the whole runtime down with it
+            // (fail-stop), never leaving its transactions silently frozen.
+            let task = tokio::spawn(shard.run(rx));
+            let fatal = Arc::clone(&fatal);
+            tokio::spawn(async move {
+                if let Err(e) = task.await {
+                    if e.is_panic() {
+                        let what = e
+                            .into_panic()
+                            .downcast::<String>()
+                            .map(|s| *s)
+                            .or_else(|p| p.downcast::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|_| "a panic".to_string());
+                        fatal.stop(format!("shard {i} panicked: {what}"));
+                    }
+                }
+            });
         }
         Runtime { inner }
     }
@@ -221,57 +368,127 @@ impl Runtime {
         self.inner.live.load(Ordering::Acquire)
     }
 
-    fn send(&self, gid: &str, msg: Msg) -> bool {
-        let mut h = DefaultHasher::new();
-        gid.hash(&mut h);
-        let shard = &self.inner.shards[(h.finish() as usize) % self.inner.shards.len()];
-        shard.send((gid.to_string(), Box::new(msg))).is_ok()
+    /// Resolves with the reason once the runtime has failed and stopped (fail-stop): a log
+    /// write failed or a shard died. The process must then exit and restart.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.inner.fatal.reason.subscribe();
+        loop {
+            if let Some(why) = rx.borrow_and_update().clone() {
+                return why;
+            }
+            if rx.changed().await.is_err() {
+                // Unreachable while `self` holds the sender; never resolve then.
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
-    /// Resume every non-terminal transaction in the log. Returns how many.
-    pub fn recover(&self) -> Result<usize, LogError> {
-        let records = self.inner.log.scan_active()?;
-        let n = records.len();
-        for rec in records {
-            let gid = rec.gid.clone();
-            let mut tx = Tx::recover(rec);
-            tx.set_mutations(self.inner.mutations);
-            self.send(&gid, Msg::Recover(Box::new(tx)));
+    /// Whether the runtime has failed and stopped.
+    pub fn is_failed(&self) -> bool {
+        self.inner.fatal.is_stopped()
+    }
+
+    fn shard_of(&self, gid: &str) -> &mpsc::Sender<(String, Box<Msg>)> {
+        let mut h = DefaultHasher::new();
+        gid.hash(&mut h);
+        &self.inner.shards[(h.finish() as usize) % self.inner.shards.len()]
+    }
+
+    /// Sends to `gid`'s shard, waiting for room in its inbox. False if the shard is gone.
+    async fn send(&self, gid: &str, msg: Msg) -> bool {
+        self.shard_of(gid)
+            .send((gid.to_string(), Box::new(msg)))
+            .await
+            .is_ok()
+    }
+
+    /// Resume every non-terminal transaction in the log, reading it page by page (a shard's
+    /// inbox full of recovered transactions makes recovery wait). Returns how many.
+    pub async fn recover(&self) -> Result<usize, LogError> {
+        let mut after: Option<String> = None;
+        let mut n = 0;
+        loop {
+            self.inner.fatal.check()?;
+            let log = Arc::clone(&self.inner.log);
+            let from = after.clone();
+            let page = tokio::task::spawn_blocking(move || {
+                log.scan_active(from.as_deref(), RECOVERY_PAGE)
+            })
+            .await
+            .map_err(|e| LogError::Stopped(format!("recovery task failed: {e}")))??;
+            let Some(last) = page.last() else {
+                return Ok(n);
+            };
+            after = Some(last.gid.clone());
+            let full = page.len() == RECOVERY_PAGE;
+            for rec in page {
+                n += 1;
+                let gid = rec.gid.clone();
+                let mut tx = Tx::recover(rec);
+                tx.set_mutations(self.inner.mutations);
+                self.send(&gid, Msg::Recover(Box::new(tx))).await;
+            }
+            if !full {
+                return Ok(n);
+            }
         }
-        Ok(n)
     }
 
     /// Start a transaction (or find the existing one with this gid) and answer once `Begun`
     /// is durable; with `wait`, once the outcome is final or `wait` has passed.
     pub async fn begin(&self, mut def: NewTx, wait: Option<Duration>) -> Result<Begun, BeginError> {
+        self.inner.fatal.check()?;
         if !self.inner.accepting.load(Ordering::Acquire) {
             return Err(BeginError::ShuttingDown);
         }
         // Zero-copy payloads would keep tonic's whole decode buffer alive for as long as the
         // transaction: measured 8 KiB per parked transaction (treaty-bench parked, massif).
         // Copy them into allocations of their own size.
+        let mut bytes = 0;
         for b in &mut def.branches {
             b.payload = bytes::Bytes::copy_from_slice(&b.payload);
             b.compensation_payload = bytes::Bytes::copy_from_slice(&b.compensation_payload);
+            bytes +=
+                b.payload.len() + b.compensation_payload.len() + b.endpoint.len() + b.handler.len();
         }
+        // At capacity, a resubmission of an existing gid is still answered (it is how a
+        // client learns an outcome it lost); only new work is refused.
+        let refuse_new = self.admit(bytes).err();
+        let bytes = if refuse_new.is_some() { 0 } else { bytes };
         let gid = def.gid.clone();
         let mut tx = Tx::new(def, now_ms());
         tx.set_mutations(self.inner.mutations);
         let (reply, answer) = oneshot::channel();
-        if !self.send(
-            &gid,
-            Msg::Begin {
-                tx: Box::new(tx),
-                reply,
-            },
-        ) {
-            return Err(BeginError::ShuttingDown);
+        let msg = Msg::Begin {
+            tx: Box::new(tx),
+            bytes,
+            refuse_new,
+            reply,
+        };
+        // A full inbox is overload: refuse rather than queue without bound.
+        if let Err(e) = self.shard_of(&gid).try_send((gid.clone(), Box::new(msg))) {
+            self.release(bytes);
+            return Err(match e {
+                mpsc::error::TrySendError::Full(_) => BeginError::Overloaded(format!(
+                    "a shard inbox holds {SHARD_INBOX_CAPACITY} messages"
+                )),
+                mpsc::error::TrySendError::Closed(_) => BeginError::ShuttingDown,
+            });
         }
-        let started = answer.await.map_err(|_| LogError::Closed)??;
-        let existing = matches!(started, Started::Live);
-        let outcome = match (wait, started) {
-            (None, _) => Outcome::Pending,
-            (Some(bound), _) => self.wait_outcome(&gid, bound).await?,
+        let started = match answer.await {
+            Ok(r) => r,
+            Err(_) => Err(self.stopped_or(LogError::Closed).into()),
+        }?;
+        self.inner.fatal.check()?;
+        let (existing, outcome) = match started {
+            Started::Finished(o) => (true, o),
+            Started::New | Started::Existing => {
+                let existing = matches!(started, Started::Existing);
+                match wait {
+                    None => (existing, Outcome::Pending),
+                    Some(bound) => (existing, self.wait_outcome(&gid, bound).await?),
+                }
+            }
         };
         Ok(Begun {
             gid,
@@ -280,10 +497,43 @@ impl Runtime {
         })
     }
 
+    /// Takes `bytes` of the live budget and one live slot, or says why not. The shard gives
+    /// them back when the transaction leaves (or at once when `Begin` starts nothing).
+    fn admit(&self, bytes: usize) -> Result<(), String> {
+        let max_live = self.inner.config.max_live_transactions;
+        let max_bytes = self.inner.config.max_live_bytes;
+        let live = self.inner.live.load(Ordering::Acquire);
+        if live >= max_live {
+            return Err(format!(
+                "{live} live transactions (max-live-transactions is {max_live})"
+            ));
+        }
+        let held = self.inner.live_bytes.fetch_add(bytes, Ordering::AcqRel);
+        if held + bytes > max_bytes {
+            self.inner.live_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return Err(format!(
+                "live transactions hold {held} bytes of definitions (max-live-bytes is {max_bytes})"
+            ));
+        }
+        Ok(())
+    }
+
+    fn release(&self, bytes: usize) {
+        self.inner.live_bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    /// `err`, unless the runtime has failed: then the fail-stop error, which explains more.
+    fn stopped_or(&self, err: LogError) -> LogError {
+        match self.inner.fatal.check() {
+            Err(stopped) => stopped,
+            Ok(()) => err,
+        }
+    }
+
     /// The outcome once final, waiting up to `bound`; from the log when the gid is not live.
     async fn wait_outcome(&self, gid: &str, bound: Duration) -> Result<Outcome, LogError> {
         let (tx, rx) = oneshot::channel();
-        if self.send(gid, Msg::WaitOutcome(tx)) {
+        if self.send(gid, Msg::WaitOutcome(tx)).await {
             match tokio::time::timeout(bound, rx).await {
                 Ok(Ok(Outcome::Pending)) | Ok(Err(_)) => {}
                 Ok(Ok(o)) => return Ok(o),
@@ -291,71 +541,168 @@ impl Runtime {
             }
         }
         // Not live (finished meanwhile): the log has the final record.
-        Ok(self
-            .inner
-            .log
-            .get(gid)?
-            .map_or(Outcome::Pending, |r| Snapshot::from_log(r).outcome))
+        Ok(self.get(gid).await?.map_or(Outcome::Pending, |s| s.outcome))
     }
 
     async fn ask<T>(&self, gid: &str, msg: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Option<T> {
         let (tx, rx) = oneshot::channel();
-        if !self.send(gid, msg(tx)) {
+        if !self.send(gid, msg(tx)).await {
             return None;
         }
         rx.await.ok()
     }
 
+    /// Reads the log off the async workers (sled reads may wait on the disk).
+    async fn read_log<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn LogStore) -> Result<T, LogError> + Send + 'static,
+    ) -> Result<T, LogError> {
+        let log = Arc::clone(&self.inner.log);
+        let out = tokio::task::spawn_blocking(move || f(log.as_ref()))
+            .await
+            .map_err(|e| LogError::Stopped(format!("log read task failed: {e}")))??;
+        // A record read after a failure may be one whose forced write failed: never tell it.
+        self.inner.fatal.check()?;
+        Ok(out)
+    }
+
     /// The current snapshot of `gid`: live, else from the log.
     pub async fn get(&self, gid: &str) -> Result<Option<Snapshot>, LogError> {
-        if let Some(Some(s)) = self.ask(gid, Msg::Get).await {
-            return Ok(Some(s));
+        self.inner.fatal.check()?;
+        match self.ask(gid, Msg::Get).await {
+            Some(Lookup::Live(s)) => return Ok(Some(s)),
+            Some(Lookup::Hidden) => return Ok(None),
+            Some(Lookup::NotLive) => {}
+            None => return Err(self.stopped_or(LogError::Closed)),
         }
-        Ok(self.inner.log.get(gid)?.map(Snapshot::from_log))
+        let gid = gid.to_string();
+        Ok(self
+            .read_log(move |log| log.get(&gid))
+            .await?
+            .map(Snapshot::from_log))
     }
 
     /// A receiver of every change of a live transaction, or its stored snapshot.
-    pub async fn watch(&self, gid: &str) -> Result<WatchTarget, LogError> {
-        if let Some(Some(rx)) = self.ask(gid, Msg::Watch).await {
-            return Ok(WatchTarget::Live(rx));
+    pub async fn watch(&self, gid: &str) -> Result<WatchTarget, BeginError> {
+        self.inner.fatal.check()?;
+        match self.ask(gid, Msg::Watch).await {
+            Some(Ok(Some(rx))) => return Ok(WatchTarget::Live(rx)),
+            Some(Err(e)) => return Err(e),
+            Some(Ok(None)) => {}
+            None => return Err(self.stopped_or(LogError::Closed).into()),
         }
-        Ok(match self.inner.log.get(gid)? {
-            Some(rec) => WatchTarget::Stored(Snapshot::from_log(rec)),
+        Ok(match self.get(gid).await? {
+            Some(s) => WatchTarget::Stored(s),
             None => WatchTarget::Unknown,
         })
     }
 
-    /// What a participant in doubt is told. Presumed abort: unknown means aborted.
-    pub async fn outcome(&self, gid: &str) -> Result<Outcome, LogError> {
-        Ok(match self.get(gid).await? {
-            Some(s) => s.outcome,
-            None => Outcome::Aborted,
+    /// What a participant in doubt is told: the outcome if this log knows the gid (live, in
+    /// the log, or as a tombstone), else `Aborted` with `known: false` (presumed abort, which
+    /// the participant applies only when this log drove its branch).
+    pub async fn outcome(&self, gid: &str) -> Result<OutcomeAnswer, LogError> {
+        self.inner.fatal.check()?;
+        match self.ask(gid, Msg::Get).await {
+            Some(Lookup::Live(s)) => {
+                return Ok(OutcomeAnswer {
+                    outcome: s.outcome,
+                    known: true,
+                })
+            }
+            // Its branches have not been called yet: nothing to be in doubt about.
+            Some(Lookup::Hidden) => {
+                return Ok(OutcomeAnswer {
+                    outcome: Outcome::Pending,
+                    known: true,
+                })
+            }
+            Some(Lookup::NotLive) => {}
+            None => return Err(self.stopped_or(LogError::Closed)),
+        }
+        let g = gid.to_string();
+        let (rec, tomb) = self
+            .read_log(move |log| Ok((log.get(&g)?, log.get_tombstone(&g)?)))
+            .await?;
+        Ok(match (rec, tomb) {
+            (Some(rec), _) => OutcomeAnswer {
+                outcome: Snapshot::from_log(rec).outcome,
+                known: true,
+            },
+            (None, Some(t)) => OutcomeAnswer {
+                outcome: t.outcome,
+                known: true,
+            },
+            (None, None) => OutcomeAnswer {
+                outcome: Outcome::Aborted,
+                known: false,
+            },
         })
     }
 
     /// Send every waiting call of `gid` now. `None` when the gid is not live.
-    pub async fn retry(&self, gid: &str) -> Option<u32> {
-        self.ask(gid, Msg::RetryNow).await.flatten()
+    pub async fn retry(&self, gid: &str) -> Result<Option<u32>, LogError> {
+        self.inner.fatal.check()?;
+        Ok(self.ask(gid, Msg::RetryNow).await.flatten())
     }
 
-    /// Records matching `filter`, newest gid first, with live state overlaid.
+    /// An operator resolves `branch` of `gid` by hand (see [`Tx::resolve`]). Answers once the
+    /// audit record is durable, with the transaction as it is then.
+    pub async fn resolve(
+        &self,
+        gid: &str,
+        branch: u32,
+        operator: &str,
+        reason: &str,
+    ) -> Result<Snapshot, ResolveError> {
+        self.inner.fatal.check()?;
+        let operator = operator.to_string();
+        let reason = reason.to_string();
+        match self
+            .ask(gid, |reply| Msg::Resolve {
+                branch,
+                operator,
+                reason,
+                reply,
+            })
+            .await
+        {
+            Some(r) => r,
+            None => Err(self.stopped_or(LogError::Closed).into()),
+        }
+    }
+
+    /// Records matching `filter`, newest gid first, with live state overlaid, and the cursor
+    /// of the next page (`None` at the end).
     pub async fn list(
         &self,
         filter: &ListFilter,
-        before_gid: Option<&str>,
+        cursor: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<Snapshot>, LogError> {
-        let records = self.inner.log.list(filter, before_gid, limit)?;
-        let overlaid = records.into_iter().map(|rec| async move {
+    ) -> Result<(Vec<Snapshot>, Option<String>), LogError> {
+        self.inner.fatal.check()?;
+        let (f, c) = (filter.clone(), cursor.map(str::to_string));
+        let page = self
+            .read_log(move |log| log.list(&f, c.as_deref(), limit))
+            .await?;
+        let overlaid = page.records.into_iter().map(|rec| async move {
             if rec.phase.is_terminal() {
-                return Snapshot::from_log(rec);
+                return Some(Snapshot::from_log(rec));
             }
             match self.ask(&rec.gid, Msg::Get).await {
-                Some(Some(s)) => s,
-                _ => Snapshot::from_log(rec),
+                Some(Lookup::Live(s)) => Some(s),
+                Some(Lookup::Hidden) => None,
+                _ => Some(Snapshot::from_log(rec)),
             }
         });
-        Ok(futures::future::join_all(overlaid).await)
+        let snaps: Vec<Snapshot> = futures::future::join_all(overlaid)
+            .await
+            .into_iter()
+            .flatten()
+            // The live state may no longer match (it moved on since the log was read).
+            .filter(|s| filter.matches(&s.record))
+            .collect();
+        self.inner.fatal.check()?;
+        Ok((snaps, page.next_cursor))
     }
 
     /// Stop taking new transactions; wait up to `grace` for live ones to finish; make the
@@ -363,9 +710,10 @@ impl Runtime {
     pub async fn shutdown(&self, grace: Duration) -> Result<(), LogError> {
         self.inner.accepting.store(false, Ordering::Release);
         let deadline = tokio::time::Instant::now() + grace;
-        while self.live() > 0 && tokio::time::Instant::now() < deadline {
+        while self.live() > 0 && tokio::time::Instant::now() < deadline && !self.is_failed() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        self.inner.fatal.check()?;
         let synced = self.inner.log.sync().await;
         // One line with the log's counters over this run, for operators and for treaty-bench
         // (which reads `flushes` to report fsyncs per committed transaction).
@@ -379,17 +727,31 @@ impl Runtime {
         synced
     }
 
-    /// Delete finished transactions older than the retention period, in bounded batches.
-    pub fn collect_garbage(&self) -> Result<usize, LogError> {
-        let cutoff = now_ms().saturating_sub(self.inner.config.retention.as_millis() as u64);
-        let mut total = 0;
+    /// Replace finished transactions older than the retention period by tombstones, and
+    /// delete tombstones older than their horizon, in bounded batches. Blocking: run it on a
+    /// blocking thread.
+    pub fn collect_garbage(&self) -> Result<(usize, usize), LogError> {
+        self.inner.fatal.check()?;
+        let now = now_ms();
+        let cutoff = now.saturating_sub(self.inner.config.retention.as_millis() as u64);
+        let tomb_cutoff =
+            now.saturating_sub(self.inner.config.tombstone_retention.as_millis() as u64);
+        let (mut records, mut tombs) = (0, 0);
         loop {
-            let n = self.inner.log.collect_ended(cutoff, 10_000)?;
-            total += n;
+            let n = self.inner.log.collect_ended(cutoff, now, 10_000)?;
+            records += n;
             if n < 10_000 {
-                return Ok(total);
+                break;
             }
         }
+        loop {
+            let n = self.inner.log.collect_tombstones(tomb_cutoff, 10_000)?;
+            tombs += n;
+            if n < 10_000 {
+                break;
+            }
+        }
+        Ok((records, tombs))
     }
 }
 
@@ -399,34 +761,109 @@ struct Shard {
     rt: std::sync::Weak<Inner>,
     /// Weak too: the shard's inbox closes, and the shard ends, once the runtime is gone and
     /// no call or write is still in flight.
-    me: mpsc::WeakUnboundedSender<(String, Box<Msg>)>,
+    me: mpsc::WeakSender<(String, Box<Msg>)>,
     txs: HashMap<String, Entry>,
-    timers: DelayQueue<(String, Event)>,
+    timers: DelayQueue<Timer>,
 }
 
 impl Shard {
-    async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<(String, Box<Msg>)>) {
+    async fn run(mut self, mut inbox: mpsc::Receiver<(String, Box<Msg>)>) {
+        let Some(mut fatal) = self.rt.upgrade().map(|rt| rt.fatal.reason.subscribe()) else {
+            return;
+        };
         loop {
             tokio::select! {
+                // Fail-stop at once: waiting clients must hear it now, not at the next event.
+                _ = fatal.changed() => {
+                    if let Some(rt) = self.rt.upgrade() {
+                        self.stop(&rt);
+                    }
+                    return;
+                }
                 msg = inbox.recv() => match msg {
                     Some((gid, msg)) => {
                         let Some(rt) = self.rt.upgrade() else { return };
+                        if rt.fatal.is_stopped() {
+                            return self.stop(&rt);
+                        }
+                        fail::fail_point!("treaty::shard_panic", |_| {
+                            panic!("failpoint treaty::shard_panic fired");
+                        });
                         self.on_msg(&rt, gid, *msg);
                     }
                     None => return,
                 },
                 Some(expired) = self.timers.next(), if !self.timers.is_empty() => {
                     let Some(rt) = self.rt.upgrade() else { return };
-                    let (gid, event) = expired.into_inner();
-                    if event == Event::DeadlinePassed {
-                        if let Some(e) = self.txs.get_mut(&gid) {
-                            e.deadline = None;
-                        }
+                    if rt.fatal.is_stopped() {
+                        return self.stop(&rt);
                     }
-                    self.feed(&rt, &gid, event);
+                    self.on_timer(&rt, expired.into_inner());
                 }
             }
         }
+    }
+
+    /// Fail-stop: drop every transaction without acting on it. Waiting clients are told the
+    /// runtime stopped (their channels close); the log on disk is the truth from now on.
+    fn stop(&mut self, rt: &Inner) {
+        for (_, e) in self.txs.drain() {
+            for (reply, _) in e.begun {
+                let why = rt.fatal.check().err().unwrap_or(LogError::Closed);
+                let _ = reply.send(Err(BeginError::Log(why)));
+            }
+        }
+    }
+
+    fn on_timer(&mut self, rt: &Inner, timer: Timer) {
+        let Timer {
+            gid,
+            event,
+            due_unix_ms,
+        } = timer;
+        if let Some(due) = due_unix_ms {
+            let now = now_ms();
+            if now < due {
+                // Armed for at most TIMER_DELAY_MAX: not due yet, arm again.
+                let key = self.arm(gid.clone(), event, Some(due));
+                if let Some(e) = self.txs.get_mut(&gid) {
+                    e.deadline = Some(key);
+                }
+                return;
+            }
+        }
+        if event == Event::DeadlinePassed {
+            if let Some(e) = self.txs.get_mut(&gid) {
+                e.deadline = None;
+            }
+        }
+        self.feed(rt, &gid, event);
+    }
+
+    /// Arms a timer for `event`: after `due_unix_ms - now` for a deadline, at once when it is
+    /// past, never longer than [`TIMER_DELAY_MAX`].
+    fn arm(&mut self, gid: String, event: Event, due_unix_ms: Option<u64>) -> delay_queue::Key {
+        let delay = due_unix_ms.map_or(Duration::ZERO, |due| {
+            Duration::from_millis(due.saturating_sub(now_ms()))
+        });
+        self.arm_after(gid, event, due_unix_ms, delay)
+    }
+
+    fn arm_after(
+        &mut self,
+        gid: String,
+        event: Event,
+        due_unix_ms: Option<u64>,
+        delay: Duration,
+    ) -> delay_queue::Key {
+        self.timers.insert(
+            Timer {
+                gid,
+                event,
+                due_unix_ms,
+            },
+            delay.min(TIMER_DELAY_MAX),
+        )
     }
 
     fn on_msg(&mut self, rt: &Inner, gid: String, msg: Msg) {
@@ -436,76 +873,74 @@ impl Shard {
             }
             Msg::Written { seq, result } => match result {
                 Ok(()) => {
-                    if let Some(e) = self.txs.get_mut(&gid) {
-                        if let Some(reply) = e.begun.take() {
+                    if let Some(e) = self.txs.get(&gid) {
+                        let at_begun = seq == 1 && !e.begun.is_empty();
+                        let at_decision = !at_begun
+                            && matches!(
+                                e.tx.record().phase,
+                                Phase::Committing | Phase::Compensating
+                            );
+                        if at_begun {
                             crash_point!("treaty::after_begun_durable");
-                            let _ = reply.send(Ok(Started::New));
-                        } else if matches!(
-                            e.tx.record().phase,
-                            Phase::Committing | Phase::Compensating
-                        ) {
+                        }
+                        if at_decision {
                             crash_point!("treaty::after_decision_durable");
                         }
                     }
                     self.feed(rt, &gid, Event::Durable { seq });
                 }
-                Err(e) => self.drop_failed(rt, &gid, e),
+                Err(e) => rt.fatal.stop(format!(
+                    "a forced write of gid {gid:?} (record seq {seq}) failed: {e}"
+                )),
             },
-            Msg::Begin { tx, reply } => {
-                if let Some(e) = self.txs.get(&gid) {
-                    let def: Vec<BranchDef> =
-                        tx.record().branches.iter().map(|b| b.def.clone()).collect();
-                    let same = e.tx.record().same_definition(tx.record().mode, &def);
-                    let _ = reply.send(if same {
-                        Ok(Started::Live)
-                    } else {
-                        Err(BeginError::AlreadyExists(gid))
-                    });
-                    return;
-                }
-                // A finished transaction is found in the log: its terminal record is readable
-                // before it leaves the shard.
-                match rt.log.get(&gid) {
-                    Err(e) => {
-                        let _ = reply.send(Err(e.into()));
-                    }
-                    Ok(Some(rec)) => {
-                        let def: Vec<BranchDef> =
-                            tx.record().branches.iter().map(|b| b.def.clone()).collect();
-                        let _ = reply.send(if rec.same_definition(tx.record().mode, &def) {
-                            Ok(Started::Live)
-                        } else {
-                            Err(BeginError::AlreadyExists(gid))
-                        });
-                    }
-                    Ok(None) => {
-                        self.insert(rt, &gid, *tx, Some(reply));
-                        self.feed(rt, &gid, Event::Start);
-                    }
-                }
-            }
+            Msg::Begin {
+                tx,
+                bytes,
+                refuse_new,
+                reply,
+            } => self.on_begin(rt, gid, *tx, bytes, refuse_new, reply),
             Msg::Recover(tx) => {
                 if !self.txs.contains_key(&gid) {
-                    self.insert(rt, &gid, *tx, None);
+                    self.insert(rt, &gid, *tx, 0);
                     self.feed(rt, &gid, Event::Recovered);
                 }
             }
             Msg::Get(reply) => {
-                let _ = reply.send(self.txs.get(&gid).map(|e| Snapshot::of(&e.tx)));
+                let _ = reply.send(match self.txs.get(&gid) {
+                    None => Lookup::NotLive,
+                    Some(e) => Snapshot::of(&e.tx).map_or(Lookup::Hidden, Lookup::Live),
+                });
             }
             Msg::Watch(reply) => {
-                let rx = self.txs.get_mut(&gid).map(|e| match &e.watch {
-                    Some(w) => w.subscribe(),
-                    None => {
-                        let (w, rx) = watch::channel(Snapshot::of(&e.tx));
-                        e.watch = Some(w);
-                        rx
-                    }
-                });
-                let _ = reply.send(rx);
+                let answer = match self.txs.get_mut(&gid) {
+                    None => Ok(None),
+                    Some(e) => match (&e.watch, Snapshot::of(&e.tx)) {
+                        (_, None) => Ok(None),
+                        (Some(w), _) if w.receiver_count() >= WATCHERS_PER_TX_MAX => {
+                            Err(BeginError::Overloaded(format!(
+                                "{WATCHERS_PER_TX_MAX} watchers of gid {gid:?} already"
+                            )))
+                        }
+                        (Some(w), _) => Ok(Some(w.subscribe())),
+                        (None, Some(snap)) => {
+                            let (w, rx) = watch::channel(snap);
+                            e.watch = Some(w);
+                            Ok(Some(rx))
+                        }
+                    },
+                };
+                let _ = reply.send(answer);
             }
             Msg::WaitOutcome(reply) => match self.txs.get_mut(&gid) {
-                Some(e) if e.tx.decided() == Outcome::Pending => e.waiters.push(reply),
+                Some(e) if e.tx.decided() == Outcome::Pending => {
+                    // Waiters that gave up (their wait ran out) go first.
+                    e.waiters.retain(|w| !w.is_closed());
+                    if e.waiters.len() >= WAITERS_PER_TX_MAX {
+                        let _ = reply.send(Outcome::Pending);
+                    } else {
+                        e.waiters.push(reply);
+                    }
+                }
                 Some(e) => {
                     let _ = reply.send(e.tx.decided());
                 }
@@ -520,25 +955,122 @@ impl Shard {
                 });
                 let _ = reply.send(n);
             }
+            Msg::Resolve {
+                branch,
+                operator,
+                reason,
+                reply,
+            } => {
+                let Some(e) = self.txs.get_mut(&gid) else {
+                    let _ = reply.send(Err(ResolveError::NotLive(gid)));
+                    return;
+                };
+                match e.tx.resolve(now_ms(), branch, &operator, &reason) {
+                    Err(why) => {
+                        let _ = reply.send(Err(ResolveError::Refused(why)));
+                    }
+                    Ok(commands) => {
+                        tracing::warn!(
+                            gid = %gid,
+                            branch,
+                            operator = %operator,
+                            reason = %reason,
+                            "branch resolved by an operator"
+                        );
+                        // The audit record is the first write of the commands.
+                        let seq = commands
+                            .iter()
+                            .find_map(|c| match c {
+                                Command::Persist { record, .. } => Some(record.seq),
+                                _ => None,
+                            })
+                            .unwrap_or(0);
+                        e.resolved.push((seq, reply));
+                        self.execute(rt, &gid, commands);
+                    }
+                }
+            }
         }
     }
 
-    fn insert(
+    fn on_begin(
         &mut self,
         rt: &Inner,
-        gid: &str,
+        gid: String,
         tx: Tx,
-        begun: Option<oneshot::Sender<Result<Started, BeginError>>>,
+        bytes: usize,
+        refuse_new: Option<String>,
+        reply: oneshot::Sender<Result<Started, BeginError>>,
     ) {
+        let def: Vec<BranchDef> = tx.record().branches.iter().map(|b| b.def.clone()).collect();
+        let mode = tx.record().mode;
+        if let Some(e) = self.txs.get_mut(&gid) {
+            rt.live_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            if !e.tx.record().same_definition(mode, &def) {
+                let _ = reply.send(Err(BeginError::AlreadyExists(gid)));
+            } else if e.tx.begun_durable() {
+                let _ = reply.send(Ok(Started::Existing));
+            } else {
+                // Told only once `Begun` is durable, like the first `Begin`.
+                e.begun.push((reply, Started::Existing));
+            }
+            return;
+        }
+        // A finished transaction is found in the log (its terminal record is readable before
+        // it leaves the shard), or as a tombstone once retention collected it. A point read:
+        // cheap enough for the shard task.
+        let found = rt.log.get(&gid).and_then(|rec| match rec {
+            Some(rec) => Ok(Some(if rec.same_definition(mode, &def) {
+                Ok(Started::Existing)
+            } else {
+                Err(BeginError::AlreadyExists(gid.clone()))
+            })),
+            None => Ok(rt.log.get_tombstone(&gid)?.map(|t| {
+                if t.fingerprint == crate::engine::fingerprint(mode, &def) {
+                    Ok(Started::Finished(t.outcome))
+                } else {
+                    Err(BeginError::AlreadyExists(gid.clone()))
+                }
+            })),
+        });
+        match found {
+            Ok(None) if refuse_new.is_some() => {
+                let why = refuse_new.unwrap_or_default();
+                let _ = reply.send(Err(BeginError::Overloaded(why)));
+            }
+            Ok(None) => {
+                self.insert(rt, &gid, tx, bytes);
+                if let Some(e) = self.txs.get_mut(&gid) {
+                    e.begun.push((reply, Started::New));
+                }
+                self.feed(rt, &gid, Event::Start);
+            }
+            Ok(Some(answer)) => {
+                rt.live_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                let _ = reply.send(answer);
+            }
+            Err(e) => {
+                rt.live_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                let _ = reply.send(Err(e.into()));
+            }
+        }
+    }
+
+    fn insert(&mut self, rt: &Inner, gid: &str, tx: Tx, bytes: usize) {
         rt.live.fetch_add(1, Ordering::AcqRel);
+        let was_stuck = tx.record().stuck;
         self.txs.insert(
             gid.to_string(),
             Entry {
                 tx,
                 deadline: None,
-                begun,
+                begun: Vec::new(),
                 waiters: Vec::new(),
                 watch: None,
+                resolved: Vec::new(),
+                bytes,
+                finishing: false,
+                was_stuck,
             },
         );
     }
@@ -546,24 +1078,11 @@ impl Shard {
     fn remove(&mut self, rt: &Inner, gid: &str) -> Option<Entry> {
         let mut e = self.txs.remove(gid)?;
         rt.live.fetch_sub(1, Ordering::AcqRel);
+        rt.live_bytes.fetch_sub(e.bytes, Ordering::AcqRel);
         if let Some(k) = e.deadline.take() {
             self.timers.remove(&k);
         }
         Some(e)
-    }
-
-    /// A log write of `gid` failed: stop driving it. Its last durable record is resumed at the
-    /// next start; nothing that depends on the failed write happens.
-    fn drop_failed(&mut self, rt: &Inner, gid: &str, error: String) {
-        tracing::error!(gid, %error, "log write failed; the transaction is left to recovery");
-        if let Some(mut e) = self.remove(rt, gid) {
-            if let Some(reply) = e.begun.take() {
-                let _ = reply.send(Err(BeginError::Log(LogError::Io {
-                    doing: format!("recording Begun of gid {gid:?}"),
-                    source: std::io::Error::other(error),
-                })));
-            }
-        }
     }
 
     /// Feed one event to `gid`'s engine and carry out the commands. Returns how many calls
@@ -573,9 +1092,13 @@ impl Shard {
             return 0;
         };
         let commands = entry.tx.handle(now_ms(), event);
+        self.execute(rt, gid, commands)
+    }
+
+    /// Carry out `commands` of `gid`'s engine, then tell whoever waits what may now be told.
+    fn execute(&mut self, rt: &Inner, gid: &str, commands: Vec<Command>) -> usize {
         let mut calls = 0;
         let mut phase_two_calls = 0;
-        let mut finished = false;
         for cmd in commands {
             match cmd {
                 Command::Persist { record, forced } => {
@@ -592,10 +1115,12 @@ impl Shard {
                         let gid = gid.to_string();
                         tokio::spawn(async move {
                             let result = written.await.map_err(|e| e.to_string());
-                            let _ = me.send((gid, Box::new(Msg::Written { seq, result })));
+                            let _ = me.send((gid, Box::new(Msg::Written { seq, result }))).await;
                         });
                     } else if let Some(Err(e)) = written.now_or_never() {
-                        self.drop_failed(rt, gid, e.to_string());
+                        rt.fatal.stop(format!(
+                            "writing record seq {seq} of gid {gid:?} to the log failed: {e}"
+                        ));
                         return calls;
                     }
                 }
@@ -621,23 +1146,19 @@ impl Shard {
                 } => {
                     // Full jitter: uniform in [0, bound].
                     let delay = rand::thread_rng().gen_range(0..=backoff_bound_ms);
-                    self.timers.insert(
-                        (
-                            gid.to_string(),
-                            Event::RetryDue {
-                                branch,
-                                op,
-                                attempt,
-                            },
-                        ),
+                    self.arm_after(
+                        gid.to_string(),
+                        Event::RetryDue {
+                            branch,
+                            op,
+                            attempt,
+                        },
+                        None,
                         Duration::from_millis(delay),
                     );
                 }
                 Command::SetDeadline { at_unix_ms } => {
-                    let delay = Duration::from_millis(at_unix_ms.saturating_sub(now_ms()));
-                    let key = self
-                        .timers
-                        .insert((gid.to_string(), Event::DeadlinePassed), delay);
+                    let key = self.arm(gid.to_string(), Event::DeadlinePassed, Some(at_unix_ms));
                     if let Some(e) = self.txs.get_mut(gid) {
                         if let Some(old) = e.deadline.replace(key) {
                             self.timers.remove(&old);
@@ -651,15 +1172,62 @@ impl Shard {
                         }
                     }
                 }
-                Command::Finished => finished = true,
+                Command::Finished => {
+                    if let Some(e) = self.txs.get_mut(gid) {
+                        e.finishing = true;
+                    }
+                }
             }
         }
-        if let Some(e) = self.txs.get(gid) {
-            if let Some(w) = &e.watch {
-                w.send_replace(Snapshot::of(&e.tx));
+        self.publish(rt, gid);
+        calls
+    }
+
+    /// After a change: answer what waited for durability, update watchers, log a transaction
+    /// that became stuck, and let a finished transaction go once nothing of it is in flight.
+    fn publish(&mut self, rt: &Inner, gid: &str) {
+        let Some(e) = self.txs.get_mut(gid) else {
+            return;
+        };
+        if e.tx.begun_durable() {
+            for (reply, started) in e.begun.drain(..) {
+                let _ = reply.send(Ok(started));
             }
         }
-        if finished {
+        let Some(snap) = Snapshot::of(&e.tx) else {
+            return;
+        };
+        let durable = !e.tx.forced_pending();
+        let durable_seq = e.tx.durable_seq();
+        let (done, waiting): (Vec<_>, Vec<_>) = e
+            .resolved
+            .drain(..)
+            .partition(|(seq, _)| *seq <= durable_seq);
+        e.resolved = waiting;
+        for (_, reply) in done {
+            let _ = reply.send(Ok(snap.clone()));
+        }
+        let stuck = snap.record.stuck;
+        if stuck && !e.was_stuck {
+            let b = snap
+                .record
+                .branches
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, b)| b.attempts);
+            tracing::warn!(
+                gid = %gid,
+                branch = b.map(|(i, _)| i),
+                attempts = b.map(|(_, b)| b.attempts),
+                last_error = b.map(|(_, b)| b.last_error.as_str()),
+                "transaction is stuck: a phase-two call keeps failing; still retrying (Retry retries now, Resolve resolves a branch by hand)"
+            );
+        }
+        e.was_stuck = stuck;
+        if let Some(w) = &e.watch {
+            w.send_replace(snap);
+        }
+        if e.finishing && durable {
             if let Some(e) = self.remove(rt, gid) {
                 let outcome = e.tx.decided();
                 for w in e.waiters {
@@ -667,7 +1235,6 @@ impl Shard {
                 }
             }
         }
-        calls
     }
 
     fn spawn_call(&self, rt: &Inner, gid: &str, branch: u32, op: Op, attempt: u32) {
@@ -690,8 +1257,8 @@ impl Shard {
             } else {
                 rec.deadline_unix_ms
             },
-            log_id: String::new(),
-            outcome_endpoint: String::new(),
+            log_id: rt.log.log_id().to_string(),
+            outcome_endpoint: rt.config.advertise_url.clone().unwrap_or_default(),
         };
         let client = rt.pool.client(&b.def.endpoint);
         let timeout = rt.config.call_timeout;
@@ -708,7 +1275,7 @@ impl Shard {
                 attempt,
                 reply,
             };
-            let _ = me.send((gid, Box::new(Msg::Engine(event))));
+            let _ = me.send((gid, Box::new(Msg::Engine(event)))).await;
         });
     }
 }

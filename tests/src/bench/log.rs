@@ -50,6 +50,7 @@ fn record(gid: String, payload: &Bytes) -> TxRecord {
         state: BranchState::Pending,
         attempts: 0,
         last_error: String::new(),
+        resolution: None,
     };
     TxRecord {
         gid,

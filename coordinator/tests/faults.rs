@@ -1,0 +1,612 @@
+//! The runtime under storage faults and adversarial clients, with the real runtime, a real
+//! gRPC participant (a scripted fake) and the memory log's fault injection: a forced write
+//! that fails, one that is slow, a gid reused after retention, a deadline beyond the timer
+//! wheel, stuck transactions and the operator's ways out.
+//!
+//! Each test names the failure of the correctness issue it covers; each failed before its fix.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tonic::{Request, Response, Status};
+use treaty_coordinator::config::Config;
+use treaty_coordinator::engine::{
+    BranchDef, BranchRecord, BranchState, Mode, Outcome, Phase, RetryPolicy, TxRecord,
+};
+use treaty_coordinator::log::memory::{Fault, MemoryLog};
+use treaty_coordinator::log::{ListFilter, LogError, LogStore};
+use treaty_coordinator::runtime::{new_tx, now_ms, BeginError, Runtime};
+use treaty_proto::v1 as pb;
+use treaty_proto::v1::participant_server::{Participant, ParticipantServer};
+
+/// What the fake participant answers, per operation; unset: the success answer.
+#[derive(Clone, Default)]
+struct Script {
+    /// Answer phase-two calls with RETRY (a participant gone for good).
+    phase_two_fails: bool,
+}
+
+#[derive(Clone, Default)]
+struct Fake {
+    script: Arc<Mutex<Script>>,
+    calls: Arc<Mutex<Vec<(String, String, u32)>>>,
+    requests: Arc<Mutex<Vec<pb::BranchRequest>>>,
+}
+
+impl Fake {
+    fn record(&self, op: &str, r: &pb::BranchRequest) {
+        self.calls
+            .lock()
+            .unwrap()
+            .push((op.to_string(), r.gid.clone(), r.branch_id));
+        self.requests.lock().unwrap().push(r.clone());
+    }
+
+    fn count(&self, op: &str, gid: &str) -> usize {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(o, g, _)| o == op && g == gid)
+            .count()
+    }
+
+    fn phase_two(&self, op: &str, r: Request<pb::BranchRequest>) -> pb::PhaseTwoResponse {
+        let r = r.into_inner();
+        self.record(op, &r);
+        if self.script.lock().unwrap().phase_two_fails {
+            pb::PhaseTwoResponse {
+                result: pb::PhaseTwoResult::Retry as i32,
+                message: "participant is gone".into(),
+            }
+        } else {
+            pb::PhaseTwoResponse {
+                result: pb::PhaseTwoResult::Done as i32,
+                message: String::new(),
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Participant for Fake {
+    async fn prepare(
+        &self,
+        r: Request<pb::BranchRequest>,
+    ) -> Result<Response<pb::PrepareResponse>, Status> {
+        self.record("prepare", r.get_ref());
+        Ok(Response::new(pb::PrepareResponse {
+            result: pb::PrepareResult::Prepared as i32,
+            message: String::new(),
+        }))
+    }
+    async fn commit(
+        &self,
+        r: Request<pb::BranchRequest>,
+    ) -> Result<Response<pb::PhaseTwoResponse>, Status> {
+        Ok(Response::new(self.phase_two("commit", r)))
+    }
+    async fn abort(
+        &self,
+        r: Request<pb::BranchRequest>,
+    ) -> Result<Response<pb::PhaseTwoResponse>, Status> {
+        Ok(Response::new(self.phase_two("abort", r)))
+    }
+    async fn execute(
+        &self,
+        r: Request<pb::BranchRequest>,
+    ) -> Result<Response<pb::ExecuteResponse>, Status> {
+        self.record("execute", r.get_ref());
+        Ok(Response::new(pb::ExecuteResponse {
+            result: pb::ExecuteResult::Succeeded as i32,
+            message: String::new(),
+        }))
+    }
+    async fn compensate(
+        &self,
+        r: Request<pb::BranchRequest>,
+    ) -> Result<Response<pb::PhaseTwoResponse>, Status> {
+        Ok(Response::new(self.phase_two("compensate", r)))
+    }
+}
+
+struct Harness {
+    rt: Runtime,
+    log: Arc<MemoryLog>,
+    fake: Fake,
+    endpoint: String,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self._server.abort();
+    }
+}
+
+async fn harness(config: Config) -> Harness {
+    harness_with(Arc::new(MemoryLog::new()), config).await
+}
+
+async fn harness_with(log: Arc<MemoryLog>, config: Config) -> Harness {
+    let fake = Fake::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn({
+        let fake = fake.clone();
+        async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(ParticipantServer::new(fake))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await;
+        }
+    });
+    let dyn_log: Arc<dyn LogStore> = log.clone();
+    let rt = Runtime::new(dyn_log, config);
+    Harness {
+        rt,
+        log,
+        fake,
+        endpoint,
+        _server: server,
+    }
+}
+
+fn fast_config() -> Config {
+    Config {
+        initial_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(20),
+        stuck_after_attempts: 3,
+        call_timeout: Duration::from_secs(2),
+        ..Config::default()
+    }
+}
+
+impl Harness {
+    fn def(
+        &self,
+        gid: &str,
+        mode: Mode,
+        branches: usize,
+        payload: &str,
+    ) -> treaty_coordinator::engine::NewTx {
+        let branches = (0..branches)
+            .map(|_| BranchDef {
+                endpoint: self.endpoint.clone(),
+                handler: "h".into(),
+                payload: bytes::Bytes::from(payload.to_string()),
+                compensation_payload: bytes::Bytes::from_static(b"undo"),
+            })
+            .collect();
+        new_tx(
+            self.rt.config(),
+            gid.to_string(),
+            mode,
+            branches,
+            None,
+            None,
+        )
+    }
+
+    /// Waits (bounded) until `cond` holds.
+    async fn until(&self, what: &str, mut cond: impl FnMut(&Harness) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !cond(self) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting until {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Failure 1: the `Committing` fsync fails. Before: the shard dropped the transaction and
+/// `Begin(wait)` read the applied-but-not-durable record back from the log and answered
+/// COMMITTED; after a restart the coordinator aborted it. Now the runtime fail-stops: no
+/// answer claims an outcome, and the restarted coordinator's answer is the only one given.
+#[tokio::test]
+async fn a_failed_decision_fsync_is_never_reported_as_committed() {
+    let h = harness(fast_config()).await;
+    // `Begun` succeeds; the decision's fsync fails, as after an EIO.
+    h.log.fault_at(Phase::Committing, Fault::Fail);
+    let rt = h.rt.clone();
+    let def = h.def("g-eio", Mode::TwoPhase, 2, "x");
+    let begin = tokio::spawn(async move { rt.begin(def, Some(Duration::from_secs(5))).await });
+    let answer = tokio::time::timeout(Duration::from_secs(10), begin)
+        .await
+        .expect("Begin answers")
+        .expect("task");
+    match answer {
+        Ok(b) => assert_ne!(
+            b.outcome,
+            Outcome::Committed,
+            "told COMMITTED although the decision is not durable"
+        ),
+        Err(BeginError::Log(LogError::Stopped(_))) => {}
+        Err(e) => panic!("unexpected error {e}"),
+    }
+    assert!(
+        h.rt.is_failed(),
+        "the runtime fail-stops after a failed fsync"
+    );
+    assert_eq!(
+        h.fake.count("commit", "g-eio"),
+        0,
+        "no Commit before a durable decision"
+    );
+    // Nothing is told from memory any more.
+    assert!(matches!(
+        h.rt.outcome("g-eio").await,
+        Err(LogError::Stopped(_))
+    ));
+    assert!(matches!(h.rt.get("g-eio").await, Err(LogError::Stopped(_))));
+    let listed = h.rt.list(&ListFilter::default(), None, 10).await;
+    assert!(matches!(listed, Err(LogError::Stopped(_))));
+    assert!(!h.rt.failed().await.is_empty(), "the reason is given");
+
+    // Restart from what is on disk: the decision was never durable, so it aborts, and that
+    // is the first outcome anyone hears.
+    h.log.crash();
+    h.log.fail_syncs(None);
+    let log = Arc::clone(&h.log);
+    drop(h);
+    let h = harness_with(log, fast_config()).await;
+    h.rt.recover().await.expect("recover");
+    let o = h.rt.outcome("g-eio").await.expect("outcome");
+    assert_eq!(o.outcome, Outcome::Aborted);
+}
+
+/// Failure 11 (and 1): while a forced write is in flight its record is not shown. Before:
+/// `Get` showed COMMITTING (and the outcome COMMITTED to `Outcome`) before the decision
+/// was durable.
+#[tokio::test]
+async fn get_and_outcome_never_show_a_decision_before_it_is_durable() {
+    let h = harness(fast_config()).await;
+    h.log.fault_at(Phase::Committing, Fault::Hold);
+    let rt = h.rt.clone();
+    let def = h.def("g-slow", Mode::TwoPhase, 1, "x");
+    rt.begin(def, None).await.expect("begin");
+    h.until("the decision is being written", |h| h.log.held_syncs() == 1)
+        .await;
+    // The decision is being written: not shown, not told, not acted on.
+    let s = rt.get("g-slow").await.expect("get").expect("known");
+    assert_eq!(
+        s.record.phase,
+        Phase::Active,
+        "COMMITTING shown before durable"
+    );
+    assert_eq!(s.outcome, Outcome::Pending);
+    let (listed, _) = rt
+        .list(&ListFilter::default(), None, 10)
+        .await
+        .expect("list");
+    assert_eq!(
+        listed[0].record.phase,
+        Phase::Active,
+        "listed before durable"
+    );
+    let o = rt.outcome("g-slow").await.expect("outcome");
+    assert_eq!(o.outcome, Outcome::Pending, "told COMMITTED before durable");
+    assert_eq!(h.fake.count("commit", "g-slow"), 0);
+    h.log.release_syncs();
+    h.until("committed", |h| h.fake.count("commit", "g-slow") == 1)
+        .await;
+    let o = rt.outcome("g-slow").await.expect("outcome");
+    assert_eq!((o.outcome, o.known), (Outcome::Committed, true));
+}
+
+/// Failure 6: a duplicate `Begin` was acknowledged before `Begun` was durable.
+#[tokio::test]
+async fn a_duplicate_begin_waits_for_begun_to_be_durable() {
+    let h = harness(fast_config()).await;
+    h.log.hold_syncs();
+    let first = tokio::spawn({
+        let (rt, def) = (h.rt.clone(), h.def("g-dup", Mode::Saga, 1, "x"));
+        async move { rt.begin(def, None).await }
+    });
+    h.until("Begun is being written", |h| h.log.held_syncs() == 1)
+        .await;
+    let mut second = tokio::spawn({
+        let (rt, def) = (h.rt.clone(), h.def("g-dup", Mode::Saga, 1, "x"));
+        async move { rt.begin(def, None).await }
+    });
+    // Bounded check that it has *not* answered: a late answer passes, an early one fails.
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut second).await;
+    assert!(
+        early.is_err(),
+        "the duplicate was acknowledged before Begun was durable"
+    );
+    assert!(
+        h.rt.get("g-dup").await.expect("get").is_none(),
+        "shown before durable"
+    );
+    h.log.release_syncs();
+    let a = first.await.unwrap().expect("first begin");
+    let b = second.await.unwrap().expect("second begin");
+    assert!(!a.existing && b.existing);
+}
+
+/// Failure 3 (coordinator side): a gid reused after retention got a new transaction (or
+/// COMMITTED from a branch's stale answer). Now a tombstone answers it: the same definition
+/// gets the stored outcome, another one ALREADY_EXISTS; `Outcome` still knows it.
+#[tokio::test]
+async fn a_gid_reused_after_retention_is_answered_from_its_tombstone() {
+    let config = Config {
+        retention: Duration::ZERO,
+        ..fast_config()
+    };
+    let h = harness(config).await;
+    let b =
+        h.rt.begin(
+            h.def("g-reuse", Mode::Saga, 2, "x"),
+            Some(Duration::from_secs(5)),
+        )
+        .await
+        .expect("begin");
+    assert_eq!(b.outcome, Outcome::Committed);
+    h.until("finished", |h| h.rt.live() == 0).await;
+    // Retention collects it (retention zero: everything finished before now).
+    let h2 = &h;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (records, _) = h2.rt.collect_garbage().expect("gc");
+        if records > 0 || h2.log.get("g-reuse").expect("get").is_none() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never collected");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(h.log.get("g-reuse").expect("get").is_none(), "collected");
+    let executed = h.fake.count("execute", "g-reuse");
+
+    let again =
+        h.rt.begin(
+            h.def("g-reuse", Mode::Saga, 2, "x"),
+            Some(Duration::from_secs(5)),
+        )
+        .await
+        .expect("same definition again");
+    assert!(again.existing);
+    assert_eq!(again.outcome, Outcome::Committed);
+    assert_eq!(
+        h.fake.count("execute", "g-reuse"),
+        executed,
+        "never started again"
+    );
+
+    let other = h.rt.begin(h.def("g-reuse", Mode::Saga, 2, "y"), None).await;
+    assert!(
+        matches!(other, Err(BeginError::AlreadyExists(_))),
+        "{other:?}"
+    );
+    let o = h.rt.outcome("g-reuse").await.expect("outcome");
+    assert_eq!((o.outcome, o.known), (Outcome::Committed, true));
+    let unknown = h.rt.outcome("never-seen").await.expect("outcome");
+    assert_eq!((unknown.outcome, unknown.known), (Outcome::Aborted, false));
+}
+
+/// Failure 4 (coordinator side): every branch call names the log that drives it and where
+/// to ask about the outcome.
+#[tokio::test]
+async fn branch_calls_carry_the_log_identity_and_the_outcome_endpoint() {
+    let config = Config {
+        advertise_url: Some("http://127.0.0.1:7700".into()),
+        ..fast_config()
+    };
+    let h = harness(config).await;
+    h.rt.begin(
+        h.def("g-id", Mode::TwoPhase, 1, "x"),
+        Some(Duration::from_secs(5)),
+    )
+    .await
+    .expect("begin");
+    let reqs = h.fake.requests.lock().unwrap().clone();
+    assert!(!reqs.is_empty());
+    for r in reqs {
+        assert_eq!(r.log_id, h.log.log_id());
+        assert_eq!(r.outcome_endpoint, "http://127.0.0.1:7700");
+    }
+}
+
+/// Failure 5: a deadline beyond tokio-util's timer wheel (about 2.18 years; or a wall clock
+/// far behind the one that set it) panicked the shard's `DelayQueue` at recovery, freezing
+/// its transactions.
+#[tokio::test]
+async fn a_deadline_years_away_neither_panics_nor_freezes_a_shard() {
+    let log = Arc::new(MemoryLog::new());
+    let h = harness_with(Arc::clone(&log), fast_config()).await;
+    let rec = TxRecord {
+        gid: "g-far".into(),
+        mode: Mode::Saga,
+        phase: Phase::Active,
+        branches: vec![BranchRecord {
+            def: BranchDef {
+                endpoint: h.endpoint.clone(),
+                handler: "h".into(),
+                payload: bytes::Bytes::from_static(b"x"),
+                compensation_payload: bytes::Bytes::from_static(b"u"),
+            },
+            state: BranchState::Pending,
+            attempts: 0,
+            last_error: String::new(),
+            resolution: None,
+        }],
+        created_unix_ms: now_ms(),
+        updated_unix_ms: now_ms(),
+        deadline_unix_ms: now_ms() + 3 * 365 * 24 * 3600 * 1000,
+        retry: RetryPolicy::default(),
+        stuck: false,
+        seq: 1,
+    };
+    log.put_sync(rec, true).expect("put");
+    h.rt.recover().await.expect("recover");
+    h.until("the saga ran and finished", |h| {
+        h.fake.count("execute", "g-far") == 1 && h.rt.live() == 0
+    })
+    .await;
+    assert!(!h.rt.is_failed());
+    let s = h.rt.get("g-far").await.expect("get").expect("known");
+    assert_eq!(s.record.phase, Phase::Committed);
+}
+
+/// Failure 7 and the operator paths: a stuck transaction is found by `List(stuck_only)`
+/// however many newer records lie above it, `Retry` retries it now, and `Resolve` ends it
+/// by hand with an audit trail.
+#[tokio::test]
+async fn stuck_transactions_are_listed_retried_and_resolved_by_hand() {
+    let h = harness(fast_config()).await;
+    h.fake.script.lock().unwrap().phase_two_fails = true;
+    // "a..." sorts below every "z..." record: the old stuck one, under a wall of newer ones.
+    h.rt.begin(h.def("a-stuck", Mode::TwoPhase, 2, "x"), None)
+        .await
+        .expect("begin");
+    let wall = 250;
+    for i in 0..wall {
+        h.log
+            .put_sync(
+                TxRecord {
+                    gid: format!("z{i:05}"),
+                    mode: Mode::Saga,
+                    phase: Phase::Committed,
+                    branches: vec![],
+                    created_unix_ms: 1,
+                    updated_unix_ms: 1,
+                    deadline_unix_ms: 0,
+                    retry: RetryPolicy::default(),
+                    stuck: false,
+                    seq: 1,
+                },
+                false,
+            )
+            .expect("put");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !h
+        .rt
+        .get("a-stuck")
+        .await
+        .expect("get")
+        .is_some_and(|s| s.record.stuck)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never stuck");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stuck = ListFilter {
+        stuck_only: true,
+        ..ListFilter::default()
+    };
+    let mut found = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..=wall {
+        let (page, next) = h.rt.list(&stuck, cursor.as_deref(), 1).await.expect("list");
+        found.extend(page.into_iter().map(|s| s.record.gid));
+        match next {
+            None => break,
+            Some(c) => cursor = Some(c),
+        }
+    }
+    assert_eq!(found, ["a-stuck"]);
+
+    // Retry sends the waiting calls now.
+    let before = h.fake.count("commit", "a-stuck");
+    let n = h.rt.retry("a-stuck").await.expect("retry");
+    assert!(n.is_some());
+    h.until("retried", |h| h.fake.count("commit", "a-stuck") > before)
+        .await;
+
+    // Resolve refuses phase one and unknown branches, then ends the branches by hand.
+    assert!(h.rt.resolve("a-stuck", 9, "ops", "x").await.is_err());
+    let s =
+        h.rt.resolve("a-stuck", 0, "alice@ops", "committed by hand, ticket 7")
+            .await
+            .expect("resolve 0");
+    let r = s.record.branches[0].resolution.clone().expect("recorded");
+    assert_eq!(
+        (r.operator.as_str(), r.reason.as_str()),
+        ("alice@ops", "committed by hand, ticket 7")
+    );
+    assert!(r.unix_ms > 0);
+    // The audit record is durable once resolve answered.
+    h.log.crash();
+    let durable = h.log.get("a-stuck").expect("get").expect("record");
+    assert!(durable.branches[0].resolution.is_some());
+    h.rt.resolve("a-stuck", 1, "alice@ops", "committed by hand, ticket 7")
+        .await
+        .expect("resolve 1");
+    h.until("finished", |h| h.rt.live() == 0).await;
+    let s = h.rt.get("a-stuck").await.expect("get").expect("known");
+    assert_eq!(s.record.phase, Phase::Committed);
+    assert!(!s.record.stuck);
+}
+
+/// Failure 9: the live-transaction cap answers `Begin` as overloaded, never queues without
+/// bound; a waiter that gave up does not pile up.
+#[tokio::test]
+async fn the_live_transaction_cap_refuses_new_work() {
+    let config = Config {
+        max_live_transactions: 2,
+        ..fast_config()
+    };
+    let h = harness(config).await;
+    h.fake.script.lock().unwrap().phase_two_fails = true;
+    for g in ["c1", "c2"] {
+        h.rt.begin(h.def(g, Mode::TwoPhase, 1, "x"), None)
+            .await
+            .expect("begin");
+    }
+    let third = h.rt.begin(h.def("c3", Mode::TwoPhase, 1, "x"), None).await;
+    assert!(matches!(third, Err(BeginError::Overloaded(_))), "{third:?}");
+    // The same gid again is not new work: answered from the live transaction.
+    let again = h.rt.begin(h.def("c1", Mode::TwoPhase, 1, "x"), None).await;
+    assert!(again.expect("existing").existing);
+    assert!(
+        h.rt.get("c3").await.expect("get").is_none(),
+        "nothing started"
+    );
+}
+
+/// Failure 8: recovery acted on records a kill may have left only in the page cache. The
+/// server now syncs the log before it recovers.
+#[tokio::test]
+async fn the_server_syncs_the_log_before_recovering() {
+    let log = Arc::new(MemoryLog::new());
+    let mut rec = TxRecord {
+        gid: "g-cache".into(),
+        mode: Mode::TwoPhase,
+        phase: Phase::Aborting,
+        branches: vec![],
+        created_unix_ms: 1,
+        updated_unix_ms: 1,
+        deadline_unix_ms: 0,
+        retry: RetryPolicy::default(),
+        stuck: false,
+        seq: 1,
+    };
+    rec.branches = vec![];
+    log.put_sync(rec, false).expect("put");
+    assert_eq!(log.pending_writes(), 1, "in the page cache only");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let dyn_log: Arc<dyn LogStore> = log.clone();
+    let server = tokio::spawn(treaty_coordinator::server::run(
+        listener,
+        dyn_log,
+        fast_config(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    // The sync before recovery is the only flush this run makes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while log.stats().flushes == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never synced");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    log.crash();
+    assert!(
+        log.get("g-cache").expect("get").is_some(),
+        "a crash now loses what recovery read"
+    );
+    let _ = stop.send(());
+    server.await.unwrap().expect("clean stop");
+}

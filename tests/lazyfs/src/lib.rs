@@ -1,0 +1,1 @@
+//! LazyFS for Treaty: a FUSE filesystem that loses unsynced writes on a simulated power cut.

@@ -686,11 +686,29 @@ mod tests {
 
     #[test]
     fn only_shortages_are_transient() {
-        for errno in [libc::EMFILE, libc::ENFILE, libc::EINTR, libc::EAGAIN, libc::ENOMEM] {
-            assert!(is_transient(&io::Error::from_raw_os_error(errno)), "{errno}");
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::EINTR,
+            libc::EAGAIN,
+            libc::ENOMEM,
+        ] {
+            assert!(
+                is_transient(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
         }
-        for errno in [libc::EIO, libc::ENOSPC, libc::EACCES, libc::ENOENT, libc::EROFS] {
-            assert!(!is_transient(&io::Error::from_raw_os_error(errno)), "{errno}");
+        for errno in [
+            libc::EIO,
+            libc::ENOSPC,
+            libc::EACCES,
+            libc::ENOENT,
+            libc::EROFS,
+        ] {
+            assert!(
+                !is_transient(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
         }
     }
 

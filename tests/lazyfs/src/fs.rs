@@ -5,7 +5,7 @@
 //!
 //! - **The backing directory holds exactly what survived.** A file's bytes in the backing
 //!   directory are its content as of its last `fsync`/`fdatasync` through the mount; the
-//!   writes since then live in an in-memory copy of the whole file ([`Unsynced`]). Reads are
+//!   writes since then live in an in-memory copy of the whole file (`Unsynced`). Reads are
 //!   served from that copy when there is one, from the backing file otherwise.
 //! - **fsync/fdatasync** writes the copy back (the changed range and the length), fsyncs the
 //!   backing file and drops the copy. Both calls are treated alike: metadata other than the

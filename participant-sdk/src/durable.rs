@@ -13,6 +13,11 @@
 //! the log entry pointing at it does. sled's background flusher only runs a full `sync_all`
 //! on `<dir>/db` every `flush_every_ms`.
 //!
+//! Measured on the FUSE filesystem of `tests/lazyfs`, which drops whatever was not fsynced on
+//! a simulated power cut: with step 3 below, every acknowledged record survives; without it
+//! (cargo feature `mutation-skip-fdatasync`, a deliberate bug for that test only), all of them
+//! are lost, because `sync_file_range` never reaches the filesystem as a sync.
+//!
 //! # What a sync round does
 //!
 //! [`SledSync::sync`] enqueues the caller; a single flusher thread (`treaty-sled-sync`) loops:
@@ -33,13 +38,32 @@
 //! Concurrent callers therefore share one flush (group commit): throughput scales with the
 //! number of writers instead of being capped by the device's flush latency.
 //!
-//! # Errors
+//! # Errors: any error is fatal
 //!
-//! An error of a round is returned to every caller of that round. If the failure was in
-//! `db.flush()` or in an fsync, the handle is poisoned and every later sync fails too: after a
-//! failed fsync Linux may drop the dirty pages and report success on the next fsync
-//! ("fsyncgate"), so durability can no longer be promised; restart and let sled recover.
-//! Failures to list or open files (such as too many open files) do not poison.
+//! An `Err` from [`SledSync::sync`] (or [`SledSync::sync_blocking`]) always means *durability
+//! can no longer be promised*: the handle is poisoned, every later sync fails at once, and the
+//! process must stop and recover from disk. After a failed fsync Linux may drop the dirty pages
+//! and report success on the next fsync ("fsyncgate"), so retrying an fsync proves nothing.
+//!
+//! Failures that say nothing about the data, only about the moment (listing a directory or
+//! opening a file to fsync it with `EMFILE`, `ENFILE`, `EINTR`, `EAGAIN`, `ENOMEM`,
+//! `ENOBUFS`), are retried inside the round with a capped exponential backoff
+//! ([`SyncOptions`]: 1 ms doubling to 100 ms, for up to 30 s per round by default). Callers
+//! just wait longer. Only a transient failure that outlasts that bound fails the round, and
+//! then fatally like any other: a process that cannot open a file for 30 s is not healthy.
+//! Any other failure is fatal at once: `ENOSPC` or `EIO` from an fsync or from sled's flush,
+//! and listing or opening errors that will not pass by waiting (`EACCES`, a vanished sled
+//! directory). A blob file removed between the listing and its open is simply skipped.
+//!
+//! # Failpoints (cargo feature `failpoints`)
+//!
+//! Compiled out otherwise, so a release build cannot be told to break itself. Armed through
+//! the `FAILPOINTS` environment variable (with [`fail::FailScenario`]) or `fail::cfg`;
+//! `return` makes the step fail, and a count such as `3*return` makes it fail that many times:
+//!
+//! - `treaty::sync::fsync_eio`: the fdatasync of `<dir>/db` fails with `EIO` (fatal);
+//! - `treaty::sync::fsync_enospc`: the fdatasync of `<dir>/db` fails with `ENOSPC` (fatal);
+//! - `treaty::sync::list_emfile`: listing a directory fails with `EMFILE` (transient: retried).
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
@@ -50,6 +74,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// The most callers one round answers. A round's flush covers every write completed before it
 /// started, so the cap only bounds the memory a round holds; the rest go to the next round.
@@ -57,6 +82,29 @@ pub const WAITERS_PER_ROUND_MAX: usize = 65_536;
 
 /// Name of the flusher thread, as seen in debuggers and `top -H`.
 const THREAD_NAME: &str = "treaty-sled-sync";
+
+/// How a [`SledSync`] flusher rides out transient failures. [`SyncOptions::default`] suits
+/// production; tests shorten the bound.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncOptions {
+    /// Wait before the first retry of a transient failure (default 1 ms).
+    pub retry_backoff_initial: Duration,
+    /// Cap of the backoff, which doubles after each retry (default 100 ms).
+    pub retry_backoff_max: Duration,
+    /// How long a round keeps retrying transient failures, counted from the first one, before
+    /// it gives up and poisons the handle (default 30 s).
+    pub retry_total_max: Duration,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        SyncOptions {
+            retry_backoff_initial: Duration::from_millis(1),
+            retry_backoff_max: Duration::from_millis(100),
+            retry_total_max: Duration::from_secs(30),
+        }
+    }
+}
 
 /// Makes sled writes truly durable, with group commit.
 ///
@@ -79,7 +127,9 @@ struct Inner {
 struct Shared {
     /// Completed rounds.
     flushes: AtomicU64,
-    /// Set once a flush or fsync failed; every later sync fails with this message.
+    /// Transient failures retried so far (see [`SyncOptions`]).
+    transient_retries: AtomicU64,
+    /// Set once a round failed; every later sync fails with this message.
     poisoned: Mutex<Option<String>>,
     /// Files already fsynced, by path relative to `dir` (e.g. `blobs/123`), with the length
     /// they had just before the fsync.
@@ -107,10 +157,20 @@ impl Waiter {
 }
 
 impl SledSync {
-    /// Starts the flusher thread for `db`. `dir` is the directory the sled Db was opened at.
+    /// Starts the flusher thread for `db` with the default [`SyncOptions`]. `dir` is the
+    /// directory the sled Db was opened at.
     ///
     /// Fails if `<dir>/db` cannot be opened or the thread cannot be spawned.
     pub fn new(db: sled::Db, dir: &std::path::Path) -> std::io::Result<SledSync> {
+        SledSync::with_options(db, dir, SyncOptions::default())
+    }
+
+    /// [`SledSync::new`] with explicit [`SyncOptions`].
+    pub fn with_options(
+        db: sled::Db,
+        dir: &std::path::Path,
+        options: SyncOptions,
+    ) -> std::io::Result<SledSync> {
         let db_path = dir.join("db");
         let db_file = File::open(&db_path).map_err(|e| {
             with_context(
@@ -124,6 +184,7 @@ impl SledSync {
         })?;
         let shared = Arc::new(Shared {
             flushes: AtomicU64::new(0),
+            transient_retries: AtomicU64::new(0),
             poisoned: Mutex::new(None),
             synced: Mutex::new(HashMap::new()),
         });
@@ -132,6 +193,7 @@ impl SledSync {
             db,
             dir: dir.to_path_buf(),
             db_file,
+            options,
             shared: Arc::clone(&shared),
             dir_entries: None,
             blob_entries: None,
@@ -153,14 +215,23 @@ impl SledSync {
     ///
     /// Concurrent callers share one flush (group commit). Cancelling the future does not
     /// cancel the round; it only drops the answer.
+    ///
+    /// # Errors
+    ///
+    /// An `Err` ALWAYS means that durability can no longer be promised: the handle is
+    /// poisoned, every later call fails at once, and the process must stop and recover from
+    /// disk (reopen sled, then sync once before trusting what it reads). Transient failures
+    /// (too many open files, interrupted calls) never surface here: they are retried within
+    /// the bound of [`SyncOptions`], and only one that outlasts it becomes this fatal error.
     pub async fn sync(&self) -> std::io::Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.enqueue(Waiter::Async(tx))?;
         rx.await.map_err(|_| thread_gone())?
     }
 
-    /// Blocking variant of [`SledSync::sync`] for non-async callers. Blocks the calling thread
-    /// for up to two rounds; do not call it on an async executor thread.
+    /// Blocking variant of [`SledSync::sync`] for non-async callers, with the same contract:
+    /// an `Err` is fatal. Blocks the calling thread for up to two rounds; do not call it on an
+    /// async executor thread.
     pub fn sync_blocking(&self) -> std::io::Result<()> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.enqueue(Waiter::Blocking(tx))?;
@@ -170,6 +241,17 @@ impl SledSync {
     /// Number of flush+fsync rounds completed successfully so far.
     pub fn flushes(&self) -> u64 {
         self.inner.shared.flushes.load(Ordering::Relaxed)
+    }
+
+    /// Number of transient failures (listing or opening files) retried so far. Each is a
+    /// backoff the callers waited through; none failed a sync.
+    pub fn transient_retries(&self) -> u64 {
+        self.inner.shared.transient_retries.load(Ordering::Relaxed)
+    }
+
+    /// Why the handle is poisoned, if it is: once set, every sync fails with this message.
+    pub fn poisoned(&self) -> Option<String> {
+        self.inner.shared.poison_message()
     }
 
     fn enqueue(&self, w: Waiter) -> io::Result<()> {
@@ -215,6 +297,7 @@ struct Flusher {
     /// `<dir>/db`, kept open: opening it per round would cost a syscall and could miss errors
     /// reported against an earlier descriptor.
     db_file: File,
+    options: SyncOptions,
     shared: Arc<Shared>,
     /// Entries of `dir` at the last round; `None` before the first round.
     dir_entries: Option<HashSet<OsString>>,
@@ -222,12 +305,15 @@ struct Flusher {
     blob_entries: Option<HashSet<OsString>>,
 }
 
-/// Whether a failed step means durability can no longer be promised.
-enum Failure {
-    /// Flush or fsync failed: poison the handle.
-    Fatal(io::Error),
-    /// Listing or opening failed: only this round fails.
-    Transient(io::Error),
+/// The retry state of one round: transient failures share one bound per round, so a round
+/// with many files still gives up after [`SyncOptions::retry_total_max`] in all.
+struct RetryBudget {
+    /// When the round gives up; set at its first transient failure.
+    deadline: Option<Instant>,
+    /// The next wait.
+    backoff: Duration,
+    /// Transient failures met in this round.
+    attempts: u64,
 }
 
 impl Flusher {
@@ -252,66 +338,123 @@ impl Flusher {
         }
     }
 
-    /// One round, honouring and setting the poison flag.
+    /// One round, honouring and setting the poison flag: any failure poisons.
     fn round_checked(&mut self) -> io::Result<()> {
         if let Some(msg) = self.shared.poison_message() {
             return Err(io::Error::other(msg));
         }
-        match self.round() {
+        let mut budget = RetryBudget {
+            deadline: None,
+            backoff: self.options.retry_backoff_initial,
+            attempts: 0,
+        };
+        match self.round(&mut budget) {
             Ok(()) => {
                 self.shared.flushes.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Err(Failure::Transient(e)) => Err(e),
-            Err(Failure::Fatal(e)) => {
+            Err(e) => {
                 let msg = format!(
                     "durability of the sled database at {} can no longer be guaranteed: {e}; \
-                     restart the process to recover from the log",
+                     stop the process and restart it to recover from disk",
                     self.dir.display()
                 );
-                *lock(&self.shared.poisoned) = Some(msg);
-                Err(e)
+                tracing::error!("{msg}");
+                *lock(&self.shared.poisoned) = Some(msg.clone());
+                Err(io::Error::new(e.kind(), msg))
             }
         }
     }
 
-    fn round(&mut self) -> Result<(), Failure> {
+    /// Runs `op` until it succeeds, retrying transient failures with a capped, doubling
+    /// backoff until the round's budget is spent. Any other failure is returned at once.
+    /// `what` says what was being done, for the error.
+    fn retrying<T>(
+        &self,
+        budget: &mut RetryBudget,
+        what: &dyn Fn() -> String,
+        mut op: impl FnMut() -> io::Result<T>,
+    ) -> io::Result<T> {
+        loop {
+            let e = match op() {
+                Ok(v) => return Ok(v),
+                Err(e) if is_transient(&e) => e,
+                Err(e) => return Err(with_context(e, &what())),
+            };
+            budget.attempts += 1;
+            let now = Instant::now();
+            let deadline = *budget
+                .deadline
+                .get_or_insert(now + self.options.retry_total_max);
+            if now >= deadline {
+                return Err(with_context(
+                    e,
+                    &format!(
+                        "{} (still failing after {} retries over {:?}; transient failures are \
+                         retried for up to {:?})",
+                        what(),
+                        budget.attempts - 1,
+                        self.options.retry_total_max,
+                        self.options.retry_total_max
+                    ),
+                ));
+            }
+            if budget.attempts == 1 {
+                tracing::warn!(
+                    "{}: {e}; retrying for up to {:?}",
+                    what(),
+                    self.options.retry_total_max
+                );
+            }
+            self.shared
+                .transient_retries
+                .fetch_add(1, Ordering::Relaxed);
+            // A backoff, not a synchronization: nothing signals that file descriptors or
+            // memory became available again.
+            std::thread::sleep(budget.backoff.min(deadline - now));
+            budget.backoff = (budget.backoff * 2).min(self.options.retry_backoff_max);
+        }
+    }
+
+    fn round(&mut self, budget: &mut RetryBudget) -> io::Result<()> {
         let dir = self.dir.clone();
         self.db.flush().map_err(|e| {
-            Failure::Fatal(with_context(
+            with_context(
                 io::Error::other(e),
                 &format!("flushing the sled database at {}", dir.display()),
-            ))
+            )
         })?;
-        self.db_file.sync_data().map_err(|e| {
-            Failure::Fatal(with_context(
-                e,
-                &format!("fdatasync of {}", dir.join("db").display()),
-            ))
-        })?;
+        fdatasync_db(&self.db_file)
+            .map_err(|e| with_context(e, &format!("fdatasync of {}", dir.join("db").display())))?;
 
         let blobs_dir = dir.join("blobs");
-        let blob_names = list_dir(&blobs_dir, true)?;
-        self.sync_new_files(Path::new("blobs"), &blob_names)?;
-        let top_names = list_dir(&dir, false)?;
+        let blob_names = self.retrying(
+            budget,
+            &|| format!("listing {}", blobs_dir.display()),
+            || list_dir(&blobs_dir, true),
+        )?;
+        self.sync_new_files(budget, Path::new("blobs"), &blob_names)?;
+        let top_names = self.retrying(budget, &|| format!("listing {}", dir.display()), || {
+            list_dir(&dir, false)
+        })?;
         // `db` is fdatasync'd above every round; the others (`conf`, snapshots) by length.
         let top_files: Vec<OsString> = top_names
             .iter()
             .filter(|n| n.as_os_str() != "db" && dir.join(n).is_file())
             .cloned()
             .collect();
-        self.sync_new_files(Path::new(""), &top_files)?;
+        self.sync_new_files(budget, Path::new(""), &top_files)?;
         self.forget_missing(&blob_names, &top_files);
 
         let first_round = self.dir_entries.is_none();
         let blob_set: HashSet<OsString> = blob_names.into_iter().collect();
         if self.blob_entries.as_ref() != Some(&blob_set) && blobs_dir.is_dir() {
-            fsync_dir(&blobs_dir)?;
+            self.fsync_dir(budget, &blobs_dir)?;
         }
         self.blob_entries = Some(blob_set);
         let top_set: HashSet<OsString> = top_names.into_iter().collect();
         if self.dir_entries.as_ref() != Some(&top_set) {
-            fsync_dir(&dir)?;
+            self.fsync_dir(budget, &dir)?;
         }
         self.dir_entries = Some(top_set);
         if first_round {
@@ -319,46 +462,59 @@ impl Flusher {
             // we cannot open (e.g. no permission) is not our data: skip it.
             if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
                 if File::open(parent).is_ok() {
-                    fsync_dir(parent)?;
+                    self.fsync_dir(budget, parent)?;
                 }
             }
         }
         Ok(())
     }
 
+    /// fsync a directory so the entries created or removed in it survive a crash.
+    fn fsync_dir(&self, budget: &mut RetryBudget, dir: &Path) -> io::Result<()> {
+        let f = self.retrying(
+            budget,
+            &|| format!("opening directory {} to fsync it", dir.display()),
+            || File::open(dir),
+        )?;
+        f.sync_all()
+            .map_err(|e| with_context(e, &format!("fsync of directory {}", dir.display())))
+    }
+
     /// fsyncs each of `names` (in `self.dir/sub`) whose current length differs from the one
     /// recorded when it was last synced.
-    fn sync_new_files(&mut self, sub: &Path, names: &[OsString]) -> Result<(), Failure> {
+    fn sync_new_files(
+        &mut self,
+        budget: &mut RetryBudget,
+        sub: &Path,
+        names: &[OsString],
+    ) -> io::Result<()> {
         for name in names {
             let rel = sub.join(name);
             let path = self.dir.join(&rel);
-            let file = match File::open(&path) {
-                Ok(f) => f,
-                // Removed since the listing (sled's blob GC, a snapshot's temp file).
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    return Err(Failure::Transient(with_context(
-                        e,
-                        &format!("opening {} to fsync it", path.display()),
-                    )))
-                }
-            };
+            let opened = self.retrying(
+                budget,
+                &|| format!("opening {} to fsync it", path.display()),
+                || match File::open(&path) {
+                    Ok(f) => Ok(Some(f)),
+                    // Removed since the listing (sled's blob GC, a snapshot's temp file).
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(e),
+                },
+            )?;
+            let Some(file) = opened else { continue };
             // The length before the fsync: everything up to it is covered by the fsync.
-            let len = file
-                .metadata()
-                .map_err(|e| {
-                    Failure::Transient(with_context(
-                        e,
-                        &format!("reading the length of {}", path.display()),
-                    ))
-                })?
+            let len = self
+                .retrying(
+                    budget,
+                    &|| format!("reading the length of {}", path.display()),
+                    || file.metadata(),
+                )?
                 .len();
             if lock(&self.shared.synced).get(&rel) == Some(&len) {
                 continue;
             }
-            file.sync_all().map_err(|e| {
-                Failure::Fatal(with_context(e, &format!("fsync of {}", path.display())))
-            })?;
+            file.sync_all()
+                .map_err(|e| with_context(e, &format!("fsync of {}", path.display())))?;
             lock(&self.shared.synced).insert(rel, len);
         }
         Ok(())
@@ -378,41 +534,46 @@ impl Flusher {
 
 /// The names in `dir`. A missing `dir` is empty when `missing_ok` (sled creates `blobs`
 /// lazily in some versions).
-fn list_dir(dir: &Path, missing_ok: bool) -> Result<Vec<OsString>, Failure> {
+fn list_dir(dir: &Path, missing_ok: bool) -> io::Result<Vec<OsString>> {
+    fail::fail_point!("treaty::sync::list_emfile", |_| Err(
+        io::Error::from_raw_os_error(libc::EMFILE)
+    ));
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if missing_ok && e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => {
-            return Err(Failure::Transient(with_context(
-                e,
-                &format!("listing {}", dir.display()),
-            )))
-        }
+        Err(e) => return Err(e),
     };
-    let mut names = Vec::new();
-    for entry in rd {
-        let entry = entry.map_err(|e| {
-            Failure::Transient(with_context(e, &format!("listing {}", dir.display())))
-        })?;
-        names.push(entry.file_name());
-    }
-    Ok(names)
+    rd.map(|entry| entry.map(|e| e.file_name())).collect()
 }
 
-/// fsync a directory so the entries created or removed in it survive a crash.
-fn fsync_dir(dir: &Path) -> Result<(), Failure> {
-    let f = File::open(dir).map_err(|e| {
-        Failure::Transient(with_context(
-            e,
-            &format!("opening directory {} to fsync it", dir.display()),
-        ))
-    })?;
-    f.sync_all().map_err(|e| {
-        Failure::Fatal(with_context(
-            e,
-            &format!("fsync of directory {}", dir.display()),
-        ))
-    })
+/// The fdatasync of `<dir>/db`, where sled's log lives: the write every forced write needs.
+fn fdatasync_db(file: &File) -> io::Result<()> {
+    fail::fail_point!("treaty::sync::fsync_eio", |_| Err(
+        io::Error::from_raw_os_error(libc::EIO)
+    ));
+    fail::fail_point!("treaty::sync::fsync_enospc", |_| Err(
+        io::Error::from_raw_os_error(libc::ENOSPC)
+    ));
+    if cfg!(feature = "mutation-skip-fdatasync") {
+        // The deliberate bug the power-cut test must catch: only sled's own
+        // `sync_file_range`, which is not a sync, stands between a write and its loss.
+        return Ok(());
+    }
+    file.sync_data()
+}
+
+/// Whether `e` says only that the moment was bad (no descriptor, no memory, interrupted),
+/// not that data was lost: such a failure is worth retrying.
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE | libc::ENFILE | libc::EINTR | libc::EAGAIN | libc::ENOMEM | libc::ENOBUFS
+        )
+    ) || matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::OutOfMemory
+    )
 }
 
 fn with_context(e: io::Error, doing: &str) -> io::Error {
@@ -526,6 +687,34 @@ mod tests {
                 now.contains(s),
                 "{} is gone but still remembered",
                 s.display()
+            );
+        }
+    }
+
+    #[test]
+    fn only_shortages_are_transient() {
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::EINTR,
+            libc::EAGAIN,
+            libc::ENOMEM,
+        ] {
+            assert!(
+                is_transient(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        for errno in [
+            libc::EIO,
+            libc::ENOSPC,
+            libc::EACCES,
+            libc::ENOENT,
+            libc::EROFS,
+        ] {
+            assert!(
+                !is_transient(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
             );
         }
     }

@@ -101,5 +101,5 @@ pub use client::{Client, Outcome, RetryPolicy, SagaBuilder, TwoPhaseBuilder};
 pub use error::SdkError;
 pub use participant::{
     decode_json, refuse, saga_fn, two_phase_fn, BranchContext, HandlerResult, Participant,
-    ParticipantBuilder, Refusal, SagaHandler, TwoPhaseHandler,
+    ParticipantBuilder, Refusal, Resolution, SagaHandler, TwoPhaseHandler,
 };

@@ -545,3 +545,388 @@ pub fn plan(rows: &[Recorded], delivery: &Delivery) -> Plan {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Answer::*;
+    use Op::*;
+
+    const F1: &[u8] = b"body one";
+    const F2: &[u8] = b"body two";
+
+    fn fp(body: &[u8]) -> Fingerprint {
+        Fingerprint::of("h", body)
+    }
+
+    /// A recorded row: `(op, answer, body or None for unknown, log id)`.
+    fn row(op: Op, answer: Answer, body: Option<&[u8]>, log: &str) -> Recorded {
+        Recorded {
+            op,
+            answer,
+            fingerprint: body.map(fp),
+            log_id: log.into(),
+            message: format!("first {op}"),
+        }
+    }
+
+    fn delivery(op: Op, body: &[u8], log: &str) -> Delivery {
+        Delivery::new(op, "h", body, log, true)
+    }
+
+    /// The short form of a plan, for the table: rule, whether business runs, rows written
+    /// `(op, answer, fingerprint known)`, the reply, the index change.
+    #[derive(Debug, PartialEq)]
+    struct Short {
+        rule: Rule,
+        runs: bool,
+        writes: Vec<(Op, Answer, Option<Fingerprint>)>,
+        reply: R,
+        in_doubt: InDoubt,
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum R {
+        A(Answer),
+        Retry,
+        Violation,
+    }
+
+    fn short(p: &Plan) -> Short {
+        Short {
+            rule: p.rule,
+            runs: matches!(p.business, Business::Run { .. }),
+            writes: p
+                .writes
+                .iter()
+                .map(|w| (w.op, w.answer, w.fingerprint))
+                .collect(),
+            reply: match &p.reply {
+                Reply::Answer { answer, .. } => R::A(*answer),
+                Reply::Retry(_) => R::Retry,
+                Reply::Violation(_) => R::Violation,
+            },
+            in_doubt: p.in_doubt,
+        }
+    }
+
+    fn s(
+        rule: Rule,
+        runs: bool,
+        writes: &[(Op, Answer, Option<Fingerprint>)],
+        reply: R,
+        in_doubt: InDoubt,
+    ) -> Short {
+        Short {
+            rule,
+            runs,
+            writes: writes.to_vec(),
+            reply,
+            in_doubt,
+        }
+    }
+
+    use InDoubt::{Close, Open, Unchanged as Same};
+
+    /// One row of the table per rule (and per variant of a rule worth pinning down).
+    #[test]
+    fn every_rule() {
+        let f1 = Some(fp(F1));
+        let unregistered = |op, body| Delivery {
+            handler_registered: false,
+            ..delivery(op, body, "L")
+        };
+        let cases: Vec<(&str, Vec<Recorded>, Delivery, Short)> = vec![
+            (
+                "forward, first delivery: business runs, prepare opens the branch",
+                vec![],
+                delivery(Prepare, F1, "L"),
+                s(
+                    Rule::Run,
+                    true,
+                    &[(Prepare, Prepared, f1)],
+                    R::A(Prepared),
+                    Open,
+                ),
+            ),
+            (
+                "execute, first delivery: no index",
+                vec![],
+                delivery(Execute, F1, "L"),
+                s(
+                    Rule::Run,
+                    true,
+                    &[(Execute, Succeeded, f1)],
+                    R::A(Succeeded),
+                    Same,
+                ),
+            ),
+            (
+                "cancel row first: prepare after abort is refused though prepare was recorded",
+                vec![
+                    row(Prepare, Prepared, Some(F1), "L"),
+                    row(Abort, Done, Some(F1), "L"),
+                ],
+                delivery(Prepare, F1, "L"),
+                s(Rule::Cancelled, false, &[], R::A(Refused), Same),
+            ),
+            (
+                "cancel row first: execute after compensate is failed",
+                vec![
+                    row(Execute, Succeeded, Some(F1), "L"),
+                    row(Compensate, Done, None, "L"),
+                ],
+                delivery(Execute, F1, "L"),
+                s(Rule::Cancelled, false, &[], R::A(Failed), Same),
+            ),
+            (
+                "cancel row without forward row (edited by hand): forward row recorded",
+                vec![row(Abort, Done, Some(F1), "L")],
+                delivery(Prepare, F1, "L"),
+                s(
+                    Rule::Cancelled,
+                    false,
+                    &[(Prepare, Refused, f1)],
+                    R::A(Refused),
+                    Same,
+                ),
+            ),
+            (
+                "reused gid, other body: refused, not answered from the row",
+                vec![row(Prepare, Prepared, Some(F1), "L")],
+                delivery(Prepare, F2, "L"),
+                s(Rule::Reused, false, &[], R::A(Refused), Same),
+            ),
+            (
+                "reused gid, other log: refused",
+                vec![row(Execute, Succeeded, Some(F1), "L")],
+                delivery(Execute, F1, "M"),
+                s(Rule::Reused, false, &[], R::A(Failed), Same),
+            ),
+            (
+                "duplicate forward: first answer again",
+                vec![row(Prepare, Refused, Some(F1), "L")],
+                delivery(Prepare, F1, "L"),
+                s(Rule::Repeat, false, &[], R::A(Refused), Same),
+            ),
+            (
+                "duplicate of a v1 row (identity unknown): first answer again",
+                vec![row(Prepare, Prepared, None, "")],
+                delivery(Prepare, F2, "L"),
+                s(Rule::Repeat, false, &[], R::A(Prepared), Same),
+            ),
+            (
+                "forward to an unknown handler: refusal recorded",
+                vec![],
+                unregistered(Prepare, F1),
+                s(
+                    Rule::UnknownHandler,
+                    false,
+                    &[(Prepare, Refused, f1)],
+                    R::A(Refused),
+                    Same,
+                ),
+            ),
+            (
+                "commit of another body: violation",
+                vec![row(Prepare, Prepared, Some(F1), "L")],
+                delivery(Commit, F2, "L"),
+                s(Rule::Foreign, false, &[], R::Violation, Same),
+            ),
+            (
+                "abort of another body: done, nothing written or run",
+                vec![row(Prepare, Prepared, Some(F1), "L")],
+                delivery(Abort, F2, "L"),
+                s(Rule::Foreign, false, &[], R::A(Done), Same),
+            ),
+            (
+                "abort from another log: done, nothing written or run",
+                vec![row(Prepare, Prepared, Some(F1), "L")],
+                delivery(Abort, F1, "M"),
+                s(Rule::Foreign, false, &[], R::A(Done), Same),
+            ),
+            (
+                "compensate from another log: done, nothing written or run",
+                vec![row(Execute, Succeeded, Some(F1), "L")],
+                delivery(Compensate, F2, "M"),
+                s(Rule::Foreign, false, &[], R::A(Done), Same),
+            ),
+            (
+                "compensate with another compensation body than the recorded one",
+                vec![
+                    row(Execute, Succeeded, Some(F1), "L"),
+                    row(Compensate, Done, Some(F1), "L"),
+                ],
+                delivery(Compensate, F2, "L"),
+                s(Rule::Foreign, false, &[], R::A(Done), Same),
+            ),
+            (
+                "duplicate commit: done again",
+                vec![
+                    row(Prepare, Prepared, Some(F1), "L"),
+                    row(Commit, Done, Some(F1), "L"),
+                ],
+                delivery(Commit, F1, "L"),
+                s(Rule::Repeat, false, &[], R::A(Done), Same),
+            ),
+            (
+                "commit after abort: violation",
+                vec![
+                    row(Prepare, Prepared, Some(F1), "L"),
+                    row(Abort, Done, Some(F1), "L"),
+                ],
+                delivery(Commit, F1, "L"),
+                s(Rule::Contradiction, false, &[], R::Violation, Same),
+            ),
+            (
+                "abort after commit: violation",
+                vec![
+                    row(Prepare, Prepared, Some(F1), "L"),
+                    row(Commit, Done, Some(F1), "L"),
+                ],
+                delivery(Abort, F1, "L"),
+                s(Rule::Contradiction, false, &[], R::Violation, Same),
+            ),
+            (
+                "commit without prepare: violation",
+                vec![],
+                delivery(Commit, F1, "L"),
+                s(Rule::CommitWithoutPrepare, false, &[], R::Violation, Same),
+            ),
+            (
+                "commit after a refused prepare: violation",
+                vec![row(Prepare, Refused, Some(F1), "L")],
+                delivery(Commit, F1, "L"),
+                s(Rule::CommitWithoutPrepare, false, &[], R::Violation, Same),
+            ),
+            (
+                "abort before prepare: null abort, prepare recorded refused with the body",
+                vec![],
+                unregistered(Abort, F1),
+                s(
+                    Rule::NullCancel,
+                    false,
+                    &[(Prepare, Refused, f1), (Abort, Done, f1)],
+                    R::A(Done),
+                    Same,
+                ),
+            ),
+            (
+                "compensate before execute: execute's body is unknown",
+                vec![],
+                delivery(Compensate, F1, "L"),
+                s(
+                    Rule::NullCancel,
+                    false,
+                    &[(Execute, Failed, None), (Compensate, Done, f1)],
+                    R::A(Done),
+                    Same,
+                ),
+            ),
+            (
+                "abort after a refused prepare: nothing to undo",
+                vec![row(Prepare, Refused, Some(F1), "L")],
+                delivery(Abort, F1, "L"),
+                s(
+                    Rule::NothingToUndo,
+                    false,
+                    &[(Abort, Done, f1)],
+                    R::A(Done),
+                    Same,
+                ),
+            ),
+            (
+                "commit with its handler missing: retry until deployed",
+                vec![row(Prepare, Prepared, Some(F1), "L")],
+                unregistered(Commit, F1),
+                s(Rule::UnknownHandler, false, &[], R::Retry, Same),
+            ),
+            (
+                "commit: business runs, branch leaves the index",
+                vec![row(Prepare, Prepared, Some(F1), "L")],
+                delivery(Commit, F1, "L"),
+                s(Rule::Run, true, &[(Commit, Done, f1)], R::A(Done), Close),
+            ),
+            (
+                "compensate with its own (other) body: business runs",
+                vec![row(Execute, Succeeded, Some(F1), "L")],
+                delivery(Compensate, F2, "L"),
+                s(
+                    Rule::Run,
+                    true,
+                    &[(Compensate, Done, Some(fp(F2)))],
+                    R::A(Done),
+                    Same,
+                ),
+            ),
+            (
+                "commit from an old coordinator (no log id) of a v2 row: same branch",
+                vec![row(Prepare, Prepared, Some(F1), "L")],
+                delivery(Commit, F1, ""),
+                s(Rule::Run, true, &[(Commit, Done, f1)], R::A(Done), Close),
+            ),
+        ];
+        for (name, rows, d, want) in cases {
+            assert_eq!(short(&plan(&rows, &d)), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn refusals_turn_into_the_forward_no_or_retry() {
+        let p = plan(&[], &delivery(Execute, F1, "L"));
+        let Business::Run {
+            on_refusal: OnRefusal::Record(w),
+        } = p.business
+        else {
+            panic!("{p:?}")
+        };
+        assert_eq!(
+            (w.op, w.answer, w.fingerprint),
+            (Execute, Failed, Some(fp(F1)))
+        );
+        let rows = [row(Prepare, Prepared, Some(F1), "L")];
+        let p = plan(&rows, &delivery(Abort, F1, "L"));
+        assert_eq!(
+            p.business,
+            Business::Run {
+                on_refusal: OnRefusal::Retry
+            }
+        );
+    }
+
+    #[test]
+    fn messages_say_why() {
+        let rows = [row(Prepare, Refused, Some(F1), "L")];
+        let Reply::Answer { message, .. } = plan(&rows, &delivery(Prepare, F1, "L")).reply else {
+            panic!()
+        };
+        assert_eq!(
+            message, "first prepare",
+            "a duplicate repeats the first message"
+        );
+        let Reply::Answer { message, .. } = plan(&rows, &delivery(Prepare, F2, "L")).reply else {
+            panic!()
+        };
+        assert!(message.contains("different body"), "{message}");
+    }
+
+    #[test]
+    fn fingerprint_covers_handler_and_payload() {
+        assert_eq!(Fingerprint::of("h", b"p"), Fingerprint::of("h", b"p"));
+        assert_ne!(Fingerprint::of("h", b"p"), Fingerprint::of("h", b"q"));
+        assert_ne!(Fingerprint::of("h", b"p"), Fingerprint::of("g", b"p"));
+        // The handler is length-prefixed: moving bytes between handler and payload differs.
+        assert_ne!(Fingerprint::of("ab", b"c"), Fingerprint::of("a", b"bc"));
+        assert_eq!(format!("{}", Fingerprint([0xab; 16])).len(), 32);
+    }
+
+    #[test]
+    #[should_panic(expected = "two prepare rows")]
+    fn two_rows_for_one_op_are_corruption() {
+        let rows = [
+            row(Prepare, Prepared, Some(F1), "L"),
+            row(Prepare, Refused, Some(F1), "L"),
+        ];
+        plan(&rows, &delivery(Prepare, F1, "L"));
+    }
+}

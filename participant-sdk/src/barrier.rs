@@ -74,7 +74,7 @@ use crate::participant::{BranchContext, HandlerResult, Refusal};
 
 pub mod rules;
 
-use rules::{Business as Run, Delivery, Fingerprint, InDoubt as IndexChange, OnRefusal, Plan};
+use rules::{Business as Run, Delivery, Fingerprint, InDoubt as IndexChange};
 
 /// Key prefix of every barrier row in the user's tree. Business keys must not start with
 /// `0xFF 't'`.
@@ -631,12 +631,7 @@ fn read_rows(
 }
 
 /// Writes `rows` with the next sequence numbers, in order.
-fn write_rows(
-    tx: &TransactionalTree,
-    ctx: &BranchContext,
-    rows: &[rules::Write],
-    refusal: Option<&str>,
-) -> TxResult<()> {
+fn write_rows(tx: &TransactionalTree, ctx: &BranchContext, rows: &[rules::Write]) -> TxResult<()> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -657,7 +652,7 @@ fn write_rows(
             unix_ms,
             fingerprint: w.fingerprint,
             handler: ctx.handler.clone(),
-            message: refusal.unwrap_or(&w.message).to_string(),
+            message: w.message.clone(),
             log_id: ctx.log_id.clone(),
             outcome_endpoint: ctx.outcome_endpoint.clone(),
             v1_payload: None,
@@ -909,11 +904,13 @@ impl Barrier {
                 // handled by `after_refusal`.
                 business(tx)?;
             }
-            self.carry_out(tx, ctx, payload, &plan, None)?;
-            Ok(plan)
+            let settled = plan.settle(None);
+            write_rows(tx, ctx, &settled.writes)?;
+            self.change_index(tx, ctx, payload, settled.in_doubt)?;
+            Ok(settled.reply)
         });
         match res {
-            Ok(plan) => self.verdict(op, ctx, plan.reply),
+            Ok(reply) => self.verdict(op, ctx, reply),
             Err(TransactionError::Abort(refusal)) => {
                 self.after_refusal(op, ctx, payload, &delivery, &refusal)
             }
@@ -921,17 +918,15 @@ impl Barrier {
         }
     }
 
-    /// Writes a plan's rows and index change (not its business code).
-    fn carry_out(
+    /// Applies an index change for the branch of `ctx`.
+    fn change_index(
         &self,
         tx: &TransactionalTree,
         ctx: &BranchContext,
         payload: &[u8],
-        plan: &Plan,
-        refusal: Option<&str>,
+        change: IndexChange,
     ) -> TxResult<()> {
-        write_rows(tx, ctx, &plan.writes, refusal)?;
-        match plan.in_doubt {
+        match change {
             IndexChange::Unchanged => {}
             IndexChange::Open => {
                 let entry = OpenEntry {
@@ -965,44 +960,23 @@ impl Barrier {
     ) -> Verdict {
         let res = self.tree.transaction(|tx| {
             let plan = rules::plan(&read_rows(tx, ctx, op)?, delivery);
-            match &plan.business {
-                Run::Skip => {
-                    // Someone else's delivery decided meanwhile: follow that plan.
-                    self.carry_out(tx, ctx, payload, &plan, None)?;
-                    Ok(plan.reply)
-                }
-                Run::Run {
-                    on_refusal: OnRefusal::Record(w),
-                } => {
-                    let record = Plan {
-                        writes: vec![w.clone()],
-                        in_doubt: IndexChange::Unchanged,
-                        ..plan.clone()
-                    };
-                    self.carry_out(tx, ctx, payload, &record, Some(&refusal.reason))?;
-                    Ok(rules::Reply::Answer {
-                        answer: w.answer,
-                        message: refusal.reason.clone(),
-                    })
-                }
-                Run::Run {
-                    on_refusal: OnRefusal::Retry,
-                } => {
-                    tracing::warn!(
-                        gid = %ctx.gid,
-                        branch_id = ctx.branch_id,
-                        handler = %ctx.handler,
-                        reason = %refusal.reason,
-                        "{op} handler refused; {op} must eventually succeed, answering RETRY"
-                    );
-                    Ok(rules::Reply::Retry(format!(
-                        "{op} handler refused ({}); a {op} must eventually succeed, it will be \
-                         retried",
-                        refusal.reason
-                    )))
-                }
-            }
+            // Still a plan that runs the business code: settle it with the refusal. Otherwise
+            // another delivery decided meanwhile: follow its plan, without business code.
+            let reason = matches!(plan.business, Run::Run { .. }).then_some(&*refusal.reason);
+            let settled = plan.settle(reason);
+            write_rows(tx, ctx, &settled.writes)?;
+            self.change_index(tx, ctx, payload, settled.in_doubt)?;
+            Ok(settled.reply)
         });
+        if let Ok(rules::Reply::Retry(_)) = &res {
+            tracing::warn!(
+                gid = %ctx.gid,
+                branch_id = ctx.branch_id,
+                handler = %ctx.handler,
+                reason = %refusal.reason,
+                "{op} handler refused; {op} must eventually succeed, answering RETRY"
+            );
+        }
         match res {
             Ok(reply) => self.verdict(op, ctx, reply),
             Err(TransactionError::Abort(r)) => Verdict::Retry(format!(

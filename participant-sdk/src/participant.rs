@@ -263,8 +263,10 @@ pub struct ParticipantBuilder {
 }
 
 impl ParticipantBuilder {
-    /// The coordinator's gRPC URI (e.g. `http://127.0.0.1:7700`). Needed for in-doubt
-    /// resolution: without it, a branch left prepared waits for the coordinator to resend.
+    /// The coordinator's gRPC URI (e.g. `http://127.0.0.1:7700`), asked during in-doubt
+    /// resolution about branches that name no outcome endpoint of their own (coordinators
+    /// from before `BranchRequest.outcome_endpoint`, or ones that leave it empty). Without
+    /// it, such a branch left prepared waits for its coordinator to resend.
     pub fn coordinator(mut self, uri: impl Into<String>) -> Self {
         self.coordinator = Some(uri.into());
         self
@@ -889,5 +891,56 @@ impl ParticipantService for Participant {
         Ok(Response::new(phase_two(
             self.handle(Op::Compensate, req).await?,
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn branch(log_id: &str) -> InDoubt {
+        InDoubt {
+            gid: "g".into(),
+            branch_id: 0,
+            handler: "h".into(),
+            payload: Vec::new(),
+            log_id: log_id.into(),
+            outcome_endpoint: String::new(),
+        }
+    }
+
+    fn answer(outcome: pb::Outcome, known: bool, log_id: &str) -> pb::OutcomeResponse {
+        pb::OutcomeResponse {
+            outcome: outcome as i32,
+            known,
+            log_id: log_id.into(),
+        }
+    }
+
+    /// The log-identity rule of presumed abort, one row per case.
+    #[test]
+    fn decide_acts_only_on_the_log_that_drove_the_branch() {
+        use pb::Outcome::{Aborted, Committed, Pending};
+        use Decision::{Apply, UnknownWithoutLogId, WrongLog};
+        let cases = [
+            ("L", Committed, true, "L", Apply(Op::Commit)),
+            ("L", Aborted, true, "L", Apply(Op::Abort)),
+            ("L", Aborted, false, "L", Apply(Op::Abort)),
+            ("L", Pending, true, "L", Decision::Pending),
+            ("L", Aborted, false, "M", WrongLog),
+            ("L", Committed, true, "M", WrongLog),
+            ("L", Committed, true, "", WrongLog),
+            ("", Committed, true, "M", Apply(Op::Commit)),
+            ("", Aborted, true, "M", Apply(Op::Abort)),
+            ("", Aborted, false, "M", UnknownWithoutLogId),
+            ("", Aborted, false, "", UnknownWithoutLogId),
+        ];
+        for (stored, outcome, known, answered, want) in cases {
+            assert_eq!(
+                decide(&branch(stored), &answer(outcome, known, answered)),
+                want,
+                "stored {stored:?}, answer {outcome:?} known={known} from {answered:?}"
+            );
+        }
     }
 }

@@ -164,6 +164,20 @@ pub struct Write {
     pub message: String,
 }
 
+impl Write {
+    /// The row as [`plan`] will find it later, once written by a delivery from `log_id`: what
+    /// an in-memory store (the simulation) keeps.
+    pub fn recorded(&self, log_id: &str) -> Recorded {
+        Recorded {
+            op: self.op,
+            answer: self.answer,
+            fingerprint: self.fingerprint,
+            log_id: log_id.to_string(),
+            message: self.message.clone(),
+        }
+    }
+}
+
 /// Whether the business code runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Business {
@@ -258,7 +272,54 @@ pub struct Plan {
     pub in_doubt: InDoubt,
 }
 
+/// What a plan comes to once the business code has run (or not): the rows to write, the
+/// answer, the index change. See [`Plan::settle`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    /// Rows to write, in order.
+    pub writes: Vec<Write>,
+    /// The answer.
+    pub reply: Reply,
+    /// The index change.
+    pub in_doubt: InDoubt,
+}
+
 impl Plan {
+    /// What this plan comes to when the business code succeeded or did not run
+    /// (`refusal = None`), or when it refused with a reason (`Some(reason)`; the store rolls
+    /// its changes back). Every store settles a plan this way, so that a refusal means the
+    /// same everywhere: a forward refusal is recorded, a phase-two one is answered RETRY.
+    pub fn settle(&self, refusal: Option<&str>) -> Settled {
+        match (&self.business, refusal) {
+            (Business::Run { on_refusal }, Some(reason)) => match on_refusal {
+                OnRefusal::Record(w) => Settled {
+                    writes: vec![Write {
+                        message: reason.to_string(),
+                        ..w.clone()
+                    }],
+                    reply: Reply::Answer {
+                        answer: w.answer,
+                        message: reason.to_string(),
+                    },
+                    in_doubt: InDoubt::Unchanged,
+                },
+                OnRefusal::Retry => Settled {
+                    writes: Vec::new(),
+                    reply: Reply::Retry(format!(
+                        "handler refused ({reason}); commit, abort and compensate must \
+                         eventually succeed: it will be retried"
+                    )),
+                    in_doubt: InDoubt::Unchanged,
+                },
+            },
+            _ => Settled {
+                writes: self.writes.clone(),
+                reply: self.reply.clone(),
+                in_doubt: self.in_doubt,
+            },
+        }
+    }
+
     fn answer(rule: Rule, answer: Answer, message: impl Into<String>) -> Plan {
         Plan {
             rule,
@@ -892,6 +953,38 @@ mod tests {
                 on_refusal: OnRefusal::Retry
             }
         );
+    }
+
+    #[test]
+    fn settle_applies_a_refusal_the_same_way_for_every_store() {
+        let p = plan(&[], &delivery(Prepare, F1, "L"));
+        assert_eq!(p.settle(None).writes, p.writes);
+        assert_eq!(p.settle(None).in_doubt, Open);
+        let refused = p.settle(Some("no funds"));
+        assert_eq!(
+            refused.writes,
+            vec![Write {
+                op: Prepare,
+                answer: Refused,
+                fingerprint: Some(fp(F1)),
+                message: "no funds".into()
+            }]
+        );
+        assert_eq!(
+            refused.reply,
+            Reply::Answer {
+                answer: Refused,
+                message: "no funds".into()
+            }
+        );
+        assert_eq!(refused.in_doubt, Same, "a refused prepare is not open");
+        // Written rows read back as the plan expects them.
+        let rows: Vec<_> = refused.writes.iter().map(|w| w.recorded("L")).collect();
+        assert_eq!(plan(&rows, &delivery(Prepare, F1, "L")).rule, Rule::Repeat);
+        let rows = [row(Prepare, Prepared, Some(F1), "L")];
+        let retry = plan(&rows, &delivery(Commit, F1, "L")).settle(Some("busy"));
+        assert!(retry.writes.is_empty() && matches!(retry.reply, Reply::Retry(_)));
+        assert_eq!(retry.in_doubt, Same, "still open");
     }
 
     #[test]

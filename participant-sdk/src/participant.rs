@@ -568,7 +568,7 @@ impl Participant {
                 }
                 Verdict::Retry(msg) | Verdict::Violation(msg) => {
                     tracing::warn!(gid = %b.gid, branch_id = b.branch_id, "in-doubt {op} not applied: {msg}");
-                    r.unanswered += 1;
+                    r.not_applied += 1;
                 }
             }
         }
@@ -723,8 +723,12 @@ pub struct Resolution {
     /// know: never aborted by presumption, left in doubt.
     pub unknown_without_log_id: usize,
     /// Branches whose coordinator could not be asked (none named or configured, unreachable,
-    /// call failed) or whose outcome could not be applied yet; tried again next round.
+    /// call failed); asked again next round.
     pub unanswered: usize,
+    /// Branches whose outcome is known but could not be applied (storage error, handler
+    /// missing or refusing; logged); applied again once they are old enough to be asked
+    /// again.
+    pub not_applied: usize,
 }
 
 /// What to do with an in-doubt branch given its coordinator's answer.

@@ -3,31 +3,61 @@
 //! Every operation a participant receives may arrive more than once, late, or out of order.
 //! The barrier records one row per `(gid, branch_id, operation)` in the user's own sled tree,
 //! **in the same sled transaction as the business change**, so the change and its row commit
-//! together or not at all. From those rows:
+//! together or not at all.
 //!
-//! - a duplicate of an operation already applied returns its first answer, and the business
-//!   code does not run again;
-//! - an `Abort`/`Compensate` whose `Prepare`/`Execute` never ran records that the forward
-//!   operation was refused (null compensation), answers `DONE`, and makes the late
-//!   `Prepare`/`Execute` answer `REFUSED`/`FAILED` (no hanging);
-//! - a phase-two operation that contradicts the recorded state (commit without a successful
-//!   prepare, commit after abort) is a protocol violation: business code does not run, an
-//!   error is logged and the answer is `RETRY`.
+//! What to do with a delivery is decided by one pure function, [`rules::plan`], from the rows
+//! already recorded for its branch; its module docs list the rules. In short: a duplicate
+//! repeats the first answer without running business code; an `Abort`/`Compensate` whose
+//! `Prepare`/`Execute` never ran is recorded as a no-op and makes the late forward operation
+//! `REFUSED`/`FAILED`; a recorded cancel is checked before the forward row; a delivery whose
+//! body (fingerprint of handler and payload) or coordinator log differs from the recorded
+//! one is another transaction reusing the gid and is refused, never answered from the old
+//! row; a phase-two operation that contradicts the recorded state is a protocol violation
+//! (business code does not run, an error is logged and the answer is `RETRY`). This module
+//! is the sled store that runs those plans.
 //!
 //! # Storage layout
 //!
-//! Rows live under the reserved key prefix [`BARRIER_PREFIX`] (`0xFF "treaty/barrier/"`):
-//! **business keys must not start with the bytes `0xFF 't'`**. A row's key is
-//! `prefix ++ gid ++ 0x00 ++ branch_id (u32 big-endian) ++ op` where `op` is one byte
-//! (`P`repare, `C`ommit, `A`bort, `E`xecute, compensate `X`), so the rows of one branch are
-//! adjacent. The value is hand-packed, format v1: `1 u8 | answer u8 | flags u8 (bit 0: has
-//! payload) | unix_ms u64 BE | handler_len u16 BE | handler | message_len u16 BE | message |
-//! payload (rest)`. Prepare rows keep the payload, so the in-doubt resolver can replay
-//! commit/abort without the coordinator. Rows are checked when read back (format, answer
-//! allowed for the operation); a corrupt row is a storage error (answered RETRY), never
-//! guessed at.
+//! Everything lives under keys starting with `0xFF "treaty/"`: **business keys must not
+//! start with the bytes `0xFF 't'`**.
 //!
-//! Rows are never deleted by the SDK.
+//! - Rows, under [`BARRIER_PREFIX`] (`0xFF "treaty/barrier/"`): the key is
+//!   `prefix ++ gid ++ 0x00 ++ branch_id (u32 BE) ++ op` where `op` is one byte (`P`repare,
+//!   `C`ommit, `A`bort, `E`xecute, compensate `X`), so the rows of one branch are adjacent.
+//!   The value, format v2: `2 u8 | answer u8 | flags u8 (bit 0: has fingerprint) | seq u64 BE
+//!   | unix_ms u64 BE | [fingerprint 16 bytes] | handler | message | log_id |
+//!   outcome_endpoint`, each string as `len u16 BE ++ utf-8`. Rows keep no payload.
+//! - The row sequence counter, `0xFF "treaty/seq"` (u64 BE): every row written takes the
+//!   next number ([`BarrierRow::seq`]), in the same transaction, so the order of the numbers
+//!   is the order in which the rows (and the business changes with them) were committed. A
+//!   checker reads the order of compensations from it.
+//! - The index of open prepared branches, under `0xFF "treaty/open/"`: key
+//!   `gid ++ 0x00 ++ branch_id (u32 BE)`, value `1 u8 | unix_ms u64 BE | payload_len u32 BE |
+//!   handler | log_id | outcome_endpoint`. Written in the same transaction as a `PREPARED`
+//!   row, removed in the same transaction as the commit/abort row. The in-doubt resolver
+//!   reads only this range.
+//! - The payload an open branch needs for a replay, under `0xFF "treaty/replay/"`: key
+//!   `gid ++ 0x00 ++ branch_id (u32 BE) ++ chunk index (u32 BE)`, in chunks of at most
+//!   [`REPLAY_CHUNK_BYTES`], removed with the index entry. sled 0.34 stores values above
+//!   about 128 KiB as separate blob files with weaker crash recovery; chunking keeps every
+//!   value the barrier writes below 33 KiB, whatever the payload size.
+//! - `0xFF "treaty/format"`: `2` once the tree holds no v1 row that still needs migrating.
+//!
+//! Rows, index entries and chunks are checked when read back; a corrupt row is a storage
+//! error (answered RETRY), never guessed at. Rows are never deleted by the SDK.
+//!
+//! # Format v1
+//!
+//! Rows written by earlier versions (format v1: `1 u8 | answer u8 | flags u8 (bit 0: has
+//! payload) | unix_ms u64 BE | handler | message | payload (rest)`) are still decoded: they
+//! carry no fingerprint, log id or sequence number (reported as `None`, empty and 0: they
+//! were all written before any v2 row), and the rules treat those unknowns as matching, so a
+//! participant upgraded in place answers its old branches as before. When a participant is
+//! built, [`Barrier::migrate_v1`] rewrites each v1 prepare row that kept a payload as a v2
+//! row (fingerprint computed from that payload), and indexes it with its payload chunks if it
+//! is still open; a marker then makes later starts skip the scan. Decoding rather than
+//! refusing v1 was chosen because refusing would strand every prepared branch of an
+//! upgraded participant until an operator intervened.
 //!
 //! # Concurrency
 //!
@@ -42,12 +72,47 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 
 use crate::participant::{BranchContext, HandlerResult, Refusal};
 
+pub mod rules;
+
+use rules::{Business as Run, Delivery, Fingerprint, InDoubt as IndexChange};
+
 /// Key prefix of every barrier row in the user's tree. Business keys must not start with
 /// `0xFF 't'`.
 pub const BARRIER_PREFIX: &[u8] = b"\xfftreaty/barrier/";
 
-/// The format byte written first in every row value.
+/// Key prefix of the index of open prepared branches.
+const OPEN_PREFIX: &[u8] = b"\xfftreaty/open/";
+
+/// Key prefix of the payload chunks an open branch keeps for a replay.
+const REPLAY_PREFIX: &[u8] = b"\xfftreaty/replay/";
+
+/// The row sequence counter.
+const SEQ_KEY: &[u8] = b"\xfftreaty/seq";
+
+/// Present (value `2`) once no v1 row needs migrating.
+const FORMAT_KEY: &[u8] = b"\xfftreaty/format";
+
+/// Largest chunk of a replay payload: far below sled 0.34's ~128 KiB blob threshold.
+pub const REPLAY_CHUNK_BYTES: usize = 32 * 1024;
+
+/// Longest gid the participant accepts (it becomes part of every barrier key). The
+/// coordinator's limit is configurable (default 128 bytes); this hard cap only bounds the key
+/// layout, and a coordinator must not be configured above it.
+pub const GID_BYTES_MAX: usize = 1024;
+
+/// Longest handler name, log id and outcome endpoint accepted: each is stored in rows or
+/// index entries, which must stay small.
+pub const FIELD_BYTES_MAX: usize = 1024;
+
+/// Largest value the barrier ever writes (checked before every write): a chunk plus slack.
+const STORED_VALUE_BYTES_MAX: usize = REPLAY_CHUNK_BYTES + 1024;
+
+/// The format byte of rows written now.
+const ROW_FORMAT_V2: u8 = 2;
+/// The format byte of rows written by earlier versions (still decoded).
 const ROW_FORMAT_V1: u8 = 1;
+/// The format byte of index entries.
+const OPEN_FORMAT_V1: u8 = 1;
 
 /// Messages stored in rows are cut to this many bytes (they are for humans).
 const ROW_MESSAGE_BYTES_MAX: usize = 1024;
@@ -92,7 +157,7 @@ impl Op {
     }
 
     /// Whether `answer` is one this operation can record.
-    fn allows(self, answer: Answer) -> bool {
+    pub(crate) fn allows(self, answer: Answer) -> bool {
         match self {
             Op::Prepare => matches!(answer, Answer::Prepared | Answer::Refused),
             Op::Execute => matches!(answer, Answer::Succeeded | Answer::Failed),
@@ -153,6 +218,7 @@ impl Answer {
 
 /// One barrier row, decoded. For tests, checkers and operators.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BarrierRow {
     /// Global transaction id.
     pub gid: String,
@@ -162,8 +228,21 @@ pub struct BarrierRow {
     pub op: Op,
     /// The answer given (and repeated to duplicates).
     pub answer: Answer,
-    /// When the row was written, unix milliseconds.
+    /// When the row was written, unix milliseconds (wall clock: for humans, not for order).
     pub unix_ms: u64,
+    /// Position in the order rows were committed in this tree, from 1, with no gaps between
+    /// rows of one transaction; 0 for rows of format v1 (all written before any numbered row).
+    /// Two rows compare by `seq` the way their business changes were applied.
+    pub seq: u64,
+    /// Fingerprint of the delivery's `(handler, payload)`; `None` when unknown (v1 rows, the
+    /// forward row written by a null compensation).
+    pub fingerprint: Option<Fingerprint>,
+    /// Log id of the coordinator that sent the delivery; empty when unknown.
+    pub log_id: String,
+    /// The handler the delivery was addressed to.
+    pub handler: String,
+    /// The message answered (a refusal's reason, a null compensation's explanation, ...).
+    pub message: String,
 }
 
 /// The barrier over one user tree. Cheap to clone.
@@ -176,51 +255,48 @@ pub struct Barrier {
     tree: sled::Tree,
 }
 
-/// A row's value, as stored.
-///
-/// Layout (v1): `format u8 = 1 | answer u8 | flags u8 (bit 0: has payload) | unix_ms u64 BE |
-/// handler_len u16 BE | handler | message_len u16 BE | message | payload (rest)`.
+/// A row's value, as stored (see the module docs for the layout).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RowValue {
     pub(crate) answer: Answer,
+    pub(crate) seq: u64,
     pub(crate) unix_ms: u64,
+    pub(crate) fingerprint: Option<Fingerprint>,
     pub(crate) handler: String,
     pub(crate) message: String,
-    pub(crate) payload: Option<Vec<u8>>,
+    pub(crate) log_id: String,
+    pub(crate) outcome_endpoint: String,
+    /// Only in v1 prepare rows: the payload kept for replay (migrated away by
+    /// [`Barrier::migrate_v1`]). Never written by v2.
+    pub(crate) v1_payload: Option<Vec<u8>>,
 }
 
 impl RowValue {
-    fn new(answer: Answer, handler: &str, message: &str, payload: Option<&[u8]>) -> RowValue {
-        RowValue {
-            answer,
-            unix_ms: now_unix_ms(),
-            handler: handler.to_string(),
-            message: truncate(message, ROW_MESSAGE_BYTES_MAX).to_string(),
-            payload: payload.map(<[u8]>::to_vec),
-        }
-    }
-
     fn encode(&self) -> Vec<u8> {
-        let handler = truncate(&self.handler, u16::MAX as usize);
-        let message = truncate(&self.message, ROW_MESSAGE_BYTES_MAX);
-        let payload = self.payload.as_deref().unwrap_or_default();
-        let mut out = Vec::with_capacity(15 + handler.len() + message.len() + payload.len());
-        out.push(ROW_FORMAT_V1);
+        debug_assert!(self.v1_payload.is_none(), "v2 rows keep no payload");
+        let mut out = Vec::with_capacity(64 + self.handler.len() + self.message.len());
+        out.push(ROW_FORMAT_V2);
         out.push(self.answer.code());
-        out.push(u8::from(self.payload.is_some()));
+        out.push(u8::from(self.fingerprint.is_some()));
+        out.extend_from_slice(&self.seq.to_be_bytes());
         out.extend_from_slice(&self.unix_ms.to_be_bytes());
-        out.extend_from_slice(&(handler.len() as u16).to_be_bytes());
-        out.extend_from_slice(handler.as_bytes());
-        out.extend_from_slice(&(message.len() as u16).to_be_bytes());
-        out.extend_from_slice(message.as_bytes());
-        out.extend_from_slice(payload);
+        if let Some(fp) = self.fingerprint {
+            out.extend_from_slice(&fp.0);
+        }
+        put_str(&mut out, truncate(&self.handler, FIELD_BYTES_MAX));
+        put_str(&mut out, truncate(&self.message, ROW_MESSAGE_BYTES_MAX));
+        put_str(&mut out, truncate(&self.log_id, FIELD_BYTES_MAX));
+        put_str(&mut out, truncate(&self.outcome_endpoint, FIELD_BYTES_MAX));
         out
     }
 
     fn decode(bytes: &[u8]) -> Result<RowValue, String> {
         let mut r = Reader(bytes);
         let format = r.u8()?;
-        if format != ROW_FORMAT_V1 {
+        if format == ROW_FORMAT_V1 {
+            return RowValue::decode_v1(r);
+        }
+        if format != ROW_FORMAT_V2 {
             return Err(format!("unknown row format {format}"));
         }
         let answer = r.u8()?;
@@ -229,24 +305,114 @@ impl RowValue {
         if flags & !1 != 0 {
             return Err(format!("unknown flags {flags:#x}"));
         }
-        let unix_ms = u64::from_be_bytes(r.take(8)?.try_into().expect("8 bytes"));
+        let seq = r.u64()?;
+        let unix_ms = r.u64()?;
+        let fingerprint = if flags & 1 == 1 {
+            Some(Fingerprint(r.take(16)?.try_into().expect("16 bytes")))
+        } else {
+            None
+        };
+        let row = RowValue {
+            answer,
+            seq,
+            unix_ms,
+            fingerprint,
+            handler: r.string()?,
+            message: r.string()?,
+            log_id: r.string()?,
+            outcome_endpoint: r.string()?,
+            v1_payload: None,
+        };
+        r.end()?;
+        Ok(row)
+    }
+
+    fn decode_v1(mut r: Reader<'_>) -> Result<RowValue, String> {
+        let answer = r.u8()?;
+        let answer = Answer::from_code(answer).ok_or(format!("unknown answer code {answer}"))?;
+        let flags = r.u8()?;
+        if flags & !1 != 0 {
+            return Err(format!("unknown flags {flags:#x}"));
+        }
+        let unix_ms = r.u64()?;
         let handler = r.string()?;
         let message = r.string()?;
-        let payload = if flags & 1 == 1 {
-            Some(r.0.to_vec())
-        } else if r.0.is_empty() {
-            None
+        let v1_payload = if flags & 1 == 1 {
+            Some(std::mem::take(&mut r.0).to_vec())
         } else {
-            return Err(format!("{} trailing bytes", r.0.len()));
+            r.end()?;
+            None
         };
         Ok(RowValue {
             answer,
+            seq: 0,
             unix_ms,
+            fingerprint: None,
             handler,
             message,
-            payload,
+            log_id: String::new(),
+            outcome_endpoint: String::new(),
+            v1_payload,
         })
     }
+
+    fn recorded(&self, op: Op) -> rules::Recorded {
+        rules::Recorded {
+            op,
+            answer: self.answer,
+            fingerprint: self.fingerprint,
+            log_id: self.log_id.clone(),
+            message: self.message.clone(),
+        }
+    }
+}
+
+/// An index entry of an open prepared branch (see the module docs for the layout).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct OpenEntry {
+    unix_ms: u64,
+    payload_len: u32,
+    handler: String,
+    log_id: String,
+    outcome_endpoint: String,
+}
+
+impl OpenEntry {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + self.handler.len() + self.outcome_endpoint.len());
+        out.push(OPEN_FORMAT_V1);
+        out.extend_from_slice(&self.unix_ms.to_be_bytes());
+        out.extend_from_slice(&self.payload_len.to_be_bytes());
+        put_str(&mut out, truncate(&self.handler, FIELD_BYTES_MAX));
+        put_str(&mut out, truncate(&self.log_id, FIELD_BYTES_MAX));
+        put_str(&mut out, truncate(&self.outcome_endpoint, FIELD_BYTES_MAX));
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<OpenEntry, String> {
+        let mut r = Reader(bytes);
+        let format = r.u8()?;
+        if format != OPEN_FORMAT_V1 {
+            return Err(format!("unknown index entry format {format}"));
+        }
+        let unix_ms = r.u64()?;
+        let payload_len = u32::from_be_bytes(r.take(4)?.try_into().expect("4 bytes"));
+        let e = OpenEntry {
+            unix_ms,
+            payload_len,
+            handler: r.string()?,
+            log_id: r.string()?,
+            outcome_endpoint: r.string()?,
+        };
+        r.end()?;
+        Ok(e)
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    debug_assert!(s.len() <= u16::MAX as usize);
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -268,9 +434,23 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
 
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_be_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
     fn string(&mut self) -> Result<String, String> {
         let len = u16::from_be_bytes(self.take(2)?.try_into().expect("2 bytes")) as usize;
         String::from_utf8(self.take(len)?.to_vec()).map_err(|e| format!("bad utf-8: {e}"))
+    }
+
+    fn end(&self) -> Result<(), String> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} trailing bytes", self.0.len()))
+        }
     }
 }
 
@@ -293,18 +473,34 @@ pub(crate) fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The key of the row for `(gid, branch_id, op)`.
-pub(crate) fn row_key(gid: &str, branch_id: u32, op: Op) -> Vec<u8> {
+/// `prefix ++ gid ++ 0x00 ++ branch_id (u32 BE)`.
+fn branch_key(prefix: &[u8], gid: &str, branch_id: u32) -> Vec<u8> {
     debug_assert!(
         !gid.is_empty() && !gid.contains('\0'),
         "gid checked at the edge"
     );
-    let mut k = Vec::with_capacity(BARRIER_PREFIX.len() + gid.len() + 6);
-    k.extend_from_slice(BARRIER_PREFIX);
+    let mut k = Vec::with_capacity(prefix.len() + gid.len() + 10);
+    k.extend_from_slice(prefix);
     k.extend_from_slice(gid.as_bytes());
     k.push(0);
     k.extend_from_slice(&branch_id.to_be_bytes());
+    k
+}
+
+/// The key of the row for `(gid, branch_id, op)`.
+pub(crate) fn row_key(gid: &str, branch_id: u32, op: Op) -> Vec<u8> {
+    let mut k = branch_key(BARRIER_PREFIX, gid, branch_id);
     k.push(op.key_byte());
+    k
+}
+
+fn open_key(gid: &str, branch_id: u32) -> Vec<u8> {
+    branch_key(OPEN_PREFIX, gid, branch_id)
+}
+
+fn chunk_key(gid: &str, branch_id: u32, index: u32) -> Vec<u8> {
+    let mut k = branch_key(REPLAY_PREFIX, gid, branch_id);
+    k.extend_from_slice(&index.to_be_bytes());
     k
 }
 
@@ -317,30 +513,39 @@ fn gid_prefix(gid: &str) -> Vec<u8> {
     k
 }
 
-/// Splits a row key into `(gid, branch_id, op)`.
-fn parse_key(key: &[u8]) -> Result<(String, u32, Op), String> {
-    let rest = key
-        .strip_prefix(BARRIER_PREFIX)
-        .ok_or("missing barrier prefix")?;
-    // gid (at least 1 byte) ++ 0x00 ++ branch_id (4) ++ op (1)
-    if rest.len() < 7 {
+/// Splits `prefix ++ gid ++ 0x00 ++ branch_id (u32 BE) ++ rest` (rest of `rest_len` bytes)
+/// into `(gid, branch_id, rest)`.
+fn parse_branch_key<'a>(
+    prefix: &[u8],
+    key: &'a [u8],
+    rest_len: usize,
+) -> Result<(String, u32, &'a [u8]), String> {
+    let body = key.strip_prefix(prefix).ok_or("missing prefix")?;
+    // gid (at least 1 byte) ++ 0x00 ++ branch_id (4) ++ rest
+    if body.len() < 6 + rest_len {
         return Err(format!(
             "key too short ({} bytes after the prefix)",
-            rest.len()
+            body.len()
         ));
     }
-    let (head, tail) = rest.split_at(rest.len() - 6);
-    let op = Op::from_key_byte(tail[5]).ok_or(format!("unknown op byte {:#x}", tail[5]))?;
-    let branch_id = u32::from_be_bytes(tail[1..5].try_into().expect("4 bytes"));
+    let (head, tail) = body.split_at(body.len() - 5 - rest_len);
     if tail[0] != 0 {
         return Err("missing gid terminator".to_string());
     }
+    let branch_id = u32::from_be_bytes(tail[1..5].try_into().expect("4 bytes"));
     let gid = String::from_utf8(head.to_vec()).map_err(|e| format!("gid is not utf-8: {e}"))?;
+    Ok((gid, branch_id, &tail[5..]))
+}
+
+/// Splits a row key into `(gid, branch_id, op)`.
+fn parse_key(key: &[u8]) -> Result<(String, u32, Op), String> {
+    let (gid, branch_id, rest) = parse_branch_key(BARRIER_PREFIX, key, 1)?;
+    let op = Op::from_key_byte(rest[0]).ok_or(format!("unknown op byte {:#x}", rest[0]))?;
     Ok((gid, branch_id, op))
 }
 
 fn key_for_humans(key: &[u8]) -> String {
-    String::from_utf8_lossy(key.strip_prefix(BARRIER_PREFIX).unwrap_or(key)).into_owned()
+    String::from_utf8_lossy(key.strip_prefix(b"\xfftreaty/").unwrap_or(key)).into_owned()
 }
 
 /// A borrowed business closure: the handler method bound to its context and payload.
@@ -360,25 +565,7 @@ pub(crate) enum Verdict {
     Violation(String),
 }
 
-impl Verdict {
-    fn answer(answer: Answer, message: impl Into<String>) -> Verdict {
-        Verdict::Answer {
-            answer,
-            message: message.into(),
-        }
-    }
-}
-
 type TxResult<T> = Result<T, ConflictableTransactionError<Refusal>>;
-
-fn get_row(tx: &TransactionalTree, key: &[u8]) -> TxResult<Option<RowValue>> {
-    match tx.get(key)? {
-        None => Ok(None),
-        Some(v) => decode_row(key, &v)
-            .map(Some)
-            .map_err(|why| ConflictableTransactionError::Storage(corrupt(key, &why))),
-    }
-}
 
 /// Decodes a row value and checks that its answer fits the operation in its key: data read
 /// back from disk is checked before it decides anything.
@@ -394,16 +581,122 @@ fn decode_row(key: &[u8], value: &[u8]) -> Result<RowValue, String> {
     Ok(row)
 }
 
-fn put_row(tx: &TransactionalTree, key: &[u8], row: &RowValue) -> TxResult<()> {
-    tx.insert(key, row.encode())?;
-    Ok(())
-}
-
 fn corrupt(key: &[u8], why: &str) -> sled::Error {
     sled::Error::Io(std::io::Error::new(
         std::io::ErrorKind::InvalidData,
-        format!("corrupt barrier row {:?}: {why}", key_for_humans(key)),
+        format!("corrupt barrier data at {:?}: {why}", key_for_humans(key)),
     ))
+}
+
+fn tx_corrupt<T>(key: &[u8], why: &str) -> TxResult<T> {
+    Err(ConflictableTransactionError::Storage(corrupt(key, why)))
+}
+
+/// Checks the size of a value before it goes to disk (see [`STORED_VALUE_BYTES_MAX`]).
+fn checked(key: &[u8], value: Vec<u8>) -> TxResult<Vec<u8>> {
+    if value.len() > STORED_VALUE_BYTES_MAX {
+        return tx_corrupt(
+            key,
+            &format!(
+                "refusing to store a {} byte value (limit {STORED_VALUE_BYTES_MAX})",
+                value.len()
+            ),
+        );
+    }
+    Ok(value)
+}
+
+/// The rows recorded for the branch of `ctx` that `op` belongs to (2PC: prepare, commit,
+/// abort; saga: execute, compensate).
+fn read_rows(
+    tx: &TransactionalTree,
+    ctx: &BranchContext,
+    op: Op,
+) -> TxResult<Vec<rules::Recorded>> {
+    let ops: &[Op] = match op {
+        Op::Prepare | Op::Commit | Op::Abort => &[Op::Prepare, Op::Commit, Op::Abort],
+        Op::Execute | Op::Compensate => &[Op::Execute, Op::Compensate],
+    };
+    let mut rows = Vec::with_capacity(ops.len());
+    for op in ops {
+        let key = row_key(&ctx.gid, ctx.branch_id, *op);
+        if let Some(v) = tx.get(&key)? {
+            match decode_row(&key, &v) {
+                Ok(row) => rows.push(row.recorded(*op)),
+                Err(why) => return tx_corrupt(&key, &why),
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Writes `rows` with the next sequence numbers, in order.
+fn write_rows(tx: &TransactionalTree, ctx: &BranchContext, rows: &[rules::Write]) -> TxResult<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut seq = match tx.get(SEQ_KEY)? {
+        None => 0,
+        Some(v) => match <[u8; 8]>::try_from(v.as_ref()) {
+            Ok(b) => u64::from_be_bytes(b),
+            Err(_) => return tx_corrupt(SEQ_KEY, &format!("{} bytes, not 8", v.len())),
+        },
+    };
+    let unix_ms = now_unix_ms();
+    for w in rows {
+        seq += 1;
+        let key = row_key(&ctx.gid, ctx.branch_id, w.op);
+        let row = RowValue {
+            answer: w.answer,
+            seq,
+            unix_ms,
+            fingerprint: w.fingerprint,
+            handler: ctx.handler.clone(),
+            message: w.message.clone(),
+            log_id: ctx.log_id.clone(),
+            outcome_endpoint: ctx.outcome_endpoint.clone(),
+            v1_payload: None,
+        };
+        let value = checked(&key, row.encode())?;
+        tx.insert(key, value)?;
+    }
+    tx.insert(SEQ_KEY, &seq.to_be_bytes())?;
+    Ok(())
+}
+
+/// Adds the branch to the index of open prepared branches, with its payload in chunks.
+fn open_branch(
+    tx: &TransactionalTree,
+    gid: &str,
+    branch_id: u32,
+    entry: &OpenEntry,
+    payload: &[u8],
+) -> TxResult<()> {
+    assert_eq!(
+        entry.payload_len as usize,
+        payload.len(),
+        "entry describes the payload"
+    );
+    let key = open_key(gid, branch_id);
+    let value = checked(&key, entry.encode())?;
+    tx.insert(key, value)?;
+    for (i, chunk) in payload.chunks(REPLAY_CHUNK_BYTES).enumerate() {
+        tx.insert(chunk_key(gid, branch_id, i as u32), chunk)?;
+    }
+    Ok(())
+}
+
+/// Removes the branch from the index, with its chunks (chunks are removed until the first
+/// missing one, so a corrupt entry cannot keep its chunks alive or block the close).
+fn close_branch(tx: &TransactionalTree, gid: &str, branch_id: u32) -> TxResult<()> {
+    if tx.remove(open_key(gid, branch_id))?.is_none() {
+        return Ok(());
+    }
+    let mut i = 0u32;
+    while tx.remove(chunk_key(gid, branch_id, i))?.is_some() {
+        i += 1;
+    }
+    Ok(())
 }
 
 fn storage_retry(what: &str, ctx: &BranchContext, e: sled::Error) -> Verdict {
@@ -413,13 +706,6 @@ fn storage_retry(what: &str, ctx: &BranchContext, e: sled::Error) -> Verdict {
     ))
 }
 
-fn unknown_handler(ctx: &BranchContext, kind: &str) -> String {
-    format!(
-        "unknown handler {:?}: no {kind} handler of that name is registered on this participant",
-        ctx.handler
-    )
-}
-
 /// An in-doubt branch: prepared, neither committed nor aborted.
 #[derive(Debug, Clone)]
 pub(crate) struct InDoubt {
@@ -427,6 +713,10 @@ pub(crate) struct InDoubt {
     pub(crate) branch_id: u32,
     pub(crate) handler: String,
     pub(crate) payload: Vec<u8>,
+    /// The log that drove the branch; empty when the coordinator sent none.
+    pub(crate) log_id: String,
+    /// Where to ask for the outcome; empty: the participant's configured coordinator.
+    pub(crate) outcome_endpoint: String,
 }
 
 impl Barrier {
@@ -451,7 +741,8 @@ impl Barrier {
             .unwrap_or_else(|e| panic!("reading barrier rows of {gid}: {e}"))
     }
 
-    /// Every row in the tree, ordered by gid, branch, operation byte.
+    /// Every row in the tree, ordered by gid, branch, operation byte (sort by
+    /// [`BarrierRow::seq`] for the order they were written in).
     ///
     /// # Panics
     ///
@@ -483,265 +774,235 @@ impl Barrier {
                 op,
                 answer: value.answer,
                 unix_ms: value.unix_ms,
+                seq: value.seq,
+                fingerprint: value.fingerprint,
+                log_id: value.log_id,
+                handler: value.handler,
+                message: value.message,
             });
         }
         Ok(rows)
     }
 
-    /// Prepared branches with neither a commit nor an abort row, prepared at or before
-    /// `prepared_before_unix_ms` (`None`: all of them). A corrupt row is logged and skipped:
-    /// the resolver must not stop on one bad branch; the coordinator still drives it.
+    /// Open prepared branches (from the index only, never from the rows) prepared at or
+    /// before `prepared_before_unix_ms` (`None`: all of them). A corrupt entry is logged and
+    /// skipped: the resolver must not stop on one bad branch; the coordinator still drives
+    /// it.
     pub(crate) fn in_doubt(
         &self,
         prepared_before_unix_ms: Option<u64>,
     ) -> Result<Vec<InDoubt>, sled::Error> {
-        // Rows of one branch are adjacent (same key but the last byte), so one pass with a
-        // "current branch" suffices and only in-doubt payloads are kept.
-        struct Current {
-            gid: String,
-            branch_id: u32,
-            prepared: Option<RowValue>,
-            finished: bool,
-        }
-        fn flush(cur: Option<Current>, cutoff: Option<u64>, out: &mut Vec<InDoubt>) {
-            let Some(cur) = cur else { return };
-            let Some(p) = cur.prepared else { return };
-            if cur.finished || cutoff.is_some_and(|c| p.unix_ms > c) {
-                return;
-            }
-            out.push(InDoubt {
-                gid: cur.gid,
-                branch_id: cur.branch_id,
-                handler: p.handler,
-                payload: p.payload.unwrap_or_default(),
-            });
-        }
         let mut out = Vec::new();
-        let mut cur: Option<Current> = None;
-        for item in self.tree.scan_prefix(BARRIER_PREFIX) {
+        for item in self.tree.scan_prefix(OPEN_PREFIX) {
             let (k, v) = item?;
-            let (gid, branch_id, op) = match parse_key(&k) {
-                Ok(parsed) => parsed,
+            let parsed = parse_branch_key(OPEN_PREFIX, &k, 0)
+                .and_then(|(gid, b, _)| Ok((gid, b, OpenEntry::decode(&v)?)));
+            let (gid, branch_id, entry) = match parsed {
+                Ok(p) => p,
                 Err(why) => {
-                    tracing::error!(key = %key_for_humans(&k), "skipping corrupt barrier key: {why}");
+                    tracing::error!(key = %key_for_humans(&k), "skipping corrupt in-doubt index entry: {why}");
                     continue;
                 }
             };
-            if !matches!(op, Op::Prepare | Op::Commit | Op::Abort) {
+            if prepared_before_unix_ms.is_some_and(|c| entry.unix_ms > c) {
                 continue;
             }
-            let same = cur
-                .as_ref()
-                .is_some_and(|c| c.gid == gid && c.branch_id == branch_id);
-            if !same {
-                flush(cur.take(), prepared_before_unix_ms, &mut out);
-                cur = Some(Current {
-                    gid,
-                    branch_id,
-                    prepared: None,
-                    finished: false,
-                });
+            let mut payload = Vec::with_capacity(entry.payload_len as usize);
+            for chunk in self
+                .tree
+                .scan_prefix(branch_key(REPLAY_PREFIX, &gid, branch_id))
+            {
+                payload.extend_from_slice(&chunk?.1);
             }
-            let c = cur.as_mut().expect("set above");
-            match op {
-                Op::Commit | Op::Abort => c.finished = true,
-                Op::Prepare => match decode_row(&k, &v) {
-                    Ok(row) if row.answer == Answer::Prepared => c.prepared = Some(row),
-                    Ok(_) => {}
-                    Err(why) => {
-                        tracing::error!(key = %key_for_humans(&k), "skipping corrupt barrier row: {why}");
-                    }
-                },
-                Op::Execute | Op::Compensate => unreachable!("filtered above"),
+            if payload.len() != entry.payload_len as usize {
+                // Closed between the two reads, or damaged: either way not replayable now.
+                tracing::warn!(gid = %gid, branch_id, "in-doubt payload has {} bytes, its entry says {}; skipped this round", payload.len(), entry.payload_len);
+                continue;
             }
+            out.push(InDoubt {
+                gid,
+                branch_id,
+                handler: entry.handler,
+                payload,
+                log_id: entry.log_id,
+                outcome_endpoint: entry.outcome_endpoint,
+            });
         }
-        flush(cur, prepared_before_unix_ms, &mut out);
         Ok(out)
     }
 
-    /// Runs a forward operation (`Prepare` or `Execute`) through the barrier. `business` is
-    /// `None` when no handler of the right kind is registered (answered as a refusal).
-    pub(crate) fn forward(
+    /// Rewrites rows of format v1 that kept a payload (prepare rows) as v2 rows, indexing
+    /// the branch with its payload chunks if it is still open; then marks the tree so later
+    /// calls return at once. Returns how many rows were rewritten. Called when a participant
+    /// is built, before it serves.
+    pub fn migrate_v1(&self) -> Result<usize, sled::Error> {
+        if self.tree.get(FORMAT_KEY)?.is_some() {
+            return Ok(0);
+        }
+        let mut migrated = 0;
+        for item in self.tree.scan_prefix(BARRIER_PREFIX) {
+            let (k, v) = item?;
+            let (gid, branch_id, op) = parse_key(&k).map_err(|why| corrupt(&k, &why))?;
+            let row = decode_row(&k, &v).map_err(|why| corrupt(&k, &why))?;
+            let Some(payload) = row.v1_payload.clone() else {
+                continue;
+            };
+            let res = self.tree.transaction(|tx| -> TxResult<()> {
+                let open = row.answer == Answer::Prepared
+                    && tx.get(row_key(&gid, branch_id, Op::Commit))?.is_none()
+                    && tx.get(row_key(&gid, branch_id, Op::Abort))?.is_none();
+                let rewritten = RowValue {
+                    fingerprint: Some(Fingerprint::of(&row.handler, &payload)),
+                    v1_payload: None,
+                    ..row.clone()
+                };
+                tx.insert(&*k, checked(&k, rewritten.encode())?)?;
+                if open && op == Op::Prepare {
+                    let entry = OpenEntry {
+                        unix_ms: row.unix_ms,
+                        payload_len: payload.len() as u32,
+                        handler: row.handler.clone(),
+                        log_id: String::new(),
+                        outcome_endpoint: String::new(),
+                    };
+                    open_branch(tx, &gid, branch_id, &entry, &payload)?;
+                }
+                Ok(())
+            });
+            res.map_err(|e| match e {
+                TransactionError::Abort(r) => unreachable!("no abort in migration: {r:?}"),
+                TransactionError::Storage(e) => e,
+            })?;
+            migrated += 1;
+        }
+        self.tree.insert(FORMAT_KEY, &[ROW_FORMAT_V2])?;
+        if migrated > 0 {
+            tracing::info!(
+                rows = migrated,
+                "barrier rows migrated from format v1 to v2"
+            );
+        }
+        Ok(migrated)
+    }
+
+    /// Runs one delivery of `op` through the barrier: reads the branch's rows, asks
+    /// [`rules::plan`], and carries the plan out in one sled transaction with the business
+    /// change. `business` is `None` when no handler of the right kind is registered.
+    pub(crate) fn deliver(
         &self,
         op: Op,
         ctx: &BranchContext,
         payload: &[u8],
         business: Option<Business<'_>>,
     ) -> Verdict {
-        let (ok, no, cancel, kind) = match op {
-            Op::Prepare => (Answer::Prepared, Answer::Refused, Op::Abort, "2PC"),
-            Op::Execute => (Answer::Succeeded, Answer::Failed, Op::Compensate, "saga"),
-            _ => unreachable!("forward() is only for prepare and execute, got {op}"),
-        };
-        let key = row_key(&ctx.gid, ctx.branch_id, op);
-        let cancel_key = row_key(&ctx.gid, ctx.branch_id, cancel);
-        // Only prepare rows keep the payload: the in-doubt resolver replays commit/abort.
-        let kept_payload = (op == Op::Prepare).then_some(payload);
+        let delivery = Delivery::new(op, &ctx.handler, payload, &ctx.log_id, business.is_some());
         let res = self.tree.transaction(|tx| {
-            if let Some(row) = get_row(tx, &key)? {
-                return Ok(Verdict::answer(row.answer, row.message));
+            let plan = rules::plan(&read_rows(tx, ctx, op)?, &delivery);
+            if let Run::Run { .. } = plan.business {
+                let business = business.expect("the rules run business code only if registered");
+                // A refusal aborts the whole transaction (business changes included) and is
+                // handled by `after_refusal`.
+                business(tx)?;
             }
-            if tx.get(&cancel_key)?.is_some() {
-                // Unreachable through this module (the cancel path writes the forward row
-                // too), but a tree edited by hand must still never run a cancelled branch.
-                let msg = format!("{cancel} already recorded for this branch");
-                put_row(tx, &key, &RowValue::new(no, &ctx.handler, &msg, None))?;
-                return Ok(Verdict::answer(no, msg));
-            }
-            let Some(business) = business else {
-                return Err(ConflictableTransactionError::Abort(Refusal {
-                    reason: unknown_handler(ctx, kind),
-                }));
-            };
-            business(tx)?;
-            put_row(tx, &key, &RowValue::new(ok, &ctx.handler, "", kept_payload))?;
-            Ok(Verdict::answer(ok, ""))
+            let settled = plan.settle(None);
+            write_rows(tx, ctx, &settled.writes)?;
+            self.change_index(tx, ctx, payload, settled.in_doubt)?;
+            Ok(settled.reply)
         });
         match res {
-            Ok(v) => v,
-            Err(TransactionError::Abort(refusal)) => self.record_refusal(op, no, ctx, &refusal),
+            Ok(reply) => self.verdict(op, ctx, reply),
+            Err(TransactionError::Abort(refusal)) => {
+                self.after_refusal(op, ctx, payload, &delivery, &refusal)
+            }
             Err(TransactionError::Storage(e)) => storage_retry(&op.to_string(), ctx, e),
         }
     }
 
-    /// Records a business "no" for a forward operation, in its own transaction (the business
-    /// one was rolled back with its changes). Re-checks for a row written meanwhile.
-    fn record_refusal(
+    /// Applies an index change for the branch of `ctx`.
+    fn change_index(
+        &self,
+        tx: &TransactionalTree,
+        ctx: &BranchContext,
+        payload: &[u8],
+        change: IndexChange,
+    ) -> TxResult<()> {
+        match change {
+            IndexChange::Unchanged => {}
+            IndexChange::Open => {
+                let entry = OpenEntry {
+                    unix_ms: now_unix_ms(),
+                    payload_len: u32::try_from(payload.len()).map_err(|_| {
+                        ConflictableTransactionError::Abort(Refusal {
+                            reason: format!("payload of {} bytes is too large", payload.len()),
+                        })
+                    })?,
+                    handler: ctx.handler.clone(),
+                    log_id: ctx.log_id.clone(),
+                    outcome_endpoint: ctx.outcome_endpoint.clone(),
+                };
+                open_branch(tx, &ctx.gid, ctx.branch_id, &entry, payload)?;
+            }
+            IndexChange::Close => close_branch(tx, &ctx.gid, ctx.branch_id)?,
+        }
+        Ok(())
+    }
+
+    /// After a business refusal (its transaction rolled back with its changes): plans again
+    /// in a new transaction, which sees any row written meanwhile, and records the refusal
+    /// as the plan says.
+    fn after_refusal(
         &self,
         op: Op,
-        no: Answer,
         ctx: &BranchContext,
+        payload: &[u8],
+        delivery: &Delivery,
         refusal: &Refusal,
     ) -> Verdict {
-        let key = row_key(&ctx.gid, ctx.branch_id, op);
         let res = self.tree.transaction(|tx| {
-            if let Some(row) = get_row(tx, &key)? {
-                return Ok(Verdict::answer(row.answer, row.message));
-            }
-            put_row(
-                tx,
-                &key,
-                &RowValue::new(no, &ctx.handler, &refusal.reason, None),
-            )?;
-            Ok(Verdict::answer(no, refusal.reason.clone()))
+            let plan = rules::plan(&read_rows(tx, ctx, op)?, delivery);
+            // Still a plan that runs the business code: settle it with the refusal. Otherwise
+            // another delivery decided meanwhile: follow its plan, without business code.
+            let reason = matches!(plan.business, Run::Run { .. }).then_some(&*refusal.reason);
+            let settled = plan.settle(reason);
+            write_rows(tx, ctx, &settled.writes)?;
+            self.change_index(tx, ctx, payload, settled.in_doubt)?;
+            Ok(settled.reply)
         });
+        if let Ok(rules::Reply::Retry(_)) = &res {
+            tracing::warn!(
+                gid = %ctx.gid,
+                branch_id = ctx.branch_id,
+                handler = %ctx.handler,
+                reason = %refusal.reason,
+                "{op} handler refused; {op} must eventually succeed, answering RETRY"
+            );
+        }
         match res {
-            Ok(v) => v,
-            Err(TransactionError::Abort(r)) => unreachable!("no abort in this transaction: {r:?}"),
+            Ok(reply) => self.verdict(op, ctx, reply),
+            Err(TransactionError::Abort(r)) => Verdict::Retry(format!(
+                "recording the {op} refusal failed: {}; retry",
+                r.reason
+            )),
             Err(TransactionError::Storage(e)) => {
                 storage_retry(&format!("recording {op} refusal"), ctx, e)
             }
         }
     }
 
-    /// Runs a phase-two operation (`Commit`, `Abort`, `Compensate`) through the barrier.
-    /// `business` is `None` when no handler of the right kind is registered: that is only an
-    /// error (RETRY) if business code has to run.
-    pub(crate) fn finish(
-        &self,
-        op: Op,
-        ctx: &BranchContext,
-        business: Option<Business<'_>>,
-    ) -> Verdict {
-        // (forward op, its success answer, what a missing forward row becomes, contradicting op)
-        let (fwd, fwd_ok, null_answer, contra, kind) = match op {
-            Op::Commit => (Op::Prepare, Answer::Prepared, None, Some(Op::Abort), "2PC"),
-            Op::Abort => (
-                Op::Prepare,
-                Answer::Prepared,
-                Some(Answer::Refused),
-                Some(Op::Commit),
-                "2PC",
-            ),
-            Op::Compensate => (
-                Op::Execute,
-                Answer::Succeeded,
-                Some(Answer::Failed),
-                None,
-                "saga",
-            ),
-            _ => unreachable!("finish() is only for commit, abort and compensate, got {op}"),
-        };
-        let key = row_key(&ctx.gid, ctx.branch_id, op);
-        let fwd_key = row_key(&ctx.gid, ctx.branch_id, fwd);
-        let contra_key = contra.map(|c| (c, row_key(&ctx.gid, ctx.branch_id, c)));
-        let done = || RowValue::new(Answer::Done, &ctx.handler, "", None);
-        let res = self.tree.transaction(|tx| {
-            if get_row(tx, &key)?.is_some() {
-                return Ok(Verdict::answer(Answer::Done, ""));
-            }
-            if let Some((c, ck)) = &contra_key {
-                if tx.get(ck)?.is_some() {
-                    return Ok(Verdict::Violation(format!(
-                        "{op} received but {c} was already applied to this branch"
-                    )));
-                }
-            }
-            match get_row(tx, &fwd_key)? {
-                None => match null_answer {
-                    None => Ok(Verdict::Violation(format!(
-                        "{op} received but {fwd} never ran for this branch"
-                    ))),
-                    Some(null) => {
-                        let msg =
-                            format!("null {op}: {fwd} never ran; a late {fwd} will be refused");
-                        put_row(tx, &fwd_key, &RowValue::new(null, &ctx.handler, &msg, None))?;
-                        put_row(tx, &key, &done())?;
-                        Ok(Verdict::answer(Answer::Done, msg))
-                    }
-                },
-                Some(row) if row.answer == fwd_ok => {
-                    let Some(business) = business else {
-                        return Ok(Verdict::Retry(format!(
-                            "{}; register it and this {op} succeeds on retry",
-                            unknown_handler(ctx, kind)
-                        )));
-                    };
-                    business(tx)?;
-                    put_row(tx, &key, &done())?;
-                    Ok(Verdict::answer(Answer::Done, ""))
-                }
-                Some(row) => {
-                    if op == Op::Commit {
-                        return Ok(Verdict::Violation(format!(
-                            "commit received but prepare answered {:?} for this branch",
-                            row.answer
-                        )));
-                    }
-                    // The forward op did not apply anything: nothing to undo.
-                    put_row(tx, &key, &done())?;
-                    Ok(Verdict::answer(
-                        Answer::Done,
-                        format!("{fwd} was {:?}: nothing to undo", row.answer),
-                    ))
-                }
-            }
-        });
-        match res {
-            Ok(Verdict::Violation(msg)) => {
+    fn verdict(&self, op: Op, ctx: &BranchContext, reply: rules::Reply) -> Verdict {
+        match reply {
+            rules::Reply::Answer { answer, message } => Verdict::Answer { answer, message },
+            rules::Reply::Retry(m) => Verdict::Retry(m),
+            rules::Reply::Violation(msg) => {
                 tracing::error!(
                     gid = %ctx.gid,
                     branch_id = ctx.branch_id,
                     handler = %ctx.handler,
-                    "protocol violation, business code not run: {msg}"
+                    log_id = %ctx.log_id,
+                    "protocol violation on {op}, business code not run: {msg}"
                 );
                 Verdict::Violation(format!("protocol violation: {msg}"))
             }
-            Ok(v) => v,
-            Err(TransactionError::Abort(refusal)) => {
-                tracing::warn!(
-                    gid = %ctx.gid,
-                    branch_id = ctx.branch_id,
-                    handler = %ctx.handler,
-                    reason = %refusal.reason,
-                    "{op} handler refused; {op} must eventually succeed, answering RETRY"
-                );
-                Verdict::Retry(format!(
-                    "{op} handler refused ({}); a {op} must eventually succeed, it will be retried",
-                    refusal.reason
-                ))
-            }
-            Err(TransactionError::Storage(e)) => storage_retry(&op.to_string(), ctx, e),
         }
     }
 }
@@ -787,6 +1048,8 @@ mod tests {
             attempt: 1,
             deadline_unix_ms: 0,
             handler: "h".to_string(),
+            log_id: String::new(),
+            outcome_endpoint: String::new(),
         }
     }
 
@@ -807,11 +1070,7 @@ mod tests {
                 Ok(())
             };
             let business: Option<Business<'_>> = (biz != Biz::Missing).then_some(&f);
-            let c = ctx(gid);
-            match op {
-                Op::Prepare | Op::Execute => self.barrier.forward(op, &c, b"payload", business),
-                _ => self.barrier.finish(op, &c, business),
-            }
+            self.barrier.deliver(op, &ctx(gid), b"payload", business)
         }
 
         fn has_change(&self, gid: &str, op: Op) -> bool {
@@ -1054,6 +1313,28 @@ mod tests {
                 changes: &[],
             },
             Case {
+                name: "prepare after abort is refused even though a prepare was recorded",
+                steps: &[
+                    (Prepare, Y, V::A(Prepared)),
+                    (Abort, Y, V::A(Done)),
+                    (Prepare, Y, V::A(Refused)),
+                ],
+                runs: 2,
+                rows: &[(Prepare, Prepared), (Abort, Done)],
+                changes: &[Prepare, Abort],
+            },
+            Case {
+                name: "execute after compensate is failed even though it succeeded before",
+                steps: &[
+                    (Execute, Y, V::A(Succeeded)),
+                    (Compensate, Y, V::A(Done)),
+                    (Execute, Y, V::A(Failed)),
+                ],
+                runs: 2,
+                rows: &[(Execute, Succeeded), (Compensate, Done)],
+                changes: &[Execute, Compensate],
+            },
+            Case {
                 name: "compensate handler refusing: RETRY",
                 steps: &[(Execute, Y, V::A(Succeeded)), (Compensate, N, V::Retry)],
                 runs: 2,
@@ -1108,20 +1389,165 @@ mod tests {
         assert!(f.barrier.in_doubt(Some(0)).unwrap().is_empty());
     }
 
+    /// Issue 8: the resolver reads only an index of open prepared branches, written with the
+    /// prepare row and removed with the commit/abort row.
+    #[test]
+    fn open_prepared_branches_are_indexed() {
+        const OPEN: &[u8] = b"\xfftreaty/open/";
+        let f = fixture();
+        let open = |f: &Fixture| f.barrier.tree.scan_prefix(OPEN).count();
+        f.deliver("a", Prepare, Biz::Ok);
+        f.deliver("b", Prepare, Biz::Ok);
+        f.deliver("r", Prepare, Biz::Refuse);
+        f.deliver("s", Execute, Biz::Ok);
+        assert_eq!(open(&f), 2);
+        f.deliver("a", Commit, Biz::Ok);
+        f.deliver("b", Abort, Biz::Ok);
+        assert_eq!(open(&f), 0);
+        // A prepared row without an index entry is not looked at by the resolver.
+        f.deliver("c", Prepare, Biz::Ok);
+        for kv in f.barrier.tree.scan_prefix(OPEN) {
+            f.barrier.tree.remove(kv.unwrap().0).unwrap();
+        }
+        assert!(f.barrier.in_doubt(None).unwrap().is_empty());
+    }
+
+    fn row(answer: Answer, message: &str, fingerprint: Option<Fingerprint>) -> RowValue {
+        RowValue {
+            answer,
+            seq: 7,
+            unix_ms: 1_700_000_000_000,
+            fingerprint,
+            handler: "transfer".into(),
+            message: message.into(),
+            log_id: "0190c6a4-log".into(),
+            outcome_endpoint: "http://c:7700".into(),
+            v1_payload: None,
+        }
+    }
+
     #[test]
     fn row_value_round_trips_and_rejects_garbage() {
-        let v = RowValue::new(Prepared, "transfer", "é".repeat(600).as_str(), Some(b"pay"));
+        let v = row(Prepared, &"é".repeat(600), Some(Fingerprint::of("h", b"p")));
         let back = RowValue::decode(&v.encode()).unwrap();
-        assert_eq!(back.answer, Prepared);
-        assert_eq!(back.payload.as_deref(), Some(&b"pay"[..]));
         assert!(back.message.len() <= ROW_MESSAGE_BYTES_MAX);
-        let none = RowValue::new(Done, "h", "", None);
+        assert_eq!(
+            back,
+            RowValue {
+                message: back.message.clone(),
+                ..v
+            }
+        );
+        let none = row(Done, "", None);
         assert_eq!(RowValue::decode(&none.encode()).unwrap(), none);
         assert!(RowValue::decode(&[]).is_err());
         assert!(RowValue::decode(&[9, 1, 0]).is_err());
         let mut trailing = none.encode();
         trailing.push(1);
         assert!(RowValue::decode(&trailing).is_err());
+    }
+
+    /// A v1 value, as the SDK before format v2 wrote it.
+    fn v1_value(answer: Answer, handler: &str, message: &str, payload: Option<&[u8]>) -> Vec<u8> {
+        let mut out = vec![1, answer.code(), u8::from(payload.is_some())];
+        out.extend_from_slice(&1_600_000_000_000u64.to_be_bytes());
+        put_str(&mut out, handler);
+        put_str(&mut out, message);
+        out.extend_from_slice(payload.unwrap_or_default());
+        out
+    }
+
+    #[test]
+    fn v1_rows_still_decode_with_unknown_identity() {
+        let v = RowValue::decode(&v1_value(Prepared, "h", "", Some(b"pay"))).unwrap();
+        assert_eq!((v.answer, v.seq, v.fingerprint), (Prepared, 0, None));
+        assert_eq!(v.v1_payload.as_deref(), Some(&b"pay"[..]));
+        assert!(v.log_id.is_empty());
+        let done = RowValue::decode(&v1_value(Done, "h", "m", None)).unwrap();
+        assert_eq!((done.answer, done.message.as_str()), (Done, "m"));
+        let mut trailing = v1_value(Done, "h", "", None);
+        trailing.push(0);
+        assert!(RowValue::decode(&trailing).is_err());
+    }
+
+    /// An upgraded participant: its open v1 prepared branch is indexed (with the payload
+    /// for replay) and its prepare row loses the payload; duplicates are answered as before.
+    #[test]
+    fn migrate_v1_indexes_open_branches_and_drops_payloads() {
+        let f = fixture();
+        let t = &f.barrier.tree;
+        let big = vec![7u8; 100_000];
+        t.insert(
+            row_key("open", 0, Prepare),
+            v1_value(Prepared, "h", "", Some(&big)),
+        )
+        .unwrap();
+        t.insert(
+            row_key("done", 0, Prepare),
+            v1_value(Prepared, "h", "", Some(b"x")),
+        )
+        .unwrap();
+        t.insert(row_key("done", 0, Commit), v1_value(Done, "h", "", None))
+            .unwrap();
+        t.insert(
+            row_key("saga", 0, Execute),
+            v1_value(Succeeded, "h", "", None),
+        )
+        .unwrap();
+        assert_eq!(f.barrier.migrate_v1().unwrap(), 2);
+        assert_eq!(
+            f.barrier.migrate_v1().unwrap(),
+            0,
+            "second start: marker set"
+        );
+        let open = f.barrier.in_doubt(None).unwrap();
+        assert_eq!(open.len(), 1, "{open:?}");
+        assert_eq!(
+            (open[0].gid.as_str(), open[0].payload.len()),
+            ("open", big.len())
+        );
+        assert!(t
+            .iter()
+            .all(|kv| kv.unwrap().1.len() <= STORED_VALUE_BYTES_MAX));
+        // The migrated row kept its fingerprint: the same body is a duplicate, another is not.
+        let same = f.barrier.deliver(Prepare, &ctx("open"), &big, None);
+        assert_eq!(short(&same), V::A(Prepared));
+        let other = f.barrier.deliver(Prepare, &ctx("open"), b"other", None);
+        assert_eq!(short(&other), V::A(Refused));
+        // The v1 execute row (no payload, no fingerprint) still answers duplicates.
+        assert_eq!(short(&f.deliver("saga", Execute, Biz::Ok)), V::A(Succeeded));
+        assert_eq!(f.runs.load(Ordering::SeqCst), 0);
+    }
+
+    /// Issue 8: rows carry a per-tree sequence number in commit order, so a checker can
+    /// tell the order compensations were applied in.
+    #[test]
+    fn rows_are_numbered_in_commit_order() {
+        let f = fixture();
+        f.deliver("s", Execute, Biz::Ok); // 1
+        f.deliver("t", Execute, Biz::Ok); // 2
+        f.deliver("t", Compensate, Biz::Ok); // 3
+        f.deliver("t", Compensate, Biz::Ok); // duplicate: no row
+        f.deliver("s", Compensate, Biz::Ok); // 4
+        f.deliver("n", Compensate, Biz::Ok); // null: execute 5, compensate 6
+        let seq = |gid: &str, op: Op| {
+            f.barrier
+                .rows(gid)
+                .into_iter()
+                .find(|r| r.op == op)
+                .unwrap()
+                .seq
+        };
+        assert_eq!(seq("s", Execute), 1);
+        assert_eq!(seq("t", Execute), 2);
+        assert_eq!(seq("t", Compensate), 3);
+        assert_eq!(seq("s", Compensate), 4);
+        assert_eq!((seq("n", Execute), seq("n", Compensate)), (5, 6));
+        // Reopened, the counter goes on.
+        let again = Barrier::new(f.barrier.tree.clone());
+        let c = ctx("u");
+        again.deliver(Compensate, &c, b"", None);
+        assert_eq!(seq("u", Compensate), 8);
     }
 
     #[test]

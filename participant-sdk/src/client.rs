@@ -279,7 +279,10 @@ impl Definition {
 macro_rules! common_options {
     () => {
         /// Uses `gid` instead of a generated UUIDv7. Submitting the same definition with the
-        /// same gid twice is idempotent; another definition with it is `ALREADY_EXISTS`.
+        /// same gid twice is idempotent; another definition with it fails with
+        /// [`SdkError::GidExists`]. The SDK does not check the gid: the coordinator enforces
+        /// its own (configurable) limits and answers [`SdkError::Rejected`] with
+        /// `INVALID_ARGUMENT`.
         pub fn gid(mut self, gid: impl Into<String>) -> Self {
             self.def.gid = Some(gid.into());
             self
@@ -301,7 +304,8 @@ macro_rules! common_options {
         /// coordinator drives it from there.
         ///
         /// [`SdkError::Rejected`]: nothing was recorded. [`SdkError::OutcomeUnknown`]: it may
-        /// have been; the error names the gid to look up.
+        /// have been; the error names the gid to look up. [`SdkError::GidExists`]: the gid
+        /// already names another transaction; look that one up.
         pub async fn submit(self) -> Result<String, SdkError> {
             Ok(self.def.submit(None).await?.0)
         }

@@ -9,8 +9,9 @@
 /// same gid (`Begin` is idempotent for the same gid and definition).
 #[derive(Debug, thiserror::Error)]
 pub enum SdkError {
-    /// The coordinator refused the request (bad input, `ALREADY_EXISTS` for a gid reused with
-    /// another definition, unknown gid, ...). Nothing was applied; do not retry it unchanged.
+    /// The coordinator refused the request (bad input, including a gid outside the limits
+    /// the coordinator is configured with; unknown gid; ...). Nothing was applied; do not
+    /// retry it unchanged.
     #[error(
         "the coordinator rejected the request ({code:?}): {message}; \
          nothing was applied: fix the request, sending it unchanged fails again"
@@ -18,6 +19,23 @@ pub enum SdkError {
     Rejected {
         /// The gRPC status code the coordinator answered with.
         code: tonic::Code,
+        /// The coordinator's explanation.
+        message: String,
+    },
+
+    /// `Begin` named a gid that already belongs to a transaction with **another definition**
+    /// (`ALREADY_EXISTS`). Something was applied: that transaction exists, running or
+    /// finished. Look it up ([`crate::Client::get`], [`crate::Client::watch`]) before doing
+    /// anything else; submitting this definition under a new gid would run a second
+    /// transaction besides it.
+    #[error(
+        "transaction {gid} already exists with a different definition ({message}): it was \
+         submitted before, perhaps by an earlier attempt of this caller; look it up with \
+         Client::get/Client::watch on gid {gid} before resubmitting anything under a new gid"
+    )]
+    GidExists {
+        /// The gid that is taken.
+        gid: String,
         /// The coordinator's explanation.
         message: String,
     },
@@ -112,6 +130,12 @@ pub(crate) fn is_rejection(code: tonic::Code) -> bool {
 
 /// Classifies the failure of a call that creates a transaction.
 pub(crate) fn submit_error(gid: &str, status: tonic::Status) -> SdkError {
+    if status.code() == tonic::Code::AlreadyExists {
+        return SdkError::GidExists {
+            gid: gid.to_string(),
+            message: status.message().to_string(),
+        };
+    }
     if is_rejection(status.code()) {
         SdkError::Rejected {
             code: status.code(),

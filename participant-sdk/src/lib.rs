@@ -10,12 +10,19 @@
 //! - [`barrier`]: exactly-once effects. One row per `(gid, branch, operation)` in your tree,
 //!   written in the same sled transaction as the business change; duplicates repeat the
 //!   first answer, a compensation that arrives before its action is recorded as a no-op and
-//!   the late action is refused. **Keys starting with `0xFF 't'` are reserved.**
+//!   the late action is refused, a recorded cancel wins over a recorded action, and a gid
+//!   reused with another body is refused. **Keys starting with `0xFF 't'` are reserved.**
+//!   The decisions themselves are one pure function, [`barrier::rules::plan`], shared with
+//!   the coordinator's simulation.
+//! - In-doubt resolution: a branch left prepared is resolved by asking the coordinator log
+//!   that drove it ([`Participant::resolve_in_doubt`]); presumed abort is applied only from
+//!   that log.
 //! - [`durable`]: [`durable::SledSync`], the group-commit fsync that makes every barrier row
 //!   durable before its answer is sent (sled's own `flush` is not a full fsync).
 //! - [`client`]: submit sagas and 2PC transactions to the coordinator ([`Client`]).
 //! - [`SdkError`]: every error, split by what the caller must do (notably
-//!   [`SdkError::Rejected`] versus [`SdkError::OutcomeUnknown`]).
+//!   [`SdkError::Rejected`] versus [`SdkError::OutcomeUnknown`] versus
+//!   [`SdkError::GidExists`]).
 //!
 //! # Example
 //!
@@ -101,5 +108,5 @@ pub use client::{Client, Outcome, RetryPolicy, SagaBuilder, TwoPhaseBuilder};
 pub use error::SdkError;
 pub use participant::{
     decode_json, refuse, saga_fn, two_phase_fn, BranchContext, HandlerResult, Participant,
-    ParticipantBuilder, Refusal, SagaHandler, TwoPhaseHandler,
+    ParticipantBuilder, Refusal, Resolution, SagaHandler, TwoPhaseHandler,
 };

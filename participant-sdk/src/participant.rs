@@ -21,7 +21,9 @@ use treaty_proto::v1 as pb;
 use treaty_proto::v1::coordinator_client::CoordinatorClient;
 use treaty_proto::v1::participant_server::{Participant as ParticipantService, ParticipantServer};
 
-use crate::barrier::{now_unix_ms, Answer, Barrier, Business, Op, Verdict};
+use crate::barrier::{
+    now_unix_ms, Answer, Barrier, Business, InDoubt, Op, Verdict, FIELD_BYTES_MAX, GID_BYTES_MAX,
+};
 use crate::durable::SledSync;
 use crate::error::SdkError;
 
@@ -76,6 +78,12 @@ pub struct BranchContext {
     pub deadline_unix_ms: u64,
     /// The handler name the operation was addressed to.
     pub handler: String,
+    /// Identity of the coordinator log that drives the branch (`BranchRequest.log_id`);
+    /// empty when the coordinator sent none (an older coordinator).
+    pub log_id: String,
+    /// Where to ask `Coordinator.Outcome` about this gid; empty: the participant's configured
+    /// coordinator.
+    pub outcome_endpoint: String,
 }
 
 /// A two-phase-commit handler: prepare, then commit or abort.
@@ -237,9 +245,6 @@ const COORDINATOR_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The in-doubt resolver never runs more often than this, whatever `in_doubt_after` is.
 const RESOLVE_INTERVAL_MIN: Duration = Duration::from_millis(100);
 
-/// Longest gid accepted (DESIGN.md section 2), checked again here because it becomes a key.
-const GID_BYTES_MAX: usize = 128;
-
 #[derive(Clone)]
 enum Registered {
     TwoPhase(Arc<dyn TwoPhaseHandler>),
@@ -258,8 +263,10 @@ pub struct ParticipantBuilder {
 }
 
 impl ParticipantBuilder {
-    /// The coordinator's gRPC URI (e.g. `http://127.0.0.1:7700`). Needed for in-doubt
-    /// resolution: without it, a branch left prepared waits for the coordinator to resend.
+    /// The coordinator's gRPC URI (e.g. `http://127.0.0.1:7700`), asked during in-doubt
+    /// resolution about branches that name no outcome endpoint of their own (coordinators
+    /// from before `BranchRequest.outcome_endpoint`, or ones that leave it empty). Without
+    /// it, such a branch left prepared waits for its coordinator to resend.
     pub fn coordinator(mut self, uri: impl Into<String>) -> Self {
         self.coordinator = Some(uri.into());
         self
@@ -306,6 +313,13 @@ impl ParticipantBuilder {
                 "a handler was registered with an empty name".into(),
             ));
         }
+        if let Some(long) = self.handlers.keys().find(|n| n.len() > FIELD_BYTES_MAX) {
+            return Err(SdkError::Config(format!(
+                "handler name {:?}... is {} bytes; at most {FIELD_BYTES_MAX} are allowed",
+                long.chars().take(32).collect::<String>(),
+                long.len()
+            )));
+        }
         if self.in_doubt_after.is_zero() {
             return Err(SdkError::Config(
                 "in_doubt_after must be more than zero".into(),
@@ -323,14 +337,20 @@ impl ParticipantBuilder {
                 Some((uri, endpoint))
             }
         };
+        let barrier = Barrier::new(self.tree);
+        // Before serving: branches prepared by an older SDK must be in the in-doubt index.
+        barrier.migrate_v1()?;
+        // No sync needed for the migration: it answers nobody, and sled persists its log in
+        // order, so the first answer synced later makes it durable too; lost in a crash
+        // before that, it runs again at the next start.
         let sync = SledSync::new(self.db, &self.dir)?;
         Ok(Participant {
             inner: Arc::new(Inner {
-                barrier: Barrier::new(self.tree),
+                barrier,
                 sync,
                 handlers: self.handlers,
                 coordinator,
-                coordinator_client: tokio::sync::Mutex::new(None),
+                coordinator_clients: tokio::sync::Mutex::new(HashMap::new()),
                 in_doubt_after: self.in_doubt_after,
                 first_round_done: AtomicBool::new(false),
             }),
@@ -350,7 +370,8 @@ struct Inner {
     sync: SledSync,
     handlers: HashMap<String, Registered>,
     coordinator: Option<(String, Endpoint)>,
-    coordinator_client: tokio::sync::Mutex<Option<CoordinatorClient<Channel>>>,
+    /// Clients of the coordinators asked so far, by URI.
+    coordinator_clients: tokio::sync::Mutex<HashMap<String, CoordinatorClient<Channel>>>,
     in_doubt_after: Duration,
     /// Until one resolver round completed, every prepared branch counts as in doubt, whatever
     /// its age: after a restart nobody else may ever tell us.
@@ -394,8 +415,7 @@ impl Participant {
     }
 
     /// Serves the participant alone on `listener` until `shutdown` resolves, and runs the
-    /// in-doubt resolver (at start, then every `in_doubt_after / 2`) when a coordinator URI
-    /// was given.
+    /// in-doubt resolver (at start, then every `in_doubt_after / 2`).
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
@@ -410,19 +430,17 @@ impl Participant {
                 shutdown,
             )
             .await;
-        if let Some(r) = resolver {
-            r.abort();
-        }
+        resolver.abort();
         res.map_err(SdkError::Serve)
     }
 
-    /// Starts the in-doubt resolver task (a round now, then every `in_doubt_after / 2`) when
-    /// a coordinator URI was given; `None` otherwise. [`Participant::serve`] does this itself;
-    /// call it when you `add_service` [`Participant::into_service`] to your own server, and
-    /// abort the handle on shutdown. Needs a tokio runtime.
-    pub fn spawn_in_doubt_resolver(&self) -> Option<tokio::task::JoinHandle<()>> {
-        self.inner.coordinator.as_ref()?;
-        Some(tokio::spawn(self.clone().resolver_loop()))
+    /// Starts the in-doubt resolver task (a round now, then every `in_doubt_after / 2`).
+    /// [`Participant::serve`] does this itself; call it when you `add_service`
+    /// [`Participant::into_service`] to your own server, and abort the handle on shutdown.
+    /// Needs a tokio runtime. It runs even without a configured coordinator: branches name
+    /// the coordinator to ask (`BranchRequest.outcome_endpoint`).
+    pub fn spawn_in_doubt_resolver(&self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.clone().resolver_loop())
     }
 
     async fn resolver_loop(self) {
@@ -432,8 +450,8 @@ impl Participant {
         loop {
             tick.tick().await;
             match self.resolve_in_doubt().await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(resolved = n, "resolved in-doubt branches"),
+                Ok(r) if r.resolved == 0 => {}
+                Ok(r) => tracing::info!(resolved = r.resolved, "resolved in-doubt branches"),
                 Err(e) => {
                     tracing::warn!(error = %e, "in-doubt resolution failed; will retry next round")
                 }
@@ -446,22 +464,25 @@ impl Participant {
         &self.inner.barrier
     }
 
-    /// Asks the coordinator about every branch prepared here more than `in_doubt_after` ago
-    /// (on the first successful round since start: every prepared branch) that has neither
-    /// committed nor aborted, and applies the outcome through the barrier: COMMITTED runs
-    /// commit, ABORTED runs abort, PENDING is left for a later round. Returns how many
-    /// branches were resolved.
+    /// One round of in-doubt resolution: for every branch prepared here more than
+    /// `in_doubt_after` ago (until a round has reached every coordinator it needed since
+    /// start: every open prepared branch) and neither committed nor aborted, asks
+    /// `Coordinator.Outcome` at the endpoint the branch named (or the configured coordinator
+    /// when it named none), and applies the answer through the barrier.
     ///
-    /// Fails with [`SdkError::Config`] when no coordinator URI was configured, and with
-    /// [`SdkError::Connect`] when the coordinator cannot be reached; a failed `Outcome` call
-    /// for one gid is logged and retried on the next round.
-    pub async fn resolve_in_doubt(&self) -> Result<usize, SdkError> {
-        let Some((uri, endpoint)) = &self.inner.coordinator else {
-            return Err(SdkError::Config(
-                "resolve_in_doubt needs a coordinator URI: set ParticipantBuilder::coordinator"
-                    .into(),
-            ));
-        };
+    /// An answer is acted on only when it comes from the log that drove the branch
+    /// (`OutcomeResponse.log_id` equals the `log_id` stored with the prepare): COMMITTED runs
+    /// commit, ABORTED (known, or presumed because the log has no record) runs abort, PENDING
+    /// waits. An answer from another log leaves the branch in doubt and is logged at ERROR:
+    /// presumed abort from a log that never drove the branch (a wiped or different
+    /// coordinator) could abort a branch its real coordinator committed. A branch prepared
+    /// without a log id (an older coordinator) is resolved only by an answer the coordinator
+    /// knows (`known = true`), never by presumption.
+    ///
+    /// A coordinator that cannot be reached is logged and counted in
+    /// [`Resolution::unanswered`]; the round goes on with the others. Fails only when the
+    /// index cannot be read ([`SdkError::Storage`]).
+    pub async fn resolve_in_doubt(&self) -> Result<Resolution, SdkError> {
         let first = !self.inner.first_round_done.load(Ordering::Acquire);
         let cutoff = (!first)
             .then(|| now_unix_ms().saturating_sub(self.inner.in_doubt_after.as_millis() as u64));
@@ -469,53 +490,67 @@ impl Participant {
         let branches = tokio::task::spawn_blocking(move || barrier.in_doubt(cutoff))
             .await
             .map_err(|e| SdkError::Config(format!("in-doubt scan panicked: {e}")))??;
-        if branches.is_empty() {
-            self.inner.first_round_done.store(true, Ordering::Release);
-            return Ok(0);
-        }
-        let mut client = {
-            let mut cached = self.inner.coordinator_client.lock().await;
-            match cached.as_ref() {
-                Some(c) => c.clone(),
-                None => {
-                    let channel = endpoint
-                        .connect()
-                        .await
-                        .map_err(|source| SdkError::Connect {
-                            uri: uri.clone(),
-                            source,
-                        })?;
-                    cached.insert(CoordinatorClient::new(channel)).clone()
-                }
-            }
-        };
-        let mut outcomes: HashMap<String, Option<pb::Outcome>> = HashMap::new();
-        let mut resolved = 0;
-        let mut unanswered = 0;
+        let mut r = Resolution::default();
+        // One question per (endpoint, gid): the branches of one gid share its outcome.
+        let mut answers: HashMap<(String, String), Option<pb::OutcomeResponse>> = HashMap::new();
         for b in branches {
-            let outcome = match outcomes.get(&b.gid) {
-                Some(o) => *o,
+            let uri = if b.outcome_endpoint.is_empty() {
+                match &self.inner.coordinator {
+                    Some((uri, _)) => uri.clone(),
+                    None => {
+                        tracing::warn!(gid = %b.gid, branch_id = b.branch_id, "in-doubt branch names no coordinator and none is configured (ParticipantBuilder::coordinator); it waits for its coordinator to resend");
+                        r.unanswered += 1;
+                        continue;
+                    }
+                }
+            } else {
+                b.outcome_endpoint.clone()
+            };
+            let key = (uri.clone(), b.gid.clone());
+            let answer = match answers.get(&key) {
+                Some(a) => a.clone(),
                 None => {
-                    let req = pb::OutcomeRequest { gid: b.gid.clone() };
-                    let o = match client.outcome(req).await {
-                        Ok(r) => Some(r.into_inner().outcome()),
-                        Err(status) => {
-                            tracing::warn!(gid = %b.gid, error = %status, "asking the coordinator for the outcome failed; will retry next round");
-                            None
-                        }
-                    };
-                    outcomes.insert(b.gid.clone(), o);
-                    o
+                    let a = self.ask_outcome(&uri, &b.gid).await;
+                    answers.insert(key, a.clone());
+                    a
                 }
             };
-            let op = match outcome {
-                None => {
-                    unanswered += 1;
+            let Some(answer) = answer else {
+                r.unanswered += 1;
+                continue;
+            };
+            let op = match decide(&b, &answer) {
+                Decision::Apply(op) => op,
+                Decision::Pending => {
+                    r.pending += 1;
                     continue;
                 }
-                Some(pb::Outcome::Committed) => Op::Commit,
-                Some(pb::Outcome::Aborted) => Op::Abort,
-                Some(pb::Outcome::Pending | pb::Outcome::Unspecified) => continue,
+                Decision::WrongLog => {
+                    tracing::error!(
+                        gid = %b.gid,
+                        branch_id = b.branch_id,
+                        stored_log_id = %b.log_id,
+                        answer_log_id = %answer.log_id,
+                        endpoint = %uri,
+                        "in-doubt branch left in doubt: the outcome came from another coordinator \
+                         log than the one that prepared it (asked the wrong coordinator? its log \
+                         wiped or replaced?); not acting on it"
+                    );
+                    r.wrong_log += 1;
+                    continue;
+                }
+                Decision::UnknownWithoutLogId => {
+                    tracing::warn!(
+                        gid = %b.gid,
+                        branch_id = b.branch_id,
+                        endpoint = %uri,
+                        "in-doubt branch prepared without a log id (older coordinator) is unknown \
+                         to the coordinator; presumed abort is not applied without a log \
+                         identity: left in doubt"
+                    );
+                    r.unknown_without_log_id += 1;
+                    continue;
+                }
             };
             let ctx = BranchContext {
                 gid: b.gid.clone(),
@@ -523,21 +558,75 @@ impl Participant {
                 attempt: 0,
                 deadline_unix_ms: 0,
                 handler: b.handler,
+                log_id: b.log_id,
+                outcome_endpoint: b.outcome_endpoint,
             };
             match self.apply(op, ctx, Bytes::from(b.payload)).await {
                 Verdict::Answer { .. } => {
-                    tracing::info!(gid = %b.gid, branch_id = b.branch_id, "in-doubt branch resolved: {op}");
-                    resolved += 1;
+                    tracing::info!(gid = %b.gid, branch_id = b.branch_id, known = answer.known, "in-doubt branch resolved: {op}");
+                    r.resolved += 1;
                 }
                 Verdict::Retry(msg) | Verdict::Violation(msg) => {
                     tracing::warn!(gid = %b.gid, branch_id = b.branch_id, "in-doubt {op} not applied: {msg}");
+                    r.not_applied += 1;
                 }
             }
         }
-        if unanswered == 0 {
+        if r.unanswered == 0 {
             self.inner.first_round_done.store(true, Ordering::Release);
         }
-        Ok(resolved)
+        Ok(r)
+    }
+
+    /// Asks the coordinator at `uri` for the outcome of `gid`; `None` (logged) when it cannot
+    /// be asked or does not answer.
+    async fn ask_outcome(&self, uri: &str, gid: &str) -> Option<pb::OutcomeResponse> {
+        let mut client = {
+            let mut cached = self.inner.coordinator_clients.lock().await;
+            match cached.get(uri) {
+                Some(c) => c.clone(),
+                None => {
+                    let endpoint = match &self.inner.coordinator {
+                        Some((configured, e)) if configured == uri => Ok(e.clone()),
+                        _ => Endpoint::from_shared(uri.to_string()).map(|e| {
+                            e.connect_timeout(COORDINATOR_CALL_TIMEOUT)
+                                .timeout(COORDINATOR_CALL_TIMEOUT)
+                        }),
+                    };
+                    let channel = match endpoint {
+                        Ok(e) => e.connect().await,
+                        Err(e) => {
+                            tracing::error!(gid = %gid, endpoint = %uri, error = %e, "outcome endpoint of an in-doubt branch is not a valid URI; it waits for its coordinator to resend");
+                            return None;
+                        }
+                    };
+                    match channel {
+                        Ok(ch) => cached
+                            .entry(uri.to_string())
+                            .or_insert(CoordinatorClient::new(ch))
+                            .clone(),
+                        Err(source) => {
+                            let e = SdkError::Connect {
+                                uri: uri.to_string(),
+                                source,
+                            };
+                            tracing::warn!(gid = %gid, error = %e, "cannot reach the coordinator to resolve an in-doubt branch; will retry next round");
+                            return None;
+                        }
+                    }
+                }
+            }
+        };
+        let req = pb::OutcomeRequest {
+            gid: gid.to_string(),
+        };
+        match client.outcome(req).await {
+            Ok(r) => Some(r.into_inner()),
+            Err(status) => {
+                tracing::warn!(gid = %gid, endpoint = %uri, error = %status, "asking the coordinator for the outcome failed; will retry next round");
+                None
+            }
+        }
     }
 
     /// Runs one operation through the barrier on a blocking thread, then makes the answer
@@ -570,19 +659,27 @@ impl Participant {
 
     async fn handle(&self, op: Op, req: Request<pb::BranchRequest>) -> Result<Verdict, Status> {
         let req = req.into_inner();
-        check_gid(&req.gid)?;
+        check_request(&req)?;
         let ctx = BranchContext {
             gid: req.gid,
             branch_id: req.branch_id,
             attempt: req.attempt,
             deadline_unix_ms: req.deadline_unix_ms,
             handler: req.handler,
+            log_id: req.log_id,
+            outcome_endpoint: req.outcome_endpoint,
         };
         Ok(self.apply(op, ctx, req.payload).await)
     }
 }
 
-fn check_gid(gid: &str) -> Result<(), Status> {
+/// Checks only what the participant's own storage needs: the gid becomes part of every
+/// barrier key (non-empty, no NUL: NUL ends the gid in a key, at most [`GID_BYTES_MAX`]
+/// bytes), and the handler, log id and outcome endpoint are stored in rows (at most
+/// [`FIELD_BYTES_MAX`] bytes each). Every other limit (the gid's alphabet, its usual length)
+/// is the coordinator's to enforce, with its own configuration.
+fn check_request(req: &pb::BranchRequest) -> Result<(), Status> {
+    let gid = &req.gid;
     if gid.is_empty() {
         return Err(Status::invalid_argument(
             "gid is empty: BranchRequest.gid is required",
@@ -590,49 +687,116 @@ fn check_gid(gid: &str) -> Result<(), Status> {
     }
     if gid.len() > GID_BYTES_MAX || gid.contains('\0') {
         return Err(Status::invalid_argument(format!(
-            "gid is invalid: BranchRequest.gid must be at most {GID_BYTES_MAX} bytes with no NUL"
+            "gid is invalid: BranchRequest.gid must be at most {GID_BYTES_MAX} bytes with no NUL \
+             (this participant's key layout); it is {} bytes",
+            gid.len()
         )));
     }
+    for (name, value) in [
+        ("handler", &req.handler),
+        ("log_id", &req.log_id),
+        ("outcome_endpoint", &req.outcome_endpoint),
+    ] {
+        if value.len() > FIELD_BYTES_MAX {
+            return Err(Status::invalid_argument(format!(
+                "BranchRequest.{name} is {} bytes; this participant stores at most \
+                 {FIELD_BYTES_MAX}",
+                value.len()
+            )));
+        }
+    }
     Ok(())
+}
+
+/// What one round of [`Participant::resolve_in_doubt`] did, branch by branch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Resolution {
+    /// Branches committed or aborted on their coordinator's answer.
+    pub resolved: usize,
+    /// Branches whose coordinator answered PENDING.
+    pub pending: usize,
+    /// Branches left in doubt because the answer came from another log than the one that
+    /// prepared them (each logged at ERROR).
+    pub wrong_log: usize,
+    /// Branches prepared without a log id (older coordinator) that the coordinator does not
+    /// know: never aborted by presumption, left in doubt.
+    pub unknown_without_log_id: usize,
+    /// Branches whose coordinator could not be asked (none named or configured, unreachable,
+    /// call failed); asked again next round.
+    pub unanswered: usize,
+    /// Branches whose outcome is known but could not be applied (storage error, handler
+    /// missing or refusing; logged); applied again once they are old enough to be asked
+    /// again.
+    pub not_applied: usize,
+}
+
+/// What to do with an in-doubt branch given its coordinator's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    Apply(Op),
+    Pending,
+    WrongLog,
+    UnknownWithoutLogId,
+}
+
+/// The log-identity rule of presumed abort (DESIGN.md section 4), pure.
+fn decide(branch: &InDoubt, answer: &pb::OutcomeResponse) -> Decision {
+    if branch.log_id.is_empty() {
+        // No identity to compare with: only what the coordinator actually knows counts.
+        if !answer.known {
+            return Decision::UnknownWithoutLogId;
+        }
+    } else if answer.log_id != branch.log_id {
+        return Decision::WrongLog;
+    }
+    match answer.outcome() {
+        pb::Outcome::Committed => Decision::Apply(Op::Commit),
+        pb::Outcome::Aborted => Decision::Apply(Op::Abort),
+        pb::Outcome::Pending | pb::Outcome::Unspecified => Decision::Pending,
+    }
 }
 
 impl Inner {
     /// The barrier step for one operation, synchronous (runs on a blocking thread).
     fn run(&self, op: Op, ctx: &BranchContext, payload: &[u8]) -> Verdict {
         let b = &self.barrier;
-        match (op, self.handlers.get(&ctx.handler)) {
-            (Op::Prepare, Some(Registered::TwoPhase(h))) => b.forward(
+        let h = self.handlers.get(&ctx.handler);
+        // An unknown name, or a handler of the other kind, is `None`: the rules decide
+        // whether that matters (a forward op is refused; a phase-two op only needs the
+        // handler if business code has to run).
+        match (op, h) {
+            (Op::Prepare, Some(Registered::TwoPhase(h))) => b.deliver(
                 op,
                 ctx,
                 payload,
                 Some(&|tx: &TransactionalTree| h.prepare(ctx, tx, payload)),
             ),
-            (Op::Commit, Some(Registered::TwoPhase(h))) => b.finish(
+            (Op::Commit, Some(Registered::TwoPhase(h))) => b.deliver(
                 op,
                 ctx,
+                payload,
                 Some(&|tx: &TransactionalTree| h.commit(ctx, tx, payload)),
             ),
-            (Op::Abort, Some(Registered::TwoPhase(h))) => b.finish(
+            (Op::Abort, Some(Registered::TwoPhase(h))) => b.deliver(
                 op,
                 ctx,
+                payload,
                 Some(&|tx: &TransactionalTree| h.abort(ctx, tx, payload)),
             ),
-            (Op::Execute, Some(Registered::Saga(h))) => b.forward(
+            (Op::Execute, Some(Registered::Saga(h))) => b.deliver(
                 op,
                 ctx,
                 payload,
                 Some(&|tx: &TransactionalTree| h.execute(ctx, tx, payload)),
             ),
-            (Op::Compensate, Some(Registered::Saga(h))) => b.finish(
+            (Op::Compensate, Some(Registered::Saga(h))) => b.deliver(
                 op,
                 ctx,
+                payload,
                 Some(&|tx: &TransactionalTree| h.compensate(ctx, tx, payload)),
             ),
-            // Unknown name, or a handler of the other kind: the barrier decides whether that
-            // matters (a forward op is refused; a phase-two op only needs the handler if
-            // business code has to run).
-            (Op::Prepare | Op::Execute, _) => b.forward(op, ctx, payload, None::<Business<'_>>),
-            (Op::Commit | Op::Abort | Op::Compensate, _) => b.finish(op, ctx, None::<Business<'_>>),
+            _ => b.deliver(op, ctx, payload, None::<Business<'_>>),
         }
     }
 }
@@ -731,5 +895,56 @@ impl ParticipantService for Participant {
         Ok(Response::new(phase_two(
             self.handle(Op::Compensate, req).await?,
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn branch(log_id: &str) -> InDoubt {
+        InDoubt {
+            gid: "g".into(),
+            branch_id: 0,
+            handler: "h".into(),
+            payload: Vec::new(),
+            log_id: log_id.into(),
+            outcome_endpoint: String::new(),
+        }
+    }
+
+    fn answer(outcome: pb::Outcome, known: bool, log_id: &str) -> pb::OutcomeResponse {
+        pb::OutcomeResponse {
+            outcome: outcome as i32,
+            known,
+            log_id: log_id.into(),
+        }
+    }
+
+    /// The log-identity rule of presumed abort, one row per case.
+    #[test]
+    fn decide_acts_only_on_the_log_that_drove_the_branch() {
+        use pb::Outcome::{Aborted, Committed, Pending};
+        use Decision::{Apply, UnknownWithoutLogId, WrongLog};
+        let cases = [
+            ("L", Committed, true, "L", Apply(Op::Commit)),
+            ("L", Aborted, true, "L", Apply(Op::Abort)),
+            ("L", Aborted, false, "L", Apply(Op::Abort)),
+            ("L", Pending, true, "L", Decision::Pending),
+            ("L", Aborted, false, "M", WrongLog),
+            ("L", Committed, true, "M", WrongLog),
+            ("L", Committed, true, "", WrongLog),
+            ("", Committed, true, "M", Apply(Op::Commit)),
+            ("", Aborted, true, "M", Apply(Op::Abort)),
+            ("", Aborted, false, "M", UnknownWithoutLogId),
+            ("", Aborted, false, "", UnknownWithoutLogId),
+        ];
+        for (stored, outcome, known, answered, want) in cases {
+            assert_eq!(
+                decide(&branch(stored), &answer(outcome, known, answered)),
+                want,
+                "stored {stored:?}, answer {outcome:?} known={known} from {answered:?}"
+            );
+        }
     }
 }

@@ -229,13 +229,16 @@ async fn participant_over_grpc() {
         .into_inner();
     assert_eq!(r.result(), pb::PhaseTwoResult::Retry);
     c.prepare(req("t5", "debit", b"1")).await.unwrap();
+    // A commit naming another handler is not the body that was prepared (the fingerprint
+    // covers the handler): a violation, never run. (A handler missing at commit time is in
+    // the barrier's table.)
     let r = c
         .commit(req("t5", "renamed", b"1"))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(r.result(), pb::PhaseTwoResult::Retry);
-    assert!(r.message.contains("unknown handler"), "{r:?}");
+    assert!(r.message.contains("different body"), "{r:?}");
 
     // Empty gid.
     let err = c.prepare(req("", "debit", b"1")).await.unwrap_err();
@@ -249,12 +252,34 @@ async fn participant_over_grpc() {
 /// A coordinator that answers `Outcome` from a table (unknown gids: PENDING, so the test
 /// notices a wrong question), counts the questions, and records `Begin` requests, answering
 /// them with `begin_answer`.
+///
+/// Answers name the fake's `log_id`; table answers are `known = true`. With
+/// `presume_unknown`, a gid not in the table is answered ABORTED with `known = false`, as a
+/// real coordinator does (presumed abort), for example after its log was wiped.
 #[derive(Default, Clone)]
 struct FakeCoordinator {
     outcomes: Arc<Mutex<HashMap<String, pb::Outcome>>>,
     asked: Arc<Mutex<Vec<String>>>,
     begun: Arc<Mutex<Vec<pb::BeginRequest>>>,
     begin_answer: Arc<Mutex<Option<Result<pb::Outcome, Status>>>>,
+    log_id: String,
+    presume_unknown: bool,
+}
+
+impl FakeCoordinator {
+    fn with_log(log_id: &str, presume_unknown: bool) -> FakeCoordinator {
+        FakeCoordinator {
+            log_id: log_id.to_string(),
+            presume_unknown,
+            ..Default::default()
+        }
+    }
+
+    fn asked(&self) -> Vec<String> {
+        let mut a = self.asked.lock().unwrap().clone();
+        a.sort();
+        a
+    }
 }
 
 #[tonic::async_trait]
@@ -300,16 +325,15 @@ impl Coordinator for FakeCoordinator {
     ) -> Result<Response<pb::OutcomeResponse>, Status> {
         let gid = r.into_inner().gid;
         self.asked.lock().unwrap().push(gid.clone());
-        let o = self
-            .outcomes
-            .lock()
-            .unwrap()
-            .get(&gid)
-            .copied()
-            .unwrap_or(pb::Outcome::Pending);
+        let (o, known) = match self.outcomes.lock().unwrap().get(&gid).copied() {
+            Some(o) => (o, true),
+            None if self.presume_unknown => (pb::Outcome::Aborted, false),
+            None => (pb::Outcome::Pending, false),
+        };
         Ok(Response::new(pb::OutcomeResponse {
             outcome: o as i32,
-            ..Default::default()
+            known,
+            log_id: self.log_id.clone(),
         }))
     }
     async fn retry(
@@ -363,7 +387,7 @@ async fn resolve_in_doubt_applies_the_coordinators_outcome() {
         .unwrap();
 
     // First round: every prepared, unfinished branch is in doubt, whatever its age.
-    assert_eq!(p.resolve_in_doubt().await.unwrap(), 2);
+    assert_eq!(p.resolve_in_doubt().await.unwrap().resolved, 2);
     let mut asked = fake.asked.lock().unwrap().clone();
     asked.sort();
     assert_eq!(asked, vec!["a", "c", "pending"]);
@@ -379,7 +403,7 @@ async fn resolve_in_doubt_applies_the_coordinators_outcome() {
 
     // Later rounds only ask about branches older than in_doubt_after (30 s): none here.
     fake.asked.lock().unwrap().clear();
-    assert_eq!(p.resolve_in_doubt().await.unwrap(), 0);
+    assert_eq!(p.resolve_in_doubt().await.unwrap().resolved, 0);
     assert!(fake.asked.lock().unwrap().is_empty());
 }
 
@@ -406,26 +430,38 @@ async fn serve_runs_the_in_doubt_resolver() {
     server.await.unwrap().unwrap();
 }
 
+/// A coordinator that cannot be asked (none named, none configured, nothing listening)
+/// leaves the branch in doubt, counted as unanswered; the round does not fail.
 #[tokio::test]
 async fn resolve_in_doubt_without_coordinator_or_unreachable() {
-    let n = node(None);
-    assert!(matches!(
-        n.participant.resolve_in_doubt().await,
-        Err(SdkError::Config(_))
-    ));
     let (_, addr) = listener().await; // bound then dropped: nothing listens there
     let uri = format!("http://{addr}");
     // Nothing in doubt: no need to connect.
     let n = node(Some(uri.clone()));
-    assert_eq!(n.participant.resolve_in_doubt().await.unwrap(), 0);
-    // Something in doubt (first round: whatever its age): the connection failure is reported.
+    assert_eq!(
+        n.participant.resolve_in_doubt().await.unwrap().unanswered,
+        0
+    );
+    // Something in doubt (first round: whatever its age), coordinator unreachable.
     let n = node(Some(uri));
     n.participant
         .prepare(Request::new(req("x", "debit", b"1")))
         .await
         .unwrap();
-    let err = n.participant.resolve_in_doubt().await.unwrap_err();
-    assert!(matches!(err, SdkError::Connect { .. }), "{err:?}");
+    let r = n.participant.resolve_in_doubt().await.unwrap();
+    assert_eq!((r.resolved, r.unanswered), (0, 1), "{r:?}");
+    // No coordinator configured and none named by the branch.
+    let n = node(None);
+    prepared(&n.participant, req("y", "debit", b"1")).await;
+    let r = n.participant.resolve_in_doubt().await.unwrap();
+    assert_eq!((r.resolved, r.unanswered), (0, 1), "{r:?}");
+    // No coordinator configured, but the branch names one: asked there.
+    let c = FakeCoordinator::with_log("log-1", true);
+    let (curi, _stop) = serve_fake(c.clone()).await;
+    prepared(&n.participant, req_from("z", b"1", "log-1", &curi)).await;
+    let r = n.participant.resolve_in_doubt().await.unwrap();
+    assert_eq!((r.resolved, r.unanswered), (1, 1), "{r:?}");
+    assert!(n.has("abort", "z") && !n.has("abort", "y"));
 }
 
 #[tokio::test]
@@ -547,4 +583,253 @@ async fn client_connect_errors() {
     let (_, addr) = listener().await;
     let err = Client::connect(format!("http://{addr}")).await.unwrap_err();
     assert!(matches!(err, SdkError::Connect { .. }), "{err:?}");
+}
+
+/// A branch request as a coordinator with log `log_id` sends it, naming `endpoint` as the
+/// place to ask for its outcome.
+fn req_from(gid: &str, payload: &[u8], log_id: &str, endpoint: &str) -> pb::BranchRequest {
+    pb::BranchRequest {
+        log_id: log_id.to_string(),
+        outcome_endpoint: endpoint.to_string(),
+        ..req(gid, "debit", payload)
+    }
+}
+
+async fn prepared(p: &Participant, r: pb::BranchRequest) {
+    let a = p.prepare(Request::new(r)).await.unwrap().into_inner();
+    assert_eq!(a.result(), pb::PrepareResult::Prepared, "{a:?}");
+}
+
+/// Issue 8: a participant shared by two coordinators asks each branch's own coordinator, and
+/// acts only on an answer from the log that drove the branch.
+#[tokio::test]
+async fn resolver_asks_the_log_that_drove_the_branch() {
+    let a = FakeCoordinator::with_log("log-a", true);
+    let b = FakeCoordinator::with_log("log-b", true);
+    b.outcomes
+        .lock()
+        .unwrap()
+        .insert("from-b".to_string(), pb::Outcome::Committed);
+    let (uri_a, _stop_a) = serve_fake(a.clone()).await;
+    let (uri_b, _stop_b) = serve_fake(b.clone()).await;
+    // The configured coordinator is A; B's branch names B.
+    let n = node(Some(uri_a.clone()));
+    let p = &n.participant;
+    prepared(p, req_from("from-b", b"5", "log-b", &uri_b)).await;
+    // A branch of A's log that A no longer knows: presumed abort is valid from A.
+    prepared(p, req_from("from-a", b"6", "log-a", "")).await;
+
+    p.resolve_in_doubt().await.unwrap();
+    assert_eq!(b.asked(), vec!["from-b"], "B's branch is asked of B");
+    assert_eq!(
+        a.asked(),
+        vec!["from-a"],
+        "A's branch (no endpoint) is asked of A"
+    );
+    assert!(n.has("commit", "from-b") && !n.has("abort", "from-b"));
+    assert!(n.has("abort", "from-a") && !n.has("commit", "from-a"));
+}
+
+/// Issue 8: a coordinator whose log was wiped (new log id, every gid unknown) must not make
+/// a participant abort a branch it prepared for the old log: presumed abort is valid only
+/// from the log that drove the branch.
+#[tokio::test]
+async fn wiped_coordinator_does_not_make_the_participant_abort() {
+    let wiped = FakeCoordinator::with_log("log-new", true);
+    let (uri, _stop) = serve_fake(wiped.clone()).await;
+    let n = node(Some(uri.clone()));
+    let p = &n.participant;
+    prepared(p, req_from("old", b"5", "log-old", &uri)).await;
+    let r = p.resolve_in_doubt().await.unwrap();
+    assert_eq!((r.resolved, r.wrong_log), (0, 1), "{r:?}");
+    assert_eq!(wiped.asked(), vec!["old"]);
+    assert!(!n.has("abort", "old") && !n.has("commit", "old"));
+    // Still prepared, still open: the next round past in_doubt_after asks again.
+    assert_eq!(n.rows("old"), vec![(Op::Prepare, Answer::Prepared)]);
+}
+
+/// Issue 8: a branch prepared for an old coordinator (no log id) is resolved only by an
+/// answer the coordinator knows, never by presumption.
+#[tokio::test]
+async fn branch_without_log_id_is_never_aborted_by_presumption() {
+    let c = FakeCoordinator::with_log("log-1", true);
+    c.outcomes
+        .lock()
+        .unwrap()
+        .insert("known".to_string(), pb::Outcome::Aborted);
+    let (uri, _stop) = serve_fake(c.clone()).await;
+    let n = node(Some(uri));
+    let p = &n.participant;
+    prepared(p, req_from("unknown", b"5", "", "")).await;
+    prepared(p, req_from("known", b"5", "", "")).await;
+    let r = p.resolve_in_doubt().await.unwrap();
+    assert_eq!((r.resolved, r.unknown_without_log_id), (1, 1), "{r:?}");
+    assert_eq!(c.asked(), vec!["known", "unknown"]);
+    assert!(!n.has("abort", "unknown") && !n.has("commit", "unknown"));
+    assert!(n.has("abort", "known"));
+}
+
+/// Issue 8: a gid delivered again with another body (a reused gid) is refused, never
+/// answered from the first delivery's row, and its business code never runs.
+#[tokio::test]
+async fn reused_gid_with_another_body_is_refused() {
+    let n = node(None);
+    let p = &n.participant;
+    prepared(p, req("g", "debit", b"10")).await;
+    let r = p
+        .prepare(Request::new(req("g", "debit", b"20")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PrepareResult::Refused, "{r:?}");
+    assert!(r.message.contains("different body"), "{r:?}");
+    // Same body again: the first answer.
+    prepared(p, req("g", "debit", b"10")).await;
+    // Commit of the other body: this branch never prepared it.
+    let r = p
+        .commit(Request::new(req("g", "debit", b"20")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PhaseTwoResult::Retry, "{r:?}");
+    assert!(!n.has("commit", "g"));
+    // Abort of the other body: nothing of it was applied here; the prepared branch stays.
+    let r = p
+        .abort(Request::new(req("g", "debit", b"20")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PhaseTwoResult::Done, "{r:?}");
+    assert!(!n.has("abort", "g"));
+    assert_eq!(n.rows("g"), vec![(Op::Prepare, Answer::Prepared)]);
+    // The right commit still works.
+    let r = p
+        .commit(Request::new(req("g", "debit", b"10")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PhaseTwoResult::Done, "{r:?}");
+    assert_eq!(
+        n.tree.get("commit/g/0").unwrap().as_deref(),
+        Some(&b"10"[..])
+    );
+
+    // Saga: the same for execute.
+    let ok = p
+        .execute(Request::new(req("s", "book", b"a")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.result(), pb::ExecuteResult::Succeeded);
+    let r = p
+        .execute(Request::new(req("s", "book", b"b")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::ExecuteResult::Failed, "{r:?}");
+    assert!(r.message.contains("different body"), "{r:?}");
+    assert_eq!(
+        n.tree.get("execute/s/0").unwrap().as_deref(),
+        Some(&b"a"[..])
+    );
+}
+
+/// Issue 8: a 1 MiB prepare payload is kept for replay without any stored value near sled's
+/// blob threshold (~128 KiB), and the resolver replays the commit with the whole payload.
+#[tokio::test]
+async fn one_mib_payload_keeps_every_stored_value_small() {
+    let c = FakeCoordinator::with_log("log-1", true);
+    c.outcomes
+        .lock()
+        .unwrap()
+        .insert("big".to_string(), pb::Outcome::Committed);
+    let (uri, _stop) = serve_fake(c).await;
+    let n = node(Some(uri));
+    let payload: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    prepared(&n.participant, req_from("big", &payload, "log-1", "")).await;
+    let largest = |tree: &sled::Tree| {
+        tree.scan_prefix(b"\xfft")
+            .map(|kv| kv.unwrap().1.len())
+            .max()
+            .unwrap_or(0)
+    };
+    assert!(
+        largest(&n.tree) <= 40 * 1024,
+        "a barrier value of {} bytes",
+        largest(&n.tree)
+    );
+    assert_eq!(n.participant.resolve_in_doubt().await.unwrap().resolved, 1);
+    assert_eq!(
+        n.tree.get("commit/big/0").unwrap().as_deref(),
+        Some(&payload[..])
+    );
+    // Nothing of the replay copy is left once the branch is finished.
+    let reserved: usize = n
+        .tree
+        .scan_prefix(b"\xfft")
+        .map(|kv| kv.unwrap().1.len())
+        .sum();
+    assert!(
+        reserved < 4096,
+        "{reserved} bytes left under the reserved prefix"
+    );
+}
+
+/// Issue 8: the participant checks only what its key layout needs; a gid longer than the
+/// coordinator's default limit (a coordinator may be configured higher) is accepted.
+#[tokio::test]
+async fn participant_accepts_long_gids_up_to_its_documented_cap() {
+    let n = node(None);
+    let p = &n.participant;
+    prepared(p, req(&"g".repeat(200), "debit", b"1")).await;
+    let err = p
+        .prepare(Request::new(req(&"g".repeat(1025), "debit", b"1")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = p
+        .prepare(Request::new(req("a\0b", "debit", b"1")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+/// Issue 8: the client leaves gid limits to the coordinator, and ALREADY_EXISTS is not
+/// "nothing was applied": the gid names an existing transaction to look up.
+#[tokio::test]
+async fn client_gid_already_exists_and_limits() {
+    let fake = FakeCoordinator::default();
+    let (uri, _stop) = serve_fake(fake.clone()).await;
+    let client = Client::connect(uri).await.unwrap();
+    let long = "x".repeat(300);
+    client.saga().gid(long.clone()).submit().await.unwrap();
+    assert_eq!(fake.begun.lock().unwrap()[0].gid, long);
+
+    *fake.begin_answer.lock().unwrap() = Some(Err(Status::already_exists(
+        "gid t1 exists with another definition",
+    )));
+    let err = client.saga().gid("t1").submit().await.unwrap_err();
+    assert!(
+        matches!(&err, SdkError::GidExists { gid, message } if gid == "t1" && message.contains("another definition")),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(!text.contains("nothing was applied"), "{text}");
+    assert!(
+        text.contains("t1") && text.contains("Client::get"),
+        "{text}"
+    );
+
+    *fake.begin_answer.lock().unwrap() = Some(Err(Status::invalid_argument("gid too long")));
+    let err = client.saga().gid(long).submit().await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            SdkError::Rejected {
+                code: Code::InvalidArgument,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }

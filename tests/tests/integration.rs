@@ -107,7 +107,7 @@ async fn two_phase_commit_moves_money_between_instances() {
     assert_eq!(again, Outcome::Committed);
     assert_eq!(bank.balances().await, (70, 0, 80, 0), "no second effect");
     match bank.two_phase(31).gid(gid).submit().await {
-        Err(SdkError::Rejected { code, .. }) => assert_eq!(code, tonic::Code::AlreadyExists),
+        Err(SdkError::GidExists { gid: g, .. }) => assert_eq!(g, gid),
         other => panic!("want ALREADY_EXISTS, got {other:?}"),
     }
 }

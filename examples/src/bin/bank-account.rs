@@ -64,9 +64,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         .add_service(inst.bank_service())
         .serve_with_incoming_shutdown(incoming, shutdown())
         .await;
-    if let Some(r) = resolver {
-        r.abort();
-    }
+    resolver.abort();
     result.map_err(|e| format!("server failed: {e}"))?;
     inst.db
         .flush()

@@ -192,6 +192,8 @@ pub async fn submit(
             Err(SdkError::Rejected { code, message }) => {
                 break Submitted::Rejected(format!("{code:?}: {message}"))
             }
+            // The same gid with another definition: never resubmit, it will not change.
+            Err(e @ SdkError::GidExists { .. }) => break Submitted::Rejected(e.to_string()),
             // OutcomeUnknown (or a failure to even reach the coordinator): resubmit the same
             // definition with the same gid; Begin is idempotent.
             Err(_) => {

@@ -30,8 +30,8 @@ pub mod participants;
 
 use crate::config::Config;
 use crate::engine::{
-    BranchDef, Command, Event, Mode, Mutations, NewTx, Op, Outcome, Phase, RetryPolicy, Tx,
-    TxRecord,
+    answer_outcome, decide_begin, BeginDecision, BranchDef, Command, Event, Known, Mode, Mutations,
+    NewTx, Op, Outcome, Phase, RetryPolicy, Tx, TxRecord,
 };
 use crate::log::{ListFilter, LogError, LogStore};
 use futures::{FutureExt, StreamExt};
@@ -98,11 +98,7 @@ impl Snapshot {
     /// a record in the log has completed (see the module invariants), so its phase can be
     /// told.
     pub fn from_log(record: TxRecord) -> Snapshot {
-        let outcome = match record.phase {
-            Phase::Committed | Phase::Committing => Outcome::Committed,
-            Phase::Aborted | Phase::Aborting => Outcome::Aborted,
-            Phase::Active | Phase::Compensating => Outcome::Pending,
-        };
+        let (outcome, _) = answer_outcome(Known::Record(&record));
         Snapshot { record, outcome }
     }
 
@@ -623,20 +619,13 @@ impl Runtime {
         let (rec, tomb) = self
             .read_log(move |log| Ok((log.get(&g)?, log.get_tombstone(&g)?)))
             .await?;
-        Ok(match (rec, tomb) {
-            (Some(rec), _) => OutcomeAnswer {
-                outcome: Snapshot::from_log(rec).outcome,
-                known: true,
-            },
-            (None, Some(t)) => OutcomeAnswer {
-                outcome: t.outcome,
-                known: true,
-            },
-            (None, None) => OutcomeAnswer {
-                outcome: Outcome::Aborted,
-                known: false,
-            },
-        })
+        let known = match (&rec, &tomb) {
+            (Some(rec), _) => Known::Record(rec),
+            (None, Some(t)) => Known::Tombstone(t),
+            (None, None) => Known::Nothing,
+        };
+        let (outcome, known) = answer_outcome(known);
+        Ok(OutcomeAnswer { outcome, known })
     }
 
     /// Send every waiting call of `gid` now. `None` when the gid is not live.
@@ -1004,56 +993,52 @@ impl Shard {
     ) {
         let def: Vec<BranchDef> = tx.record().branches.iter().map(|b| b.def.clone()).collect();
         let mode = tx.record().mode;
+        let conflict = |gid: String| Err(BeginError::AlreadyExists(gid));
         if let Some(e) = self.txs.get_mut(&gid) {
             rt.live_bytes.fetch_sub(bytes, Ordering::AcqRel);
-            if !e.tx.record().same_definition(mode, &def) {
-                let _ = reply.send(Err(BeginError::AlreadyExists(gid)));
-            } else if e.tx.begun_durable() {
-                let _ = reply.send(Ok(Started::Existing));
-            } else {
-                // Told only once `Begun` is durable, like the first `Begin`.
-                e.begun.push((reply, Started::Existing));
+            match decide_begin(Known::Record(e.tx.record()), mode, &def) {
+                BeginDecision::Existing if !e.tx.begun_durable() => {
+                    // Told only once `Begun` is durable, like the first `Begin`.
+                    e.begun.push((reply, Started::Existing));
+                }
+                BeginDecision::Existing => {
+                    let _ = reply.send(Ok(Started::Existing));
+                }
+                _ => {
+                    let _ = reply.send(conflict(gid));
+                }
             }
             return;
         }
         // A finished transaction is found in the log (its terminal record is readable before
-        // it leaves the shard), or as a tombstone once retention collected it. A point read:
+        // it leaves the shard), or as a tombstone once retention collected it. Point reads:
         // cheap enough for the shard task.
-        let found = rt.log.get(&gid).and_then(|rec| match rec {
-            Some(rec) => Ok(Some(if rec.same_definition(mode, &def) {
-                Ok(Started::Existing)
-            } else {
-                Err(BeginError::AlreadyExists(gid.clone()))
-            })),
-            None => Ok(rt.log.get_tombstone(&gid)?.map(|t| {
-                if t.fingerprint == crate::engine::fingerprint(mode, &def) {
-                    Ok(Started::Finished(t.outcome))
-                } else {
-                    Err(BeginError::AlreadyExists(gid.clone()))
-                }
-            })),
+        let decision = rt.log.get(&gid).and_then(|rec| match rec {
+            Some(rec) => Ok(decide_begin(Known::Record(&rec), mode, &def)),
+            None => Ok(match rt.log.get_tombstone(&gid)? {
+                Some(t) => decide_begin(Known::Tombstone(&t), mode, &def),
+                None => decide_begin(Known::Nothing, mode, &def),
+            }),
         });
-        match found {
-            Ok(None) if refuse_new.is_some() => {
-                let why = refuse_new.unwrap_or_default();
-                let _ = reply.send(Err(BeginError::Overloaded(why)));
-            }
-            Ok(None) => {
-                self.insert(rt, &gid, tx, bytes);
-                if let Some(e) = self.txs.get_mut(&gid) {
-                    e.begun.push((reply, Started::New));
+        let answer = match decision {
+            Ok(BeginDecision::Start) => match refuse_new {
+                Some(why) => Err(BeginError::Overloaded(why)),
+                None => {
+                    self.insert(rt, &gid, tx, bytes);
+                    if let Some(e) = self.txs.get_mut(&gid) {
+                        e.begun.push((reply, Started::New));
+                    }
+                    self.feed(rt, &gid, Event::Start);
+                    return;
                 }
-                self.feed(rt, &gid, Event::Start);
-            }
-            Ok(Some(answer)) => {
-                rt.live_bytes.fetch_sub(bytes, Ordering::AcqRel);
-                let _ = reply.send(answer);
-            }
-            Err(e) => {
-                rt.live_bytes.fetch_sub(bytes, Ordering::AcqRel);
-                let _ = reply.send(Err(e.into()));
-            }
-        }
+            },
+            Ok(BeginDecision::Existing) => Ok(Started::Existing),
+            Ok(BeginDecision::Finished(o)) => Ok(Started::Finished(o)),
+            Ok(BeginDecision::Conflict) => conflict(gid),
+            Err(e) => Err(e.into()),
+        };
+        rt.live_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        let _ = reply.send(answer);
     }
 
     fn insert(&mut self, rt: &Inner, gid: &str, tx: Tx, bytes: usize) {

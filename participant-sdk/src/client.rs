@@ -78,6 +78,7 @@ impl Client {
     /// nothing answers there. Later calls reconnect on their own.
     pub async fn connect(uri: impl Into<String>) -> Result<Client, SdkError> {
         let uri = uri.into();
+        crate::refuse_tls_uri(&uri)?;
         let endpoint = Endpoint::from_shared(uri.clone())
             .map_err(|e| SdkError::Config(format!("coordinator URI {uri:?} is invalid: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT);

@@ -110,3 +110,18 @@ pub use participant::{
     decode_json, refuse, saga_fn, two_phase_fn, BranchContext, HandlerResult, Participant,
     ParticipantBuilder, Refusal, Resolution, SagaHandler, TwoPhaseHandler,
 };
+
+/// This build has no TLS: tonic would dial an `https://` URI in plaintext and every call
+/// would fail with an obscure transport error, so it is refused up front with the reason.
+pub(crate) fn refuse_tls_uri(uri: &str) -> Result<(), SdkError> {
+    if uri
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with("https://")
+    {
+        return Err(SdkError::Config(format!(
+            "{uri:?}: https:// is not supported by this build of treaty-sdk (no TLS yet); use http://"
+        )));
+    }
+    Ok(())
+}

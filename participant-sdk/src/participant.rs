@@ -328,6 +328,7 @@ impl ParticipantBuilder {
         let coordinator = match self.coordinator {
             None => None,
             Some(uri) => {
+                crate::refuse_tls_uri(&uri)?;
                 let endpoint = Endpoint::from_shared(uri.clone())
                     .map_err(|e| {
                         SdkError::Config(format!("coordinator URI {uri:?} is invalid: {e}"))

@@ -583,6 +583,17 @@ async fn client_connect_errors() {
     let (_, addr) = listener().await;
     let err = Client::connect(format!("http://{addr}")).await.unwrap_err();
     assert!(matches!(err, SdkError::Connect { .. }), "{err:?}");
+    // No TLS in this build: an https URI is refused with the reason, not dialled in clear
+    // (which fails every call with an obscure transport error).
+    let (l, addr) = listener().await;
+    let err = Client::connect(format!("https://{addr}"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, SdkError::Config(m) if m.contains("https")),
+        "{err:?}"
+    );
+    drop(l);
 }
 
 /// A branch request as a coordinator with log `log_id` sends it, naming `endpoint` as the

@@ -543,3 +543,87 @@ async fn settings_come_from_flags_then_environment_then_file() {
     let e = c.begin(req("abcdefghi", 1)).await.unwrap_err();
     assert!(e.message().starts_with("gid: at most 8"), "{}", e.message());
 }
+
+/// Issue 8, failure 1, with the real daemon and disk: the fdatasync of the commit decision
+/// fails (failpoint `treaty::sync::fsync_eio`, armed to let the sync before recovery and the
+/// `Begun` round pass). treatyd must stop at once (fail-stop) without telling anyone an
+/// outcome; after a restart the transaction ends one way, on both participants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_stops_treatyd_before_any_outcome_is_told() {
+    let mut bank = bank_cluster(&[]).await;
+    // Round 1: the sync before recovery; round 2: `Begun`; round 3: the decision fails.
+    bank.treatyd
+        .restart_with(&[("FAILPOINTS", "treaty::sync::fsync_eio=2*off->return")])
+        .unwrap();
+    let client = Client::connect(bank.treatyd.uri()).await.unwrap();
+    let gid = "fsync-eio-at-decision";
+    let result = client
+        .two_phase()
+        .gid(gid)
+        .branch(bank.a.uri(), "debit", payload("alice", 40))
+        .branch(bank.b.uri(), "credit", payload("bob", 40))
+        .submit_and_wait(WAIT)
+        .await;
+    assert!(
+        !matches!(result, Ok(Outcome::Committed) | Ok(Outcome::Aborted)),
+        "an outcome was told although the decision's fsync failed: {result:?}"
+    );
+    let status = wait_until("treatyd to fail-stop", Duration::from_secs(10), || {
+        let exited = bank.treatyd.proc.exited();
+        async move { exited }
+    })
+    .await;
+    assert!(
+        !status.success(),
+        "fail-stop exits with an error: {status:?}"
+    );
+    // Both branches prepared (the failure hit the decision, not an earlier write).
+    assert_eq!(bank.balances().await, (60, 40, 50, 0));
+    bank.treatyd.restart().unwrap();
+    let client = Client::connect(bank.treatyd.uri()).await.unwrap();
+    let bank = Bank { client, ..bank };
+    // Whatever the disk kept decides, and both participants follow it.
+    match bank.terminal(gid).await {
+        pb::TxState::Committed => assert_eq!(bank.balances().await, (60, 0, 90, 0)),
+        pb::TxState::Aborted => assert_eq!(bank.balances().await, (100, 0, 50, 0)),
+        other => panic!("not terminal: {other:?}"),
+    }
+}
+
+/// Issue 8, failure 5: a shard that panics must take the daemon down (fail-stop), not leave
+/// it serving with one shard silently gone (before: health stayed SERVING and every gid of
+/// that shard froze).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_shard_stops_treatyd() {
+    let mut bank = bank_cluster(&[]).await;
+    bank.treatyd
+        .restart_with(&[("FAILPOINTS", "treaty::shard_panic=1*off->panic")])
+        .unwrap();
+    let client = Client::connect(bank.treatyd.uri()).await.unwrap();
+    for i in 0..3 {
+        // The first message is served; the next one panics its shard.
+        let _ = client
+            .saga()
+            .gid(format!("shard-panic-{i}"))
+            .step(
+                bank.a.uri(),
+                "saga-debit",
+                payload("alice", 1),
+                payload("alice", 1),
+            )
+            .submit()
+            .await;
+        if bank.treatyd.proc.exited().is_some() {
+            break;
+        }
+    }
+    let status = wait_until("treatyd to exit", Duration::from_secs(10), || {
+        let exited = bank.treatyd.proc.exited();
+        async move { exited }
+    })
+    .await;
+    assert!(
+        !status.success(),
+        "a dead shard stops the process: {status:?}"
+    );
+}

@@ -158,6 +158,20 @@ impl Config {
         if l.max_gid_bytes == 0 || l.max_handler_bytes == 0 {
             return Err("limits must be greater than zero".into());
         }
+        // Participants (treaty-sdk) refuse longer ones: a gid or handler the coordinator
+        // accepted but no participant can take would leave a transaction retrying forever.
+        if l.max_gid_bytes > treaty_sdk::barrier::GID_BYTES_MAX {
+            return Err(format!(
+                "max-gid-bytes must be at most {} (what treaty-sdk participants accept)",
+                treaty_sdk::barrier::GID_BYTES_MAX
+            ));
+        }
+        if l.max_handler_bytes > treaty_sdk::barrier::FIELD_BYTES_MAX {
+            return Err(format!(
+                "max-handler-bytes must be at most {} (what treaty-sdk participants accept)",
+                treaty_sdk::barrier::FIELD_BYTES_MAX
+            ));
+        }
         Ok(())
     }
 }

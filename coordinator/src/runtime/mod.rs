@@ -717,10 +717,14 @@ impl Runtime {
     }
 
     /// Replace finished transactions older than the retention period by tombstones, and
-    /// delete tombstones older than their horizon, in bounded batches. Blocking: run it on a
-    /// blocking thread.
+    /// delete tombstones older than their horizon, in bounded batches; drop participant
+    /// channels idle for [`participants::POOL_IDLE_MAX`]. Blocking: run it on a blocking
+    /// thread.
     pub fn collect_garbage(&self) -> Result<(usize, usize), LogError> {
         self.inner.fatal.check()?;
+        self.inner
+            .pool
+            .evict_idle(std::time::Instant::now(), participants::POOL_IDLE_MAX);
         let now = now_ms();
         let cutoff = now.saturating_sub(self.inner.config.retention.as_millis() as u64);
         let tomb_cutoff =

@@ -4,17 +4,26 @@
 use crate::engine::{Op, Reply};
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 use treaty_proto::v1::{
     participant_client::ParticipantClient, BranchRequest, ExecuteResult, PhaseTwoResult,
     PrepareResult,
 };
 
+/// Channels the pool keeps at most; past it the least recently used one is dropped (a later
+/// call to its endpoint connects again).
+pub const POOL_CHANNELS_MAX: usize = 4_096;
+
+/// A channel unused for this long is dropped by [`Pool::evict_idle`]: endpoints come and go
+/// (participants are redeployed under new addresses) and each channel holds a connection.
+pub const POOL_IDLE_MAX: Duration = Duration::from_secs(600);
+
 /// One lazily connected HTTP/2 channel per participant endpoint, shared by every
-/// transaction (calls are multiplexed as streams).
+/// transaction (calls are multiplexed as streams). Bounded: see [`POOL_CHANNELS_MAX`] and
+/// [`POOL_IDLE_MAX`].
 pub struct Pool {
-    clients: Mutex<HashMap<String, ParticipantClient<Channel>>>,
+    clients: Mutex<HashMap<String, (ParticipantClient<Channel>, Instant)>>,
     call_timeout: Duration,
 }
 
@@ -26,12 +35,41 @@ impl Pool {
         }
     }
 
+    /// Channels held now.
+    pub fn len(&self) -> usize {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no channel is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops every channel unused since `now - idle_max`. Returns how many.
+    pub fn evict_idle(&self, now: Instant, idle_max: Duration) -> usize {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let before = clients.len();
+        clients.retain(|_, (_, used)| now.saturating_duration_since(*used) < idle_max);
+        before - clients.len()
+    }
+
     /// The client for `endpoint`, created on first use. The endpoint was validated at
     /// `Begin`, but a bad one still yields an error, never a panic.
     pub fn client(&self, endpoint: &str) -> Result<ParticipantClient<Channel>, String> {
+        let now = Instant::now();
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = clients.get(endpoint) {
+        if let Some((c, used)) = clients.get_mut(endpoint) {
+            *used = now;
             return Ok(c.clone());
+        }
+        if clients.len() >= POOL_CHANNELS_MAX {
+            let oldest = clients
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                clients.remove(&k);
+            }
         }
         let ep = Endpoint::from_shared(endpoint.to_string())
             .map_err(|e| format!("bad endpoint {endpoint:?}: {e}"))?
@@ -41,8 +79,33 @@ impl Pool {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
         let client = ParticipantClient::new(ep.connect_lazy());
-        clients.insert(endpoint.to_string(), client.clone());
+        clients.insert(endpoint.to_string(), (client.clone(), now));
         Ok(client)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn channels_are_bounded_and_idle_ones_evicted() {
+        let pool = Pool::new(Duration::from_secs(1));
+        for i in 0..POOL_CHANNELS_MAX + 10 {
+            pool.client(&format!("http://127.0.0.1:{}", 1000 + i))
+                .expect("client");
+        }
+        assert_eq!(pool.len(), POOL_CHANNELS_MAX, "the cap holds");
+        // The most recent endpoints are the ones kept.
+        let newest = format!("http://127.0.0.1:{}", 1000 + POOL_CHANNELS_MAX + 9);
+        assert!(pool.clients.lock().unwrap().contains_key(&newest));
+        assert_eq!(pool.evict_idle(Instant::now(), Duration::from_secs(60)), 0);
+        let later = Instant::now() + Duration::from_secs(61);
+        assert_eq!(
+            pool.evict_idle(later, Duration::from_secs(60)),
+            POOL_CHANNELS_MAX
+        );
+        assert!(pool.is_empty());
     }
 }
 

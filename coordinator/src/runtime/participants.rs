@@ -84,31 +84,6 @@ impl Pool {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn channels_are_bounded_and_idle_ones_evicted() {
-        let pool = Pool::new(Duration::from_secs(1));
-        for i in 0..POOL_CHANNELS_MAX + 10 {
-            pool.client(&format!("http://127.0.0.1:{}", 1000 + i))
-                .expect("client");
-        }
-        assert_eq!(pool.len(), POOL_CHANNELS_MAX, "the cap holds");
-        // The most recent endpoints are the ones kept.
-        let newest = format!("http://127.0.0.1:{}", 1000 + POOL_CHANNELS_MAX + 9);
-        assert!(pool.clients.lock().unwrap().contains_key(&newest));
-        assert_eq!(pool.evict_idle(Instant::now(), Duration::from_secs(60)), 0);
-        let later = Instant::now() + Duration::from_secs(61);
-        assert_eq!(
-            pool.evict_idle(later, Duration::from_secs(60)),
-            POOL_CHANNELS_MAX
-        );
-        assert!(pool.is_empty());
-    }
-}
-
 /// Make one call with `client` (as [`Pool::client`] returned it) and classify the result.
 /// Never fails: anything that is not a definite answer is [`Reply::Transient`].
 pub async fn call(
@@ -170,5 +145,30 @@ pub async fn call(
             }
             Err(_) => Reply::Transient(format!("no answer within {call_timeout:?}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn channels_are_bounded_and_idle_ones_evicted() {
+        let pool = Pool::new(Duration::from_secs(1));
+        for i in 0..POOL_CHANNELS_MAX + 10 {
+            pool.client(&format!("http://127.0.0.1:{}", 1000 + i))
+                .expect("client");
+        }
+        assert_eq!(pool.len(), POOL_CHANNELS_MAX, "the cap holds");
+        // The most recent endpoints are the ones kept.
+        let newest = format!("http://127.0.0.1:{}", 1000 + POOL_CHANNELS_MAX + 9);
+        assert!(pool.clients.lock().unwrap().contains_key(&newest));
+        assert_eq!(pool.evict_idle(Instant::now(), Duration::from_secs(60)), 0);
+        let later = Instant::now() + Duration::from_secs(61);
+        assert_eq!(
+            pool.evict_idle(later, Duration::from_secs(60)),
+            POOL_CHANNELS_MAX
+        );
+        assert!(pool.is_empty());
     }
 }

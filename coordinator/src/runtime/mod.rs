@@ -1183,23 +1183,30 @@ impl Shard {
                 let _ = reply.send(Ok(started));
             }
         }
-        let Some(snap) = Snapshot::of(&e.tx) else {
+        if !e.tx.begun_durable() {
             return;
-        };
-        let durable = !e.tx.forced_pending();
-        let durable_seq = e.tx.durable_seq();
-        let (done, waiting): (Vec<_>, Vec<_>) = e
-            .resolved
-            .drain(..)
-            .partition(|(seq, _)| *seq <= durable_seq);
-        e.resolved = waiting;
-        for (_, reply) in done {
-            let _ = reply.send(Ok(snap.clone()));
         }
-        let stuck = snap.record.stuck;
-        if stuck && !e.was_stuck {
-            let b = snap
-                .record
+        let durable = !e.tx.forced_pending();
+        // A snapshot clones the record: made only for someone who reads it.
+        let durable_seq = e.tx.durable_seq();
+        if e.resolved.iter().any(|(seq, _)| *seq <= durable_seq) || e.watch.is_some() {
+            if let Some(snap) = Snapshot::of(&e.tx) {
+                let (done, waiting): (Vec<_>, Vec<_>) = e
+                    .resolved
+                    .drain(..)
+                    .partition(|(seq, _)| *seq <= durable_seq);
+                e.resolved = waiting;
+                for (_, reply) in done {
+                    let _ = reply.send(Ok(snap.clone()));
+                }
+                if let Some(w) = &e.watch {
+                    w.send_replace(snap);
+                }
+            }
+        }
+        let rec = e.tx.record();
+        if rec.stuck && !e.was_stuck {
+            let b = rec
                 .branches
                 .iter()
                 .enumerate()
@@ -1212,10 +1219,7 @@ impl Shard {
                 "transaction is stuck: a phase-two call keeps failing; still retrying (Retry retries now, Resolve resolves a branch by hand)"
             );
         }
-        e.was_stuck = stuck;
-        if let Some(w) = &e.watch {
-            w.send_replace(snap);
-        }
+        e.was_stuck = rec.stuck;
         if e.finishing && durable {
             if let Some(e) = self.remove(rt, gid) {
                 let outcome = e.tx.decided();

@@ -47,10 +47,13 @@ use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use treaty_coordinator::engine::{
-    BranchDef, Command, Event, Mode, Mutations, NewTx, Op, Outcome, Phase, Reply, RetryPolicy, Tx,
+    answer_outcome, decide_begin, BeginDecision, BranchDef, Command, Event, Known, Mode,
+    Mutations, NewTx, Op, Outcome, Phase, Reply, RetryPolicy, Tx,
 };
 use treaty_coordinator::log::memory::MemoryLog;
 use treaty_coordinator::log::LogStore;
+use treaty_sdk::barrier::rules::{self, Business, Delivery, InDoubt, Recorded, Rule};
+use treaty_sdk::{Answer, Op as SdkOp};
 
 /// Seeds run by default (CI).
 const CI_SEEDS: u64 = 2_000;
@@ -67,6 +70,22 @@ const PARTICIPANTS: usize = 4;
 const COORD_CRASHES_MAX: u32 = 5;
 /// Trace lines printed with a failure (the replay prints all).
 const TRACE_TAIL: usize = 80;
+/// A prepared branch not finished after this long asks its coordinator (the SDK's
+/// `in_doubt_after`).
+const IN_DOUBT_AFTER_MS: u64 = 1_000;
+/// Period of each participant's resolver rounds.
+const RESOLVE_PERIOD_MS: u64 = 700;
+/// Resolvers, resubmissions and retention stop this long after the faults, so that a branch
+/// left in doubt for good (its log wiped) does not keep the world busy forever.
+const LATE_HORIZON_MS: u64 = 30_000;
+/// Retention: finished records older than this (wall clock) become tombstones.
+const RETENTION_MS: u64 = 2_000;
+/// The runtime arms one timer for at most a day and re-arms it until the wall clock reaches
+/// the deadline (`runtime::TIMER_DELAY_MAX`).
+const TIMER_DELAY_MAX_MS: u64 = 24 * 3_600_000;
+/// A wall-clock jump is at most this (either way); some jump by days.
+const WALL_JUMP_MAX_MS: i64 = 20_000;
+const WALL_JUMP_FAR_MS: i64 = 3 * 24 * 3_600_000;
 
 // ---------------------------------------------------------------------------------------------
 // The workload and the fault profile of one seed.
@@ -77,7 +96,8 @@ struct TxDef {
     /// The participant serving each branch.
     parts: Vec<usize>,
     submit_ms: u64,
-    deadline_ms: u64,
+    /// Deadline, relative to the wall clock at submission (some are days away).
+    deadline_in_ms: u64,
     retry: RetryPolicy,
 }
 
@@ -98,6 +118,18 @@ struct Faults {
     part_crashes: u32,
     part_crash_after_apply: f64,
     retry_now: u32,
+    /// Chance a coordinator restart comes back with a wiped log (a fresh log id).
+    wipe: f64,
+    /// Chance a resolver asks another coordinator (another log) than the one it stored.
+    ask_wrong: f64,
+    /// Client `Begin` resubmissions per transaction, at most.
+    resubmits_max: u32,
+    /// Chance a resubmission carries another definition under the same gid.
+    resubmit_other: f64,
+    /// Retention passes.
+    retention_runs: u32,
+    /// Wall-clock jumps.
+    wall_jumps: u32,
 }
 
 impl Faults {
@@ -118,6 +150,12 @@ impl Faults {
             part_crashes: if calm { 0 } else { rng.gen_range(0..=4) },
             part_crash_after_apply: p(rng, 0.03),
             retry_now: rng.gen_range(0..=2),
+            wipe: if calm || rng.gen_bool(0.7) { 0.0 } else { rng.gen_range(0.0..0.5) },
+            ask_wrong: if rng.gen_bool(0.5) { 0.0 } else { rng.gen_range(0.0..0.4) },
+            resubmits_max: rng.gen_range(0..=3),
+            resubmit_other: rng.gen_range(0.0..0.3),
+            retention_runs: rng.gen_range(0..=4),
+            wall_jumps: if calm { 0 } else { rng.gen_range(0..=3) },
         }
     }
 }
@@ -128,6 +166,8 @@ impl Faults {
 #[derive(Clone, Debug)]
 struct Request {
     epoch: u64,
+    /// The coordinator's log id, carried by every delivery.
+    log_id: String,
     call: u64,
     tx: usize,
     branch: u32,
@@ -143,10 +183,39 @@ struct Response {
 
 #[derive(Clone, Debug)]
 enum SimEv {
-    /// A client submits transaction `tx` (`Begin`).
+    /// A client submits transaction `tx` (`Begin`); `other` sends another definition under
+    /// the same gid (a client bug, or gid reuse), `again` marks a resubmission.
     Submit {
         tx: usize,
+        again: bool,
+        other: bool,
     },
+    /// The runtime's deadline timer of `tx`, due at `due` on the wall clock.
+    Deadline {
+        epoch: u64,
+        tx: usize,
+        due: u64,
+    },
+    /// A resolver round at participant `p`.
+    ResolveRound {
+        p: usize,
+    },
+    /// An `Outcome(gid)` inquiry arrives at a coordinator (`wrong`: another one).
+    OutcomeAsk {
+        p: usize,
+        tx: usize,
+        wrong: bool,
+    },
+    /// The answer arrives back at participant `p`.
+    OutcomeAnswer {
+        p: usize,
+        tx: usize,
+        outcome: Outcome,
+        known: bool,
+        log_id: String,
+    },
+    Retention,
+    WallJump,
     /// The fsync covering the forced write `seq` of `tx` completed.
     FsyncDone {
         epoch: u64,
@@ -234,6 +303,8 @@ enum What {
         parts: Vec<usize>,
         deadline_in_ms: u64,
     },
+    /// Free text for the rarer events (resubmissions, inquiries, wipes, jumps, retention).
+    Note(String),
     SubmitLater {
         tx: usize,
     },
@@ -347,6 +418,7 @@ impl fmt::Display for Line {
                 "submit {} {mode:?}, branches on participants {parts:?}, deadline in {deadline_in_ms} ms",
                 gid(*tx)
             ),
+            What::Note(s) => f.write_str(s),
             What::SubmitLater { tx } => {
                 write!(f, "submit {}: coordinator down, retry later", gid(*tx))
             }
@@ -465,28 +537,56 @@ impl fmt::Display for Line {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Participants: the SDK barrier, one row per (gid, branch, operation), durable.
+// Participants: the SDK's barrier rules (`treaty_sdk::barrier::rules`) over rows kept in
+// memory. The rows survive participant crashes, as the sled rows do.
 
-const OPS: [Op; 5] = [
-    Op::Prepare,
-    Op::Commit,
-    Op::Abort,
-    Op::Execute,
-    Op::Compensate,
-];
-
-fn op_idx(op: Op) -> usize {
-    OPS.iter()
-        .position(|&o| o == op)
-        .expect("every op is listed")
+fn sdk_op(op: Op) -> SdkOp {
+    match op {
+        Op::Prepare => SdkOp::Prepare,
+        Op::Commit => SdkOp::Commit,
+        Op::Abort => SdkOp::Abort,
+        Op::Execute => SdkOp::Execute,
+        Op::Compensate => SdkOp::Compensate,
+    }
 }
 
-type Rows = [Option<Reply>; 5];
+fn op_idx(op: Op) -> usize {
+    match op {
+        Op::Prepare => 0,
+        Op::Commit => 1,
+        Op::Abort => 2,
+        Op::Execute => 3,
+        Op::Compensate => 4,
+    }
+}
+
+/// The rows of one `(gid, branch)`, in the order written.
+type Rows = Vec<Recorded>;
 
 struct Participant {
     up: bool,
-    /// (tx, branch) -> the first answer to each operation. Survives crashes.
+    /// (tx, branch) -> rows. Survives crashes.
     barrier: BTreeMap<(usize, u32), Rows>,
+    /// The index of open prepared branches: (tx, branch) -> when it opened (sim time).
+    open: BTreeMap<(usize, u32), u64>,
+}
+
+/// The SDK's resolver rule (`participant.rs`, `decide`, private there): act on an answer only
+/// when it comes from the log that prepared the branch; without a stored log id, only on a
+/// known outcome. `None`: stay in doubt (pending, or the wrong log).
+fn resolver_decides(stored: &str, outcome: Outcome, known: bool, answered: &str) -> Option<Op> {
+    if stored.is_empty() {
+        if !known {
+            return None;
+        }
+    } else if answered != stored {
+        return None;
+    }
+    match outcome {
+        Outcome::Committed => Some(Op::Commit),
+        Outcome::Aborted => Some(Op::Abort),
+        Outcome::Pending => None,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -551,10 +651,28 @@ impl Stats {
 // ---------------------------------------------------------------------------------------------
 // The world.
 
+/// Deliberate bugs in the harness's own stand-ins for the runtime and the SDK (not the
+/// engine's: see [`Mutations`]), to show that the checks on them bite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HarnessBug {
+    /// The resolver applies any answer, from whatever log (presumed abort from a log that
+    /// never drove the branch).
+    ResolverTrustsAnyLog,
+    /// `Begin` looks at live and logged records but not at tombstones.
+    BeginIgnoresTombstones,
+    /// `Begin` ignores the definition: another definition under a known gid is answered as
+    /// the existing one.
+    BeginIgnoresDefinition,
+    /// The deadline timer trusts the wall clock it was armed with: when it fires it delivers
+    /// `DeadlinePassed` even if the wall clock (set back meanwhile) has not reached it.
+    DeadlineNotRearmed,
+}
+
 /// What a run tests: the engine as built, or with a deliberate bug.
 #[derive(Clone, Copy, Debug, Default)]
 struct Setup {
     mutations: Mutations,
+    bug: Option<HarnessBug>,
     /// Leave out the direct check that no `Commit` is issued before the decision is durable,
     /// to show that the participants' effects alone expose such a bug.
     trust_commit_timing: bool,
@@ -578,6 +696,19 @@ struct Sim {
 
     // Coordinator.
     log: MemoryLog,
+    /// Bumped by each wipe of the log.
+    gen: u32,
+    /// What each wiped log held durably when it was wiped: log id -> gid -> outcome
+    /// (`Committed` only for a durable `Committing`/`Committed` record or tombstone).
+    wiped: HashMap<String, BTreeMap<String, Outcome>>,
+    /// The wiped log ids, oldest first.
+    wiped_order: Vec<String>,
+    /// Another coordinator, with its own log, that never hears of any gid.
+    other: MemoryLog,
+    /// The simulated wall clock is `now + wall_offset`: jumps move it, not the queue.
+    wall_offset: i64,
+    /// The definition variant each tx was last started with (`true`: the other one).
+    variant: BTreeMap<usize, bool>,
     /// The log's durable phases, read from it; dropped whenever they may change (a flush or
     /// a crash: unforced puts never change them).
     durable_phases: Option<BTreeMap<String, Phase>>,
@@ -596,10 +727,10 @@ struct Sim {
     // What the harness observes.
     /// Business closures run, per (tx, branch, op index).
     effects: BTreeMap<(usize, u32), [u32; 5]>,
-    /// (tx, branch) for which a `Prepare`/`Execute` was ever sent.
-    forward_sent: BTreeSet<(usize, u32)>,
-    /// The first outcome told for each tx; it must never change.
-    decided: BTreeMap<usize, Outcome>,
+    /// (log generation, tx, branch) for which a `Prepare`/`Execute` was ever sent.
+    forward_sent: BTreeSet<(u32, usize, u32)>,
+    /// The first outcome told for each (log generation, tx); it must never change.
+    decided: BTreeMap<(u32, usize), Outcome>,
     stats: Stats,
     trace: Vec<Line>,
 }
@@ -620,12 +751,18 @@ impl Sim {
                 };
                 let n = rng.gen_range(1..=5);
                 let submit_ms = T0 + rng.gen_range(0..FAULT_WINDOW_MS * 3 / 4);
+                let deadline_in_ms = if rng.gen_bool(0.05) {
+                    // Past the runtime's longest timer: reached by re-arming.
+                    rng.gen_range(TIMER_DELAY_MAX_MS..3 * TIMER_DELAY_MAX_MS)
+                } else {
+                    rng.gen_range(50..=3_000)
+                };
                 TxDef {
                     gid: gid(i),
                     mode,
                     parts: (0..n).map(|_| rng.gen_range(0..PARTICIPANTS)).collect(),
                     submit_ms,
-                    deadline_ms: submit_ms + rng.gen_range(50..=3_000),
+                    deadline_in_ms,
                     retry: RetryPolicy {
                         initial_backoff_ms: rng.gen_range(5..=100),
                         max_backoff_ms: 800,
@@ -644,6 +781,12 @@ impl Sim {
             setup,
             defs,
             log: MemoryLog::new(),
+            gen: 0,
+            wiped: HashMap::new(),
+            wiped_order: Vec::new(),
+            other: MemoryLog::new(),
+            wall_offset: 0,
+            variant: BTreeMap::new(),
             durable_phases: None,
             up: true,
             epoch: 0,
@@ -655,6 +798,7 @@ impl Sim {
                 .map(|_| Participant {
                     up: true,
                     barrier: BTreeMap::new(),
+                    open: BTreeMap::new(),
                 })
                 .collect(),
             effects: BTreeMap::new(),
@@ -663,8 +807,36 @@ impl Sim {
             stats: Stats::default(),
             trace: Vec::new(),
         };
+        let late = T0 + FAULT_WINDOW_MS + LATE_HORIZON_MS;
         for tx in 0..sim.defs.len() {
-            sim.at(sim.defs[tx].submit_ms, SimEv::Submit { tx });
+            let first = SimEv::Submit {
+                tx,
+                again: false,
+                other: false,
+            };
+            sim.at(sim.defs[tx].submit_ms, first);
+            for _ in 0..sim.rng.gen_range(0..=sim.faults.resubmits_max) {
+                let t = sim.rng.gen_range(sim.defs[tx].submit_ms..late);
+                let other = sim.rng.gen_bool(sim.faults.resubmit_other);
+                let again = SimEv::Submit {
+                    tx,
+                    again: true,
+                    other,
+                };
+                sim.at(t, again);
+            }
+        }
+        for p in 0..PARTICIPANTS {
+            let t = T0 + sim.rng.gen_range(0..RESOLVE_PERIOD_MS);
+            sim.at(t, SimEv::ResolveRound { p });
+        }
+        for _ in 0..sim.faults.retention_runs {
+            let t = T0 + sim.rng.gen_range(0..late - T0);
+            sim.at(t, SimEv::Retention);
+        }
+        for _ in 0..sim.faults.wall_jumps {
+            let t = T0 + sim.rng.gen_range(0..FAULT_WINDOW_MS);
+            sim.at(t, SimEv::WallJump);
         }
         for _ in 0..sim.faults.coord_crashes {
             let t = T0 + sim.rng.gen_range(0..FAULT_WINDOW_MS);
@@ -717,6 +889,10 @@ impl Sim {
     fn run(&mut self) -> Check {
         while let Some(item) = self.queue.pop() {
             if item.at > T0 + FAULT_WINDOW_MS + SETTLE_LIMIT_MS {
+                if self.up && self.txs.is_empty() {
+                    // Only far deadline timers of finished transactions are left: no-ops.
+                    continue;
+                }
                 let live: Vec<String> = self.txs.keys().map(|&t| gid(t)).collect();
                 return Err(self.violation(
                     "every transaction ends once faults stop",
@@ -732,7 +908,38 @@ impl Sim {
 
     fn step(&mut self, ev: SimEv) -> Check {
         match ev {
-            SimEv::Submit { tx } => self.submit(tx),
+            SimEv::Submit { tx, again, other } => self.submit(tx, again, other),
+            SimEv::Deadline { epoch, tx, due } => self.deadline_timer(epoch, tx, due),
+            SimEv::ResolveRound { p } => self.resolve_round(p),
+            SimEv::OutcomeAsk { p, tx, wrong } => {
+                self.answer_inquiry(p, tx, wrong);
+                Ok(())
+            }
+            SimEv::OutcomeAnswer {
+                p,
+                tx,
+                outcome,
+                known,
+                log_id,
+            } => self.apply_answer(p, tx, outcome, known, &log_id),
+            SimEv::Retention => {
+                self.retention();
+                Ok(())
+            }
+            SimEv::WallJump => {
+                let jump = if self.rng.gen_bool(0.2) {
+                    WALL_JUMP_FAR_MS
+                } else {
+                    self.rng.gen_range(1..=WALL_JUMP_MAX_MS)
+                };
+                let jump = if self.rng.gen_bool(0.5) { -jump } else { jump };
+                self.wall_offset += jump;
+                self.note(
+                    Actor::Net,
+                    What::Note(format!("wall clock jumps {jump:+} ms")),
+                );
+                Ok(())
+            }
             SimEv::FsyncDone { epoch, tx, seq } => {
                 if epoch != self.epoch {
                     return Ok(());
@@ -804,42 +1011,131 @@ impl Sim {
 
     // -- client --------------------------------------------------------------------------------
 
-    fn submit(&mut self, tx: usize) -> Check {
-        if !self.up {
-            // The client cannot reach the coordinator; it tries again.
-            self.note(Actor::Client, What::SubmitLater { tx });
-            self.after(100, SimEv::Submit { tx });
-            return Ok(());
-        }
+    /// The wall clock the engine and the log see (the queue's time plus the jumps).
+    fn wall(&self) -> u64 {
+        (self.now as i64 + self.wall_offset).max(0) as u64
+    }
+
+    fn branches(&self, tx: usize, other: bool) -> Vec<BranchDef> {
         let d = &self.defs[tx];
-        let what = What::Submit {
-            tx,
-            mode: d.mode,
-            parts: d.parts.clone(),
-            deadline_in_ms: d.deadline_ms.saturating_sub(self.now),
-        };
-        self.note(Actor::Client, what);
-        let d = &self.defs[tx];
-        let branches = d
-            .parts
+        d.parts
             .iter()
             .enumerate()
             .map(|(b, p)| BranchDef {
                 endpoint: format!("http://p{p}.sim:7000"),
                 handler: "h".into(),
-                payload: Bytes::from(format!("{}:{b}", d.gid)),
+                payload: Bytes::from(format!("{}:{b}{}", d.gid, if other { ":v2" } else { "" })),
                 compensation_payload: Bytes::from_static(b"undo"),
             })
-            .collect();
+            .collect()
+    }
+
+    /// A client's `Begin`, answered as the runtime does: through `decide_begin` over the live
+    /// transaction, else the log's record, else its tombstone.
+    fn submit(&mut self, tx: usize, again: bool, other: bool) -> Check {
+        if !self.up {
+            if !again {
+                // The client cannot reach the coordinator; it tries again.
+                self.note(Actor::Client, What::SubmitLater { tx });
+                let ev = SimEv::Submit { tx, again, other };
+                self.after(100, ev);
+            }
+            return Ok(());
+        }
+        let g = gid(tx);
+        let mode = self.defs[tx].mode;
+        let branches = self.branches(tx, other);
+        let bug = self.setup.bug;
+        let rec = self.log.get(&g).expect("the memory log decodes its records");
+        let tomb = self.log.get_tombstone(&g).expect("tombstones read");
+        let decision = if let Some(slot) = self.txs.get(&tx) {
+            decide_begin(Known::Record(slot.tx.record()), mode, &branches)
+        } else if let Some(rec) = &rec {
+            decide_begin(Known::Record(rec), mode, &branches)
+        } else if let (Some(t), false) = (&tomb, bug == Some(HarnessBug::BeginIgnoresTombstones)) {
+            decide_begin(Known::Tombstone(t), mode, &branches)
+        } else {
+            decide_begin(Known::Nothing, mode, &branches)
+        };
+        let decision = match decision {
+            BeginDecision::Conflict if bug == Some(HarnessBug::BeginIgnoresDefinition) => {
+                match &tomb {
+                    Some(t) if rec.is_none() && !self.txs.contains_key(&tx) => {
+                        BeginDecision::Finished(t.outcome)
+                    }
+                    _ => BeginDecision::Existing,
+                }
+            }
+            d => d,
+        };
+        if again {
+            self.note(
+                Actor::Client,
+                What::Note(format!(
+                    "resubmit {g}{}: {decision:?}",
+                    if other { " with another definition" } else { "" }
+                )),
+            );
+        }
+        // What the gid already names, whatever variant the client sends now.
+        let started_as = self.variant.get(&tx).copied();
+        let same = started_as.is_none_or(|v| v == other);
+        match decision {
+            BeginDecision::Start => {}
+            BeginDecision::Existing | BeginDecision::Finished(_) if !same => {
+                return Err(self.violation(
+                    "another definition under a known gid is ALREADY_EXISTS",
+                    format!("{g}: Begin with another definition answered {decision:?}"),
+                ));
+            }
+            BeginDecision::Existing => return Ok(()),
+            BeginDecision::Finished(outcome) => {
+                let told = self.decided.get(&(self.gen, tx)).copied();
+                let truth = self.truth(&self.log.log_id().to_string(), tx);
+                if told.is_some_and(|t| t != outcome) || truth != outcome {
+                    return Err(self.violation(
+                        "a Begin answered Finished tells the logged outcome",
+                        format!("{g}: answered {outcome:?}, told {told:?}, logged {truth:?}"),
+                    ));
+                }
+                return Ok(());
+            }
+            BeginDecision::Conflict => {
+                if same {
+                    return Err(self.violation(
+                        "the same definition is never ALREADY_EXISTS",
+                        format!("{g}: Begin with its own definition answered Conflict"),
+                    ));
+                }
+                return Ok(());
+            }
+        }
+        // A gid names one transaction forever: nothing durable, no tombstone, no live one.
+        if self.durable_phase(tx).is_some() || tomb.is_some() || self.txs.contains_key(&tx) {
+            return Err(self.violation(
+                "a gid names one transaction forever",
+                format!("{g}: a second transaction started while the log knows the gid"),
+            ));
+        }
+        self.variant.insert(tx, other);
+        let d = &self.defs[tx];
+        let what = What::Submit {
+            tx,
+            mode: d.mode,
+            parts: d.parts.clone(),
+            deadline_in_ms: d.deadline_in_ms,
+        };
+        self.note(Actor::Client, what);
+        let d = &self.defs[tx];
         let mut t = Tx::new(
             NewTx {
                 gid: d.gid.clone(),
                 mode: d.mode,
                 branches,
-                deadline_unix_ms: d.deadline_ms,
+                deadline_unix_ms: self.wall() + d.deadline_in_ms,
                 retry: d.retry,
             },
-            self.now,
+            self.wall(),
         );
         t.set_mutations(self.setup.mutations);
         self.txs.insert(
@@ -852,6 +1148,82 @@ impl Sim {
         self.deliver(tx, Event::Start)
     }
 
+    /// The runtime's deadline timer: armed for at most a day of monotonic time; when it fires
+    /// before the wall clock reached the deadline (the clock was set back, or the deadline is
+    /// days away), armed again.
+    fn arm_deadline(&mut self, epoch: u64, tx: usize, due: u64) {
+        let delay = due.saturating_sub(self.wall()).min(TIMER_DELAY_MAX_MS);
+        self.after(delay, SimEv::Deadline { epoch, tx, due });
+    }
+
+    fn deadline_timer(&mut self, epoch: u64, tx: usize, due: u64) -> Check {
+        if epoch != self.epoch || !self.txs.contains_key(&tx) {
+            return Ok(());
+        }
+        if self.wall() < due {
+            if self.setup.bug != Some(HarnessBug::DeadlineNotRearmed) {
+                self.arm_deadline(epoch, tx, due);
+                return Ok(());
+            }
+        }
+        let active = self.txs[&tx].tx.record().phase == Phase::Active;
+        if active && self.wall() < due {
+            return Err(self.violation(
+                "a deadline is acted on only once the wall clock reaches it",
+                format!(
+                    "{}: DeadlinePassed at wall {} before the deadline {}",
+                    gid(tx),
+                    self.wall().saturating_sub(T0),
+                    due.saturating_sub(T0)
+                ),
+            ));
+        }
+        self.deliver(tx, Event::DeadlinePassed)
+    }
+
+    /// What a log says about `tx` for good: `Committed` once a `Committing` record (or a
+    /// committed tombstone) is durable, else `Aborted` (what presumed abort makes of it).
+    fn truth(&mut self, log_id: &str, tx: usize) -> Outcome {
+        if log_id != self.log.log_id() {
+            return self
+                .wiped
+                .get(log_id)
+                .and_then(|m| m.get(&gid(tx)).copied())
+                .unwrap_or(Outcome::Aborted);
+        }
+        let committed = matches!(
+            self.durable_phase(tx),
+            Some(Phase::Committing | Phase::Committed)
+        ) || self
+            .log
+            .get_tombstone(&gid(tx))
+            .expect("tombstones read")
+            .is_some_and(|t| t.outcome == Outcome::Committed);
+        if committed {
+            Outcome::Committed
+        } else {
+            Outcome::Aborted
+        }
+    }
+
+    /// Retention as the runtime runs it: finished records older than the horizon become
+    /// tombstones, on the wall clock.
+    fn retention(&mut self) {
+        if !self.up {
+            return;
+        }
+        let now = self.wall();
+        let n = self
+            .log
+            .collect_ended(now.saturating_sub(RETENTION_MS), now, 64)
+            .expect("the memory log collects");
+        self.durable_phases = None;
+        self.note(
+            Actor::Coord,
+            What::Note(format!("retention: {n} finished records become tombstones")),
+        );
+    }
+
     // -- coordinator ---------------------------------------------------------------------------
 
     fn deliver(&mut self, tx: usize, ev: Event) -> Check {
@@ -861,7 +1233,7 @@ impl Sim {
         let Some(slot) = self.txs.get_mut(&tx) else {
             return Ok(()); // finished, or never begun in this incarnation
         };
-        let now = self.now;
+        let now = (self.now as i64 + self.wall_offset).max(0) as u64;
         let commands = slot.tx.handle(now, ev.clone());
         self.note(Actor::Coord, What::Engine { tx, ev });
         self.execute(tx, commands)
@@ -919,6 +1291,7 @@ impl Sim {
                     self.next_call += 1;
                     let req = Request {
                         epoch,
+                        log_id: self.log.log_id().to_string(),
                         call: self.next_call,
                         tx,
                         branch,
@@ -954,8 +1327,7 @@ impl Sim {
                 }
                 Command::SetDeadline { at_unix_ms } => {
                     self.note(Actor::Coord, What::Deadline { tx, at: at_unix_ms });
-                    let ev = Event::DeadlinePassed;
-                    self.at(at_unix_ms, SimEv::Timer { epoch, tx, ev });
+                    self.arm_deadline(epoch, tx, at_unix_ms);
                 }
                 Command::Decided(outcome) => {
                     self.note(Actor::Coord, What::Decided { tx, outcome });
@@ -965,7 +1337,7 @@ impl Sim {
                             format!("{} decided Pending", gid(tx)),
                         ));
                     }
-                    match self.decided.get(&tx) {
+                    match self.decided.get(&(self.gen, tx)) {
                         Some(&first) if first != outcome => {
                             return Err(self.violation(
                                 "an outcome once told never changes",
@@ -973,7 +1345,7 @@ impl Sim {
                             ))
                         }
                         _ => {
-                            self.decided.insert(tx, outcome);
+                            self.decided.insert((self.gen, tx), outcome);
                         }
                     }
                 }
@@ -1013,7 +1385,7 @@ impl Sim {
         }
         match op {
             Op::Prepare | Op::Execute => {
-                self.forward_sent.insert((tx, branch));
+                self.forward_sent.insert((self.gen, tx, branch));
             }
             Op::Commit if !self.setup.trust_commit_timing => {
                 let phase = self.durable_phase(tx);
@@ -1041,7 +1413,7 @@ impl Sim {
                 // A process that saw the whole forward run compensates only steps it sent;
                 // one that recovered from the log may compensate any step that may have run.
                 let recovered = self.txs.get(&tx).is_some_and(|s| s.recovered);
-                if !recovered && !self.forward_sent.contains(&(tx, branch)) {
+                if !recovered && !self.forward_sent.contains(&(self.gen, tx, branch)) {
                     return Err(self.violation(
                         "compensations only for steps that ran or may have run",
                         format!("Compensate {} b{branch}: no Execute was ever sent", gid(tx)),
@@ -1071,6 +1443,41 @@ impl Sim {
     /// Restart as the runtime does: resume every non-terminal record in the log.
     fn restart_coordinator(&mut self) -> Check {
         self.up = true;
+        if self.faults_on && self.rng.gen_bool(self.faults.wipe) {
+            // The disk is lost or replaced: a fresh log, with a new identity. Keep what the old
+            // one knew for good, to judge the branches it drove.
+            let known: BTreeMap<String, Outcome> = self
+                .log
+                .durable_snapshot()
+                .into_iter()
+                .map(|r| {
+                    let committed = matches!(r.phase, Phase::Committing | Phase::Committed);
+                    let o = if committed {
+                        Outcome::Committed
+                    } else {
+                        Outcome::Aborted
+                    };
+                    (r.gid, o)
+                })
+                .chain((0..self.defs.len()).filter_map(|tx| {
+                    let t = self.log.get_tombstone(&gid(tx)).ok()??;
+                    Some((t.gid, t.outcome))
+                }))
+                .collect();
+            let old = std::mem::take(&mut self.log);
+            self.wiped.insert(old.log_id().to_string(), known);
+            self.wiped_order.push(old.log_id().to_string());
+            self.gen += 1;
+            self.durable_phases = None;
+            self.note(
+                Actor::Coord,
+                // Log ids are random UUIDs: the trace names generations, to replay alike.
+                What::Note(format!(
+                    "LOG WIPED: generation {} starts with a fresh log id",
+                    self.gen
+                )),
+            );
+        }
         let records = self
             .log
             .scan_active(None, usize::MAX)
@@ -1212,7 +1619,8 @@ impl Sim {
             // The SDK answers RETRY before the barrier runs (e.g. a lock timeout).
             Reply::Transient("RETRY".into())
         } else {
-            let reply = self.barrier(p, req.tx, req.branch, req.op)?;
+            let payload = self.payload_of(req.tx, req.branch, req.op, &req.log_id);
+            let reply = self.barrier(p, req.tx, req.branch, req.op, &payload, &req.log_id)?;
             if self.faults_on && self.rng.gen_bool(self.faults.part_crash_after_apply) {
                 // Applied and committed locally, then died before answering.
                 self.crash_participant(p);
@@ -1224,111 +1632,156 @@ impl Sim {
         Ok(())
     }
 
+    /// The payload a delivery from log `log_id` carries: the definition that log started
+    /// (a resubmission with another definition may have started another under the gid).
+    fn payload_of(&self, tx: usize, b: u32, op: Op, log_id: &str) -> Bytes {
+        if op == Op::Compensate {
+            return Bytes::from_static(b"undo");
+        }
+        // Deliveries from a wiped log carry that log's definition: the first one, unless the
+        // variant was chosen in that generation. Tracked per generation would be exact; the
+        // variant only matters for a gid started twice, which needs a wipe in between, and
+        // then the rules compare the log id first.
+        let other = log_id == self.log.log_id() && self.variant.get(&tx).copied().unwrap_or(false);
+        let branches = self.branches(tx, other);
+        branches[b as usize].payload.clone()
+    }
+
     fn rows(&self, tx: usize, b: u32) -> Option<&Rows> {
         let p = self.defs[tx].parts[b as usize];
         self.parts[p].barrier.get(&(tx, b))
     }
 
-    fn row(&self, tx: usize, b: u32, op: Op) -> Option<&Reply> {
-        self.rows(tx, b).and_then(|r| r[op_idx(op)].as_ref())
+    /// The row of `op`, if written.
+    fn row(&self, tx: usize, b: u32, op: Op) -> Option<&Recorded> {
+        let op = sdk_op(op);
+        self.rows(tx, b)
+            .and_then(|rows| rows.iter().rev().find(|r| r.op == op))
     }
 
-    /// The SDK barrier (DESIGN.md section 7) in front of a business closure that answers at
-    /// random. Returns the answer; records the business effect for the checks.
-    fn barrier(&mut self, p: usize, tx: usize, b: u32, op: Op) -> Result<Reply, Violation> {
+    fn answered(&self, tx: usize, b: u32, op: Op, answer: Answer) -> bool {
+        self.row(tx, b, op).is_some_and(|r| r.answer == answer)
+    }
+
+    /// One delivery through the SDK's own rules (`rules::plan`, then `settle`), in front of a
+    /// business closure that answers at random. Returns the answer for the coordinator;
+    /// records business effects for the checks.
+    fn barrier(
+        &mut self,
+        p: usize,
+        tx: usize,
+        b: u32,
+        op: Op,
+        payload: &[u8],
+        log_id: &str,
+    ) -> Result<Reply, Violation> {
+        let g = gid(tx);
         let rows = self.parts[p]
             .barrier
             .get(&(tx, b))
             .cloned()
             .unwrap_or_default();
-        if let Some(first) = &rows[op_idx(op)] {
-            let reply = first.clone();
-            self.note(
-                Actor::Part(p),
-                What::Apply {
-                    tx,
-                    branch: b,
-                    op,
-                    reply: reply.clone(),
-                    effect: false,
-                    dup: true,
-                },
-            );
-            return Ok(reply);
-        }
-        let g = gid(tx);
-        let (reply, effect) = match op {
-            Op::Prepare if rows[op_idx(Op::Abort)].is_some() => {
-                (Reply::Refused("aborted before prepare".into()), false)
+        let delivery = Delivery::new(sdk_op(op), "h", payload, log_id, true);
+        let plan = rules::plan(&rows, &delivery);
+        let refusal = match (&plan.business, op) {
+            (Business::Run { .. }, Op::Prepare) if self.rng.gen_bool(self.faults.refuse) => {
+                Some("insufficient funds")
             }
-            Op::Prepare if self.rng.gen_bool(self.faults.refuse) => {
-                (Reply::Refused("insufficient funds".into()), true)
+            (Business::Run { .. }, Op::Execute) if self.rng.gen_bool(self.faults.fail) => {
+                Some("no seats left")
             }
-            Op::Prepare => (Reply::Prepared, true),
-            Op::Commit => {
-                if rows[op_idx(Op::Prepare)] != Some(Reply::Prepared) {
-                    return Err(self.violation(
-                        "Commit only for a prepared branch",
-                        format!("{g} b{b}: Commit while Prepare is {:?}", rows[0]),
-                    ));
-                }
-                if rows[op_idx(Op::Abort)].is_some() {
-                    return Err(self.violation(
-                        "no branch both committed and aborted",
-                        format!("{g} b{b}: Commit after Abort"),
-                    ));
-                }
-                (Reply::Done, true)
-            }
-            Op::Abort => {
-                if rows[op_idx(Op::Commit)].is_some() {
-                    return Err(self.violation(
-                        "no branch both committed and aborted",
-                        format!("{g} b{b}: Abort after Commit"),
-                    ));
-                }
-                // Roll back a prepared branch; otherwise a null abort.
-                let effect = rows[op_idx(Op::Prepare)] == Some(Reply::Prepared);
-                (Reply::Done, effect)
-            }
-            Op::Execute if rows[op_idx(Op::Compensate)].is_some() => {
-                (Reply::Failed("compensated before execute".into()), false)
-            }
-            Op::Execute if self.rng.gen_bool(self.faults.fail) => {
-                (Reply::Failed("no seats left".into()), true)
-            }
-            Op::Execute => (Reply::Succeeded, true),
-            Op::Compensate => {
-                // Reverse order: every later step that may have applied is undone already.
-                let n = self.defs[tx].parts.len() as u32;
-                for later in b + 1..n {
-                    let applied_or_may = self.forward_sent.contains(&(tx, later))
-                        && !matches!(self.row(tx, later, Op::Execute), Some(Reply::Failed(_)));
-                    if applied_or_may && self.row(tx, later, Op::Compensate).is_none() {
-                        return Err(self.violation(
-                            "saga compensations in reverse order",
-                            format!(
-                                "{g}: compensating b{b} while b{later} (Execute sent, answer \
-                                 {:?}) is not compensated",
-                                self.row(tx, later, Op::Execute)
-                            ),
-                        ));
-                    }
-                }
-                let effect = rows[op_idx(Op::Execute)] == Some(Reply::Succeeded);
-                (Reply::Done, effect)
-            }
+            _ => None,
         };
-        let undone = rows[op_idx(Op::Abort)].is_some() || rows[op_idx(Op::Compensate)].is_some();
+        let effect = matches!(plan.business, Business::Run { .. });
+        if effect && op == Op::Compensate {
+            // Reverse order: every later step of this log's run that may have applied is
+            // undone already.
+            let gen = self.gen_of(log_id);
+            let n = self.defs[tx].parts.len() as u32;
+            for later in b + 1..n {
+                let failed = self.answered(tx, later, Op::Execute, Answer::Failed);
+                let applied_or_may = self.forward_sent.contains(&(gen, tx, later)) && !failed;
+                if applied_or_may && self.row(tx, later, Op::Compensate).is_none() {
+                    return Err(self.violation(
+                        "saga compensations in reverse order",
+                        format!(
+                            "{g}: compensating b{b} while b{later} (Execute sent, row {:?}) is \
+                             not compensated",
+                            self.row(tx, later, Op::Execute)
+                        ),
+                    ));
+                }
+            }
+        }
+        let undone = self.row(tx, b, Op::Abort).is_some() || self.row(tx, b, Op::Compensate).is_some();
         if effect && matches!(op, Op::Prepare | Op::Execute) && undone {
             return Err(self.violation(
                 "no step or prepare applied after its compensation or abort",
                 format!("{g} b{b}: {op:?} ran its business code after the undo"),
             ));
         }
-        let mut rows = rows;
-        rows[op_idx(op)] = Some(reply.clone());
-        self.parts[p].barrier.insert((tx, b), rows);
+        let settled = plan.settle(refusal);
+        let dup = plan.rule == Rule::Repeat;
+        let reply = match &settled.reply {
+            rules::Reply::Answer { answer, message } => match answer {
+                Answer::Prepared => Reply::Prepared,
+                Answer::Refused => Reply::Refused(message.clone()),
+                Answer::Succeeded => Reply::Succeeded,
+                Answer::Failed => Reply::Failed(message.clone()),
+                Answer::Done => Reply::Done,
+            },
+            rules::Reply::Retry(m) => Reply::Transient(format!("RETRY: {m}")),
+            rules::Reply::Violation(m) => {
+                let invariant = match plan.rule {
+                    Rule::Contradiction => "no branch both committed and aborted",
+                    _ => "Commit only for a prepared branch",
+                };
+                return Err(self.violation(
+                    invariant,
+                    format!("{g} b{b}: {op:?} from log gen {}: {m}", self.gen_of(log_id)),
+                ));
+            }
+        };
+        // A decision applied here must be the one the log that prepared the branch made.
+        if matches!(op, Op::Commit | Op::Abort) && !settled.writes.is_empty() {
+            let stored = self
+                .row(tx, b, Op::Prepare)
+                .map(|r| r.log_id.clone())
+                .unwrap_or_default();
+            if !stored.is_empty() && self.row(tx, b, Op::Prepare).is_some_and(|r| r.answer == Answer::Prepared) {
+                let truth = self.truth(&stored, tx);
+                let against = match op {
+                    Op::Abort => truth == Outcome::Committed,
+                    _ => truth != Outcome::Committed && !self.setup.trust_commit_timing,
+                };
+                if against {
+                    return Err(self.violation(
+                        "no participant decides a branch against its coordinator",
+                        format!(
+                            "{g} b{b}: {op:?} applied while the log that prepared it (gen {}) \
+                             says {truth:?}",
+                            self.gen_of(&stored)
+                        ),
+                    ));
+                }
+            }
+        }
+        let part = &mut self.parts[p];
+        let entry = part.barrier.entry((tx, b)).or_default();
+        for w in &settled.writes {
+            entry.push(w.recorded(log_id));
+        }
+        match settled.in_doubt {
+            InDoubt::Open => {
+                part.open.insert((tx, b), self.now);
+            }
+            InDoubt::Close => {
+                part.open.remove(&(tx, b));
+            }
+            InDoubt::Unchanged => {}
+        }
+        // Business code that refused was rolled back: only a success is an effect.
+        let effect = effect && refusal.is_none();
         self.note(
             Actor::Part(p),
             What::Apply {
@@ -1337,7 +1790,7 @@ impl Sim {
                 op,
                 reply: reply.clone(),
                 effect,
-                dup: false,
+                dup,
             },
         );
         if effect {
@@ -1357,19 +1810,157 @@ impl Sim {
         Ok(reply)
     }
 
+    /// The log generation a log id belongs to (for traces and per-generation bookkeeping).
+    fn gen_of(&self, log_id: &str) -> u32 {
+        if log_id == self.log.log_id() {
+            return self.gen;
+        }
+        // Wiped logs, in order: generation = how many were wiped before it. Few, so a scan.
+        self.wiped_order
+            .iter()
+            .position(|l| l == log_id)
+            .map_or(u32::MAX, |i| i as u32)
+    }
+
     fn check_atomic_2pc(&self, tx: usize) -> Check {
         let n = self.defs[tx].parts.len() as u32;
         let committed: Vec<u32> = (0..n)
             .filter(|&b| self.row(tx, b, Op::Commit).is_some())
             .collect();
         let aborted: Vec<u32> = (0..n)
-            .filter(|&b| self.row(tx, b, Op::Abort).is_some())
+            .filter(|&b| self.answered(tx, b, Op::Prepare, Answer::Prepared) && self.row(tx, b, Op::Abort).is_some())
             .collect();
         if !committed.is_empty() && !aborted.is_empty() {
             return Err(self.violation(
                 "no 2PC branch committed while another aborted",
                 format!("{}: committed {committed:?}, aborted {aborted:?}", gid(tx)),
             ));
+        }
+        Ok(())
+    }
+
+    // -- in-doubt resolvers (the SDK's `resolve_in_doubt`) -------------------------------------
+
+    /// One round at `p`: every branch prepared here more than `IN_DOUBT_AFTER_MS` ago and still
+    /// open asks `Outcome` of the coordinator its row names (sometimes, misconfigured, of
+    /// another one).
+    fn resolve_round(&mut self, p: usize) -> Check {
+        if self.now > T0 + FAULT_WINDOW_MS + LATE_HORIZON_MS {
+            return Ok(());
+        }
+        self.after(RESOLVE_PERIOD_MS, SimEv::ResolveRound { p });
+        if !self.parts[p].up {
+            return Ok(());
+        }
+        let due: Vec<(usize, u32)> = self.parts[p]
+            .open
+            .iter()
+            .filter(|(_, &at)| at + IN_DOUBT_AFTER_MS <= self.now)
+            .map(|(&k, _)| k)
+            .collect();
+        let mut asked = BTreeSet::new();
+        for (tx, _) in due {
+            // One question per gid per round, as the SDK asks.
+            if !asked.insert(tx) {
+                continue;
+            }
+            let wrong = self.rng.gen_bool(self.faults.ask_wrong);
+            let delay = self.rng.gen_range(1..=self.faults.delay_max_ms);
+            self.after(delay, SimEv::OutcomeAsk { p, tx, wrong });
+        }
+        Ok(())
+    }
+
+    /// The coordinator answers `Outcome` as the runtime does: the live transaction (pending
+    /// until `Begun` is durable, then its visible phase), else the log's record, else its
+    /// tombstone, else presumed abort; always through `answer_outcome`, with its log id.
+    fn answer_inquiry(&mut self, p: usize, tx: usize, wrong: bool) {
+        let (outcome, known, log_id) = if wrong {
+            let (o, k) = answer_outcome(Known::Nothing);
+            (o, k, self.other.log_id().to_string())
+        } else {
+            if !self.up {
+                return; // unanswered: the next round asks again
+            }
+            let g = gid(tx);
+            let (o, k) = if let Some(slot) = self.txs.get(&tx) {
+                if slot.tx.begun_durable() {
+                    let mut rec = slot.tx.record().clone();
+                    rec.phase = slot.tx.visible_phase();
+                    answer_outcome(Known::Record(&rec))
+                } else {
+                    (Outcome::Pending, true)
+                }
+            } else if let Some(rec) = self.log.get(&g).expect("records decode") {
+                answer_outcome(Known::Record(&rec))
+            } else if let Some(t) = self.log.get_tombstone(&g).expect("tombstones read") {
+                answer_outcome(Known::Tombstone(&t))
+            } else {
+                answer_outcome(Known::Nothing)
+            };
+            (o, k, self.log.log_id().to_string())
+        };
+        self.note(
+            Actor::Coord,
+            What::Note(format!(
+                "Outcome({}) asked by p{p}{}: {outcome:?} known={known}",
+                gid(tx),
+                if wrong { " of ANOTHER coordinator" } else { "" }
+            )),
+        );
+        if self.faults_on && self.rng.gen_bool(self.faults.loss) {
+            return;
+        }
+        let delay = self.rng.gen_range(1..=self.faults.delay_max_ms);
+        let ev = SimEv::OutcomeAnswer {
+            p,
+            tx,
+            outcome,
+            known,
+            log_id,
+        };
+        self.after(delay, ev);
+    }
+
+    /// The resolver applies an answer to each of `tx`'s branches still open at `p`: only from
+    /// the log stored with the branch (the SDK's rule), as a replayed commit or abort through
+    /// the barrier.
+    fn apply_answer(
+        &mut self,
+        p: usize,
+        tx: usize,
+        outcome: Outcome,
+        known: bool,
+        answered: &str,
+    ) -> Check {
+        if !self.parts[p].up {
+            return Ok(());
+        }
+        let open: Vec<u32> = self.parts[p]
+            .open
+            .keys()
+            .filter(|k| k.0 == tx)
+            .map(|k| k.1)
+            .collect();
+        for b in open {
+            let stored = self
+                .row(tx, b, Op::Prepare)
+                .map(|r| r.log_id.clone())
+                .unwrap_or_default();
+            let op = if self.setup.bug == Some(HarnessBug::ResolverTrustsAnyLog) {
+                resolver_decides(answered, outcome, known, answered)
+            } else {
+                resolver_decides(&stored, outcome, known, answered)
+            };
+            let Some(op) = op else {
+                continue;
+            };
+            self.note(
+                Actor::Part(p),
+                What::Note(format!("resolver: {} b{b} {op:?} (replayed)", gid(tx))),
+            );
+            let payload = self.payload_of(tx, b, op, &stored);
+            self.barrier(p, tx, b, op, &payload, &stored)?;
         }
         Ok(())
     }
@@ -1397,69 +1988,103 @@ impl Sim {
         let d = &self.defs[tx];
         let n = d.parts.len() as u32;
         let mode = d.mode;
-        let Some(rec) = self
+        let current = self.log.log_id().to_string();
+        // A branch belongs to the log named in its forward row (or, with none, to the current
+        // log). Branches a wiped log drove are judged against what that log knew for good:
+        // never decided against it; they may stay in doubt (loudly, in the SDK) for good.
+        let mut mine = Vec::new();
+        for b in 0..n {
+            let fwd = match mode {
+                Mode::TwoPhase => Op::Prepare,
+                Mode::Saga => Op::Execute,
+            };
+            let owner = self
+                .row(tx, b, fwd)
+                .map(|r| r.log_id.clone())
+                .filter(|l| !l.is_empty())
+                .unwrap_or_else(|| current.clone());
+            if owner == current {
+                mine.push(b);
+                continue;
+            }
+            if mode == Mode::TwoPhase && self.answered(tx, b, Op::Prepare, Answer::Prepared) {
+                let truth = self.truth(&owner, tx);
+                let bad = match truth {
+                    Outcome::Committed => self.row(tx, b, Op::Abort).is_some(),
+                    _ => self.row(tx, b, Op::Commit).is_some(),
+                };
+                if bad {
+                    return Err(self.violation(
+                        "no participant decides a branch against its coordinator",
+                        format!("{g} b{b}: wiped log (gen {}) says {truth:?}, rows {:?}", self.gen_of(&owner), self.rows(tx, b)),
+                    ));
+                }
+            }
+        }
+        let rec = self
             .log
             .get(&g)
-            .expect("the memory log decodes its own records")
-        else {
-            // `Begun` never became durable: the client got no gid, nothing may have run.
-            if let Some(b) = (0..n).find(|&b| self.rows(tx, b).is_some()) {
-                return Err(self.violation(
-                    "nothing runs before Begun is durable",
-                    format!("{g} is not in the log but b{b} saw calls"),
-                ));
+            .expect("the memory log decodes its own records");
+        let tomb = self.log.get_tombstone(&g).expect("tombstones read");
+        let outcome = match (&rec, &tomb) {
+            (Some(rec), _) => {
+                if !rec.phase.is_terminal() {
+                    return Err(self.violation(
+                        "every transaction terminal in the log",
+                        format!("{g} ends in phase {:?}", rec.phase),
+                    ));
+                }
+                rec.outcome()
             }
-            if let Some(o) = self.decided.get(&tx) {
-                return Err(self.violation(
-                    "nothing is decided before Begun is durable",
-                    format!("{g} is not in the log but was decided {o:?}"),
-                ));
+            (None, Some(t)) => t.outcome,
+            (None, None) => {
+                // `Begun` never became durable in this log: nothing of it may have run.
+                if let Some(&b) = mine
+                    .iter()
+                    .find(|&&b| self.rows(tx, b).is_some_and(|r| r.iter().any(|r| r.log_id == current)))
+                {
+                    return Err(self.violation(
+                        "nothing runs before Begun is durable",
+                        format!("{g} is not in the log but b{b} saw calls"),
+                    ));
+                }
+                if let Some(o) = self.decided.get(&(self.gen, tx)) {
+                    return Err(self.violation(
+                        "nothing is decided before Begun is durable",
+                        format!("{g} is not in the log but was decided {o:?}"),
+                    ));
+                }
+                self.stats.never_begun += 1;
+                return Ok(());
             }
-            self.stats.never_begun += 1;
-            return Ok(());
         };
-        if !rec.phase.is_terminal() {
-            return Err(self.violation(
-                "every transaction terminal in the log",
-                format!("{g} ends in phase {:?}", rec.phase),
-            ));
-        }
-        let outcome = rec.outcome();
         // Nothing told is fine: a terminal record made durable by another write's flush just
         // before a crash is not recovered, and `Get` reports it from the log.
-        if let Some(&told) = self.decided.get(&tx).filter(|&&o| o != outcome) {
+        if let Some(&told) = self.decided.get(&(self.gen, tx)).filter(|&&o| o != outcome) {
             return Err(self.violation(
                 "the outcome told is the outcome logged",
                 format!("{g} logged {outcome:?}, told {told:?}"),
             ));
         }
-        let row = |b: u32, op: Op| self.row(tx, b, op).cloned();
         let mut bad = Vec::new();
-        for b in 0..n {
+        for &b in &mine {
+            let has = |op: Op| self.row(tx, b, op).is_some();
             let ok = match (mode, outcome) {
-                (Mode::TwoPhase, Outcome::Committed) => {
-                    row(b, Op::Commit).is_some() && row(b, Op::Abort).is_none()
-                }
+                (Mode::TwoPhase, Outcome::Committed) => has(Op::Commit) && !has(Op::Abort),
                 // Nothing committed, and every prepared branch released.
                 (Mode::TwoPhase, _) => {
-                    row(b, Op::Commit).is_none()
-                        && (row(b, Op::Prepare) != Some(Reply::Prepared)
-                            || row(b, Op::Abort).is_some())
+                    !has(Op::Commit)
+                        && (!self.answered(tx, b, Op::Prepare, Answer::Prepared) || has(Op::Abort))
                 }
                 (Mode::Saga, Outcome::Committed) => {
-                    row(b, Op::Execute) == Some(Reply::Succeeded)
-                        && row(b, Op::Compensate).is_none()
+                    self.answered(tx, b, Op::Execute, Answer::Succeeded) && !has(Op::Compensate)
                 }
                 (Mode::Saga, _) => {
-                    row(b, Op::Execute) != Some(Reply::Succeeded)
-                        || row(b, Op::Compensate).is_some()
+                    !self.answered(tx, b, Op::Execute, Answer::Succeeded) || has(Op::Compensate)
                 }
             };
             if !ok {
-                bad.push(format!(
-                    "b{b}: {:?}",
-                    self.rows(tx, b).cloned().unwrap_or_default()
-                ));
+                bad.push(format!("b{b}: {:?}", self.rows(tx, b)));
             }
         }
         if !bad.is_empty() {
@@ -1473,13 +2098,7 @@ impl Sim {
                 }
                 (Mode::Saga, _) => "saga aborted: every step that ran is compensated",
             };
-            return Err(self.violation(
-                invariant,
-                format!(
-                    "{g}: rows [Prepare, Commit, Abort, Execute, Compensate] {}",
-                    bad.join("; ")
-                ),
-            ));
+            return Err(self.violation(invariant, format!("{g}: rows {}", bad.join("; "))));
         }
         match (mode, outcome) {
             (Mode::TwoPhase, Outcome::Committed) => self.stats.committed_2pc += 1,

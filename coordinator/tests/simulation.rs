@@ -195,6 +195,8 @@ enum SimEv {
         epoch: u64,
         tx: usize,
         due: u64,
+        /// Armed again at least once (the wall clock had not reached `due`).
+        rearmed: bool,
     },
     /// A resolver round at participant `p`.
     ResolveRound {
@@ -627,6 +629,31 @@ struct Stats {
     duplicated: u64,
     timeouts: u64,
     late_replies: u64,
+    /// In-doubt branches the resolver committed / aborted on their own log's answer.
+    resolved_commit: u64,
+    resolved_abort: u64,
+    /// Of those aborts, presumed (`known == false`).
+    resolved_presumed: u64,
+    /// Answers the resolver refused because they came from another log.
+    wrong_log_answers: u64,
+    wipes: u64,
+    /// Branches left in doubt at the end (their log wiped).
+    left_in_doubt: u64,
+    begin_existing: u64,
+    begin_finished: u64,
+    begin_conflict: u64,
+    /// Resubmissions that started the transaction (its first `Begun` was lost).
+    begin_restarted: u64,
+    tombstones: u64,
+    wall_jumps_back: u64,
+    deadline_rearms: u64,
+    /// Deadlines reached, by an active transaction, through a re-armed timer.
+    rearmed_deadlines_reached: u64,
+    /// Rules of the barrier that decided, for the rare ones.
+    rule_null_cancel: u64,
+    rule_cancelled: u64,
+    rule_reused: u64,
+    rule_foreign: u64,
     events: u64,
 }
 
@@ -644,6 +671,24 @@ impl Stats {
         self.duplicated += o.duplicated;
         self.timeouts += o.timeouts;
         self.late_replies += o.late_replies;
+        self.resolved_commit += o.resolved_commit;
+        self.resolved_abort += o.resolved_abort;
+        self.resolved_presumed += o.resolved_presumed;
+        self.wrong_log_answers += o.wrong_log_answers;
+        self.wipes += o.wipes;
+        self.left_in_doubt += o.left_in_doubt;
+        self.begin_existing += o.begin_existing;
+        self.begin_finished += o.begin_finished;
+        self.begin_conflict += o.begin_conflict;
+        self.begin_restarted += o.begin_restarted;
+        self.tombstones += o.tombstones;
+        self.wall_jumps_back += o.wall_jumps_back;
+        self.deadline_rearms += o.deadline_rearms;
+        self.rearmed_deadlines_reached += o.rearmed_deadlines_reached;
+        self.rule_null_cancel += o.rule_null_cancel;
+        self.rule_cancelled += o.rule_cancelled;
+        self.rule_reused += o.rule_reused;
+        self.rule_foreign += o.rule_foreign;
         self.events += o.events;
     }
 }
@@ -663,9 +708,32 @@ enum HarnessBug {
     /// `Begin` ignores the definition: another definition under a known gid is answered as
     /// the existing one.
     BeginIgnoresDefinition,
+    /// `Begin` of a tombstoned gid answers `Aborted` whatever the tombstone says (the
+    /// `Outcome` path's presumed abort applied to `Begin`).
+    BeginPresumesAbort,
     /// The deadline timer trusts the wall clock it was armed with: when it fires it delivers
     /// `DeadlinePassed` even if the wall clock (set back meanwhile) has not reached it.
     DeadlineNotRearmed,
+}
+
+impl HarnessBug {
+    const ALL: [(&'static str, HarnessBug); 5] = [
+        ("resolver-trusts-any-log", HarnessBug::ResolverTrustsAnyLog),
+        ("begin-ignores-tombstones", HarnessBug::BeginIgnoresTombstones),
+        ("begin-ignores-definition", HarnessBug::BeginIgnoresDefinition),
+        ("begin-presumes-abort", HarnessBug::BeginPresumesAbort),
+        ("deadline-not-rearmed", HarnessBug::DeadlineNotRearmed),
+    ];
+
+    /// `TREATY_SIM_BUG=<name>`: replay a seed (`TREATY_SIM_SEED`) with a harness bug.
+    fn from_env() -> Option<HarnessBug> {
+        let v = std::env::var("TREATY_SIM_BUG").ok()?;
+        let found = HarnessBug::ALL.iter().find(|(n, _)| *n == v.trim());
+        Some(found.map(|(_, b)| *b).unwrap_or_else(|| {
+            let names: Vec<&str> = HarnessBug::ALL.iter().map(|(n, _)| *n).collect();
+            panic!("TREATY_SIM_BUG={v:?} is not one of {names:?}")
+        }))
+    }
 }
 
 /// What a run tests: the engine as built, or with a deliberate bug.
@@ -673,6 +741,13 @@ enum HarnessBug {
 struct Setup {
     mutations: Mutations,
     bug: Option<HarnessBug>,
+    /// Resolvers always ask the coordinator their row names: only wiped logs answer for
+    /// another log.
+    no_wrong_asks: bool,
+    /// Participant 0 answers RETRY to every `Prepare`/`Execute` for good (a lock it never
+    /// gets), and every deadline is days away: those transactions end only when their far
+    /// deadline is reached, through re-armed timers and wall-clock jumps.
+    stall: bool,
     /// Leave out the direct check that no `Commit` is issued before the decision is durable,
     /// to show that the participants' effects alone expose such a bug.
     trust_commit_timing: bool,
@@ -691,6 +766,8 @@ struct Sim {
     queue: BinaryHeap<Item>,
     faults: Faults,
     faults_on: bool,
+    /// Past this (sim time) a live transaction is stuck.
+    settle_until: u64,
     setup: Setup,
     defs: Vec<TxDef>,
 
@@ -771,7 +848,20 @@ impl Sim {
                 }
             })
             .collect();
+        let mut defs: Vec<TxDef> = defs;
+        let mut settle_until = T0 + FAULT_WINDOW_MS + SETTLE_LIMIT_MS;
+        if setup.stall {
+            for d in &mut defs {
+                d.deadline_in_ms = rng.gen_range(TIMER_DELAY_MAX_MS..3 * TIMER_DELAY_MAX_MS);
+                // Retrying a stalled prepare for days at sub-second backoff would cost
+                // millions of events; the engine's cap is per transaction.
+                d.retry.max_backoff_ms = 3_600_000;
+            }
+            let far = WALL_JUMP_FAR_MS as u64 * u64::from(faults.wall_jumps);
+            settle_until += 3 * TIMER_DELAY_MAX_MS + far;
+        }
         let mut sim = Sim {
+            settle_until,
             rng,
             now: T0,
             seq: 0,
@@ -888,7 +978,7 @@ impl Sim {
     /// Runs to quiescence, then checks the end state.
     fn run(&mut self) -> Check {
         while let Some(item) = self.queue.pop() {
-            if item.at > T0 + FAULT_WINDOW_MS + SETTLE_LIMIT_MS {
+            if item.at > self.settle_until {
                 if self.up && self.txs.is_empty() {
                     // Only far deadline timers of finished transactions are left: no-ops.
                     continue;
@@ -909,7 +999,12 @@ impl Sim {
     fn step(&mut self, ev: SimEv) -> Check {
         match ev {
             SimEv::Submit { tx, again, other } => self.submit(tx, again, other),
-            SimEv::Deadline { epoch, tx, due } => self.deadline_timer(epoch, tx, due),
+            SimEv::Deadline {
+                epoch,
+                tx,
+                due,
+                rearmed,
+            } => self.deadline_timer(epoch, tx, due, rearmed),
             SimEv::ResolveRound { p } => self.resolve_round(p),
             SimEv::OutcomeAsk { p, tx, wrong } => {
                 self.answer_inquiry(p, tx, wrong);
@@ -934,6 +1029,9 @@ impl Sim {
                 };
                 let jump = if self.rng.gen_bool(0.5) { -jump } else { jump };
                 self.wall_offset += jump;
+                if jump < 0 {
+                    self.stats.wall_jumps_back += 1;
+                }
                 self.note(
                     Actor::Net,
                     What::Note(format!("wall clock jumps {jump:+} ms")),
@@ -1066,6 +1164,9 @@ impl Sim {
                     _ => BeginDecision::Existing,
                 }
             }
+            BeginDecision::Finished(_) if bug == Some(HarnessBug::BeginPresumesAbort) => {
+                BeginDecision::Finished(Outcome::Aborted)
+            }
             d => d,
         };
         if again {
@@ -1080,6 +1181,13 @@ impl Sim {
         // What the gid already names, whatever variant the client sends now.
         let started_as = self.variant.get(&tx).copied();
         let same = started_as.is_none_or(|v| v == other);
+        match decision {
+            BeginDecision::Start if again => self.stats.begin_restarted += 1,
+            BeginDecision::Existing => self.stats.begin_existing += 1,
+            BeginDecision::Finished(_) => self.stats.begin_finished += 1,
+            BeginDecision::Conflict => self.stats.begin_conflict += 1,
+            BeginDecision::Start => {}
+        }
         match decision {
             BeginDecision::Start => {}
             BeginDecision::Existing | BeginDecision::Finished(_) if !same => {
@@ -1151,22 +1259,32 @@ impl Sim {
     /// The runtime's deadline timer: armed for at most a day of monotonic time; when it fires
     /// before the wall clock reached the deadline (the clock was set back, or the deadline is
     /// days away), armed again.
-    fn arm_deadline(&mut self, epoch: u64, tx: usize, due: u64) {
+    fn arm_deadline(&mut self, epoch: u64, tx: usize, due: u64, rearmed: bool) {
         let delay = due.saturating_sub(self.wall()).min(TIMER_DELAY_MAX_MS);
-        self.after(delay, SimEv::Deadline { epoch, tx, due });
+        let ev = SimEv::Deadline {
+            epoch,
+            tx,
+            due,
+            rearmed,
+        };
+        self.after(delay, ev);
     }
 
-    fn deadline_timer(&mut self, epoch: u64, tx: usize, due: u64) -> Check {
+    fn deadline_timer(&mut self, epoch: u64, tx: usize, due: u64, rearmed: bool) -> Check {
         if epoch != self.epoch || !self.txs.contains_key(&tx) {
             return Ok(());
         }
         if self.wall() < due {
             if self.setup.bug != Some(HarnessBug::DeadlineNotRearmed) {
-                self.arm_deadline(epoch, tx, due);
+                self.stats.deadline_rearms += 1;
+                self.arm_deadline(epoch, tx, due, true);
                 return Ok(());
             }
         }
         let active = self.txs[&tx].tx.record().phase == Phase::Active;
+        if active && rearmed {
+            self.stats.rearmed_deadlines_reached += 1;
+        }
         if active && self.wall() < due {
             return Err(self.violation(
                 "a deadline is acted on only once the wall clock reaches it",
@@ -1218,6 +1336,7 @@ impl Sim {
             .collect_ended(now.saturating_sub(RETENTION_MS), now, 64)
             .expect("the memory log collects");
         self.durable_phases = None;
+        self.stats.tombstones += n as u64;
         self.note(
             Actor::Coord,
             What::Note(format!("retention: {n} finished records become tombstones")),
@@ -1327,7 +1446,7 @@ impl Sim {
                 }
                 Command::SetDeadline { at_unix_ms } => {
                     self.note(Actor::Coord, What::Deadline { tx, at: at_unix_ms });
-                    self.arm_deadline(epoch, tx, at_unix_ms);
+                    self.arm_deadline(epoch, tx, at_unix_ms, false);
                 }
                 Command::Decided(outcome) => {
                     self.note(Actor::Coord, What::Decided { tx, outcome });
@@ -1468,6 +1587,7 @@ impl Sim {
             self.wiped.insert(old.log_id().to_string(), known);
             self.wiped_order.push(old.log_id().to_string());
             self.gen += 1;
+            self.stats.wipes += 1;
             self.durable_phases = None;
             self.note(
                 Actor::Coord,
@@ -1618,6 +1738,8 @@ impl Sim {
         } else if self.faults_on && self.rng.gen_bool(self.faults.retry_answer) {
             // The SDK answers RETRY before the barrier runs (e.g. a lock timeout).
             Reply::Transient("RETRY".into())
+        } else if self.setup.stall && p == 0 && matches!(req.op, Op::Prepare | Op::Execute) {
+            Reply::Transient("RETRY: lock wait".into())
         } else {
             let payload = self.payload_of(req.tx, req.branch, req.op, &req.log_id);
             let reply = self.barrier(p, req.tx, req.branch, req.op, &payload, &req.log_id)?;
@@ -1722,6 +1844,13 @@ impl Sim {
         }
         let settled = plan.settle(refusal);
         let dup = plan.rule == Rule::Repeat;
+        match plan.rule {
+            Rule::NullCancel => self.stats.rule_null_cancel += 1,
+            Rule::Cancelled => self.stats.rule_cancelled += 1,
+            Rule::Reused => self.stats.rule_reused += 1,
+            Rule::Foreign => self.stats.rule_foreign += 1,
+            _ => {}
+        }
         let reply = match &settled.reply {
             rules::Reply::Answer { answer, message } => match answer {
                 Answer::Prepared => Reply::Prepared,
@@ -1864,7 +1993,7 @@ impl Sim {
             if !asked.insert(tx) {
                 continue;
             }
-            let wrong = self.rng.gen_bool(self.faults.ask_wrong);
+            let wrong = self.rng.gen_bool(self.faults.ask_wrong) && !self.setup.no_wrong_asks;
             let delay = self.rng.gen_range(1..=self.faults.delay_max_ms);
             self.after(delay, SimEv::OutcomeAsk { p, tx, wrong });
         }
@@ -1953,8 +2082,19 @@ impl Sim {
                 resolver_decides(&stored, outcome, known, answered)
             };
             let Some(op) = op else {
+                if outcome != Outcome::Pending {
+                    self.stats.wrong_log_answers += 1;
+                }
                 continue;
             };
+            match op {
+                Op::Commit => self.stats.resolved_commit += 1,
+                _ if known => self.stats.resolved_abort += 1,
+                _ => {
+                    self.stats.resolved_abort += 1;
+                    self.stats.resolved_presumed += 1;
+                }
+            }
             self.note(
                 Actor::Part(p),
                 What::Note(format!("resolver: {} b{b} {op:?} (replayed)", gid(tx))),
@@ -1980,6 +2120,7 @@ impl Sim {
         for tx in 0..self.defs.len() {
             self.check_end_of(tx)?;
         }
+        self.stats.left_in_doubt = self.parts.iter().map(|p| p.open.len() as u64).sum();
         Ok(())
     }
 
@@ -2225,10 +2366,15 @@ fn failure_report(seed: u64, r: &RunResult) -> String {
 #[test]
 fn simulation() {
     if let Some(seed) = env_u64("TREATY_SIM_SEED") {
-        let r = run_seed(seed, Setup::default());
+        let setup = Setup {
+            bug: HarnessBug::from_env(),
+            ..Setup::default()
+        };
+        let r = run_seed(seed, setup);
         print_uncaptured(&format!(
-            "seed {seed}: {:?}\n   time actor  event\n{}",
-            Sim::new(seed, Setup::default()).faults,
+            "seed {seed} ({:?}): {:?}\n   time actor  event\n{}",
+            setup.bug,
+            Sim::new(seed, setup).faults,
             render_trace(&r.trace)
         ));
         if r.violation.is_some() {
@@ -2261,6 +2407,20 @@ fn simulation() {
             ("duplicated messages", stats.duplicated),
             ("timeouts", stats.timeouts),
             ("late or duplicate replies", stats.late_replies),
+            ("in-doubt commits by the resolver", stats.resolved_commit),
+            ("in-doubt aborts by the resolver", stats.resolved_abort),
+            ("answers refused as from another log", stats.wrong_log_answers),
+            ("log wipes", stats.wipes),
+            ("branches left in doubt by a wipe", stats.left_in_doubt),
+            ("resubmissions answered Existing", stats.begin_existing),
+            ("resubmissions answered Finished", stats.begin_finished),
+            ("resubmissions answered Conflict", stats.begin_conflict),
+            ("tombstones", stats.tombstones),
+            ("wall clock set back", stats.wall_jumps_back),
+            ("deadline timers re-armed", stats.deadline_rearms),
+            ("deadlines reached by re-armed timers", stats.rearmed_deadlines_reached),
+            ("null compensations", stats.rule_null_cancel),
+            ("forward deliveries refused after their cancel", stats.rule_cancelled),
         ] {
             assert!(count > 0, "the campaign never produced {what}: {stats:?}");
         }
@@ -2327,4 +2487,117 @@ fn mutation_skip_one_compensation_is_caught() {
 fn mutation_forget_branch_on_recovery_is_caught() {
     let setup = mutated(|m| m.forget_branch_on_recovery = true);
     assert_caught("forget_branch_on_recovery", setup);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Show that the new checks bite: each deliberate bug of the harness's stand-ins for the SDK's
+// resolver and the runtime's `Begin` and timers is caught within a few hundred seeds.
+
+/// Deadlines days away, past the runtime's longest timer and across wall-clock jumps either
+/// way, are still reached: every transaction stalled on participant 0 ends by its deadline.
+#[test]
+fn far_deadlines_are_reached_by_rearmed_timers() {
+    let setup = Setup {
+        stall: true,
+        ..Setup::default()
+    };
+    let (failure, stats) = campaign(200, setup);
+    if let Some((seed, r)) = failure {
+        panic!("{}", failure_report(seed, &r));
+    }
+    eprintln!("stalled participant: {stats:?}");
+    assert!(stats.rearmed_deadlines_reached > 0, "{stats:?}");
+    assert!(stats.aborted_2pc > 0 && stats.aborted_saga > 0, "{stats:?}");
+}
+
+/// Seeds a harness bug gets to show up in.
+const BUG_SEEDS: u64 = 500;
+
+/// Runs `BUG_SEEDS` seeds with `setup` and returns the violated invariant of the lowest
+/// failing seed; panics if none fails.
+fn caught_by(name: &str, setup: Setup) -> &'static str {
+    let (failure, _) = campaign(BUG_SEEDS, setup);
+    let Some((seed, r)) = failure else {
+        panic!("harness bug {name} survived {BUG_SEEDS} seeds: the simulation does not catch it");
+    };
+    let v = r.violation.as_ref().expect("a failure has a violation");
+    eprintln!("harness bug {name}: caught by seed {seed}: {v}");
+    v.invariant
+}
+
+fn with_bug(bug: HarnessBug) -> Setup {
+    Setup {
+        bug: Some(bug),
+        ..Setup::default()
+    }
+}
+
+/// The invariants a participant deciding against its coordinator can break, first to last.
+const DECIDED_AGAINST: [&str; 4] = [
+    "no participant decides a branch against its coordinator",
+    "no branch both committed and aborted",
+    "no 2PC branch committed while another aborted",
+    "2PC committed: every branch committed",
+];
+
+#[test]
+fn bug_resolver_trusting_another_coordinator_is_caught() {
+    let invariant = caught_by(
+        "resolver-trusts-any-log (another coordinator asked)",
+        with_bug(HarnessBug::ResolverTrustsAnyLog),
+    );
+    assert!(DECIDED_AGAINST.contains(&invariant), "{invariant}");
+}
+
+#[test]
+fn bug_resolver_trusting_a_wiped_log_is_caught() {
+    // Only wiped logs answer for another log here: the same bug, caught through the wipes.
+    let setup = Setup {
+        no_wrong_asks: true,
+        ..with_bug(HarnessBug::ResolverTrustsAnyLog)
+    };
+    let invariant = caught_by("resolver-trusts-any-log (wiped log only)", setup);
+    assert!(DECIDED_AGAINST.contains(&invariant), "{invariant}");
+}
+
+#[test]
+fn bug_begin_ignoring_tombstones_is_caught() {
+    let invariant = caught_by(
+        "begin-ignores-tombstones",
+        with_bug(HarnessBug::BeginIgnoresTombstones),
+    );
+    assert_eq!(invariant, "a gid names one transaction forever");
+}
+
+#[test]
+fn bug_begin_ignoring_the_definition_is_caught() {
+    let invariant = caught_by(
+        "begin-ignores-definition",
+        with_bug(HarnessBug::BeginIgnoresDefinition),
+    );
+    assert_eq!(
+        invariant,
+        "another definition under a known gid is ALREADY_EXISTS"
+    );
+}
+
+#[test]
+fn bug_begin_presuming_abort_is_caught() {
+    let invariant = caught_by(
+        "begin-presumes-abort",
+        with_bug(HarnessBug::BeginPresumesAbort),
+    );
+    assert_eq!(invariant, "a Begin answered Finished tells the logged outcome");
+}
+
+#[test]
+fn bug_deadline_timer_trusting_the_wall_clock_is_caught() {
+    let invariant = caught_by(
+        "deadline-not-rearmed",
+        with_bug(HarnessBug::DeadlineNotRearmed),
+    );
+    assert_eq!(
+        invariant,
+        "a deadline is acted on only once the wall clock reaches it"
+    );
 }

@@ -168,6 +168,8 @@ struct Request {
     epoch: u64,
     /// The coordinator's log id, carried by every delivery.
     log_id: String,
+    /// The payload from the engine's record (the compensation payload for `Compensate`).
+    payload: Bytes,
     call: u64,
     tx: usize,
     branch: u32,
@@ -569,8 +571,9 @@ struct Participant {
     up: bool,
     /// (tx, branch) -> rows. Survives crashes.
     barrier: BTreeMap<(usize, u32), Rows>,
-    /// The index of open prepared branches: (tx, branch) -> when it opened (sim time).
-    open: BTreeMap<(usize, u32), u64>,
+    /// The index of open prepared branches: (tx, branch) -> when it opened (sim time) and
+    /// the payload a replayed commit or abort carries (the SDK keeps it there too).
+    open: BTreeMap<(usize, u32), (u64, Bytes)>,
 }
 
 /// The SDK's resolver rule (`participant.rs`, `decide`, private there): act on an answer only
@@ -784,8 +787,8 @@ struct Sim {
     other: MemoryLog,
     /// The simulated wall clock is `now + wall_offset`: jumps move it, not the queue.
     wall_offset: i64,
-    /// The definition variant each tx was last started with (`true`: the other one).
-    variant: BTreeMap<usize, bool>,
+    /// The definition variant each (log generation, tx) was started with (`true`: the other).
+    variant: BTreeMap<(u32, usize), bool>,
     /// The log's durable phases, read from it; dropped whenever they may change (a flush or
     /// a crash: unforced puts never change them).
     durable_phases: Option<BTreeMap<String, Phase>>,
@@ -1179,7 +1182,7 @@ impl Sim {
             );
         }
         // What the gid already names, whatever variant the client sends now.
-        let started_as = self.variant.get(&tx).copied();
+        let started_as = self.variant.get(&(self.gen, tx)).copied();
         let same = started_as.is_none_or(|v| v == other);
         match decision {
             BeginDecision::Start if again => self.stats.begin_restarted += 1,
@@ -1225,7 +1228,7 @@ impl Sim {
                 format!("{g}: a second transaction started while the log knows the gid"),
             ));
         }
-        self.variant.insert(tx, other);
+        self.variant.insert((self.gen, tx), other);
         let d = &self.defs[tx];
         let what = What::Submit {
             tx,
@@ -1408,9 +1411,15 @@ impl Sim {
                     );
                     self.check_call(tx, branch, op)?;
                     self.next_call += 1;
+                    let def = &self.txs[&tx].tx.record().branches[branch as usize].def;
+                    let payload = match op {
+                        Op::Compensate => def.compensation_payload.clone(),
+                        _ => def.payload.clone(),
+                    };
                     let req = Request {
                         epoch,
                         log_id: self.log.log_id().to_string(),
+                        payload,
                         call: self.next_call,
                         tx,
                         branch,
@@ -1741,8 +1750,8 @@ impl Sim {
         } else if self.setup.stall && p == 0 && matches!(req.op, Op::Prepare | Op::Execute) {
             Reply::Transient("RETRY: lock wait".into())
         } else {
-            let payload = self.payload_of(req.tx, req.branch, req.op, &req.log_id);
-            let reply = self.barrier(p, req.tx, req.branch, req.op, &payload, &req.log_id)?;
+            let (tx, b, op) = (req.tx, req.branch, req.op);
+            let reply = self.barrier(p, tx, b, op, &req.payload, &req.log_id)?;
             if self.faults_on && self.rng.gen_bool(self.faults.part_crash_after_apply) {
                 // Applied and committed locally, then died before answering.
                 self.crash_participant(p);
@@ -1752,21 +1761,6 @@ impl Sim {
         };
         self.send(SimEv::Response(Response { req, reply }));
         Ok(())
-    }
-
-    /// The payload a delivery from log `log_id` carries: the definition that log started
-    /// (a resubmission with another definition may have started another under the gid).
-    fn payload_of(&self, tx: usize, b: u32, op: Op, log_id: &str) -> Bytes {
-        if op == Op::Compensate {
-            return Bytes::from_static(b"undo");
-        }
-        // Deliveries from a wiped log carry that log's definition: the first one, unless the
-        // variant was chosen in that generation. Tracked per generation would be exact; the
-        // variant only matters for a gid started twice, which needs a wipe in between, and
-        // then the rules compare the log id first.
-        let other = log_id == self.log.log_id() && self.variant.get(&tx).copied().unwrap_or(false);
-        let branches = self.branches(tx, other);
-        branches[b as usize].payload.clone()
     }
 
     fn rows(&self, tx: usize, b: u32) -> Option<&Rows> {
@@ -1902,7 +1896,7 @@ impl Sim {
         }
         match settled.in_doubt {
             InDoubt::Open => {
-                part.open.insert((tx, b), self.now);
+                part.open.insert((tx, b), (self.now, Bytes::copy_from_slice(payload)));
             }
             InDoubt::Close => {
                 part.open.remove(&(tx, b));
@@ -1984,7 +1978,7 @@ impl Sim {
         let due: Vec<(usize, u32)> = self.parts[p]
             .open
             .iter()
-            .filter(|(_, &at)| at + IN_DOUBT_AFTER_MS <= self.now)
+            .filter(|(_, (at, _))| at + IN_DOUBT_AFTER_MS <= self.now)
             .map(|(&k, _)| k)
             .collect();
         let mut asked = BTreeSet::new();
@@ -2065,13 +2059,13 @@ impl Sim {
         if !self.parts[p].up {
             return Ok(());
         }
-        let open: Vec<u32> = self.parts[p]
+        let open: Vec<(u32, Bytes)> = self.parts[p]
             .open
-            .keys()
-            .filter(|k| k.0 == tx)
-            .map(|k| k.1)
+            .iter()
+            .filter(|(k, _)| k.0 == tx)
+            .map(|(k, (_, payload))| (k.1, payload.clone()))
             .collect();
-        for b in open {
+        for (b, payload) in open {
             let stored = self
                 .row(tx, b, Op::Prepare)
                 .map(|r| r.log_id.clone())
@@ -2099,7 +2093,6 @@ impl Sim {
                 Actor::Part(p),
                 What::Note(format!("resolver: {} b{b} {op:?} (replayed)", gid(tx))),
             );
-            let payload = self.payload_of(tx, b, op, &stored);
             self.barrier(p, tx, b, op, &payload, &stored)?;
         }
         Ok(())

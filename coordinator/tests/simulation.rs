@@ -21,7 +21,7 @@
 //!   branches (`InDoubt`); and the SDK's **in-doubt resolver**: a branch prepared more than
 //!   `IN_DOUBT_AFTER_MS` ago asks `Outcome` and applies COMMITTED/ABORTED as a replayed
 //!   commit/abort through the barrier, only when the answer's log id is the one stored with
-//!   the prepare (the SDK's `decide`, mirrored in [`resolver_decides`]);
+//!   the prepare (the SDK's own rule, `rules::decide_in_doubt`, through [`resolver_decides`]);
 //! - **clients**: each transaction is submitted, then resubmitted at random times, with the
 //!   same definition or (sometimes) another one under the same gid;
 //! - the **network**: every call, reply and inquiry answer may be lost; calls and replies may
@@ -91,6 +91,7 @@ use treaty_coordinator::engine::{
 };
 use treaty_coordinator::log::memory::MemoryLog;
 use treaty_coordinator::log::LogStore;
+use treaty_coordinator::runtime::{deadline_step, TIMER_DELAY_MAX};
 use treaty_sdk::barrier::rules::{self, Business, Delivery, InDoubt, Recorded, Rule};
 use treaty_sdk::{Answer, Op as SdkOp};
 
@@ -121,7 +122,7 @@ const LATE_HORIZON_MS: u64 = 30_000;
 const RETENTION_MS: u64 = 2_000;
 /// The runtime arms one timer for at most a day and re-arms it until the wall clock reaches
 /// the deadline (`runtime::TIMER_DELAY_MAX`).
-const TIMER_DELAY_MAX_MS: u64 = 24 * 3_600_000;
+const TIMER_DELAY_MAX_MS: u64 = TIMER_DELAY_MAX.as_millis() as u64;
 /// A wall-clock jump is at most this (either way); some jump by days.
 const WALL_JUMP_MAX_MS: i64 = 20_000;
 const WALL_JUMP_FAR_MS: i64 = 3 * 24 * 3_600_000;
@@ -631,21 +632,19 @@ struct Participant {
     open: BTreeMap<(usize, u32), (u64, Bytes)>,
 }
 
-/// The SDK's resolver rule (`participant.rs`, `decide`, private there): act on an answer only
-/// when it comes from the log that prepared the branch; without a stored log id, only on a
-/// known outcome. `None`: stay in doubt (pending, or the wrong log).
+/// The SDK's resolver rule itself ([`rules::decide_in_doubt`]): act on an answer only when it
+/// comes from the log that prepared the branch; without a stored log id, only on a known
+/// outcome. `None`: stay in doubt (pending, or the wrong log).
 fn resolver_decides(stored: &str, outcome: Outcome, known: bool, answered: &str) -> Option<Op> {
-    if stored.is_empty() {
-        if !known {
-            return None;
-        }
-    } else if answered != stored {
-        return None;
-    }
-    match outcome {
-        Outcome::Committed => Some(Op::Commit),
-        Outcome::Aborted => Some(Op::Abort),
-        Outcome::Pending => None,
+    let told = match outcome {
+        Outcome::Committed => rules::Told::Committed,
+        Outcome::Aborted => rules::Told::Aborted,
+        Outcome::Pending => rules::Told::Pending,
+    };
+    match rules::decide_in_doubt(stored, told, known, answered) {
+        rules::InDoubtDecision::Apply(SdkOp::Commit) => Some(Op::Commit),
+        rules::InDoubtDecision::Apply(_) => Some(Op::Abort),
+        _ => None,
     }
 }
 
@@ -1344,7 +1343,7 @@ impl Sim {
     /// before the wall clock reached the deadline (the clock was set back, or the deadline is
     /// days away), armed again.
     fn arm_deadline(&mut self, epoch: u64, tx: usize, due: u64, rearmed: bool) {
-        let delay = due.saturating_sub(self.wall()).min(TIMER_DELAY_MAX_MS);
+        let delay = deadline_step(self.wall(), due).map_or(0, |d| d.as_millis() as u64);
         let ev = SimEv::Deadline {
             epoch,
             tx,
@@ -1358,7 +1357,9 @@ impl Sim {
         if epoch != self.epoch || !self.txs.contains_key(&tx) {
             return Ok(());
         }
-        if self.wall() < due && self.setup.bug != Some(HarnessBug::DeadlineNotRearmed) {
+        if deadline_step(self.wall(), due).is_some()
+            && self.setup.bug != Some(HarnessBug::DeadlineNotRearmed)
+        {
             self.stats.deadline_rearms += 1;
             self.arm_deadline(epoch, tx, due, true);
             return Ok(());

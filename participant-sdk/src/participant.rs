@@ -21,6 +21,7 @@ use treaty_proto::v1 as pb;
 use treaty_proto::v1::coordinator_client::CoordinatorClient;
 use treaty_proto::v1::participant_server::{Participant as ParticipantService, ParticipantServer};
 
+use crate::barrier::rules::{self, InDoubtDecision as Decision, Told};
 use crate::barrier::{
     now_unix_ms, Answer, Barrier, Business, InDoubt, Op, Verdict, FIELD_BYTES_MAX, GID_BYTES_MAX,
 };
@@ -732,30 +733,15 @@ pub struct Resolution {
     pub not_applied: usize,
 }
 
-/// What to do with an in-doubt branch given its coordinator's answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Decision {
-    Apply(Op),
-    Pending,
-    WrongLog,
-    UnknownWithoutLogId,
-}
-
-/// The log-identity rule of presumed abort (DESIGN.md section 4), pure.
+/// The log-identity rule of presumed abort, applied to a protobuf answer: see
+/// [`rules::decide_in_doubt`].
 fn decide(branch: &InDoubt, answer: &pb::OutcomeResponse) -> Decision {
-    if branch.log_id.is_empty() {
-        // No identity to compare with: only what the coordinator actually knows counts.
-        if !answer.known {
-            return Decision::UnknownWithoutLogId;
-        }
-    } else if answer.log_id != branch.log_id {
-        return Decision::WrongLog;
-    }
-    match answer.outcome() {
-        pb::Outcome::Committed => Decision::Apply(Op::Commit),
-        pb::Outcome::Aborted => Decision::Apply(Op::Abort),
-        pb::Outcome::Pending | pb::Outcome::Unspecified => Decision::Pending,
-    }
+    let told = match answer.outcome() {
+        pb::Outcome::Committed => Told::Committed,
+        pb::Outcome::Aborted => Told::Aborted,
+        pb::Outcome::Pending | pb::Outcome::Unspecified => Told::Pending,
+    };
+    rules::decide_in_doubt(&branch.log_id, told, answer.known, &answer.log_id)
 }
 
 impl Inner {

@@ -128,6 +128,15 @@ impl MemoryLog {
         MemoryLog::default()
     }
 
+    /// An empty log with the identity `log_id` (a simulation names its logs itself, so that
+    /// its traces are the same on every run of a seed).
+    pub fn with_log_id(log_id: impl Into<String>) -> MemoryLog {
+        MemoryLog {
+            log_id: log_id.into(),
+            state: Arc::default(),
+        }
+    }
+
     /// [`LogStore::put`] without a future: writes `rec`; when `forced`, makes it and every
     /// earlier pending write durable before returning (syncs must not be held).
     pub fn put_sync(&self, rec: TxRecord, forced: bool) -> Result<(), LogError> {

@@ -60,6 +60,14 @@ pub fn now_ms() -> u64 {
 /// behind the one that set it) is reached by re-arming, one day at a time.
 pub const TIMER_DELAY_MAX: Duration = Duration::from_secs(24 * 3600);
 
+/// What a deadline timer does at wall time `now_ms`: the deadline is due, or the timer must
+/// wait (again) this long. A timer fires early when the deadline is more than
+/// [`TIMER_DELAY_MAX`] away or the wall clock was set back; it is then re-armed, so the
+/// deadline is acted on exactly when the wall clock reaches it. Pure: the simulation uses it.
+pub fn deadline_step(now_ms: u64, due_unix_ms: u64) -> Option<Duration> {
+    (now_ms < due_unix_ms).then(|| Duration::from_millis(due_unix_ms - now_ms).min(TIMER_DELAY_MAX))
+}
+
 /// Messages a shard's inbox holds at most. A full inbox answers `Begin` with
 /// [`BeginError::Overloaded`]; internal messages (answers, completed writes) wait for room.
 pub const SHARD_INBOX_CAPACITY: usize = 16_384;
@@ -815,8 +823,7 @@ impl Shard {
             due_unix_ms,
         } = timer;
         if let Some(due) = due_unix_ms {
-            let now = now_ms();
-            if now < due {
+            if deadline_step(now_ms(), due).is_some() {
                 // Armed for at most TIMER_DELAY_MAX: not due yet, arm again.
                 let key = self.arm(gid.clone(), event, Some(due));
                 if let Some(e) = self.txs.get_mut(&gid) {
@@ -836,9 +843,9 @@ impl Shard {
     /// Arms a timer for `event`: after `due_unix_ms - now` for a deadline, at once when it is
     /// past, never longer than [`TIMER_DELAY_MAX`].
     fn arm(&mut self, gid: String, event: Event, due_unix_ms: Option<u64>) -> delay_queue::Key {
-        let delay = due_unix_ms.map_or(Duration::ZERO, |due| {
-            Duration::from_millis(due.saturating_sub(now_ms()))
-        });
+        let delay = due_unix_ms
+            .and_then(|due| deadline_step(now_ms(), due))
+            .unwrap_or(Duration::ZERO);
         self.arm_after(gid, event, due_unix_ms, delay)
     }
 

@@ -607,6 +607,55 @@ pub fn plan(rows: &[Recorded], delivery: &Delivery) -> Plan {
     }
 }
 
+/// What a coordinator told a participant's in-doubt resolver (`Coordinator.Outcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Told {
+    /// COMMITTED.
+    Committed,
+    /// ABORTED (known, or presumed for a gid the answering log does not know).
+    Aborted,
+    /// Not decided yet (or no usable answer).
+    Pending,
+}
+
+/// What the in-doubt resolver does with one prepared branch, given an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InDoubtDecision {
+    /// Apply the outcome: replay `Commit` or `Abort` through the barrier.
+    Apply(Op),
+    /// Not decided yet: ask again later.
+    Pending,
+    /// The answer came from another log than the one that drove the branch: stay in doubt
+    /// (logged loudly), never act on it.
+    WrongLog,
+    /// The branch has no stored log identity and the coordinator does not know the gid:
+    /// presumed abort cannot be trusted without knowing who answers; stay in doubt.
+    UnknownWithoutLogId,
+}
+
+/// The log-identity rule of presumed abort (DESIGN.md section 4): act on an answer only when
+/// it comes from the log that drove the branch (`stored_log_id`); a branch prepared without
+/// a log identity is resolved only by an outcome the coordinator actually knows.
+pub fn decide_in_doubt(
+    stored_log_id: &str,
+    told: Told,
+    known: bool,
+    answering_log_id: &str,
+) -> InDoubtDecision {
+    if stored_log_id.is_empty() {
+        if !known {
+            return InDoubtDecision::UnknownWithoutLogId;
+        }
+    } else if answering_log_id != stored_log_id {
+        return InDoubtDecision::WrongLog;
+    }
+    match told {
+        Told::Committed => InDoubtDecision::Apply(Op::Commit),
+        Told::Aborted => InDoubtDecision::Apply(Op::Abort),
+        Told::Pending => InDoubtDecision::Pending,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -199,7 +199,9 @@ pub fn check(
             if fin.as_ref().is_some_and(|f| *f != want) {
                 v.bad(
                     Some(gid),
-                    format!("the client was told {told:?}, but the coordinator's final word is {fin:?}"),
+                    format!(
+                        "the client was told {told:?}, but the coordinator's final word is {fin:?}"
+                    ),
                 );
             }
             if told == Told::Aborted {

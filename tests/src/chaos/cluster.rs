@@ -127,7 +127,10 @@ impl Cluster {
                 treaty_tests::bank_account_bin_with("failpoints"),
             )
         } else {
-            (treaty_tests::treatyd_bin(), treaty_tests::bank_account_bin())
+            (
+                treaty_tests::treatyd_bin(),
+                treaty_tests::bank_account_bin(),
+            )
         };
         let treatyd_bin = copy(treatyd_bin)?;
         let bank_bin = copy(bank_bin)?;

@@ -378,7 +378,8 @@ pub async fn worker(
                 let t = out.records[i].transfer.clone();
                 let same_first = rng.gen_bool(0.5);
                 for same_body in [same_first, !same_first] {
-                    out.reuses.push(resubmit(raw, &t, &endpoints, same_body).await);
+                    out.reuses
+                        .push(resubmit(raw, &t, &endpoints, same_body).await);
                 }
                 continue;
             }

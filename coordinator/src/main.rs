@@ -336,7 +336,8 @@ async fn serve(mut s: Settings) -> Result<(), String> {
 }
 
 /// Deliberate engine bugs named in `TREATY_TEST_MUTATIONS` (comma-separated:
-/// `commit_before_durable`, `skip_one_compensation`, `forget_branch_on_recovery`), for tests
+/// `commit_before_durable`, `skip_one_compensation`, `forget_branch_on_recovery`,
+/// `decide_before_durable`, `compensate_forward`, `ignore_tombstones`), for tests
 /// proving the chaos checker catches a broken coordinator. Only in test builds (feature
 /// `failpoints`): the release build users run cannot enable them.
 #[cfg(feature = "failpoints")]
@@ -348,10 +349,14 @@ fn test_mutations() -> Result<treaty_coordinator::engine::Mutations, String> {
             "commit_before_durable" => m.commit_before_durable = true,
             "skip_one_compensation" => m.skip_one_compensation = true,
             "forget_branch_on_recovery" => m.forget_branch_on_recovery = true,
+            "decide_before_durable" => m.decide_before_durable = true,
+            "compensate_forward" => m.compensate_forward = true,
+            "ignore_tombstones" => m.ignore_tombstones = true,
             other => {
                 return Err(format!(
                     "TREATY_TEST_MUTATIONS: unknown mutation {other:?}; known: \
-                     commit_before_durable, skip_one_compensation, forget_branch_on_recovery"
+                     commit_before_durable, skip_one_compensation, forget_branch_on_recovery, \
+                     decide_before_durable, compensate_forward, ignore_tombstones"
                 ))
             }
         }

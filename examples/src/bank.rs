@@ -358,6 +358,7 @@ impl proto::bank_server::Bank for BankService {
                             branch_id: r.branch_id,
                             op: r.op.to_string(),
                             answer: answer_name(r.answer).to_string(),
+                            seq: r.seq,
                         })
                         .collect(),
                 })

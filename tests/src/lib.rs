@@ -66,6 +66,17 @@ pub fn bank_account_bin() -> PathBuf {
     binary("treaty-examples", "bank-account", "")
 }
 
+/// The bank example's account service built with extra cargo `features` of treaty-examples
+/// (e.g. `failpoints`, so its SDK's sync failpoints can be armed through `FAILPOINTS`).
+pub fn bank_account_bin_with(features: &str) -> PathBuf {
+    binary("treaty-examples", "bank-account", features)
+}
+
+/// The `treaty-lazyfs` FUSE filesystem (the power-cut mode of the chaos runner).
+pub fn lazyfs_bin() -> PathBuf {
+    binary("treaty-lazyfs", "treaty-lazyfs", "")
+}
+
 /// A child process killed with SIGKILL and reaped on drop.
 pub struct Proc {
     child: Option<Child>,
@@ -364,11 +375,11 @@ impl BankAccount {
             coordinator: coordinator.to_string(),
             accounts: accounts.to_string(),
         };
-        b.proc = b.spawn(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        b.proc = b.spawn(SocketAddr::from(([127, 0, 0, 1], 0)), &[])?;
         Ok(b)
     }
 
-    fn spawn(&self, addr: SocketAddr) -> Result<Proc, String> {
+    fn spawn(&self, addr: SocketAddr, extra_env: &[(&str, &str)]) -> Result<Proc, String> {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("--listen")
             .arg(addr.to_string())
@@ -379,6 +390,9 @@ impl BankAccount {
             .arg("--accounts")
             .arg(&self.accounts)
             .env("RUST_LOG", "warn");
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
         Proc::spawn("bank-account", cmd, Duration::from_secs(120))
     }
 
@@ -394,11 +408,17 @@ impl BankAccount {
 
     /// Start again on the same address and data directory.
     pub fn restart(&mut self) -> Result<(), String> {
+        self.restart_with(&[])
+    }
+
+    /// Start again on the same address and data directory, with extra environment (e.g. to
+    /// arm a sync failpoint for this run only, in a build with the `failpoints` feature).
+    pub fn restart_with(&mut self, extra_env: &[(&str, &str)]) -> Result<(), String> {
         self.proc.kill();
         let addr = self.proc.addr;
         let start = Instant::now();
         loop {
-            match self.spawn(addr) {
+            match self.spawn(addr, extra_env) {
                 Ok(p) => {
                     self.proc = p;
                     return Ok(());

@@ -130,6 +130,14 @@ pub struct Mutations {
     pub skip_one_compensation: bool,
     /// On recovery, forget the last branch (as if it were never part of the transaction).
     pub forget_branch_on_recovery: bool,
+    /// 2PC: tell the client COMMITTED as soon as the `Committing` record is issued, before it
+    /// is durable (the `Commit` calls still wait for durability).
+    pub decide_before_durable: bool,
+    /// Saga: compensate the steps in forward order (lowest first) instead of reverse.
+    pub compensate_forward: bool,
+    /// Runtime: answer `Begin` for a gid whose record retention collected as if the gid were
+    /// new, ignoring its tombstone.
+    pub ignore_tombstones: bool,
 }
 
 /// One global transaction's protocol state: the durable record plus volatile call state.
@@ -562,6 +570,11 @@ impl Tx {
                     self.rec.phase = Phase::Committing;
                     self.persist(now_ms, true, Some(Gate::CommitDecision), out);
                     self.decision_seq = Some(self.rec.seq);
+                    if self.mutations.decide_before_durable {
+                        // Deliberate bug: the client hears COMMITTED before the decision is
+                        // on disk.
+                        self.decide(Outcome::Committed, out);
+                    }
                     if self.mutations.commit_before_durable {
                         self.decide(Outcome::Committed, out);
                         for x in 0..self.rec.branches.len() {
@@ -719,6 +732,9 @@ impl Tx {
             let low = pending[0];
             self.rec.branches[low].state = BranchState::Aborted;
             pending.last().copied()
+        } else if self.mutations.compensate_forward {
+            // Deliberate bug: lowest first.
+            pending.first().copied()
         } else {
             pending.last().copied()
         };

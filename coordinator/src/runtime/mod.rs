@@ -1027,8 +1027,11 @@ impl Shard {
         let decision = rt.log.get(&gid).and_then(|rec| match rec {
             Some(rec) => Ok(decide_begin(Known::Record(&rec), mode, &def)),
             None => Ok(match rt.log.get_tombstone(&gid)? {
-                Some(t) => decide_begin(Known::Tombstone(&t), mode, &def),
-                None => decide_begin(Known::Nothing, mode, &def),
+                // `ignore_tombstones`: a deliberate bug for the chaos checker's tests only.
+                Some(t) if !rt.mutations.ignore_tombstones => {
+                    decide_begin(Known::Tombstone(&t), mode, &def)
+                }
+                _ => decide_begin(Known::Nothing, mode, &def),
             }),
         });
         let answer = match decision {

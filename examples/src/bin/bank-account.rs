@@ -37,6 +37,9 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli: Cli = treaty_examples::parse_args();
+    // Test builds only (feature `failpoints`): arm the SDK's sync failpoints from FAILPOINTS.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -281,7 +281,14 @@ impl LazyState {
             .map(|(p, &i)| (p.clone(), i))
             .collect();
         for (old, ino) in moved {
-            let new = to.join(old.strip_prefix(from).expect("filtered on the prefix"));
+            // `to.join("")` would be `to/`: a renamed *file* would then resolve to
+            // `<backing>/to/` and fail with ENOTDIR, so the moved path itself maps to `to`.
+            let rest = old.strip_prefix(from).expect("filtered on the prefix");
+            let new = if rest.as_os_str().is_empty() {
+                to.to_path_buf()
+            } else {
+                to.join(rest)
+            };
             self.inos.remove(&old);
             self.inos.insert(new.clone(), ino);
             self.paths.insert(ino, new);
@@ -818,5 +825,21 @@ mod tests {
         assert_eq!(state.paths[&b], Path::new("z/b"));
         assert!(!state.inos.contains_key(Path::new("a/b")));
         assert!(dir.path().join("z/b").is_dir());
+    }
+
+    /// sled renames `snap.N.generating` to `snap.N`: the file must resolve by its new name
+    /// (a trailing slash, `snap.N/`, made every later open fail with ENOTDIR).
+    #[test]
+    fn a_renamed_file_resolves_to_a_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("snap.generating"), b"x").expect("write");
+        let mut state = LazyState::new(dir.path());
+        let f = state.ino_for(Path::new("snap.generating"));
+        state
+            .rename(Path::new("snap.generating"), Path::new("snap"))
+            .expect("rename");
+        let full = state.full(&state.paths[&f]);
+        assert_eq!(std::fs::read(&full).expect("read the renamed file"), b"x");
+        assert!(state.attr_of(f).is_ok());
     }
 }

@@ -26,8 +26,21 @@
 //!    passed while the credit was in doubt. A negative balance is therefore a violation
 //!    unless the account received such compensated credits, and it may not be lower than
 //!    minus their sum.
+//! 6. **The outcome told to the client holds.** A transfer whose `submit_and_wait` answered
+//!    COMMITTED is committed at the coordinator and, by rule 2, on every branch; one answered
+//!    ABORTED is aborted at the coordinator, and no branch kept an effect (2PC: no commit row;
+//!    saga: every step that succeeded is compensated). PENDING, or no answer, promises nothing.
+//! 7. **Compensations in reverse step order**, from the barrier rows' `seq` (the order each
+//!    instance applied its rows): for an aborted saga, of two compensated steps on the same
+//!    instance the later step's compensate row comes first. (Rows of different instances
+//!    have no common order; rows numbered 0 predate numbering and are not compared.)
+//! 8. **A finished gid stays finished** (the retention mode). A resubmission of a finished
+//!    transfer's gid with the same body is answered `existing = true` with the coordinator's
+//!    final outcome (never started again: its effects are checked by rules 2 and 3, which
+//!    count each transfer once); with another body it is refused with ALREADY_EXISTS. A
+//!    resubmission whose call failed (coordinator down) promises nothing.
 
-use super::workload::{Account, Mode, Record, Submitted};
+use super::workload::{Account, Mode, Record, Reuse, ReuseAnswer, Submitted, Told};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use treaty_tests::bank::BarrierRow;
 
@@ -70,6 +83,12 @@ pub struct Verdict {
     pub compensated_credits: u64,
     /// Accounts below zero, all explained by compensated credits.
     pub negative_accounts: u64,
+    /// Finished gids resubmitted with the same body and answered from the log/tombstone.
+    pub reuse_same: u64,
+    /// Finished gids resubmitted with another body and refused (ALREADY_EXISTS).
+    pub reuse_refused: u64,
+    /// Resubmissions whose call failed (no verdict possible).
+    pub reuse_unanswered: u64,
 }
 
 impl Verdict {
@@ -84,10 +103,15 @@ impl Verdict {
 /// One branch's rows on the instance it belongs to: op -> answer.
 type Ops = BTreeMap<String, String>;
 
-/// (gid, branch) -> every row for it: (instance, op, answer).
-type RowIndex<'a> = HashMap<(&'a str, u32), Vec<(usize, &'a str, &'a str)>>;
+/// (gid, branch) -> every row for it: (instance, op, answer, seq).
+type RowIndex<'a> = HashMap<(&'a str, u32), Vec<(usize, &'a str, &'a str, u64)>>;
 
-pub fn check(records: &[Record], openings: &BTreeMap<Account, i64>, obs: &Observed) -> Verdict {
+pub fn check(
+    records: &[Record],
+    reuses: &[Reuse],
+    openings: &BTreeMap<Account, i64>,
+    obs: &Observed,
+) -> Verdict {
     let mut v = Verdict::default();
     let mut index: RowIndex = HashMap::new();
     for (inst, rows) in obs.rows.iter().enumerate() {
@@ -95,7 +119,7 @@ pub fn check(records: &[Record], openings: &BTreeMap<Account, i64>, obs: &Observ
             index
                 .entry((r.gid.as_str(), r.branch_id))
                 .or_default()
-                .push((inst, r.op.as_str(), r.answer.as_str()));
+                .push((inst, r.op.as_str(), r.answer.as_str(), r.seq));
         }
     }
     let branches: HashMap<&str, usize> = records
@@ -132,10 +156,15 @@ pub fn check(records: &[Record], openings: &BTreeMap<Account, i64>, obs: &Observ
         let gid = t.gid.as_str();
         // The rows of each branch, from the instance it was sent to; rows elsewhere are wrong.
         let mut ops: Vec<Ops> = Vec::with_capacity(t.legs.len());
+        // Per branch: the seq of its compensate row (saga), when numbered.
+        let mut compensated_at: Vec<Option<u64>> = vec![None; t.legs.len()];
         for (b, leg) in t.legs.iter().enumerate() {
             let mut mine = Ops::new();
-            for &(inst, op, answer) in index.get(&(gid, b as u32)).into_iter().flatten() {
+            for &(inst, op, answer, seq) in index.get(&(gid, b as u32)).into_iter().flatten() {
                 if inst == leg.account.inst {
+                    if op == "compensate" && seq > 0 {
+                        compensated_at[b] = Some(seq);
+                    }
                     mine.insert(op.to_string(), answer.to_string());
                 } else {
                     v.bad(
@@ -161,6 +190,59 @@ pub fn check(records: &[Record], openings: &BTreeMap<Account, i64>, obs: &Observ
         }
         let any_rows = ops.iter().any(|o| !o.is_empty());
         let fin = obs.finals.get(gid).cloned();
+        // Rule 6: what the client was told.
+        if let Submitted::Accepted(told @ (Told::Committed | Told::Aborted)) = rec.submitted {
+            let want = match told {
+                Told::Committed => Final::Committed,
+                _ => Final::Aborted,
+            };
+            if fin.as_ref().is_some_and(|f| *f != want) {
+                v.bad(
+                    Some(gid),
+                    format!(
+                        "the client was told {told:?}, but the coordinator's final word is {fin:?}"
+                    ),
+                );
+            }
+            if told == Told::Aborted {
+                for (b, o) in ops.iter().enumerate() {
+                    let kept = match t.mode {
+                        Mode::TwoPhase => o.contains_key("commit"),
+                        Mode::Saga => {
+                            has(o, "execute", "succeeded") && !o.contains_key("compensate")
+                        }
+                    };
+                    if kept {
+                        v.bad(
+                            Some(gid),
+                            format!("the client was told Aborted, but branch {b} kept its effect: {o:?}"),
+                        );
+                    }
+                }
+            }
+        }
+        // Rule 7: compensations of one instance in reverse step order.
+        if t.mode == Mode::Saga {
+            for i in 0..t.legs.len() {
+                for j in i + 1..t.legs.len() {
+                    if t.legs[i].account.inst != t.legs[j].account.inst {
+                        continue;
+                    }
+                    if let (Some(si), Some(sj)) = (compensated_at[i], compensated_at[j]) {
+                        if sj > si {
+                            v.bad(
+                                Some(gid),
+                                format!(
+                                    "step {i} was compensated (seq {si}) before step {j} (seq {sj}) \
+                                     on bank {}: compensations must run in reverse step order",
+                                    t.legs[i].account.inst
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+        }
         match (&rec.submitted, fin) {
             (Submitted::Rejected(why), f) => {
                 v.rejected += 1;
@@ -178,7 +260,7 @@ pub fn check(records: &[Record], openings: &BTreeMap<Account, i64>, obs: &Observ
                 }
             }
             (s, Some(Final::NotFound)) => {
-                if *s == Submitted::Accepted {
+                if matches!(s, Submitted::Accepted(_)) {
                     v.bad(
                         Some(gid),
                         "lost: Begin was answered, but the coordinator does not know the gid"
@@ -310,6 +392,43 @@ pub fn check(records: &[Record], openings: &BTreeMap<Account, i64>, obs: &Observ
             }
         }
     }
+    // Rule 8: finished gids resubmitted.
+    for r in reuses {
+        let gid = r.gid.as_str();
+        let fin = obs.finals.get(gid);
+        match (&r.answer, r.same_body) {
+            (ReuseAnswer::Failed(_), _) => v.reuse_unanswered += 1,
+            (ReuseAnswer::Answered { existing, told }, true) => {
+                v.reuse_same += 1;
+                if !existing {
+                    v.bad(
+                        Some(gid),
+                        format!("resubmitted finished with the same body, Begin started it again (existing = false, told {told:?})"),
+                    );
+                }
+                let want = match told {
+                    Told::Committed => Some(Final::Committed),
+                    Told::Aborted => Some(Final::Aborted),
+                    Told::Pending => None,
+                };
+                if want.is_some() && fin != want.as_ref() {
+                    v.bad(
+                        Some(gid),
+                        format!("resubmitted finished with the same body, told {told:?}, but the coordinator's final word is {fin:?}"),
+                    );
+                }
+            }
+            (ReuseAnswer::GidExists, true) => v.bad(
+                Some(gid),
+                "resubmitted finished with the same body, refused with ALREADY_EXISTS (the same definition must get the logged outcome)".into(),
+            ),
+            (ReuseAnswer::Answered { existing, told }, false) => v.bad(
+                Some(gid),
+                format!("resubmitted finished with another body, and Begin accepted it (existing = {existing}, told {told:?}) instead of ALREADY_EXISTS"),
+            ),
+            (ReuseAnswer::GidExists, false) => v.reuse_refused += 1,
+        }
+    }
     if total_now != total_open {
         v.bad(
             None,
@@ -357,17 +476,22 @@ mod tests {
                 deadline: Duration::from_secs(1),
                 doomed: false,
             },
-            submitted: Submitted::Accepted,
+            submitted: Submitted::Accepted(Told::Pending),
             unknown_answers: 0,
         }
     }
 
     fn row(gid: &str, b: u32, op: &str, answer: &str) -> BarrierRow {
+        seq_row(gid, b, op, answer, 0)
+    }
+
+    fn seq_row(gid: &str, b: u32, op: &str, answer: &str, seq: u64) -> BarrierRow {
         BarrierRow {
             gid: gid.into(),
             branch_id: b,
             op: op.into(),
             answer: answer.into(),
+            seq,
         }
     }
 
@@ -411,7 +535,7 @@ mod tests {
             90,
             110,
         );
-        let v = check(&[transfer("g", Mode::TwoPhase)], &openings(), &obs);
+        let v = check(&[transfer("g", Mode::TwoPhase)], &[], &openings(), &obs);
         assert!(v.violations.is_empty(), "{:?}", whats(&v));
         assert_eq!(v.committed, 1);
     }
@@ -429,7 +553,7 @@ mod tests {
             90,
             100,
         );
-        let v = check(&[transfer("g", Mode::Saga)], &openings(), &obs);
+        let v = check(&[transfer("g", Mode::Saga)], &[], &openings(), &obs);
         let w = whats(&v);
         assert!(
             w.iter().any(|x| x.contains("effect was left in place")),
@@ -450,7 +574,7 @@ mod tests {
             90,
             100,
         );
-        let v = check(&[transfer("g", Mode::TwoPhase)], &openings(), &obs);
+        let v = check(&[transfer("g", Mode::TwoPhase)], &[], &openings(), &obs);
         assert!(whats(&v).iter().any(|x| x.contains("not all-or-nothing")));
     }
 
@@ -463,7 +587,7 @@ mod tests {
             90,
             120,
         );
-        let v = check(&[transfer("g", Mode::Saga)], &openings(), &obs);
+        let v = check(&[transfer("g", Mode::Saga)], &[], &openings(), &obs);
         assert!(
             whats(&v).iter().any(|x| x.contains("difference 10")),
             "{:?}",
@@ -480,11 +604,11 @@ mod tests {
             100,
             100,
         );
-        let v = check(&[transfer("g", Mode::Saga)], &openings(), &stuck);
+        let v = check(&[transfer("g", Mode::Saga)], &[], &openings(), &stuck);
         assert!(whats(&v).iter().any(|x| x.contains("stuck")));
 
         let lost = observed(Final::NotFound, vec![], vec![], 100, 100);
-        let v = check(&[transfer("g", Mode::Saga)], &openings(), &lost);
+        let v = check(&[transfer("g", Mode::Saga)], &[], &openings(), &lost);
         assert!(whats(&v).iter().any(|x| x.contains("lost")));
 
         let mut rejected = transfer("g", Mode::Saga);
@@ -496,7 +620,7 @@ mod tests {
             90,
             100,
         );
-        let v = check(&[rejected], &openings(), &obs);
+        let v = check(&[rejected], &[], &openings(), &obs);
         assert!(whats(&v).iter().any(|x| x.contains("told rejected")));
     }
 
@@ -531,17 +655,161 @@ mod tests {
         ];
         let mut obs = observed(Final::Aborted, rows0, rows1, 110, -10);
         obs.finals.insert("h".into(), Final::Committed);
-        let v = check(&records, &openings, &obs);
+        let v = check(&records, &[], &openings, &obs);
         assert!(v.violations.is_empty(), "{:?}", whats(&v));
         assert_eq!((v.compensated_credits, v.negative_accounts), (1, 1));
         // Lower than minus the compensated credits: a violation.
         obs.balances[1].insert("b".into(), (-11, 0));
         obs.balances[0].insert("a".into(), (111, 0));
-        let v = check(&records, &openings, &obs);
+        let v = check(&records, &[], &openings, &obs);
         assert!(
             whats(&v).iter().any(|x| x.contains("negative balance -11")),
             "{:?}",
             whats(&v)
         );
+    }
+
+    #[test]
+    fn a_client_told_committed_of_an_aborted_transfer_is_caught() {
+        let mut t = transfer("g", Mode::TwoPhase);
+        t.submitted = Submitted::Accepted(Told::Committed);
+        let obs = observed(
+            Final::Aborted,
+            vec![
+                row("g", 0, "prepare", "prepared"),
+                row("g", 0, "abort", "done"),
+            ],
+            vec![
+                row("g", 1, "prepare", "prepared"),
+                row("g", 1, "abort", "done"),
+            ],
+            100,
+            100,
+        );
+        let v = check(&[t.clone()], &[], &openings(), &obs);
+        assert!(
+            whats(&v).iter().any(|x| x.contains("told Committed")),
+            "{:?}",
+            whats(&v)
+        );
+        // Told PENDING: nothing promised, nothing wrong.
+        t.submitted = Submitted::Accepted(Told::Pending);
+        let v = check(&[t], &[], &openings(), &obs);
+        assert!(v.violations.is_empty(), "{:?}", whats(&v));
+    }
+
+    /// A saga of three legs on one bank: debits a, c, then credit b; the credit failed.
+    fn saga_on_one_bank(comp0: u64, comp1: u64) -> (Record, Observed) {
+        let mut t = transfer("g", Mode::Saga);
+        t.transfer.legs = vec![
+            Leg {
+                account: acct(0, "a"),
+                amount: -10,
+            },
+            Leg {
+                account: acct(0, "c"),
+                amount: -10,
+            },
+            Leg {
+                account: acct(0, "b"),
+                amount: 20,
+            },
+        ];
+        let rows = vec![
+            seq_row("g", 0, "execute", "succeeded", 1),
+            seq_row("g", 1, "execute", "succeeded", 2),
+            seq_row("g", 2, "execute", "failed", 3),
+            seq_row("g", 0, "compensate", "done", comp0),
+            seq_row("g", 1, "compensate", "done", comp1),
+        ];
+        let obs = Observed {
+            finals: [("g".to_string(), Final::Aborted)].into(),
+            rows: vec![rows],
+            balances: vec![[
+                ("a".to_string(), (100, 0)),
+                ("b".to_string(), (100, 0)),
+                ("c".to_string(), (100, 0)),
+            ]
+            .into()],
+        };
+        (t, obs)
+    }
+
+    #[test]
+    fn compensations_in_forward_order_are_caught() {
+        let openings: BTreeMap<Account, i64> = [
+            (acct(0, "a"), 100),
+            (acct(0, "b"), 100),
+            (acct(0, "c"), 100),
+        ]
+        .into();
+        let (t, obs) = saga_on_one_bank(5, 4);
+        let v = check(std::slice::from_ref(&t), &[], &openings, &obs);
+        assert!(v.violations.is_empty(), "{:?}", whats(&v));
+        let (t, obs) = saga_on_one_bank(4, 5);
+        let v = check(&[t], &[], &openings, &obs);
+        assert!(
+            whats(&v).iter().any(|x| x.contains("reverse step order")),
+            "{:?}",
+            whats(&v)
+        );
+    }
+
+    #[test]
+    fn a_finished_gid_started_again_or_redefined_is_caught() {
+        let mut t = transfer("g", Mode::TwoPhase);
+        t.submitted = Submitted::Accepted(Told::Committed);
+        let obs = observed(
+            Final::Committed,
+            vec![
+                row("g", 0, "prepare", "prepared"),
+                row("g", 0, "commit", "done"),
+            ],
+            vec![
+                row("g", 1, "prepare", "prepared"),
+                row("g", 1, "commit", "done"),
+            ],
+            90,
+            110,
+        );
+        let reuse = |same_body, answer| Reuse {
+            gid: "g".into(),
+            same_body,
+            answer,
+        };
+        let good = [
+            reuse(
+                true,
+                ReuseAnswer::Answered {
+                    existing: true,
+                    told: Told::Committed,
+                },
+            ),
+            reuse(false, ReuseAnswer::GidExists),
+            reuse(true, ReuseAnswer::Failed("Unavailable".into())),
+        ];
+        let v = check(std::slice::from_ref(&t), &good, &openings(), &obs);
+        assert!(v.violations.is_empty(), "{:?}", whats(&v));
+        assert_eq!((v.reuse_same, v.reuse_refused), (1, 1));
+        let bad = [
+            reuse(
+                true,
+                ReuseAnswer::Answered {
+                    existing: false,
+                    told: Told::Committed,
+                },
+            ),
+            reuse(
+                false,
+                ReuseAnswer::Answered {
+                    existing: false,
+                    told: Told::Aborted,
+                },
+            ),
+        ];
+        let v = check(&[t], &bad, &openings(), &obs);
+        let w = whats(&v);
+        assert!(w.iter().any(|x| x.contains("started it again")), "{w:?}");
+        assert!(w.iter().any(|x| x.contains("another body")), "{w:?}");
     }
 }

@@ -10,6 +10,12 @@
 //! Every process is a real child process on 127.0.0.1, restartable on the same address and
 //! data directory, killed (SIGKILL) when the cluster is dropped. The nemesis runs on a plain
 //! thread with its own RNG, seeded from the run's seed.
+//!
+//! [`Options`] add modes: sync failures (treatyd, and bank instances, restarted with a sync
+//! failpoint that must make them fail-stop, or with a burst of transient EMFILE they must
+//! ride out), retention (treatyd collects finished records after a second), and power cuts
+//! (treatyd's and bank 0's data directories on treaty-lazyfs mounts; both are SIGKILLed and
+//! lose every unsynced write).
 
 use super::workload::Account;
 use rand::rngs::StdRng;
@@ -19,8 +25,28 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use treaty_lazyfs::LazyFs;
 use treaty_tests::proxy::{Fault, Proxy};
 use treaty_tests::{BankAccount, Treatyd};
+
+/// The modes beyond the base campaign (all off: the base campaign).
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Restart treatyd and bank instances with sync failpoints armed (fail-stop, EMFILE).
+    pub sync_faults: bool,
+    /// treatyd collects finished records after 1 s; the workload reuses finished gids.
+    pub retention: bool,
+    /// treatyd's and bank 0's data on treaty-lazyfs; the nemesis cuts the power.
+    pub power_cut: bool,
+    /// FAILPOINTS for every treatyd start not arming its own (tests of the checker).
+    pub treatyd_failpoints: Option<String>,
+    /// Run treatyd and bank-account built with `mutation-skip-fdatasync` (a broken SledSync
+    /// the power-cut mode must catch).
+    pub skip_fdatasync_mutant: bool,
+}
+
+/// The bank instance whose data directory is on a lazyfs mount in the power-cut mode.
+const POWER_CUT_BANK: usize = 0;
 
 /// Every named crash point of treatyd; the nemesis arms them in turn.
 pub const FAILPOINTS: [&str; 5] = [
@@ -56,6 +82,10 @@ pub struct Cluster {
     pub proxies: Vec<Proxy>,
     pub accounts: Vec<Account>,
     pub openings: BTreeMap<Account, i64>,
+    pub opts: Options,
+    /// Power-cut mode: treatyd's mount, then bank 0's. Declared last so that the processes
+    /// using them are killed (dropped) before they are unmounted.
+    mounts: Vec<LazyFs>,
 }
 
 impl Cluster {
@@ -68,6 +98,7 @@ impl Cluster {
         instances: usize,
         per_instance: usize,
         opening: i64,
+        opts: &Options,
     ) -> Result<Cluster, String> {
         // Private copies of the binaries: a campaign outlives builds, and a build of the
         // workspace meanwhile (e.g. `cargo build --release`, which compiles treatyd without
@@ -81,9 +112,56 @@ impl Cluster {
                 .map_err(|e| format!("cannot copy {} to {}: {e}", from.display(), to.display()))?;
             Ok(to)
         };
-        let treatyd_bin = copy(treaty_tests::treatyd_bin())?;
-        let bank_bin = copy(treaty_tests::bank_account_bin())?;
-        let treatyd = Treatyd::start_from(treatyd_bin, &dir.join("treatyd"), &TREATYD_ARGS, &[])?;
+        let (treatyd_bin, bank_bin) = if opts.skip_fdatasync_mutant {
+            (
+                treaty_tests::binary(
+                    "treaty-coordinator",
+                    "treatyd",
+                    "failpoints mutation-skip-fdatasync",
+                ),
+                treaty_tests::bank_account_bin_with("failpoints mutation-skip-fdatasync"),
+            )
+        } else if opts.sync_faults {
+            (
+                treaty_tests::treatyd_bin(),
+                treaty_tests::bank_account_bin_with("failpoints"),
+            )
+        } else {
+            (
+                treaty_tests::treatyd_bin(),
+                treaty_tests::bank_account_bin(),
+            )
+        };
+        let treatyd_bin = copy(treatyd_bin)?;
+        let bank_bin = copy(bank_bin)?;
+        // Power-cut mode: a lazyfs mount for treatyd's data and one for bank 0's.
+        let mut mounts = Vec::new();
+        if opts.power_cut {
+            let lazyfs = treaty_tests::lazyfs_bin();
+            for name in ["treatyd", &format!("bank{POWER_CUT_BANK}")] {
+                let backing = dir.join(format!("{name}.backing"));
+                let mnt = dir.join(name);
+                for d in [&backing, &mnt] {
+                    std::fs::create_dir_all(d)
+                        .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+                }
+                mounts.push(
+                    LazyFs::mount_with(&lazyfs, &backing, &mnt)
+                        .map_err(|e| format!("power-cut mode: {e}"))?,
+                );
+            }
+        }
+        let mut args: Vec<&str> = TREATYD_ARGS.to_vec();
+        if opts.retention {
+            args.extend(["--retention-secs", "1", "--gc-interval-secs", "1"]);
+        }
+        let env: Vec<(&str, &str)> = opts
+            .treatyd_failpoints
+            .as_deref()
+            .map(|f| ("FAILPOINTS", f))
+            .into_iter()
+            .collect();
+        let treatyd = Treatyd::start_from(treatyd_bin, &dir.join("treatyd"), &args, &env)?;
         let treatyd_uri = treatyd.uri();
         let mut banks = Vec::new();
         let mut bank_uris = Vec::new();
@@ -123,6 +201,8 @@ impl Cluster {
             proxies,
             accounts,
             openings,
+            opts: opts.clone(),
+            mounts,
         })
     }
 
@@ -163,6 +243,152 @@ pub struct FaultCounts {
     /// Per failpoint: how many times treatyd died there.
     pub failpoint_crashes: BTreeMap<String, u64>,
     pub proxy_faults: u64,
+    /// treatyd restarts with a sync failpoint after which it exited on its own (fail-stop).
+    pub sync_failstops: u64,
+    /// The same for bank instances.
+    pub bank_sync_failstops: u64,
+    /// treatyd restarts with a burst of transient EMFILE it rode out.
+    pub emfile_bursts: u64,
+    /// Power cuts (treatyd and bank 0 killed, unsynced writes dropped).
+    pub power_cuts: u64,
+    /// Unsynced bytes the power cuts dropped.
+    pub power_cut_bytes: u64,
+    /// Things that went wrong in a way only the nemesis can see (e.g. a process that did
+    /// not fail-stop on a failed fsync); reported as violations.
+    pub problems: Vec<String>,
+}
+
+/// Wait up to `bound` for `p` to exit; its status if it did.
+fn wait_exit(p: &mut treaty_tests::Proc, bound: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = p.exited() {
+            return Some(s);
+        }
+        if start.elapsed() >= bound {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A fail-stop is an exit with a failure status, not a clean exit and not a crash signal
+/// (a panic or abort would also stop, but says the error was not handled).
+fn fail_stopped(s: std::process::ExitStatus) -> bool {
+    s.code().is_some_and(|c| c != 0)
+}
+
+/// The nemesis's extra actions, by mode.
+#[derive(Clone, Copy, Debug)]
+enum Extra {
+    TreatydSyncFailure,
+    TreatydEmfileBurst,
+    BankSyncFailure,
+    PowerCut,
+}
+
+/// Do one extra action.
+fn extra(
+    cluster: &Cluster,
+    what: Extra,
+    rng: &mut StdRng,
+    t0: Instant,
+    counts: &mut FaultCounts,
+) -> Result<(), String> {
+    match what {
+        Extra::TreatydSyncFailure => {
+            let point = if rng.gen_bool(0.7) {
+                "treaty::sync::fsync_eio"
+            } else {
+                "treaty::sync::fsync_enospc"
+            };
+            let spec = format!("{point}={}*off->return", rng.gen_range(5..40));
+            let mut t = lock(&cluster.treatyd);
+            eprintln!("[chaos {}] SIGKILL treatyd, restart with {spec}", at(t0));
+            t.restart_with(&[("FAILPOINTS", &spec)])?;
+            counts.coordinator_kills += 1;
+            match wait_exit(&mut t.proc, Duration::from_secs(10)) {
+                Some(s) if fail_stopped(s) => {
+                    counts.sync_failstops += 1;
+                    eprintln!("[chaos {}] treatyd fail-stopped ({s}); restart", at(t0));
+                }
+                Some(s) => counts.problems.push(format!(
+                    "treatyd with {spec} exited with {s}: a failed fsync must stop it with a \
+                     failure status"
+                )),
+                None => eprintln!(
+                    "[chaos {}] {spec}: not reached in 10 s; SIGKILL, restart clean",
+                    at(t0)
+                ),
+            }
+            t.restart()?;
+        }
+        Extra::TreatydEmfileBurst => {
+            let spec = format!("treaty::sync::list_emfile={}*return", rng.gen_range(1..6));
+            let mut t = lock(&cluster.treatyd);
+            eprintln!("[chaos {}] SIGKILL treatyd, restart with {spec}", at(t0));
+            t.restart_with(&[("FAILPOINTS", &spec)])?;
+            counts.coordinator_kills += 1;
+            counts.emfile_bursts += 1;
+            // Transient: treatyd must ride it out and keep serving.
+            if let Some(s) = wait_exit(&mut t.proc, Duration::from_secs(2)) {
+                counts.problems.push(format!(
+                    "treatyd exited ({s}) on {spec}: EMFILE is transient and must be retried"
+                ));
+                t.restart()?;
+            }
+        }
+        Extra::BankSyncFailure => {
+            let i = rng.gen_range(0..cluster.banks.len());
+            let spec = format!(
+                "treaty::sync::fsync_eio={}*off->return",
+                rng.gen_range(3..30)
+            );
+            let mut b = lock(&cluster.banks[i]);
+            eprintln!("[chaos {}] SIGKILL bank {i}, restart with {spec}", at(t0));
+            b.restart_with(&[("FAILPOINTS", &spec)])?;
+            counts.participant_kills += 1;
+            match wait_exit(&mut b.proc, Duration::from_secs(5)) {
+                Some(s) if fail_stopped(s) => {
+                    counts.bank_sync_failstops += 1;
+                    eprintln!("[chaos {}] bank {i} fail-stopped ({s}); restart", at(t0));
+                }
+                Some(s) => counts.problems.push(format!(
+                    "bank {i} with {spec} exited with {s}: a failed fsync must stop it with a \
+                     failure status"
+                )),
+                // The SDK refuses every delivery once a sync failed but does not exit: the
+                // process stays up, answering errors, until it is restarted.
+                None => eprintln!(
+                    "[chaos {}] bank {i} {spec}: still running after 5 s; SIGKILL, restart clean",
+                    at(t0)
+                ),
+            }
+            b.restart()?;
+        }
+        Extra::PowerCut => {
+            let mut t = lock(&cluster.treatyd);
+            let mut b = lock(&cluster.banks[POWER_CUT_BANK]);
+            eprintln!(
+                "[chaos {}] power cut: SIGKILL treatyd and bank {POWER_CUT_BANK}, drop unsynced writes",
+                at(t0)
+            );
+            t.kill();
+            b.kill();
+            for m in &cluster.mounts {
+                let r = m
+                    .cut_power()
+                    .map_err(|e| format!("power cut on {}: {e}", m.mountpoint().display()))?;
+                counts.power_cut_bytes += r.bytes;
+            }
+            counts.power_cuts += 1;
+            counts.coordinator_kills += 1;
+            counts.participant_kills += 1;
+            t.restart()?;
+            b.restart()?;
+        }
+    }
+    Ok(())
 }
 
 /// Elapsed seconds since `t0`, for log lines.
@@ -176,7 +402,13 @@ fn at(t0: Instant) -> String {
 /// one of: SIGKILL a bank instance and restart it after up to 1.5 s; SIGKILL treatyd and
 /// restart it after up to 0.8 s; restart treatyd with the next failpoint armed, wait (up to
 /// 5 s) for it to die there, restart it clean; cut a proxy's connections; black-hole a proxy
-/// for 0.3 to 3 s; delay a proxy's traffic by 20 to 1200 ms for 0.5 to 3 s.
+/// for 0.3 to 3 s; delay a proxy's traffic by 20 to 1200 ms for 0.5 to 3 s. With extra modes
+/// on ([`Options`]), three steps in ten do one of the modes' actions instead, chosen evenly:
+/// restart treatyd with a failing fsync or fdatasync-ENOSPC after 5 to 40 good ones (it must
+/// exit with a failure status: fail-stop; then it is restarted clean and must recover),
+/// restart it with 1 to 5 EMFILE in a row on a directory listing (it must keep running),
+/// restart a bank instance with a failing fsync (it must fail-stop too), or cut the power:
+/// SIGKILL treatyd and bank 0, drop every unsynced write on both mounts, restart both.
 pub fn nemesis(
     cluster: &Cluster,
     seed: u64,
@@ -190,6 +422,17 @@ pub fn nemesis(
     let mut faulted: Vec<(usize, Instant)> = Vec::new();
     let mut next_failpoint = 0;
     let n = cluster.proxies.len();
+    let mut extras = Vec::new();
+    if cluster.opts.sync_faults {
+        extras.extend([
+            Extra::TreatydSyncFailure,
+            Extra::TreatydEmfileBurst,
+            Extra::BankSyncFailure,
+        ]);
+    }
+    if cluster.opts.power_cut {
+        extras.push(Extra::PowerCut);
+    }
     let result = (|| -> Result<(), String> {
         while Instant::now() < until && !abort.load(Ordering::Acquire) {
             let pause = Duration::from_millis(rng.gen_range(300..1500));
@@ -206,6 +449,11 @@ pub fn nemesis(
             });
             if now >= until {
                 break;
+            }
+            if !extras.is_empty() && rng.gen_bool(0.3) {
+                let what = extras[rng.gen_range(0..extras.len())];
+                extra(cluster, what, &mut rng, t0, &mut counts)?;
+                continue;
             }
             let roll = rng.gen_range(0..100);
             match roll {

@@ -20,22 +20,31 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 use treaty_proto::v1 as pb;
 use treaty_sdk::{Client, SdkError};
-use workload::Record;
+use workload::{Record, Reuse, Submitted, Told};
 
 /// Treaty chaos runner: a bank under concurrent 2PC and saga transfers while participants and
 /// the coordinator are SIGKILLed (at random moments and at every named failpoint) and their
 /// connections are cut, black-holed and delayed. Then every fault stops, every transaction must
 /// become terminal, and the bank is checked: total money unchanged, no negative balance a saga
 /// cannot explain, every transaction all-or-nothing by each branch's barrier rows, balances
-/// equal to the opening balances plus the committed transfers, nothing stuck or lost.
+/// equal to the opening balances plus the committed transfers, nothing stuck or lost, the
+/// outcome told to each client honoured, compensations in reverse step order.
+///
+/// Extra modes (any combination; `--all` turns every one on):
+/// `--sync-faults` (treatyd and banks restarted with a failing fsync, which must stop them,
+/// or a burst of EMFILE, which they must ride out), `--retention` (treatyd collects finished
+/// records after 1 s; finished gids are resubmitted with the same body, which must get the
+/// logged outcome, and with another, which must be refused), `--power-cut` (treatyd's and
+/// bank 0's data on treaty-lazyfs FUSE mounts; both are SIGKILLed and lose every unsynced
+/// write; needs fuse3 and root).
 ///
 /// The seed is printed first; `TREATY_SEED=<n>` replays the same fault schedule and the same
 /// transfers (timing, and so the interleaving, still varies). The last line of stdout is a
 /// JSON summary. Exit status: 0 when no violation, 1 when any (each printed with the seed and
 /// the gid), 2 when the cluster could not be started.
 ///
-/// Build it in release for long campaigns:
-/// `TREATY_CHAOS_SECS=600 cargo run --release -p treaty-tests --bin treaty-chaos`.
+/// The 30-minute campaign with every mode and nemesis at once (release build):
+/// `TREATY_CHAOS_SECS=1800 cargo run --release -p treaty-tests --bin treaty-chaos -- --all`
 #[derive(Parser, Debug)]
 #[command(name = "treaty-chaos", version)]
 struct Cli {
@@ -63,6 +72,29 @@ struct Cli {
     /// Run without faults (a baseline for the checker).
     #[arg(long)]
     no_faults: bool,
+    /// Every extra mode below at once (what a long campaign should run).
+    #[arg(long, env = "TREATY_CHAOS_ALL")]
+    all: bool,
+    /// Restart treatyd and bank instances with sync failpoints armed: a failing fsync (must
+    /// fail-stop) or a burst of EMFILE (must be ridden out).
+    #[arg(long)]
+    sync_faults: bool,
+    /// treatyd collects finished records after 1 s (`--retention-secs 1 --gc-interval-secs
+    /// 1`), and the workload resubmits finished gids with the same body and with another.
+    #[arg(long)]
+    retention: bool,
+    /// Put treatyd's and bank 0's data directories on treaty-lazyfs mounts, and cut the power
+    /// (SIGKILL both, drop every unsynced write) as a nemesis action. Needs FUSE.
+    #[arg(long)]
+    power_cut: bool,
+    /// Checker tests only: FAILPOINTS for every treatyd start (e.g.
+    /// `treaty::sync::fsync_eio=sleep(100)` to widen the window between a write and its sync).
+    #[arg(long, value_name = "SPEC")]
+    treatyd_failpoints: Option<String>,
+    /// Checker tests only: run treatyd and bank-account built with the deliberately broken
+    /// SledSync (`mutation-skip-fdatasync`), which the power-cut mode must catch.
+    #[arg(long)]
+    skip_fdatasync_mutant: bool,
     /// Directory to put the run's data directories in (a fresh subdirectory, removed at the
     /// end unless a violation was found) [default: the system temp dir].
     #[arg(long, value_name = "DIR")]
@@ -106,12 +138,21 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let opts = cluster::Options {
+        sync_faults: cli.all || cli.sync_faults,
+        retention: cli.all || cli.retention,
+        power_cut: cli.all || cli.power_cut,
+        treatyd_failpoints: cli.treatyd_failpoints.clone(),
+        skip_fdatasync_mutant: cli.skip_fdatasync_mutant,
+    };
+    eprintln!("treaty-chaos: modes {opts:?}");
     let cluster = Cluster::start(
         rt.handle(),
         dir.path(),
         cli.instances,
         cli.accounts,
         cli.opening,
+        &opts,
     )?;
     eprintln!(
         "treaty-chaos: treatyd {} ; banks {:?} behind proxies {:?} ; data in {}",
@@ -136,10 +177,12 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
                 seed,
                 w,
                 client.clone(),
+                cluster.treatyd_uri.clone(),
                 cluster.endpoints(),
                 cluster.accounts.clone(),
                 stop_at,
                 give_up_at,
+                opts.retention,
             ))
         })
         .collect();
@@ -148,12 +191,15 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
     let (faults, records) = std::thread::scope(|s| {
         let nemesis = (!cli.no_faults)
             .then(|| s.spawn(|| cluster::nemesis(&cluster, seed, t0, stop_at, &abort)));
-        let records: Result<Vec<Record>, String> = rt.block_on(async {
+        let records: Result<(Vec<Record>, Vec<Reuse>), String> = rt.block_on(async {
             let mut all = Vec::new();
+            let mut reuses = Vec::new();
             for w in workers {
-                all.extend(w.await.map_err(|e| format!("a client task failed: {e}"))?);
+                let log = w.await.map_err(|e| format!("a client task failed: {e}"))?;
+                all.extend(log.records);
+                reuses.extend(log.reuses);
             }
-            Ok(all)
+            Ok((all, reuses))
         });
         if records.is_err() {
             abort.store(true, std::sync::atomic::Ordering::Release);
@@ -166,7 +212,7 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
         };
         (faults, records)
     });
-    let records = records?;
+    let (records, reuses) = records?;
     let mut harness_problems = Vec::new();
     let faults = faults.unwrap_or_else(|e| {
         harness_problems.push(format!(
@@ -174,6 +220,7 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
         ));
         cluster::FaultCounts::default()
     });
+    harness_problems.extend(faults.problems.iter().cloned());
     if let Err(e) = cluster.heal() {
         harness_problems.push(format!("the cluster could not be healed: {e}"));
     }
@@ -184,7 +231,12 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
         cli.drain_secs
     );
 
-    let finals = rt.block_on(drain_all(&client, &records, stop_at + drain));
+    let finals = rt.block_on(drain_all(
+        &client,
+        &cluster.treatyd_uri,
+        &records,
+        stop_at + drain,
+    ));
     eprintln!(
         "[chaos {:6.1}s] coordinator states read; reading the banks and checking",
         t0.elapsed().as_secs_f64()
@@ -192,6 +244,7 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
     let (rows, balances) = rt.block_on(read_banks(&cluster.bank_uris))?;
     let mut verdict = check::check(
         &records,
+        &reuses,
         &cluster.openings,
         &Observed {
             finals,
@@ -216,6 +269,12 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
         );
     }
     let unknown_answers: u64 = records.iter().map(|r| r.unknown_answers as u64).sum();
+    let told = |t: Told| {
+        records
+            .iter()
+            .filter(|r| r.submitted == Submitted::Accepted(t))
+            .count()
+    };
     let summary = serde_json::json!({
         "seed": seed,
         "transactions": records.len(),
@@ -231,6 +290,22 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
         "unknown_outcome_resubmits": unknown_answers,
         "compensated_saga_credits": verdict.compensated_credits,
         "negative_accounts_explained_by_sagas": verdict.negative_accounts,
+        "told_committed": told(Told::Committed),
+        "told_aborted": told(Told::Aborted),
+        "told_pending": told(Told::Pending),
+        "sync_failstops": faults.sync_failstops,
+        "bank_sync_failstops": faults.bank_sync_failstops,
+        "emfile_bursts": faults.emfile_bursts,
+        "power_cuts": faults.power_cuts,
+        "power_cut_bytes_lost": faults.power_cut_bytes,
+        "reuse_same_body": verdict.reuse_same,
+        "reuse_other_body_refused": verdict.reuse_refused,
+        "reuse_unanswered": verdict.reuse_unanswered,
+        "modes": {
+            "sync_faults": opts.sync_faults,
+            "retention": opts.retention,
+            "power_cut": opts.power_cut,
+        },
         "chaos_secs": cli.secs,
         "elapsed_secs": (t0.elapsed().as_secs_f64() * 10.0).round() / 10.0,
     });
@@ -253,14 +328,23 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
 /// [`DRAIN_TASKS`] concurrent tasks: a long campaign has tens of thousands.
 async fn drain_all(
     client: &Client,
+    treatyd_uri: &str,
     records: &[Record],
     deadline: Instant,
 ) -> HashMap<String, Final> {
+    let raw = tonic::transport::Channel::from_shared(treatyd_uri.to_string())
+        .ok()
+        .map(|c| pb::coordinator_client::CoordinatorClient::new(c.connect_lazy()));
     let gids: Vec<String> = records.iter().map(|r| r.transfer.gid.clone()).collect();
     let mut tasks = Vec::with_capacity(DRAIN_TASKS);
     for k in 0..DRAIN_TASKS {
         let mine: Vec<String> = gids.iter().skip(k).step_by(DRAIN_TASKS).cloned().collect();
-        tasks.push(tokio::spawn(drain_some(client.clone(), mine, deadline)));
+        tasks.push(tokio::spawn(drain_some(
+            client.clone(),
+            raw.clone(),
+            mine,
+            deadline,
+        )));
     }
     let mut finals = HashMap::with_capacity(gids.len());
     for t in tasks {
@@ -277,6 +361,7 @@ const DRAIN_TASKS: usize = 16;
 
 async fn drain_some(
     client: Client,
+    mut raw: Option<pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>>,
     mut pending: Vec<String>,
     deadline: Instant,
 ) -> Vec<(String, Final)> {
@@ -297,7 +382,34 @@ async fn drain_some(
                 Err(SdkError::Rejected {
                     code: tonic::Code::NotFound,
                     ..
-                }) => finals.push((gid, Final::NotFound)),
+                }) => {
+                    // Retention may have replaced the record by a tombstone: `Outcome`
+                    // answers from it (`known`).
+                    let Some(raw) = raw.as_mut() else {
+                        finals.push((gid, Final::NotFound));
+                        continue;
+                    };
+                    match raw.outcome(pb::OutcomeRequest { gid: gid.clone() }).await {
+                        Ok(o) => {
+                            let o = o.into_inner();
+                            let fin = match (o.known, o.outcome()) {
+                                (false, _) => Final::NotFound,
+                                (true, pb::Outcome::Committed) => Final::Committed,
+                                (true, pb::Outcome::Aborted) => Final::Aborted,
+                                (true, other) => {
+                                    last.insert(gid.clone(), format!("Outcome {other:?}"));
+                                    still.push(gid);
+                                    continue;
+                                }
+                            };
+                            finals.push((gid, fin));
+                        }
+                        Err(e) => {
+                            last.insert(gid.clone(), format!("Outcome unreadable: {e}"));
+                            still.push(gid);
+                        }
+                    }
+                }
                 Err(e) => {
                     last.insert(gid.clone(), format!("unreadable: {e}"));
                     still.push(gid);

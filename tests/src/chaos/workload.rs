@@ -10,6 +10,12 @@
 //! far longer than any fault, a few a short one on purpose (that path must be exercised too,
 //! and the checker accounts for it precisely).
 //!
+//! With `reuse` on (the retention mode, where treatyd collects finished records after a
+//! second), a worker sometimes resubmits the gid of one of its finished transfers instead of a
+//! new one: once with the same body (the coordinator must answer the logged outcome with
+//! `existing = true`, and nothing may run again) and once with a different body (it must be
+//! refused with ALREADY_EXISTS). What it was answered is kept in a [`Reuse`] for the checker.
+//!
 //! About one transfer in ten is **doomed**: its last debit asks for more money than exists,
 //! so it must abort. Doomed sagas have three debits, so two steps have run when the third
 //! fails and two compensations are due (the case a "skip one compensation" bug gets wrong).
@@ -18,7 +24,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::time::{Duration, Instant};
 use treaty_examples::bank::Leg as Payload;
-use treaty_sdk::{Client, SdkError};
+use treaty_proto::v1 as pb;
+use treaty_sdk::{Client, Outcome, SdkError};
 
 /// More money than the whole bank holds: a debit of this much always fails.
 pub const DOOM: i64 = 1_000_000_000_000;
@@ -71,11 +78,30 @@ pub struct Transfer {
     pub doomed: bool,
 }
 
+/// The outcome `submit_and_wait` told the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Told {
+    Committed,
+    Aborted,
+    /// The wait bound passed first: nothing promised.
+    Pending,
+}
+
+impl From<Outcome> for Told {
+    fn from(o: Outcome) -> Told {
+        match o {
+            Outcome::Committed => Told::Committed,
+            Outcome::Aborted => Told::Aborted,
+            _ => Told::Pending,
+        }
+    }
+}
+
 /// What the client was told when it submitted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Submitted {
-    /// `Begin` answered: the transaction is durably recorded.
-    Accepted,
+    /// `Begin` answered: the transaction is durably recorded, and its outcome is as told.
+    Accepted(Told),
     /// No answer even after resubmitting until the give-up time: may or may not exist.
     Unknown,
     /// The coordinator said no: nothing may have been applied.
@@ -147,8 +173,101 @@ pub fn generate(rng: &mut StdRng, accounts: &[Account], gid: String) -> Transfer
     }
 }
 
-/// Submit once; `Ok(())` when `Begin` answered.
-async fn submit_once(client: &Client, t: &Transfer, endpoints: &[String]) -> Result<(), SdkError> {
+/// A resubmission of a finished transfer's gid, and what the coordinator answered.
+#[derive(Clone, Debug)]
+pub struct Reuse {
+    pub gid: String,
+    /// The same definition as the first submission (else: the first leg's amount changed).
+    pub same_body: bool,
+    pub answer: ReuseAnswer,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReuseAnswer {
+    /// `Begin` answered.
+    Answered { existing: bool, told: Told },
+    /// ALREADY_EXISTS.
+    GidExists,
+    /// Any other status (the coordinator was down, a timeout): says nothing.
+    Failed(String),
+}
+
+/// The `Begin` request the SDK sends for `t` (same fields, same order), with `wait`, built
+/// by hand so that the answer's `existing` flag can be read. `bump` changes the first leg's
+/// amount: another definition for the same gid.
+fn begin_request(t: &Transfer, endpoints: &[String], bump: bool) -> pb::BeginRequest {
+    let branches = t
+        .legs
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut leg = l.clone();
+            if bump && i == 0 {
+                leg.amount += leg.amount.signum();
+            }
+            let payload = bytes::Bytes::from(leg.payload());
+            pb::Branch {
+                endpoint: endpoints[l.account.inst].clone(),
+                handler: l.handler(t.mode).to_string(),
+                payload: payload.clone(),
+                compensation_payload: match t.mode {
+                    Mode::TwoPhase => bytes::Bytes::new(),
+                    Mode::Saga => payload,
+                },
+            }
+        })
+        .collect();
+    pb::BeginRequest {
+        gid: t.gid.clone(),
+        mode: match t.mode {
+            Mode::TwoPhase => pb::Mode::TwoPhase as i32,
+            Mode::Saga => pb::Mode::Saga as i32,
+        },
+        branches,
+        deadline_ms: t.deadline.as_millis().max(1) as u64,
+        retry: None,
+        wait: true,
+        wait_timeout_ms: SUBMIT_WAIT.as_millis() as u64,
+    }
+}
+
+/// Resubmit a finished transfer's gid, with its own body or another one.
+async fn resubmit(
+    raw: &mut pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    t: &Transfer,
+    endpoints: &[String],
+    same_body: bool,
+) -> Reuse {
+    let mut req = tonic::Request::new(begin_request(t, endpoints, !same_body));
+    req.set_timeout(SUBMIT_WAIT + Duration::from_secs(2));
+    let answer = match raw.begin(req).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            ReuseAnswer::Answered {
+                existing: r.existing,
+                told: match r.outcome() {
+                    pb::Outcome::Committed => Told::Committed,
+                    pb::Outcome::Aborted => Told::Aborted,
+                    _ => Told::Pending,
+                },
+            }
+        }
+        Err(s) if s.code() == tonic::Code::AlreadyExists => ReuseAnswer::GidExists,
+        Err(s) => ReuseAnswer::Failed(format!("{:?}: {}", s.code(), s.message())),
+    };
+    Reuse {
+        gid: t.gid.clone(),
+        same_body,
+        answer,
+    }
+}
+
+/// Submit once; the outcome told when `Begin` answered.
+async fn submit_once(
+    client: &Client,
+    t: &Transfer,
+    endpoints: &[String],
+) -> Result<Outcome, SdkError> {
     match t.mode {
         Mode::TwoPhase => {
             let mut b = client.two_phase().gid(&t.gid).deadline(t.deadline);
@@ -159,7 +278,7 @@ async fn submit_once(client: &Client, t: &Transfer, endpoints: &[String]) -> Res
                     l.payload(),
                 );
             }
-            b.submit_and_wait(SUBMIT_WAIT).await.map(|_| ())
+            b.submit_and_wait(SUBMIT_WAIT).await
         }
         Mode::Saga => {
             let mut b = client.saga().gid(&t.gid).deadline(t.deadline);
@@ -171,7 +290,7 @@ async fn submit_once(client: &Client, t: &Transfer, endpoints: &[String]) -> Res
                     l.payload(),
                 );
             }
-            b.submit_and_wait(SUBMIT_WAIT).await.map(|_| ())
+            b.submit_and_wait(SUBMIT_WAIT).await
         }
     }
 }
@@ -188,7 +307,7 @@ pub async fn submit(
     let mut unknown_answers = 0;
     let submitted = loop {
         match submit_once(client, &t, endpoints).await {
-            Ok(()) => break Submitted::Accepted,
+            Ok(outcome) => break Submitted::Accepted(outcome.into()),
             Err(SdkError::Rejected { code, message }) => {
                 break Submitted::Rejected(format!("{code:?}: {message}"))
             }
@@ -212,26 +331,70 @@ pub async fn submit(
     }
 }
 
+/// What one client did.
+#[derive(Default)]
+pub struct WorkerLog {
+    pub records: Vec<Record>,
+    pub reuses: Vec<Reuse>,
+}
+
+/// A finished transfer old enough for retention (1 s, collected every second) to have
+/// replaced its record by a tombstone, most of the time.
+const REUSE_AGE: Duration = Duration::from_millis(2500);
+
 /// One client: transfers one after the other until `stop_at`, each resolved (or given up at
-/// `give_up_at`). Its random choices come from `seed` alone.
+/// `give_up_at`). With `reuse`, one turn in five resubmits an old finished gid instead (see
+/// the module doc). Its random choices come from `seed` alone.
+#[allow(clippy::too_many_arguments)]
 pub async fn worker(
     seed: u64,
     worker: usize,
     client: Client,
+    treatyd_uri: String,
     endpoints: Vec<String>,
     accounts: Vec<Account>,
     stop_at: Instant,
     give_up_at: Instant,
-) -> Vec<Record> {
+    reuse: bool,
+) -> WorkerLog {
     let mut rng =
         StdRng::seed_from_u64(seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(worker as u64 + 1)));
-    let mut out = Vec::new();
+    let mut out = WorkerLog::default();
+    // Indexes into out.records of finished transfers, with when they finished.
+    let mut finished: Vec<(usize, Instant)> = Vec::new();
+    let mut raw = tonic::transport::Channel::from_shared(treatyd_uri)
+        .ok()
+        .map(|c| pb::coordinator_client::CoordinatorClient::new(c.connect_lazy()));
     let mut k = 0u64;
     while Instant::now() < stop_at {
+        if reuse && rng.gen_bool(0.2) {
+            let old: Vec<usize> = finished
+                .iter()
+                .filter(|(_, at)| at.elapsed() >= REUSE_AGE)
+                .map(|&(i, _)| i)
+                .collect();
+            if let (false, Some(raw)) = (old.is_empty(), raw.as_mut()) {
+                let i = old[rng.gen_range(0..old.len())];
+                let t = out.records[i].transfer.clone();
+                let same_first = rng.gen_bool(0.5);
+                for same_body in [same_first, !same_first] {
+                    out.reuses
+                        .push(resubmit(raw, &t, &endpoints, same_body).await);
+                }
+                continue;
+            }
+        }
         let gid = format!("chaos-{seed}-w{worker}-{k}");
         k += 1;
         let t = generate(&mut rng, &accounts, gid);
-        out.push(submit(&client, t, &endpoints, &mut rng, give_up_at).await);
+        let r = submit(&client, t, &endpoints, &mut rng, give_up_at).await;
+        if matches!(
+            r.submitted,
+            Submitted::Accepted(Told::Committed | Told::Aborted)
+        ) {
+            finished.push((out.records.len(), Instant::now()));
+        }
+        out.records.push(r);
     }
     out
 }

@@ -97,6 +97,12 @@ pub enum SdkError {
     /// The participant's gRPC server failed while serving (for example, the listener broke).
     #[error("participant server failed: {0}; restart it")]
     Serve(#[source] tonic::transport::Error),
+
+    /// The participant's storage can no longer promise durability (an fsync failed), so it
+    /// stopped serving (fail-stop). Restart the process: sled recovers from disk, and every
+    /// operation not answered is delivered again.
+    #[error("participant stopped: {0}; restart the process to recover from disk")]
+    DurabilityLost(String),
 }
 
 impl From<sled::Error> for SdkError {

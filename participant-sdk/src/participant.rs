@@ -355,6 +355,7 @@ impl ParticipantBuilder {
                 coordinator_clients: tokio::sync::Mutex::new(HashMap::new()),
                 in_doubt_after: self.in_doubt_after,
                 first_round_done: AtomicBool::new(false),
+                fatal: tokio::sync::watch::channel(None).0,
             }),
         })
     }
@@ -378,6 +379,9 @@ struct Inner {
     /// Until one resolver round completed, every prepared branch counts as in doubt, whatever
     /// its age: after a restart nobody else may ever tell us.
     first_round_done: AtomicBool,
+    /// Set once a barrier row could not be made durable (the sync is poisoned): from then on
+    /// the participant must stop and restart (fail-stop, see [`Participant::failed`]).
+    fatal: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl std::fmt::Debug for Participant {
@@ -424,16 +428,49 @@ impl Participant {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), SdkError> {
         let resolver = self.spawn_in_doubt_resolver();
+        let me = self.clone();
+        let failed = async move { me.failed().await };
         let res = tonic::transport::Server::builder()
-            .add_service(self.into_service())
+            .add_service(self.clone().into_service())
             .serve_with_incoming_shutdown(
                 // Nagle off: small HTTP/2 frames must not wait for delayed ACKs.
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                shutdown,
+                async move {
+                    tokio::select! {
+                        _ = shutdown => {}
+                        _ = failed => {}
+                    }
+                },
             )
             .await;
         resolver.abort();
+        if let Some(why) = self.inner.fatal.borrow().clone() {
+            return Err(SdkError::DurabilityLost(why));
+        }
         res.map_err(SdkError::Serve)
+    }
+
+    /// Why this participant stopped, once it can no longer make barrier rows durable (an
+    /// fsync failed: the sync is poisoned, and as after fsyncgate nothing written since can
+    /// be vouched for). Every delivery is then answered RETRY; the process must stop and
+    /// restart (sled recovers from disk). `None` while all is well.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.fatal.borrow().clone()
+    }
+
+    /// Resolves, with the reason, once [`Participant::failure`] is set.
+    /// [`Participant::serve`] then returns [`SdkError::DurabilityLost`] by itself; when you
+    /// serve [`Participant::into_service`] in your own server, stop it when this resolves.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.inner.fatal.subscribe();
+        loop {
+            if let Some(why) = rx.borrow_and_update().clone() {
+                return why;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Starts the in-doubt resolver task (a round now, then every `in_doubt_after / 2`).
@@ -651,6 +688,16 @@ impl Participant {
             // sync, and this one must not overtake it.
             if let Err(e) = self.inner.sync.sync().await {
                 tracing::error!(gid = %gid, branch_id, error = %e, "making the barrier row durable failed");
+                // Any sync error is fatal (the sync is poisoned): nothing this process
+                // answers can be vouched for any more.
+                self.inner.fatal.send_if_modified(|f| {
+                    if f.is_some() {
+                        return false;
+                    }
+                    tracing::error!(error = %e, "participant storage lost durability: stop this process and restart it (fail-stop); sled recovers from disk");
+                    *f = Some(format!("a barrier row could not be made durable: {e}"));
+                    true
+                });
                 return Verdict::Retry(format!(
                     "{op} recorded {answer:?} but it could not be made durable: {e}; retry"
                 ));

@@ -627,3 +627,63 @@ async fn a_panicking_shard_stops_treatyd() {
         "a dead shard stops the process: {status:?}"
     );
 }
+
+/// Issue 8, failure 1 on the participant side: a bank instance whose barrier row cannot be
+/// made durable (fsync EIO, failpoint) stops serving and exits with an error (fail-stop)
+/// instead of staying up; after a restart the transaction completes on the disk's truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_whose_fsync_fails_stops_and_recovers_on_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let treatyd = Treatyd::start(
+        &dir.path().join("treatyd"),
+        &["--initial-backoff-ms", "20", "--max-backoff-ms", "200"],
+        &[],
+    )
+    .expect("treatyd");
+    let a = BankAccount::start(&dir.path().join("a"), &treatyd.uri(), "alice=100").expect("a");
+    let mut b = BankAccount::start_from(
+        treaty_tests::bank_account_bin_with("failpoints"),
+        &dir.path().join("b"),
+        &treatyd.uri(),
+        "bob=50",
+    )
+    .expect("b");
+    b.restart_with(&[("FAILPOINTS", "treaty::sync::fsync_eio=return")])
+        .expect("b with the failpoint");
+    let client = Client::connect(treatyd.uri()).await.expect("connect");
+    let gid = client
+        .two_phase()
+        .branch(a.uri(), "debit", payload("alice", 10))
+        .branch(b.uri(), "credit", payload("bob", 10))
+        .deadline(Duration::from_secs(60))
+        .submit()
+        .await
+        .expect("begin");
+    let status = wait_until(
+        "bob's service to fail-stop",
+        Duration::from_secs(20),
+        || {
+            let exited = b.proc.exited();
+            async move { exited }
+        },
+    )
+    .await;
+    assert!(
+        !status.success(),
+        "a failed fsync stops the participant: {status:?}"
+    );
+    b.restart().expect("b restarts clean");
+    let bank = Bank {
+        _dir: dir,
+        treatyd,
+        a,
+        b,
+        client,
+    };
+    let state = bank.terminal(&gid).await;
+    match state {
+        pb::TxState::Committed => assert_eq!(bank.balances().await, (90, 0, 60, 0)),
+        pb::TxState::Aborted => assert_eq!(bank.balances().await, (100, 0, 50, 0)),
+        other => panic!("not terminal: {other:?}"),
+    }
+}

@@ -62,12 +62,25 @@ async fn run(cli: Cli) -> Result<(), String> {
     let _ = std::io::stdout().flush();
     let resolver = inst.participant.spawn_in_doubt_resolver();
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let participant = inst.participant.clone();
     let result = tonic::transport::Server::builder()
         .add_service(inst.participant.clone().into_service())
         .add_service(inst.bank_service())
-        .serve_with_incoming_shutdown(incoming, shutdown())
+        .serve_with_incoming_shutdown(incoming, async move {
+            // Fail-stop: once a barrier row cannot be made durable, stop serving and exit
+            // with an error, so a supervisor restarts us and sled recovers from disk.
+            tokio::select! {
+                _ = shutdown() => {}
+                why = participant.failed() => eprintln!("bank-account: {why}"),
+            }
+        })
         .await;
     resolver.abort();
+    if let Some(why) = inst.participant.failure() {
+        return Err(format!(
+            "stopped: {why}; restart to recover from the data directory"
+        ));
+    }
     result.map_err(|e| format!("server failed: {e}"))?;
     inst.db
         .flush()

@@ -95,12 +95,7 @@ pub fn to_proto(rec: &TxRecord) -> pb::LogRecord {
 
 /// The engine form of a decoded `LogRecord`, refusing what [`decode`] refuses.
 pub fn from_proto(msg: pb::LogRecord) -> Result<TxRecord, DecodeError> {
-    if msg.format_version != treaty_proto::LOG_FORMAT_VERSION {
-        return Err(DecodeError::UnknownVersion {
-            found: msg.format_version,
-            supported: treaty_proto::LOG_FORMAT_VERSION,
-        });
-    }
+    check_version(msg.format_version)?;
     if msg.gid.is_empty() {
         return Err(invalid("gid", "empty"));
     }
@@ -174,12 +169,7 @@ pub fn encode_tombstone(t: &Tombstone) -> Vec<u8> {
 /// Decodes bytes written by [`encode_tombstone`]. Never panics on bad input.
 pub fn decode_tombstone(bytes: &[u8]) -> Result<Tombstone, DecodeError> {
     let msg = pb::Tombstone::decode(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    if msg.format_version != treaty_proto::LOG_FORMAT_VERSION {
-        return Err(DecodeError::UnknownVersion {
-            found: msg.format_version,
-            supported: treaty_proto::LOG_FORMAT_VERSION,
-        });
-    }
+    check_version(msg.format_version)?;
     if msg.gid.is_empty() {
         return Err(invalid("gid", "empty"));
     }
@@ -215,16 +205,22 @@ pub fn encode_meta(log_id: &str, created_unix_ms: u64) -> Vec<u8> {
 /// The log id in bytes written by [`encode_meta`].
 pub fn decode_meta(bytes: &[u8]) -> Result<String, DecodeError> {
     let msg = pb::LogMeta::decode(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    if msg.format_version != treaty_proto::LOG_FORMAT_VERSION {
-        return Err(DecodeError::UnknownVersion {
-            found: msg.format_version,
-            supported: treaty_proto::LOG_FORMAT_VERSION,
-        });
-    }
+    check_version(msg.format_version)?;
     if uuid::Uuid::parse_str(&msg.log_id).is_err() {
         return Err(invalid("log_id", format!("not a UUID: {:?}", msg.log_id)));
     }
     Ok(msg.log_id)
+}
+
+/// Refuses a format this build does not read (a newer treatyd, or a missing version).
+fn check_version(found: u32) -> Result<(), DecodeError> {
+    if found != treaty_proto::LOG_FORMAT_VERSION {
+        return Err(DecodeError::UnknownVersion {
+            found,
+            supported: treaty_proto::LOG_FORMAT_VERSION,
+        });
+    }
+    Ok(())
 }
 
 fn invalid(field: &str, reason: impl ToString) -> DecodeError {

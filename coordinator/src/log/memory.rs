@@ -18,7 +18,7 @@
 //! are already ready.
 
 use super::codec;
-use super::{ListFilter, ListPage, LogError, LogStats, LogStore, LIST_SCANNED_PER_RESULT_MAX};
+use super::{ListFilter, ListPage, LogError, LogStats, LogStore};
 use crate::engine::types::{Phase, Tombstone, TxRecord};
 use futures::future::{BoxFuture, FutureExt};
 use std::collections::BTreeMap;
@@ -372,27 +372,13 @@ impl LogStore for MemoryLog {
         use std::ops::Bound;
         let st = self.lock();
         let upper = cursor.map_or(Bound::Unbounded, Bound::Excluded);
-        let scan_max = limit.max(1).saturating_mul(LIST_SCANNED_PER_RESULT_MAX);
-        let mut page = ListPage::default();
-        let mut last = None;
-        for (scanned, (gid, b)) in st
+        let entries = st
             .visible
             .records
             .range::<str, _>((Bound::Unbounded, upper))
             .rev()
-            .enumerate()
-        {
-            if page.records.len() >= limit || scanned >= scan_max {
-                page.next_cursor = last;
-                return Ok(page);
-            }
-            last = Some(gid.clone());
-            let rec = decode(gid, b)?;
-            if filter.matches(&rec) {
-                page.records.push(rec);
-            }
-        }
-        Ok(page)
+            .map(|(gid, b)| Ok((gid.clone(), Some(decode(gid, b)?))));
+        super::list_page(entries, filter, limit)
     }
 
     fn collect_ended(

@@ -113,6 +113,32 @@ pub struct ListPage {
 /// selective filter over a large log costs a bounded amount of work per call.
 pub const LIST_SCANNED_PER_RESULT_MAX: usize = 100;
 
+/// One page of [`LogStore::list`] from index entries in descending gid order, each a gid and
+/// its record (`None` for a stale index entry): at most `limit` matches, at most
+/// `limit * LIST_SCANNED_PER_RESULT_MAX` entries examined, the cursor at the last one
+/// examined, or `None` when the entries ran out. Every backend pages through this.
+pub(crate) fn list_page(
+    entries: impl Iterator<Item = Result<(String, Option<TxRecord>), LogError>>,
+    filter: &ListFilter,
+    limit: usize,
+) -> Result<ListPage, LogError> {
+    let scan_max = limit.max(1).saturating_mul(LIST_SCANNED_PER_RESULT_MAX);
+    let mut page = ListPage::default();
+    let mut last = None;
+    for (scanned, entry) in entries.enumerate() {
+        if page.records.len() >= limit || scanned >= scan_max {
+            page.next_cursor = last;
+            return Ok(page);
+        }
+        let (gid, rec) = entry?;
+        last = Some(gid);
+        if let Some(rec) = rec.filter(|r| filter.matches(r)) {
+            page.records.push(rec);
+        }
+    }
+    Ok(page)
+}
+
 /// Storage for transaction records. Cheap to share (`Arc<dyn LogStore>`).
 pub trait LogStore: Send + Sync + 'static {
     /// The identity of this log: a UUID created with it, never changed. Participants trust

@@ -52,7 +52,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use treaty_sdk::durable::SledSync;
 
-use super::{ListPage, LIST_SCANNED_PER_RESULT_MAX};
+use super::ListPage;
 
 /// [`LogStore::collect_ended`] examines at most `max * COLLECT_SCANNED_PER_DELETE_MAX +
 /// COLLECT_SCANNED_EXTRA` index entries: stale entries (left by a crash or a rewritten
@@ -441,29 +441,17 @@ impl LogStore for SledLog {
             Some(c) => index.range(..c.as_bytes()),
             None => index.iter(),
         };
-        let scan_max = limit.max(1).saturating_mul(LIST_SCANNED_PER_RESULT_MAX);
-        let mut page = ListPage::default();
-        let mut last = None;
-        for (scanned, entry) in iter.rev().enumerate() {
-            if page.records.len() >= limit || scanned >= scan_max {
-                page.next_cursor = last;
-                return Ok(page);
-            }
+        let entries = iter.rev().map(|entry| {
             let (key, _) = entry.map_err(|e| self.sled_err("listing records", e))?;
             let gid = self.key_gid(&key)?;
-            last = Some(gid.clone());
             let bytes = self
                 .tx
                 .get(&key)
                 .map_err(|e| self.sled_err(&format!("reading gid {gid:?}"), e))?;
-            let Some(bytes) = bytes else { continue };
-            let rec = self.decode(&gid, &bytes)?;
-            if filter.matches(&rec) {
-                page.records.push(rec);
-            }
-        }
-        // The scan reached the end: no cursor.
-        Ok(page)
+            let rec = bytes.map(|b| self.decode(&gid, &b)).transpose()?;
+            Ok((gid, rec))
+        });
+        super::list_page(entries, filter, limit)
     }
 
     fn collect_ended(

@@ -447,7 +447,7 @@ fn has(o: &Ops, op: &str, answer: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chaos::workload::{Leg, Transfer};
+    use crate::workload::{Leg, Transfer};
     use std::time::Duration;
 
     fn acct(inst: usize, name: &str) -> Account {

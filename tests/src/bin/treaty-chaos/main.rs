@@ -1,4 +1,17 @@
-//! The chaos runner: command line, the run (start, load + faults, drain, check), the summary.
+//! `treaty-chaos`: the chaos runner. A bank (several `bank-account` processes, each behind a
+//! fault proxy) under a stream of concurrent 2PC and saga transfers driven by `treatyd`, while
+//! a seeded nemesis SIGKILLs participants and the coordinator (also at each named failpoint)
+//! and cuts, black-holes and delays connections. Then the faults stop, every transaction must
+//! end, and the bank is checked (see `check.rs` for the invariants). Extra modes:
+//! `--sync-faults`, `--retention`, `--power-cut`; `--all` runs every one of them at once.
+//!
+//! ```text
+//! TREATY_SEED=42 TREATY_CHAOS_SECS=600 cargo run --release -p treaty-tests --bin treaty-chaos
+//! # the long campaign: every mode and nemesis together
+//! TREATY_CHAOS_SECS=1800 cargo run --release -p treaty-tests --bin treaty-chaos -- --all
+//! ```
+//!
+//! This file: the command line, the run (start, load + faults, drain, check), the summary.
 //!
 //! - [`cluster`]: the processes (treatyd, bank instances), the proxies, and the nemesis that
 //!   kills, crashes at failpoints and cuts connections.

@@ -5,7 +5,8 @@
 //!   inert unless armed through `FAILPOINTS`).
 //! - [`Proc`] is a child process that is killed (SIGKILL) and reaped when dropped, so a failing
 //!   test leaves nothing running. It waits for the child's "listening on <addr>" line to learn
-//!   the OS-assigned port.
+//!   the OS-assigned port, and can keep the child's stderr lines for a runner to parse. The
+//!   tests, `treaty-chaos` and `treaty-bench` all start their processes with it.
 //! - [`Treatyd`] and [`BankAccount`] start the daemon and the bank example's account service on
 //!   127.0.0.1 in a temporary directory, and can be killed and restarted on the same address.
 //! - [`wait_until`] polls a condition with a bound: tests never sleep to synchronize.
@@ -17,7 +18,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The workspace root (this crate lives in `<root>/tests`).
@@ -30,7 +31,16 @@ pub fn workspace_root() -> PathBuf {
 
 /// Build `bin` of `package` (with `features`) in the current profile and return its path.
 /// Builds happen once per process per binary; cargo makes them no-ops when fresh.
+///
+/// # Panics
+/// When the build fails (tests cannot go on without the binary); [`try_binary`] returns the
+/// error instead.
 pub fn binary(package: &str, bin: &str, features: &str) -> PathBuf {
+    try_binary(package, bin, features).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`binary`], returning the build error (for the runners, which report it and exit).
+pub fn try_binary(package: &str, bin: &str, features: &str) -> Result<PathBuf, String> {
     static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
     let key = format!("{package}/{bin}/{features}");
     let mut built = BUILT
@@ -38,7 +48,7 @@ pub fn binary(package: &str, bin: &str, features: &str) -> PathBuf {
         .lock()
         .unwrap_or_else(|p| p.into_inner());
     if let Some(p) = built.get(&key) {
-        return p.clone();
+        return Ok(p.clone());
     }
     let mut build = escargot::CargoBuild::new()
         .manifest_path(workspace_root().join("Cargo.toml"))
@@ -50,10 +60,10 @@ pub fn binary(package: &str, bin: &str, features: &str) -> PathBuf {
     }
     let run = build
         .run()
-        .unwrap_or_else(|e| panic!("cannot build {package}/{bin}: {e}"));
+        .map_err(|e| format!("cannot build {package}/{bin}: {e}"))?;
     let path = run.path().to_path_buf();
     built.insert(key, path.clone());
-    path
+    Ok(path)
 }
 
 /// The `treatyd` binary used by tests (with failpoints compiled in, unarmed by default).
@@ -77,24 +87,96 @@ pub fn lazyfs_bin() -> PathBuf {
     binary("treaty-lazyfs", "treaty-lazyfs", "")
 }
 
+/// What a [`Proc`] does with its child's stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stderr {
+    /// Inherited: the child writes straight to ours (visible when a test fails).
+    Inherit,
+    /// Read line by line and kept (bounded) for [`Proc::wait_line`], for log lines a runner
+    /// parses; lines that look like warnings, errors or panics are echoed with the child's
+    /// name.
+    Keep,
+}
+
+/// One line of a child's stderr, with the time it was read.
+struct Line {
+    at: Instant,
+    text: String,
+}
+
+/// Lines kept per child at most: a runner parses a few lines, not a flood.
+const KEPT_LINES_MAX: usize = 10_000;
+
 /// A child process killed with SIGKILL and reaped on drop.
 pub struct Proc {
     child: Option<Child>,
     /// The address the process reported it listens on.
     pub addr: SocketAddr,
+    /// When the process was started.
+    pub spawned_at: Instant,
+    /// When its `listening on <addr>` line was read.
+    pub listening_at: Instant,
     name: String,
+    lines: Arc<Mutex<Vec<Line>>>,
 }
 
 impl Proc {
+    /// A handle with no process yet (replaced by a spawned one before use).
+    fn none(name: &str) -> Proc {
+        let now = Instant::now();
+        Proc {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            spawned_at: now,
+            listening_at: now,
+            name: name.to_string(),
+            lines: Arc::default(),
+        }
+    }
+
     /// Start `cmd` and wait (up to `bound`) for a stdout line containing `listening on <addr>`.
     /// Its later stdout is drained on a thread; stderr is inherited (visible on failure).
-    pub fn spawn(name: &str, mut cmd: Command, bound: Duration) -> Result<Proc, String> {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+    pub fn spawn(name: &str, cmd: Command, bound: Duration) -> Result<Proc, String> {
+        Proc::spawn_with(name, cmd, bound, Stderr::Inherit)
+    }
+
+    /// [`Proc::spawn`], with the child's stderr handled as `stderr` says.
+    pub fn spawn_with(
+        name: &str,
+        mut cmd: Command,
+        bound: Duration,
+        stderr: Stderr,
+    ) -> Result<Proc, String> {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+        cmd.stderr(match stderr {
+            Stderr::Inherit => Stdio::inherit(),
+            Stderr::Keep => Stdio::piped(),
+        });
+        let mut proc = Proc::none(name);
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {name}: {e}"))?;
+        if let Some(err) = child.stderr.take() {
+            let lines = Arc::clone(&proc.lines);
+            let label = name.to_string();
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines() {
+                    let Ok(text) = line else { break };
+                    let upper = text.to_ascii_uppercase();
+                    if upper.contains("WARN") || upper.contains("ERROR") || upper.contains("PANIC")
+                    {
+                        eprintln!("[{label}] {text}");
+                    }
+                    let mut l = lines.lock().unwrap_or_else(|p| p.into_inner());
+                    if l.len() < KEPT_LINES_MAX {
+                        l.push(Line {
+                            at: Instant::now(),
+                            text,
+                        });
+                    }
+                }
+            });
+        }
         let stdout = child.stdout.take().expect("stdout is piped");
         let (tx, rx) = std::sync::mpsc::channel();
         let label = name.to_string();
@@ -108,7 +190,7 @@ impl Proc {
                         .nth(1)
                         .and_then(|a| a.trim().parse::<SocketAddr>().ok())
                     {
-                        let _ = tx.send(addr);
+                        let _ = tx.send((addr, Instant::now()));
                         sent = true;
                         continue;
                     }
@@ -116,21 +198,15 @@ impl Proc {
                 eprintln!("[{label}] {line}");
             }
         });
-        let mut proc = Proc {
-            child: Some(child),
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            name: name.to_string(),
-        };
+        proc.child = Some(child);
         match rx.recv_timeout(bound) {
-            Ok(addr) => {
+            Ok((addr, at)) => {
                 proc.addr = addr;
+                proc.listening_at = at;
                 Ok(proc)
             }
             Err(_) => {
-                let status = proc
-                    .child
-                    .as_mut()
-                    .and_then(|c| c.try_wait().ok().flatten());
+                let status = proc.exited();
                 Err(format!(
                     "{name} did not report its address within {bound:?} (exit status: {status:?})"
                 ))
@@ -148,6 +224,28 @@ impl Proc {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
+    /// Wait (up to `bound`) for a kept stderr line matching `pred` (a child spawned with
+    /// [`Stderr::Keep`]); returns the time it was read and its text, or `None` past `bound`.
+    pub fn wait_line(
+        &self,
+        bound: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<(Instant, String)> {
+        let start = Instant::now();
+        loop {
+            {
+                let l = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(line) = l.iter().find(|l| pred(&l.text)) {
+                    return Some((line.at, line.text.clone()));
+                }
+            }
+            if start.elapsed() > bound {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// SIGKILL now and reap.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -156,7 +254,8 @@ impl Proc {
         }
     }
 
-    /// Send SIGTERM and wait (bounded) for exit; returns the exit status.
+    /// Send SIGTERM and wait (bounded) for exit; returns the exit status, or `None` when the
+    /// process had to be killed (SIGKILL) past `bound`.
     pub fn terminate(&mut self, bound: Duration) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
         let _ = nix::sys::signal::kill(
@@ -168,7 +267,7 @@ impl Proc {
             if let Ok(Some(status)) = c.try_wait() {
                 return Some(status);
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(5));
         }
         let _ = c.kill();
         let _ = c.wait();
@@ -264,11 +363,7 @@ impl Treatyd {
     ) -> Result<Treatyd, String> {
         let mut t = Treatyd {
             bin,
-            proc: Proc {
-                child: None,
-                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-                name: "treatyd".into(),
-            },
+            proc: Proc::none("treatyd"),
             data_dir: data_dir.to_path_buf(),
             env: env
                 .iter()
@@ -314,22 +409,8 @@ impl Treatyd {
     /// arm a failpoint for this run only).
     pub fn restart_with(&mut self, extra_env: &[(&str, &str)]) -> Result<(), String> {
         self.proc.kill();
-        let addr = self.proc.addr;
-        // The old socket may linger for a moment after SIGKILL; retry the bind briefly.
-        let start = Instant::now();
-        loop {
-            match self.spawn(addr, extra_env) {
-                Ok(p) => {
-                    self.proc = p;
-                    return Ok(());
-                }
-                Err(e) if start.elapsed() < Duration::from_secs(10) => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        self.proc = respawn(self.proc.addr, |addr| self.spawn(addr, extra_env))?;
+        Ok(())
     }
 
     /// Start again on the same address and data directory.
@@ -366,11 +447,7 @@ impl BankAccount {
     ) -> Result<BankAccount, String> {
         let mut b = BankAccount {
             bin,
-            proc: Proc {
-                child: None,
-                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-                name: "bank-account".into(),
-            },
+            proc: Proc::none("bank-account"),
             data_dir: data_dir.to_path_buf(),
             coordinator: coordinator.to_string(),
             accounts: accounts.to_string(),
@@ -415,19 +492,25 @@ impl BankAccount {
     /// arm a sync failpoint for this run only, in a build with the `failpoints` feature).
     pub fn restart_with(&mut self, extra_env: &[(&str, &str)]) -> Result<(), String> {
         self.proc.kill();
-        let addr = self.proc.addr;
-        let start = Instant::now();
-        loop {
-            match self.spawn(addr, extra_env) {
-                Ok(p) => {
-                    self.proc = p;
-                    return Ok(());
-                }
-                Err(_) if start.elapsed() < Duration::from_secs(10) => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => return Err(e),
+        self.proc = respawn(self.proc.addr, |addr| self.spawn(addr, extra_env))?;
+        Ok(())
+    }
+}
+
+/// Start a process again on `addr` with `spawn`, retrying for a bounded time: the old
+/// socket may linger for a moment after SIGKILL.
+fn respawn(
+    addr: SocketAddr,
+    spawn: impl Fn(SocketAddr) -> Result<Proc, String>,
+) -> Result<Proc, String> {
+    let start = Instant::now();
+    loop {
+        match spawn(addr) {
+            Ok(p) => return Ok(p),
+            Err(_) if start.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(50));
             }
+            Err(e) => return Err(e),
         }
     }
 }

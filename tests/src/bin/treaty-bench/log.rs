@@ -67,7 +67,7 @@ fn record(gid: String, payload: &Bytes) -> TxRecord {
 }
 
 async fn level(a: &LogArgs, concurrency: u64) -> Result<Level, String> {
-    let base = super::procs::workspace_root()
+    let base = treaty_tests::workspace_root()
         .join("target")
         .join("treaty-bench");
     std::fs::create_dir_all(&base).map_err(|e| format!("cannot create {}: {e}", base.display()))?;

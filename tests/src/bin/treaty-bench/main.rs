@@ -24,7 +24,8 @@
 //! This file: the command line, the `run` workload, and the `parked` and `recovery` scale
 //! figures.
 //!
-//! - [`procs`]: child processes (treatyd, participants) and `/proc` readings.
+//! - [`procs`]: the bench's treatyd binary and `/proc` readings (processes are
+//!   `treaty_tests::Proc`).
 //! - [`participant`]: the no-op participant service.
 //! - [`load`]: the closed-loop load driver and latency quantiles.
 //! - [`log`]: the `log` subcommand (forced writes to the sled log, with and without sharing).
@@ -38,7 +39,7 @@ use bytes::Bytes;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use load::{drive, LoadResult, OpResult, Workload};
 use participant::Answer;
-use procs::{cpu_seconds, self_cpu_seconds, status_kib, Proc};
+use procs::{cpu_seconds, self_cpu_seconds, status_kib};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -47,6 +48,7 @@ use tonic::transport::{Channel, Endpoint};
 use treaty_proto::v1 as pb;
 use treaty_proto::v1::coordinator_client::CoordinatorClient;
 use treaty_proto::v1::participant_client::ParticipantClient;
+use treaty_tests::{Proc, Stderr};
 
 /// Treaty benchmark: transactions per second and latency of treatyd with no-op participants,
 /// next to the bare gRPC bound measured in the same run; memory per parked transaction;
@@ -248,7 +250,9 @@ struct Workspace {
 }
 
 fn workspace(d: &DaemonArgs) -> Result<Workspace, String> {
-    let base = procs::workspace_root().join("target").join("treaty-bench");
+    let base = treaty_tests::workspace_root()
+        .join("target")
+        .join("treaty-bench");
     std::fs::create_dir_all(&base).map_err(|e| format!("cannot create {}: {e}", base.display()))?;
     let tmp = tempfile::tempdir_in(&base).map_err(|e| {
         format!(
@@ -282,7 +286,7 @@ fn start_treatyd(ws: &Workspace, extra: &[String]) -> Result<Proc, String> {
         .arg("--log-level")
         .arg(TREATYD_LOG_LEVEL)
         .args(extra);
-    Proc::spawn("treatyd", cmd, Duration::from_secs(120))
+    Proc::spawn_with("treatyd", cmd, Duration::from_secs(120), Stderr::Keep)
 }
 
 fn start_participants(n: usize, answer: Answer) -> Result<Vec<Proc>, String> {
@@ -295,7 +299,12 @@ fn start_participants(n: usize, answer: Answer) -> Result<Vec<Proc>, String> {
                 .arg("127.0.0.1:0")
                 .arg("--answer")
                 .arg(answer.to_possible_value().expect("named").get_name());
-            Proc::spawn(&format!("participant-{i}"), cmd, Duration::from_secs(30))
+            Proc::spawn_with(
+                &format!("participant-{i}"),
+                cmd,
+                Duration::from_secs(30),
+                Stderr::Keep,
+            )
         })
         .collect()
 }
@@ -320,7 +329,7 @@ struct LogStats {
 
 /// SIGTERM treatyd and read its `log stats at shutdown` line.
 fn stop_treatyd(t: &mut Proc) -> Result<LogStats, String> {
-    if !t.terminate(Duration::from_secs(60)) {
+    if t.terminate(Duration::from_secs(60)).is_none() {
         return Err("treatyd did not exit within 60 s of SIGTERM".into());
     }
     let (_, line) = t

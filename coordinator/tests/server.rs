@@ -10,8 +10,9 @@ use treaty_coordinator::config::Config;
 use treaty_coordinator::engine::{BranchDef, Mode, NewTx, Phase, RetryPolicy, Tx};
 use treaty_coordinator::log::memory::MemoryLog;
 use treaty_coordinator::log::LogStore;
-use treaty_proto::v1 as pb;
-use treaty_sdk::{saga_fn, two_phase_fn, Client, Outcome, Participant};
+use treaty_sdk::{
+    saga_fn, two_phase_fn, Branch, Client, ListFilter, Outcome, Participant, Step, TxState,
+};
 
 struct Harness {
     coordinator: String,
@@ -144,11 +145,20 @@ async fn serves_health_reflection_and_transactions_then_stops_gracefully() {
     let gid = client
         .saga()
         .gid("in-process-saga")
-        .step(h.participant.clone(), "hs", "a", "a")
-        .step(h.participant.clone(), "hs", "b", "b")
+        .step(
+            Step::new(h.participant.clone(), "hs")
+                .payload("a")
+                .compensation("a"),
+        )
+        .step(
+            Step::new(h.participant.clone(), "hs")
+                .payload("b")
+                .compensation("b"),
+        )
         .submit()
         .await
-        .unwrap();
+        .unwrap()
+        .gid;
     // Watch streams every change until the terminal state, then ends.
     let mut watch = client.watch(&gid).await.unwrap();
     let mut last = None;
@@ -156,23 +166,20 @@ async fn serves_health_reflection_and_transactions_then_stops_gracefully() {
         last = Some(tx.unwrap());
     }
     let last = last.expect("at least one state");
-    assert_eq!(last.state(), pb::TxState::Committed);
-    assert_eq!(last.outcome(), pb::Outcome::Committed);
+    assert_eq!(last.state, TxState::Committed);
+    assert_eq!(last.outcome, Outcome::Committed);
 
     let two_phase = client
         .two_phase()
-        .branch(h.participant.clone(), "h2", "x")
-        .branch(h.participant.clone(), "h2", "y")
+        .branch(Branch::new(h.participant.clone(), "h2").payload("x"))
+        .branch(Branch::new(h.participant.clone(), "h2").payload("y"))
         .submit_and_wait(Duration::from_secs(10))
         .await
         .unwrap();
-    assert_eq!(two_phase, Outcome::Committed);
+    assert_eq!(two_phase.outcome, Outcome::Committed);
 
     let list = client
-        .list(pb::ListRequest {
-            mode: pb::Mode::Saga as i32,
-            ..Default::default()
-        })
+        .list(&ListFilter::new().mode(treaty_sdk::Mode::Saga))
         .await
         .unwrap();
     let gids: Vec<_> = list.transactions.iter().map(|t| t.gid.as_str()).collect();
@@ -218,16 +225,16 @@ async fn a_logged_undecided_two_phase_transaction_is_aborted_at_startup() {
         let start = std::time::Instant::now();
         loop {
             let t = client.get("left-behind").await.unwrap();
-            if t.state() == pb::TxState::Aborted || start.elapsed() > Duration::from_secs(20) {
-                break t.state();
+            if t.state == TxState::Aborted || start.elapsed() > Duration::from_secs(20) {
+                break t.state;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
     let t = client.get("left-behind").await.unwrap();
-    assert_eq!(state, pb::TxState::Aborted, "{t:?}");
+    assert_eq!(state, TxState::Aborted, "{t:?}");
     assert_eq!(
-        client.outcome("left-behind").await.unwrap(),
+        client.outcome("left-behind").await.unwrap().outcome,
         Outcome::Aborted
     );
     h.stop().await;

@@ -19,10 +19,12 @@
 //!   that log.
 //! - [`durable`]: [`durable::SledSync`], the group-commit fsync that makes every barrier row
 //!   durable before its answer is sent (sled's own `flush` is not a full fsync).
-//! - [`client`]: submit sagas and 2PC transactions to the coordinator ([`Client`]).
-//! - [`SdkError`]: every error, split by what the caller must do (notably
-//!   [`SdkError::Rejected`] versus [`SdkError::OutcomeUnknown`] versus
-//!   [`SdkError::GidExists`]).
+//! - [`client`]: submit sagas ([`Step`]) and 2PC transactions ([`Branch`]) to the
+//!   coordinator with a [`Client`], and follow them up ([`TransactionStatus`], a [`Watch`]
+//!   stream). Its errors are [`ClientError`], split by what the caller must do (notably
+//!   [`ClientError::Rejected`] versus [`ClientError::OutcomeUnknown`] versus
+//!   [`ClientError::GidExists`]).
+//! - [`SdkError`]: the participant side's errors.
 //!
 //! # Example
 //!
@@ -31,7 +33,7 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use treaty_sdk::{decode_json, refuse, saga_fn, two_phase_fn, Client, Outcome, Participant};
+//! use treaty_sdk::{decode_json, refuse, saga_fn, two_phase_fn, Client, Outcome, Participant, Step};
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let dir = std::path::Path::new("./bank-data");
@@ -85,13 +87,21 @@
 //! }));
 //!
 //! let client = Client::connect("http://127.0.0.1:7700").await?;
-//! let outcome = client
+//! let submitted = client
 //!     .saga()
-//!     .step_json("http://127.0.0.1:7801", "book", &"room 12", &"room 12")
+//!     .step(
+//!         Step::new("http://127.0.0.1:7801", "book")
+//!             .payload_json(&"room 12")
+//!             .compensation_json(&"room 12"),
+//!     )
 //!     .deadline(Duration::from_secs(10))
 //!     .submit_and_wait(Duration::from_secs(5))
 //!     .await?;
-//! assert_ne!(outcome, Outcome::Pending);
+//! if submitted.outcome == Outcome::Pending {
+//!     // Not final within the wait: follow it up by its gid.
+//!     let status = client.get(&submitted.gid).await?;
+//!     println!("{} is {:?}", submitted.gid, status.state);
+//! }
 //! # Ok(())
 //! # }
 //! ```
@@ -100,11 +110,19 @@
 pub mod barrier;
 pub mod client;
 pub mod durable;
+// The client-side helpers left in error.rs (`submit_error`, `read_error`) are unused since
+// the client has its own error type (client/error.rs); they go with `SdkError`'s client
+// variants in the participant-side change to error.rs.
+#[allow(dead_code)]
 mod error;
 pub mod participant;
 
 pub use barrier::{Answer, Barrier, BarrierRow, Op, BARRIER_PREFIX};
-pub use client::{Client, Outcome, RetryPolicy, SagaBuilder, TwoPhaseBuilder};
+pub use client::{
+    Branch, BranchState, BranchStatus, Client, ClientError, ListFilter, ListPage, Mode,
+    OperatorResolution, Outcome, OutcomeAnswer, RetryOutcome, RetryPolicy, SagaBuilder, Step,
+    Submitted, TransactionStatus, TwoPhaseBuilder, TxState, Watch,
+};
 pub use error::SdkError;
 pub use participant::{
     decode_json, refuse, saga_fn, two_phase_fn, BranchContext, HandlerResult, Participant,

@@ -18,7 +18,8 @@ use treaty_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use treaty_proto::v1::participant_client::ParticipantClient;
 use treaty_proto::v1::participant_server::Participant as _;
 use treaty_sdk::{
-    refuse, saga_fn, two_phase_fn, Answer, Client, Op, Outcome, Participant, SdkError,
+    refuse, saga_fn, two_phase_fn, Answer, Branch, Client, ClientError, Op, Outcome, OutcomeAnswer,
+    Participant, SdkError, Step,
 };
 
 /// A sled dir with a tree, and a participant whose handlers write `<op>/<gid>/<branch>` keys;
@@ -489,20 +490,26 @@ async fn client_submits_and_classifies_errors() {
     let client = Client::connect(uri).await.unwrap();
 
     // Generated gid: a UUIDv7, sent with the request.
-    let gid = client
+    let submitted = client
         .saga()
-        .step("http://127.0.0.1:1", "book", &b"p"[..], &b"c"[..])
-        .step_json(
-            "http://127.0.0.1:2",
-            "book",
-            &serde_json::json!({"room": 12}),
-            &12,
+        .step(
+            Step::new("http://127.0.0.1:1", "book")
+                .payload(&b"p"[..])
+                .compensation(&b"c"[..]),
+        )
+        .step(
+            Step::new("http://127.0.0.1:2", "book")
+                .payload_json(&serde_json::json!({"room": 12}))
+                .compensation_json(&12),
         )
         .deadline(Duration::from_secs(3))
         .submit()
         .await
         .unwrap();
+    let gid = submitted.gid;
     assert_eq!(uuid::Uuid::parse_str(&gid).unwrap().get_version_num(), 7);
+    assert_eq!(submitted.outcome, Outcome::Pending);
+    assert!(!submitted.existing);
     {
         let begun = fake.begun.lock().unwrap();
         let b = &begun[0];
@@ -511,20 +518,25 @@ async fn client_submits_and_classifies_errors() {
         assert_eq!(b.deadline_ms, 3000);
         assert!(!b.wait);
         assert_eq!(b.branches.len(), 2);
+        assert_eq!(b.branches[0].endpoint, "http://127.0.0.1:1");
+        assert_eq!(b.branches[0].handler, "book");
+        assert_eq!(&b.branches[0].payload[..], b"p");
+        assert_eq!(&b.branches[0].compensation_payload[..], b"c");
         assert_eq!(&b.branches[1].payload[..], br#"{"room":12}"#);
         assert_eq!(&b.branches[1].compensation_payload[..], b"12");
     }
 
     // submit_and_wait: the outcome comes back.
     *fake.begin_answer.lock().unwrap() = Some(Ok(pb::Outcome::Committed));
-    let outcome = client
+    let submitted = client
         .two_phase()
         .gid("mine")
-        .branch("http://127.0.0.1:1", "debit", &b"1"[..])
+        .branch(Branch::new("http://127.0.0.1:1", "debit").payload(&b"1"[..]))
         .submit_and_wait(Duration::from_secs(2))
         .await
         .unwrap();
-    assert_eq!(outcome, Outcome::Committed);
+    assert_eq!(submitted.gid, "mine");
+    assert_eq!(submitted.outcome, Outcome::Committed);
     {
         let begun = fake.begun.lock().unwrap();
         assert_eq!(begun[1].gid, "mine");
@@ -538,7 +550,7 @@ async fn client_submits_and_classifies_errors() {
     assert!(
         matches!(
             &err,
-            SdkError::Rejected {
+            ClientError::Rejected {
                 code: Code::InvalidArgument,
                 ..
             }
@@ -550,7 +562,7 @@ async fn client_submits_and_classifies_errors() {
     *fake.begin_answer.lock().unwrap() = Some(Err(Status::unavailable("connection reset")));
     let err = client.saga().gid("lost").submit().await.unwrap_err();
     assert!(
-        matches!(&err, SdkError::OutcomeUnknown { gid, .. } if gid == "lost"),
+        matches!(&err, ClientError::OutcomeUnknown { gid, .. } if gid == "lost"),
         "{err:?}"
     );
     assert!(err.to_string().contains("lost"));
@@ -560,7 +572,7 @@ async fn client_submits_and_classifies_errors() {
     assert!(
         matches!(
             err,
-            SdkError::Rejected {
+            ClientError::Rejected {
                 code: Code::NotFound,
                 ..
             }
@@ -568,32 +580,121 @@ async fn client_submits_and_classifies_errors() {
         "{err:?}"
     );
     let err = client.retry("g").await.unwrap_err();
-    assert!(matches!(err, SdkError::Unavailable { .. }), "{err:?}");
+    assert!(matches!(err, ClientError::Unavailable { .. }), "{err:?}");
     fake.outcomes
         .lock()
         .unwrap()
         .insert("g".into(), pb::Outcome::Aborted);
-    assert_eq!(client.outcome("g").await.unwrap(), Outcome::Aborted);
+    assert_eq!(
+        client.outcome("g").await.unwrap(),
+        OutcomeAnswer {
+            outcome: Outcome::Aborted,
+            known: true,
+            log_id: fake.log_id.clone(),
+        }
+    );
 }
 
 #[tokio::test]
 async fn client_connect_errors() {
     let err = Client::connect("not a uri").await.unwrap_err();
-    assert!(matches!(err, SdkError::Config(_)), "{err:?}");
+    assert!(matches!(err, ClientError::InvalidInput(_)), "{err:?}");
     let (_, addr) = listener().await;
     let err = Client::connect(format!("http://{addr}")).await.unwrap_err();
-    assert!(matches!(err, SdkError::Connect { .. }), "{err:?}");
-    // No TLS in this build: an https URI is refused with the reason, not dialled in clear
-    // (which fails every call with an obscure transport error).
+    assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
+    // connect() does not dial TLS: an https URI is refused with the way to do it
+    // (from_channel), not dialled in clear (which fails every call with an obscure transport
+    // error).
     let (l, addr) = listener().await;
     let err = Client::connect(format!("https://{addr}"))
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, SdkError::Config(m) if m.contains("https")),
+        matches!(&err, ClientError::InvalidInput(m) if m.contains("https") && m.contains("from_channel")),
         "{err:?}"
     );
     drop(l);
+}
+
+/// A payload that does not serialize fails the submit before anything is sent, naming the
+/// branch and handler.
+#[tokio::test]
+async fn client_refuses_a_payload_that_does_not_serialize() {
+    let fake = FakeCoordinator::default();
+    let (uri, _stop) = serve_fake(fake.clone()).await;
+    let client = Client::connect(uri).await.unwrap();
+    // JSON object keys must be strings.
+    let bad: std::collections::BTreeMap<(u8, u8), u8> = [((1, 2), 3)].into();
+    let err = client
+        .two_phase()
+        .branch(Branch::new("http://127.0.0.1:1", "debit").payload_json(&1))
+        .branch(Branch::new("http://127.0.0.1:2", "credit").payload_json(&bad))
+        .submit()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::InvalidInput(m) if m.contains("branch 1") && m.contains("\"credit\"")),
+        "{err:?}"
+    );
+    assert!(fake.begun.lock().unwrap().is_empty());
+}
+
+/// A client built on the caller's channel (here a lazy one: nothing is dialed until the
+/// first call) works like a connected one, and the caller's interceptor runs on every call.
+#[tokio::test]
+async fn client_from_channel_and_interceptor() {
+    let fake = FakeCoordinator::default();
+    let (uri, _stop) = serve_fake(fake.clone()).await;
+    let channel = tonic::transport::Endpoint::from_shared(uri)
+        .unwrap()
+        .connect_lazy();
+
+    let client = Client::from_channel(channel.clone());
+    let submitted = client
+        .saga()
+        .gid("over-my-channel")
+        .step(Step::new("http://127.0.0.1:1", "book"))
+        .submit()
+        .await
+        .unwrap();
+    assert_eq!(submitted.gid, "over-my-channel");
+
+    let stamped = Client::from_channel_with_interceptor(channel.clone(), |mut req| {
+        req.metadata_mut()
+            .insert("x-caller", "test".parse().unwrap());
+        Ok(req)
+    });
+    stamped
+        .saga()
+        .gid("stamped")
+        .step(Step::new("http://127.0.0.1:1", "book"))
+        .submit()
+        .await
+        .unwrap();
+    assert_eq!(fake.begun.lock().unwrap()[1].gid, "stamped");
+
+    // An interceptor's refusal fails the call before it is sent: nothing was applied.
+    let refusing = Client::from_channel_with_interceptor(channel, |_| {
+        Err(Status::unauthenticated("no credentials"))
+    });
+    let err = refusing
+        .saga()
+        .gid("refused")
+        .step(Step::new("http://127.0.0.1:1", "book"))
+        .submit()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Rejected {
+                code: Code::Unauthenticated,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(fake.begun.lock().unwrap().len(), 2);
 }
 
 /// A branch request as a coordinator with log `log_id` sends it, naming `endpoint` as the
@@ -821,7 +922,7 @@ async fn client_gid_already_exists_and_limits() {
     )));
     let err = client.saga().gid("t1").submit().await.unwrap_err();
     assert!(
-        matches!(&err, SdkError::GidExists { gid, message } if gid == "t1" && message.contains("another definition")),
+        matches!(&err, ClientError::GidExists { gid, message } if gid == "t1" && message.contains("another definition")),
         "{err:?}"
     );
     let text = err.to_string();
@@ -836,7 +937,7 @@ async fn client_gid_already_exists_and_limits() {
     assert!(
         matches!(
             &err,
-            SdkError::Rejected {
+            ClientError::Rejected {
                 code: Code::InvalidArgument,
                 ..
             }

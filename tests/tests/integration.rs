@@ -2,9 +2,13 @@
 //! account service, on OS-assigned ports, in temporary directories. Every process is killed on
 //! drop, so a failing test leaves nothing behind.
 
+use futures::StreamExt;
 use std::time::Duration;
 use treaty_proto::v1 as pb;
-use treaty_sdk::{Client, Outcome, SdkError};
+use treaty_sdk::{
+    Branch, BranchState, Client, ClientError, ListFilter, Mode, Outcome, Step, TransactionStatus,
+    TxState,
+};
 use treaty_tests::{bank, run_to_end, wait_until, BankAccount, Treatyd};
 
 /// One coordinator and two bank instances: alice=100 on `a`, bob=50 on `b`.
@@ -35,29 +39,26 @@ fn payload(account: &str, amount: i64) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({ "account": account, "amount": amount })).unwrap()
 }
 
+/// A saga step whose compensation payload is its payload (the bank's handlers undo by it).
+fn saga_step(endpoint: &str, handler: &str, account: &str, amount: i64) -> Step {
+    Step::new(endpoint, handler)
+        .payload(payload(account, amount))
+        .compensation(payload(account, amount))
+}
+
 impl Bank {
     fn two_phase(&self, amount: i64) -> treaty_sdk::TwoPhaseBuilder {
         self.client
             .two_phase()
-            .branch(self.a.uri(), "debit", payload("alice", amount))
-            .branch(self.b.uri(), "credit", payload("bob", amount))
+            .branch(Branch::new(self.a.uri(), "debit").payload(payload("alice", amount)))
+            .branch(Branch::new(self.b.uri(), "credit").payload(payload("bob", amount)))
     }
 
     fn saga(&self, amount: i64) -> treaty_sdk::SagaBuilder {
         self.client
             .saga()
-            .step(
-                self.a.uri(),
-                "saga-debit",
-                payload("alice", amount),
-                payload("alice", amount),
-            )
-            .step(
-                self.b.uri(),
-                "saga-credit",
-                payload("bob", amount),
-                payload("bob", amount),
-            )
+            .step(saga_step(&self.a.uri(), "saga-debit", "alice", amount))
+            .step(saga_step(&self.b.uri(), "saga-credit", "bob", amount))
     }
 
     /// (alice balance, alice held, bob balance, bob held)
@@ -68,14 +69,13 @@ impl Bank {
     }
 
     /// Wait until the transaction is terminal in the coordinator and return its state.
-    async fn terminal(&self, gid: &str) -> pb::TxState {
+    async fn terminal(&self, gid: &str) -> TxState {
         wait_until(
             &format!("{gid} to be terminal"),
             Duration::from_secs(60),
             || async {
                 let tx = self.client.get(gid).await.ok()?;
-                matches!(tx.state(), pb::TxState::Committed | pb::TxState::Aborted)
-                    .then(|| tx.state())
+                tx.state.is_terminal().then_some(tx.state)
             },
         )
         .await
@@ -88,14 +88,16 @@ const WAIT: Duration = Duration::from_secs(20);
 async fn two_phase_commit_moves_money_between_instances() {
     let bank = bank_cluster(&[]).await;
     let gid = "2pc-commit-1";
-    let outcome = bank
+    let submitted = bank
         .two_phase(30)
         .gid(gid)
         .submit_and_wait(WAIT)
         .await
         .unwrap();
-    assert_eq!(outcome, Outcome::Committed);
-    assert_eq!(bank.terminal(gid).await, pb::TxState::Committed);
+    assert_eq!(submitted.gid, gid);
+    assert_eq!(submitted.outcome, Outcome::Committed);
+    assert!(!submitted.existing);
+    assert_eq!(bank.terminal(gid).await, TxState::Committed);
     assert_eq!(bank.balances().await, (70, 0, 80, 0));
     // Begin is idempotent for the same gid and definition, and refuses another definition.
     let again = bank
@@ -104,19 +106,124 @@ async fn two_phase_commit_moves_money_between_instances() {
         .submit_and_wait(WAIT)
         .await
         .unwrap();
-    assert_eq!(again, Outcome::Committed);
+    assert_eq!(again.outcome, Outcome::Committed);
+    assert!(again.existing, "a resubmission begins nothing new");
     assert_eq!(bank.balances().await, (70, 0, 80, 0), "no second effect");
     match bank.two_phase(31).gid(gid).submit().await {
-        Err(SdkError::GidExists { gid: g, .. }) => assert_eq!(g, gid),
+        Err(ClientError::GidExists { gid: g, .. }) => assert_eq!(g, gid),
         other => panic!("want ALREADY_EXISTS, got {other:?}"),
     }
+}
+
+/// Without `gid(..)`, the gid the SDK generated comes back with the outcome, and names the
+/// transaction for `get` and `list`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_and_wait_returns_the_generated_gid() {
+    let bank = bank_cluster(&[]).await;
+    let submitted = bank.saga(10).submit_and_wait(WAIT).await.unwrap();
+    assert_eq!(submitted.outcome, Outcome::Committed);
+    let gid = submitted.gid;
+    assert_eq!(uuid::Uuid::parse_str(&gid).unwrap().get_version_num(), 7);
+
+    let tx = bank.client.get(&gid).await.unwrap();
+    assert_eq!(tx.gid, gid);
+    assert_eq!(tx.mode, Mode::Saga);
+    assert_eq!(
+        (tx.state, tx.outcome),
+        (TxState::Committed, Outcome::Committed)
+    );
+    assert!(!tx.stuck);
+    assert!(tx.created_at <= tx.updated_at);
+    let branches: Vec<_> = tx
+        .branches
+        .iter()
+        .map(|b| (b.branch_id, b.endpoint.clone(), b.handler.as_str(), b.state))
+        .collect();
+    assert_eq!(
+        branches,
+        [
+            (0, bank.a.uri(), "saga-debit", BranchState::Succeeded),
+            (1, bank.b.uri(), "saga-credit", BranchState::Succeeded),
+        ]
+    );
+
+    // A second transaction, then the committed sagas one per page, newest first.
+    let second = bank.saga(1).submit_and_wait(WAIT).await.unwrap().gid;
+    let filter = ListFilter::new()
+        .states([TxState::Committed])
+        .mode(Mode::Saga)
+        .page_size(1);
+    let first_page = bank.client.list(&filter).await.unwrap();
+    assert_eq!(first_page.transactions.len(), 1);
+    assert_eq!(first_page.transactions[0].gid, second);
+    let token = first_page.next_page_token.expect("a second page");
+    let next = bank.client.list(&filter.page_token(token)).await.unwrap();
+    assert_eq!(next.transactions[0].gid, gid);
+    let none = ListFilter::new().mode(Mode::TwoPhase);
+    assert!(bank
+        .client
+        .list(&none)
+        .await
+        .unwrap()
+        .transactions
+        .is_empty());
+}
+
+/// A client on the caller's own (lazy) channel watches a transaction: the stream starts at
+/// its current state, follows it, and ends once it is terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_over_a_callers_channel_ends_when_the_transaction_ends() {
+    let mut bank = bank_cluster(&["--initial-backoff-ms", "20", "--max-backoff-ms", "200"]).await;
+    let channel = tonic::transport::Endpoint::from_shared(bank.treatyd.uri())
+        .unwrap()
+        .connect_lazy();
+    let client = Client::from_channel(channel);
+    // Bob is down: the transaction stays active until he is back.
+    bank.b.kill();
+    let gid = bank
+        .two_phase(10)
+        .deadline(Duration::from_secs(60))
+        .submit()
+        .await
+        .unwrap()
+        .gid;
+    let mut watch = client.watch(&gid).await.unwrap();
+    let first = watch.next().await.expect("a first state").unwrap();
+    assert_eq!(
+        (first.gid.as_str(), first.state),
+        (gid.as_str(), TxState::Active)
+    );
+    bank.b.restart().unwrap();
+    let rest: Vec<TransactionStatus> =
+        tokio::time::timeout(Duration::from_secs(60), watch.collect::<Vec<_>>())
+            .await
+            .expect("the watch ends")
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let last = rest.last().expect("states after the first");
+    assert_eq!(
+        (last.state, last.outcome),
+        (TxState::Committed, Outcome::Committed)
+    );
+    assert!(rest[..rest.len() - 1]
+        .iter()
+        .all(|t| !t.state.is_terminal()));
+    assert_eq!(bank.balances().await, (90, 0, 60, 0));
+    // A finished transaction's watch is its final state, then the end.
+    let again: Vec<_> = client.watch(&gid).await.unwrap().collect().await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].as_ref().unwrap().state, TxState::Committed);
+    // An unknown gid fails at once.
+    let err = client.watch("no-such-gid").await.unwrap_err();
+    assert!(err.is_not_found(), "{err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_phase_aborts_when_a_participant_refuses() {
     let bank = bank_cluster(&[]).await;
-    let outcome = bank.two_phase(1000).submit_and_wait(WAIT).await.unwrap();
-    assert_eq!(outcome, Outcome::Aborted);
+    let submitted = bank.two_phase(1000).submit_and_wait(WAIT).await.unwrap();
+    assert_eq!(submitted.outcome, Outcome::Aborted);
     assert_eq!(bank.balances().await, (100, 0, 50, 0));
 }
 
@@ -129,11 +236,15 @@ async fn two_phase_aborts_at_the_deadline_and_releases_held_money() {
         .deadline(Duration::from_millis(1500))
         .submit()
         .await
-        .unwrap();
+        .unwrap()
+        .gid;
     // alice prepared (money held), bob cannot answer: the deadline aborts.
-    assert_eq!(bank.client.outcome(&gid).await.unwrap(), Outcome::Pending);
+    assert_eq!(
+        bank.client.outcome(&gid).await.unwrap().outcome,
+        Outcome::Pending
+    );
     let outcome = wait_until("abort at deadline", Duration::from_secs(30), || async {
-        match bank.client.outcome(&gid).await.ok()? {
+        match bank.client.outcome(&gid).await.ok()?.outcome {
             Outcome::Pending => None,
             o => Some(o),
         }
@@ -142,7 +253,7 @@ async fn two_phase_aborts_at_the_deadline_and_releases_held_money() {
     assert_eq!(outcome, Outcome::Aborted);
     // bob comes back; the abort reaches it and the transaction ends.
     bank.b.restart().unwrap();
-    assert_eq!(bank.terminal(&gid).await, pb::TxState::Aborted);
+    assert_eq!(bank.terminal(&gid).await, TxState::Aborted);
     assert_eq!(bank.balances().await, (100, 0, 50, 0));
 }
 
@@ -150,32 +261,28 @@ async fn two_phase_aborts_at_the_deadline_and_releases_held_money() {
 async fn saga_commits_and_a_failed_saga_is_compensated() {
     let bank = bank_cluster(&[]).await;
     assert_eq!(
-        bank.saga(25).submit_and_wait(WAIT).await.unwrap(),
+        bank.saga(25).submit_and_wait(WAIT).await.unwrap().outcome,
         Outcome::Committed
     );
     assert_eq!(bank.balances().await, (75, 0, 75, 0));
     // Debit succeeds, then a third step fails: the debit and the credit are compensated.
     let gid = bank
         .saga(5)
-        .step(
-            bank.b.uri(),
-            "saga-debit",
-            payload("bob", 10_000),
-            payload("bob", 10_000),
-        )
+        .step(saga_step(&bank.b.uri(), "saga-debit", "bob", 10_000))
         .submit()
         .await
-        .unwrap();
-    assert_eq!(bank.terminal(&gid).await, pb::TxState::Aborted);
+        .unwrap()
+        .gid;
+    assert_eq!(bank.terminal(&gid).await, TxState::Aborted);
     assert_eq!(bank.balances().await, (75, 0, 75, 0));
     let tx = bank.client.get(&gid).await.unwrap();
-    let states: Vec<pb::BranchState> = tx.branches.iter().map(|b| b.state()).collect();
+    let states: Vec<BranchState> = tx.branches.iter().map(|b| b.state).collect();
     assert_eq!(
         states,
         [
-            pb::BranchState::Aborted,
-            pb::BranchState::Aborted,
-            pb::BranchState::Failed
+            BranchState::Aborted,
+            BranchState::Aborted,
+            BranchState::Failed
         ]
     );
 }
@@ -308,12 +415,13 @@ async fn a_participant_that_comes_back_completes_the_transaction() {
         .deadline(Duration::from_secs(60))
         .submit()
         .await
-        .unwrap();
+        .unwrap()
+        .gid;
     // While bob is down nothing is decided; once it is back the prepare goes through.
     let tx = bank.client.get(&gid).await.unwrap();
-    assert_eq!(tx.state(), pb::TxState::Active);
+    assert_eq!(tx.state, TxState::Active);
     bank.b.restart().unwrap();
-    assert_eq!(bank.terminal(&gid).await, pb::TxState::Committed);
+    assert_eq!(bank.terminal(&gid).await, TxState::Committed);
     assert_eq!(bank.balances().await, (90, 0, 60, 0));
 }
 
@@ -329,12 +437,12 @@ async fn treatyd_killed_after_the_decision_finishes_the_transaction_after_restar
     let result = client
         .two_phase()
         .gid(gid)
-        .branch(bank.a.uri(), "debit", payload("alice", 40))
-        .branch(bank.b.uri(), "credit", payload("bob", 40))
+        .branch(Branch::new(bank.a.uri(), "debit").payload(payload("alice", 40)))
+        .branch(Branch::new(bank.b.uri(), "credit").payload(payload("bob", 40)))
         .submit_and_wait(WAIT)
         .await;
     assert!(
-        matches!(result, Err(SdkError::OutcomeUnknown { .. })),
+        matches!(result, Err(ClientError::OutcomeUnknown { .. })),
         "the daemon died mid-call: {result:?}"
     );
     wait_until(
@@ -351,14 +459,21 @@ async fn treatyd_killed_after_the_decision_finishes_the_transaction_after_restar
     bank.treatyd.restart().unwrap();
     let client = Client::connect(bank.treatyd.uri()).await.unwrap();
     let bank = Bank { client, ..bank };
-    assert_eq!(bank.terminal(gid).await, pb::TxState::Committed);
+    assert_eq!(bank.terminal(gid).await, TxState::Committed);
     assert_eq!(bank.balances().await, (60, 0, 90, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_invalid_argument_naming_the_field() {
     let bank = bank_cluster(&[]).await;
-    let mut c = bank.client.coordinator();
+    // Malformed requests the typed client cannot even express: the generated client, on a
+    // channel of our own.
+    let channel = tonic::transport::Endpoint::from_shared(bank.treatyd.uri())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = pb::coordinator_client::CoordinatorClient::new(channel);
     let good = pb::BeginRequest {
         mode: pb::Mode::Saga as i32,
         branches: vec![pb::Branch {
@@ -560,12 +675,12 @@ async fn a_failed_fsync_stops_treatyd_before_any_outcome_is_told() {
     let result = client
         .two_phase()
         .gid(gid)
-        .branch(bank.a.uri(), "debit", payload("alice", 40))
-        .branch(bank.b.uri(), "credit", payload("bob", 40))
+        .branch(Branch::new(bank.a.uri(), "debit").payload(payload("alice", 40)))
+        .branch(Branch::new(bank.b.uri(), "credit").payload(payload("bob", 40)))
         .submit_and_wait(WAIT)
         .await;
     assert!(
-        !matches!(result, Ok(Outcome::Committed) | Ok(Outcome::Aborted)),
+        !matches!(&result, Ok(s) if s.outcome != Outcome::Pending),
         "an outcome was told although the decision's fsync failed: {result:?}"
     );
     let status = wait_until("treatyd to fail-stop", Duration::from_secs(10), || {
@@ -584,8 +699,8 @@ async fn a_failed_fsync_stops_treatyd_before_any_outcome_is_told() {
     let bank = Bank { client, ..bank };
     // Whatever the disk kept decides, and both participants follow it.
     match bank.terminal(gid).await {
-        pb::TxState::Committed => assert_eq!(bank.balances().await, (60, 0, 90, 0)),
-        pb::TxState::Aborted => assert_eq!(bank.balances().await, (100, 0, 50, 0)),
+        TxState::Committed => assert_eq!(bank.balances().await, (60, 0, 90, 0)),
+        TxState::Aborted => assert_eq!(bank.balances().await, (100, 0, 50, 0)),
         other => panic!("not terminal: {other:?}"),
     }
 }
@@ -605,12 +720,7 @@ async fn a_panicking_shard_stops_treatyd() {
         let _ = client
             .saga()
             .gid(format!("shard-panic-{i}"))
-            .step(
-                bank.a.uri(),
-                "saga-debit",
-                payload("alice", 1),
-                payload("alice", 1),
-            )
+            .step(saga_step(&bank.a.uri(), "saga-debit", "alice", 1))
             .submit()
             .await;
         if bank.treatyd.proc.exited().is_some() {
@@ -653,12 +763,13 @@ async fn a_participant_whose_fsync_fails_stops_and_recovers_on_restart() {
     let client = Client::connect(treatyd.uri()).await.expect("connect");
     let gid = client
         .two_phase()
-        .branch(a.uri(), "debit", payload("alice", 10))
-        .branch(b.uri(), "credit", payload("bob", 10))
+        .branch(Branch::new(a.uri(), "debit").payload(payload("alice", 10)))
+        .branch(Branch::new(b.uri(), "credit").payload(payload("bob", 10)))
         .deadline(Duration::from_secs(60))
         .submit()
         .await
-        .expect("begin");
+        .expect("begin")
+        .gid;
     let status = wait_until(
         "bob's service to fail-stop",
         Duration::from_secs(20),
@@ -682,8 +793,8 @@ async fn a_participant_whose_fsync_fails_stops_and_recovers_on_restart() {
     };
     let state = bank.terminal(&gid).await;
     match state {
-        pb::TxState::Committed => assert_eq!(bank.balances().await, (90, 0, 60, 0)),
-        pb::TxState::Aborted => assert_eq!(bank.balances().await, (100, 0, 50, 0)),
+        TxState::Committed => assert_eq!(bank.balances().await, (90, 0, 60, 0)),
+        TxState::Aborted => assert_eq!(bank.balances().await, (100, 0, 50, 0)),
         other => panic!("not terminal: {other:?}"),
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use treaty_examples::bank::{parse_account_uri, Leg};
 use treaty_examples::proto::{bank_client::BankClient, BalancesRequest};
 use treaty_examples::{check_http_uri, error_chain};
-use treaty_sdk::{Client, Outcome};
+use treaty_sdk::{Branch, Client, Outcome, Step};
 
 /// The Treaty bank example's command line: transfers between accounts of `bank-account`
 /// instances, through the coordinator, by 2PC or saga; and balances.
@@ -117,33 +117,43 @@ async fn transfer(
     let client = Client::connect(coordinator)
         .await
         .map_err(|e| error_chain(&e))?;
-    // Chosen here (not by the SDK) so it can be printed even when the outcome is unknown.
-    let gid = gid.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let debit = Leg::payload(&from_acct, amount);
     let credit = Leg::payload(&to_acct, amount);
     let wait = Duration::from_millis(wait_ms);
-    let outcome = match mode {
+    // Without --gid the SDK generates one; it comes back with the outcome, and an unknown
+    // outcome's error names it.
+    let submitted = match mode {
         Mode::TwoPhase => {
-            client
+            let mut tx = client
                 .two_phase()
-                .gid(gid.clone())
-                .branch(from_uri, "debit", debit)
-                .branch(to_uri, "credit", credit)
-                .submit_and_wait(wait)
-                .await
+                .branch(Branch::new(from_uri, "debit").payload(debit))
+                .branch(Branch::new(to_uri, "credit").payload(credit));
+            if let Some(gid) = gid {
+                tx = tx.gid(gid);
+            }
+            tx.submit_and_wait(wait).await
         }
         Mode::Saga => {
-            client
+            let mut tx = client
                 .saga()
-                .gid(gid.clone())
-                .step(from_uri, "saga-debit", debit.clone(), debit)
-                .step(to_uri, "saga-credit", credit.clone(), credit)
-                .submit_and_wait(wait)
-                .await
+                .step(
+                    Step::new(from_uri, "saga-debit")
+                        .payload(debit.clone())
+                        .compensation(debit),
+                )
+                .step(
+                    Step::new(to_uri, "saga-credit")
+                        .payload(credit.clone())
+                        .compensation(credit),
+                );
+            if let Some(gid) = gid {
+                tx = tx.gid(gid);
+            }
+            tx.submit_and_wait(wait).await
         }
     }
     .map_err(|e| error_chain(&e))?;
-    Ok((gid, outcome))
+    Ok((submitted.gid, submitted.outcome))
 }
 
 /// Bound on connecting to an instance and on each `Balances` call.

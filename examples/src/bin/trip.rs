@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use treaty_examples::error_chain;
 use treaty_examples::trip::{journal, Clock, Service, HANDLER};
-use treaty_sdk::{Client, Outcome};
+use treaty_sdk::{client, Client, Outcome};
 
 /// How long a booking service may take to stop once the saga is over.
 const STOP_WAIT: Duration = Duration::from_secs(2);
@@ -146,19 +146,19 @@ async fn book(cli: &Cli, uris: &[String]) -> Result<(String, Outcome), String> {
     let client = Client::connect(&cli.coordinator)
         .await
         .map_err(|e| error_chain(&e))?;
-    // Chosen here, not by the SDK, so the journal can be read and the gid printed.
-    let gid = uuid::Uuid::now_v7().to_string();
-    let mut saga = client
-        .saga()
-        .gid(gid.clone())
-        .deadline(Duration::from_secs(20));
+    let mut saga = client.saga().deadline(Duration::from_secs(20));
     for (kind, uri) in ["flight", "hotel", "car"].iter().zip(uris) {
-        let booking = serde_json::json!({ "what": kind, "trip": gid });
-        saga = saga.step_json(uri.clone(), HANDLER, &booking, &booking);
+        let booking = serde_json::json!({ "what": kind });
+        saga = saga.step(
+            client::Step::new(uri.clone(), HANDLER)
+                .payload_json(&booking)
+                .compensation_json(&booking),
+        );
     }
-    let outcome = saga
+    // The SDK generates the gid and returns it with the outcome: the journal is read by it.
+    let submitted = saga
         .submit_and_wait(Duration::from_millis(cli.wait_ms))
         .await
         .map_err(|e| error_chain(&e))?;
-    Ok((gid, outcome))
+    Ok((submitted.gid, submitted.outcome))
 }

@@ -31,8 +31,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
-use treaty_proto::v1 as pb;
-use treaty_sdk::{Client, SdkError};
+use treaty_sdk::{Client, Outcome, TxState};
 use workload::{Record, Reuse, Submitted, Told};
 
 /// Treaty chaos runner: a bank under concurrent 2PC and saga transfers while participants and
@@ -190,7 +189,6 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
                 seed,
                 w,
                 client.clone(),
-                cluster.treatyd_uri.clone(),
                 cluster.endpoints(),
                 cluster.accounts.clone(),
                 stop_at,
@@ -244,12 +242,7 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
         cli.drain_secs
     );
 
-    let finals = rt.block_on(drain_all(
-        &client,
-        &cluster.treatyd_uri,
-        &records,
-        stop_at + drain,
-    ));
+    let finals = rt.block_on(drain_all(&client, &records, stop_at + drain));
     eprintln!(
         "[chaos {:6.1}s] coordinator states read; reading the banks and checking",
         t0.elapsed().as_secs_f64()
@@ -341,23 +334,14 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
 /// [`DRAIN_TASKS`] concurrent tasks: a long campaign has tens of thousands.
 async fn drain_all(
     client: &Client,
-    treatyd_uri: &str,
     records: &[Record],
     deadline: Instant,
 ) -> HashMap<String, Final> {
-    let raw = tonic::transport::Channel::from_shared(treatyd_uri.to_string())
-        .ok()
-        .map(|c| pb::coordinator_client::CoordinatorClient::new(c.connect_lazy()));
     let gids: Vec<String> = records.iter().map(|r| r.transfer.gid.clone()).collect();
     let mut tasks = Vec::with_capacity(DRAIN_TASKS);
     for k in 0..DRAIN_TASKS {
         let mine: Vec<String> = gids.iter().skip(k).step_by(DRAIN_TASKS).cloned().collect();
-        tasks.push(tokio::spawn(drain_some(
-            client.clone(),
-            raw.clone(),
-            mine,
-            deadline,
-        )));
+        tasks.push(tokio::spawn(drain_some(client.clone(), mine, deadline)));
     }
     let mut finals = HashMap::with_capacity(gids.len());
     for t in tasks {
@@ -374,7 +358,6 @@ const DRAIN_TASKS: usize = 16;
 
 async fn drain_some(
     client: Client,
-    mut raw: Option<pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>>,
     mut pending: Vec<String>,
     deadline: Instant,
 ) -> Vec<(String, Final)> {
@@ -384,33 +367,25 @@ async fn drain_some(
         let mut still = Vec::new();
         for gid in pending {
             match client.get(gid.as_str()).await {
-                Ok(tx) => match tx.state() {
-                    pb::TxState::Committed => finals.push((gid, Final::Committed)),
-                    pb::TxState::Aborted => finals.push((gid, Final::Aborted)),
+                Ok(tx) => match tx.state {
+                    TxState::Committed => finals.push((gid, Final::Committed)),
+                    TxState::Aborted => finals.push((gid, Final::Aborted)),
                     s => {
                         last.insert(gid.clone(), format!("{s:?} (stuck flag: {})", tx.stuck));
                         still.push(gid);
                     }
                 },
-                Err(SdkError::Rejected {
-                    code: tonic::Code::NotFound,
-                    ..
-                }) => {
+                Err(e) if e.is_not_found() => {
                     // Retention may have replaced the record by a tombstone: `Outcome`
                     // answers from it (`known`).
-                    let Some(raw) = raw.as_mut() else {
-                        finals.push((gid, Final::NotFound));
-                        continue;
-                    };
-                    match raw.outcome(pb::OutcomeRequest { gid: gid.clone() }).await {
+                    match client.outcome(gid.as_str()).await {
                         Ok(o) => {
-                            let o = o.into_inner();
-                            let fin = match (o.known, o.outcome()) {
+                            let fin = match (o.known, o.outcome) {
                                 (false, _) => Final::NotFound,
-                                (true, pb::Outcome::Committed) => Final::Committed,
-                                (true, pb::Outcome::Aborted) => Final::Aborted,
-                                (true, other) => {
-                                    last.insert(gid.clone(), format!("Outcome {other:?}"));
+                                (true, Outcome::Committed) => Final::Committed,
+                                (true, Outcome::Aborted) => Final::Aborted,
+                                (true, Outcome::Pending) => {
+                                    last.insert(gid.clone(), "Outcome Pending".into());
                                     still.push(gid);
                                     continue;
                                 }

@@ -24,8 +24,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::time::{Duration, Instant};
 use treaty_examples::bank::Leg as Payload;
-use treaty_proto::v1 as pb;
-use treaty_sdk::{Client, Outcome, SdkError};
+use treaty_sdk::{Branch, Client, ClientError, Outcome, Step};
 
 /// More money than the whole bank holds: a debit of this much always fails.
 pub const DOOM: i64 = 1_000_000_000_000;
@@ -192,68 +191,25 @@ pub enum ReuseAnswer {
     Failed(String),
 }
 
-/// The `Begin` request the SDK sends for `t` (same fields, same order), with `wait`, built
-/// by hand so that the answer's `existing` flag can be read. `bump` changes the first leg's
-/// amount: another definition for the same gid.
-fn begin_request(t: &Transfer, endpoints: &[String], bump: bool) -> pb::BeginRequest {
-    let branches = t
-        .legs
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let mut leg = l.clone();
-            if bump && i == 0 {
-                leg.amount += leg.amount.signum();
-            }
-            let payload = bytes::Bytes::from(leg.payload());
-            pb::Branch {
-                endpoint: endpoints[l.account.inst].clone(),
-                handler: l.handler(t.mode).to_string(),
-                payload: payload.clone(),
-                compensation_payload: match t.mode {
-                    Mode::TwoPhase => bytes::Bytes::new(),
-                    Mode::Saga => payload,
-                },
-            }
-        })
-        .collect();
-    pb::BeginRequest {
-        gid: t.gid.clone(),
-        mode: match t.mode {
-            Mode::TwoPhase => pb::Mode::TwoPhase as i32,
-            Mode::Saga => pb::Mode::Saga as i32,
-        },
-        branches,
-        deadline_ms: t.deadline.as_millis().max(1) as u64,
-        retry: None,
-        wait: true,
-        wait_timeout_ms: SUBMIT_WAIT.as_millis() as u64,
+/// `t` with another definition for the same gid: the first leg's amount changed.
+fn bumped(t: &Transfer) -> Transfer {
+    let mut other = t.clone();
+    if let Some(leg) = other.legs.first_mut() {
+        leg.amount += leg.amount.signum();
     }
+    other
 }
 
 /// Resubmit a finished transfer's gid, with its own body or another one.
-async fn resubmit(
-    raw: &mut pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
-    t: &Transfer,
-    endpoints: &[String],
-    same_body: bool,
-) -> Reuse {
-    let mut req = tonic::Request::new(begin_request(t, endpoints, !same_body));
-    req.set_timeout(SUBMIT_WAIT + Duration::from_secs(2));
-    let answer = match raw.begin(req).await {
-        Ok(r) => {
-            let r = r.into_inner();
-            ReuseAnswer::Answered {
-                existing: r.existing,
-                told: match r.outcome() {
-                    pb::Outcome::Committed => Told::Committed,
-                    pb::Outcome::Aborted => Told::Aborted,
-                    _ => Told::Pending,
-                },
-            }
-        }
-        Err(s) if s.code() == tonic::Code::AlreadyExists => ReuseAnswer::GidExists,
-        Err(s) => ReuseAnswer::Failed(format!("{:?}: {}", s.code(), s.message())),
+async fn resubmit(client: &Client, t: &Transfer, endpoints: &[String], same_body: bool) -> Reuse {
+    let sent = if same_body { t.clone() } else { bumped(t) };
+    let answer = match submit_once(client, &sent, endpoints).await {
+        Ok(s) => ReuseAnswer::Answered {
+            existing: s.existing,
+            told: s.outcome.into(),
+        },
+        Err(ClientError::GidExists { .. }) => ReuseAnswer::GidExists,
+        Err(e) => ReuseAnswer::Failed(e.to_string()),
     };
     Reuse {
         gid: t.gid.clone(),
@@ -267,15 +223,14 @@ async fn submit_once(
     client: &Client,
     t: &Transfer,
     endpoints: &[String],
-) -> Result<Outcome, SdkError> {
+) -> Result<treaty_sdk::Submitted, ClientError> {
     match t.mode {
         Mode::TwoPhase => {
             let mut b = client.two_phase().gid(&t.gid).deadline(t.deadline);
             for l in &t.legs {
                 b = b.branch(
-                    endpoints[l.account.inst].clone(),
-                    l.handler(t.mode),
-                    l.payload(),
+                    Branch::new(endpoints[l.account.inst].clone(), l.handler(t.mode))
+                        .payload(l.payload()),
                 );
             }
             b.submit_and_wait(SUBMIT_WAIT).await
@@ -284,10 +239,9 @@ async fn submit_once(
             let mut b = client.saga().gid(&t.gid).deadline(t.deadline);
             for l in &t.legs {
                 b = b.step(
-                    endpoints[l.account.inst].clone(),
-                    l.handler(t.mode),
-                    l.payload(),
-                    l.payload(),
+                    Step::new(endpoints[l.account.inst].clone(), l.handler(t.mode))
+                        .payload(l.payload())
+                        .compensation(l.payload()),
                 );
             }
             b.submit_and_wait(SUBMIT_WAIT).await
@@ -307,12 +261,12 @@ pub async fn submit(
     let mut unknown_answers = 0;
     let submitted = loop {
         match submit_once(client, &t, endpoints).await {
-            Ok(outcome) => break Submitted::Accepted(outcome.into()),
-            Err(SdkError::Rejected { code, message }) => {
+            Ok(s) => break Submitted::Accepted(s.outcome.into()),
+            Err(ClientError::Rejected { code, message }) => {
                 break Submitted::Rejected(format!("{code:?}: {message}"))
             }
             // The same gid with another definition: never resubmit, it will not change.
-            Err(e @ SdkError::GidExists { .. }) => break Submitted::Rejected(e.to_string()),
+            Err(e @ ClientError::GidExists { .. }) => break Submitted::Rejected(e.to_string()),
             // OutcomeUnknown (or a failure to even reach the coordinator): resubmit the same
             // definition with the same gid; Begin is idempotent.
             Err(_) => {
@@ -350,7 +304,6 @@ pub async fn worker(
     seed: u64,
     worker: usize,
     client: Client,
-    treatyd_uri: String,
     endpoints: Vec<String>,
     accounts: Vec<Account>,
     stop_at: Instant,
@@ -362,9 +315,6 @@ pub async fn worker(
     let mut out = WorkerLog::default();
     // Indexes into out.records of finished transfers, with when they finished.
     let mut finished: Vec<(usize, Instant)> = Vec::new();
-    let mut raw = tonic::transport::Channel::from_shared(treatyd_uri)
-        .ok()
-        .map(|c| pb::coordinator_client::CoordinatorClient::new(c.connect_lazy()));
     let mut k = 0u64;
     while Instant::now() < stop_at {
         if reuse && rng.gen_bool(0.2) {
@@ -373,13 +323,13 @@ pub async fn worker(
                 .filter(|(_, at)| at.elapsed() >= REUSE_AGE)
                 .map(|&(i, _)| i)
                 .collect();
-            if let (false, Some(raw)) = (old.is_empty(), raw.as_mut()) {
+            if !old.is_empty() {
                 let i = old[rng.gen_range(0..old.len())];
                 let t = out.records[i].transfer.clone();
                 let same_first = rng.gen_bool(0.5);
                 for same_body in [same_first, !same_first] {
                     out.reuses
-                        .push(resubmit(raw, &t, &endpoints, same_body).await);
+                        .push(resubmit(&client, &t, &endpoints, same_body).await);
                 }
                 continue;
             }

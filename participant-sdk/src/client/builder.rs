@@ -92,20 +92,25 @@ impl Step {
 
     /// `execute`'s payload as JSON (decode it with [`crate::decode_json`]). A value that does
     /// not serialize makes `submit` fail with [`ClientError::InvalidInput`].
-    pub fn payload_json<T: serde::Serialize + ?Sized>(mut self, value: &T) -> Self {
-        match json("payload", &self.branch.handler, value) {
-            Ok(b) => self.branch.payload = b,
-            Err(e) => {
-                self.error.get_or_insert(e);
-            }
-        }
-        self
+    pub fn payload_json<T: serde::Serialize + ?Sized>(self, value: &T) -> Self {
+        self.json_into("payload", value, |b| &mut b.payload)
     }
 
     /// `compensate`'s payload as JSON; as [`Step::payload_json`].
-    pub fn compensation_json<T: serde::Serialize + ?Sized>(mut self, value: &T) -> Self {
-        match json("compensation payload", &self.branch.handler, value) {
-            Ok(b) => self.branch.compensation_payload = b,
+    pub fn compensation_json<T: serde::Serialize + ?Sized>(self, value: &T) -> Self {
+        self.json_into("compensation payload", value, |b| {
+            &mut b.compensation_payload
+        })
+    }
+
+    fn json_into<T: serde::Serialize + ?Sized>(
+        mut self,
+        what: &str,
+        value: &T,
+        slot: fn(&mut pb::Branch) -> &mut Bytes,
+    ) -> Self {
+        match json(what, &self.branch.handler, value) {
+            Ok(bytes) => *slot(&mut self.branch) = bytes,
             Err(e) => {
                 self.error.get_or_insert(e);
             }

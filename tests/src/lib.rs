@@ -66,6 +66,17 @@ pub fn try_binary(package: &str, bin: &str, features: &str) -> Result<PathBuf, S
     Ok(path)
 }
 
+/// Copy the binary at `bin` into the directory `into` (created if missing) and return the
+/// copy's path. A runner that outlives builds runs its private copy, so that a build of the
+/// workspace meanwhile (another profile or feature set) cannot swap the binary under it.
+pub fn private_copy(bin: &Path, into: &Path) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(into).map_err(|e| format!("cannot create {}: {e}", into.display()))?;
+    let to = into.join(bin.file_name().unwrap_or_default());
+    std::fs::copy(bin, &to)
+        .map_err(|e| format!("cannot copy {} to {}: {e}", bin.display(), to.display()))?;
+    Ok(to)
+}
+
 /// The `treatyd` binary used by tests (with failpoints compiled in, unarmed by default).
 pub fn treatyd_bin() -> PathBuf {
     binary("treaty-coordinator", "treatyd", "failpoints")

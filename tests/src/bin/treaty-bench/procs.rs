@@ -8,10 +8,7 @@ use std::path::{Path, PathBuf};
 /// another profile or feature set cannot swap the binary under a running bench.
 pub fn build_treatyd(into: &Path) -> Result<PathBuf, String> {
     let built = treaty_tests::try_binary("treaty-coordinator", "treatyd", "")?;
-    let dest = into.join("treatyd");
-    std::fs::copy(&built, &dest)
-        .map_err(|e| format!("cannot copy {} to {}: {e}", built.display(), dest.display()))?;
-    Ok(dest)
+    treaty_tests::private_copy(&built, into)
 }
 
 /// Clock ticks per second, the unit of `/proc/<pid>/stat` times.

@@ -104,14 +104,7 @@ impl Cluster {
         // workspace meanwhile (e.g. `cargo build --release`, which compiles treatyd without
         // failpoints) would otherwise swap a different treatyd in under the runner.
         let bin = dir.join("bin");
-        let copy = |from: PathBuf| -> Result<PathBuf, String> {
-            std::fs::create_dir_all(&bin)
-                .map_err(|e| format!("cannot create {}: {e}", bin.display()))?;
-            let to = bin.join(from.file_name().unwrap_or_default());
-            std::fs::copy(&from, &to)
-                .map_err(|e| format!("cannot copy {} to {}: {e}", from.display(), to.display()))?;
-            Ok(to)
-        };
+        let copy = |from: PathBuf| treaty_tests::private_copy(&from, &bin);
         let (treatyd_bin, bank_bin) = if opts.skip_fdatasync_mutant {
             (
                 treaty_tests::binary(

@@ -119,8 +119,8 @@ pub mod participant;
 
 pub use barrier::{Answer, Barrier, BarrierRow, Op, BARRIER_PREFIX};
 pub use client::{
-    Branch, BranchState, BranchStatus, Client, ClientError, ListFilter, ListPage, Mode,
-    OperatorResolution, Outcome, OutcomeAnswer, RetryOutcome, RetryPolicy, SagaBuilder, Step,
+    Branch, BranchState, BranchStatus, Client, ClientError, ListFilter, ListPage, ManualResolution,
+    Mode, OperatorResolution, Outcome, OutcomeAnswer, RetryOutcome, RetryPolicy, SagaBuilder, Step,
     Submitted, TransactionStatus, TwoPhaseBuilder, TxState, Watch,
 };
 pub use error::SdkError;

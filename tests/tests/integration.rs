@@ -6,8 +6,8 @@ use futures::StreamExt;
 use std::time::Duration;
 use treaty_proto::v1 as pb;
 use treaty_sdk::{
-    Branch, BranchState, Client, ClientError, ListFilter, Mode, Outcome, Step, TransactionStatus,
-    TxState,
+    Branch, BranchState, Client, ClientError, ListFilter, ManualResolution, Mode, Outcome, Step,
+    TransactionStatus, TxState,
 };
 use treaty_tests::{bank, run_to_end, wait_until, BankAccount, Treatyd};
 
@@ -255,6 +255,54 @@ async fn two_phase_aborts_at_the_deadline_and_releases_held_money() {
     bank.b.restart().unwrap();
     assert_eq!(bank.terminal(&gid).await, TxState::Aborted);
     assert_eq!(bank.balances().await, (100, 0, 50, 0));
+}
+
+/// An operator resolves by hand the abort a participant that is gone will never answer; the
+/// record keeps who and why, and the transaction ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_resolves_a_branch_whose_participant_is_gone() {
+    let mut bank = bank_cluster(&["--initial-backoff-ms", "20", "--max-backoff-ms", "200"]).await;
+    bank.b.kill();
+    let gid = bank
+        .two_phase(10)
+        .deadline(Duration::from_millis(1500))
+        .submit()
+        .await
+        .unwrap()
+        .gid;
+    let by_hand = ManualResolution {
+        branch_id: 1,
+        operator: "ops@example".into(),
+        reason: "bob's service was decommissioned, ticket OPS-1".into(),
+    };
+    // Phase one: nothing to resolve by hand yet.
+    let err = bank.client.resolve(&gid, &by_hand).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Rejected {
+                code: tonic::Code::FailedPrecondition,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // The deadline aborts; the abort cannot reach bob.
+    wait_until("the abort decision", Duration::from_secs(30), || async {
+        let tx = bank.client.get(&gid).await.ok()?;
+        (tx.state == TxState::Aborting).then_some(())
+    })
+    .await;
+    let tx = bank.client.resolve(&gid, &by_hand).await.unwrap();
+    let resolution = tx.branches[1].resolution.clone().expect("recorded");
+    assert_eq!(
+        (resolution.operator, resolution.reason),
+        (by_hand.operator, by_hand.reason)
+    );
+    assert_eq!(bank.terminal(&gid).await, TxState::Aborted);
+    // Alice's held money is released (bob stays down: his side had nothing prepared).
+    let alice = bank::balances(&bank.a.uri()).await.unwrap();
+    assert_eq!(alice["alice"], (100, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

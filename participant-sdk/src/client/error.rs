@@ -62,9 +62,10 @@ pub enum ClientError {
         source: tonic::Status,
     },
 
-    /// A read-only or steering call (get, list, watch, outcome, retry) got no answer, or a
-    /// watch stream broke. It changed nothing that matters: retry it (call `watch` again),
-    /// with backoff if the coordinator is down.
+    /// A read-only or steering call (get, list, watch, outcome, retry, resolve) got no
+    /// answer, or a watch stream broke. Retry it (call `watch` again), with backoff if the
+    /// coordinator is down: reads change nothing and `retry` may be repeated; a `resolve`
+    /// that did apply is refused when repeated, so look the transaction up first.
     #[error(
         "the coordinator did not answer ({code:?}: {message}); the call is safe to retry",
         code = source.code(),

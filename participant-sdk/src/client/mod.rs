@@ -32,8 +32,8 @@ use treaty_proto::v1::coordinator_client::CoordinatorClient;
 pub use builder::{Branch, RetryPolicy, SagaBuilder, Step, TwoPhaseBuilder};
 pub use error::ClientError;
 pub use status::{
-    BranchState, BranchStatus, ListFilter, ListPage, Mode, OperatorResolution, Outcome,
-    OutcomeAnswer, RetryOutcome, Submitted, TransactionStatus, TxState,
+    BranchState, BranchStatus, ListFilter, ListPage, ManualResolution, Mode, OperatorResolution,
+    Outcome, OutcomeAnswer, RetryOutcome, Submitted, TransactionStatus, TxState,
 };
 
 use error::read_error;
@@ -205,6 +205,21 @@ impl Client {
         let req = self.request(pb::RetryRequest { gid: gid.into() });
         let resp = self.inner.clone().retry(req).await.map_err(read_error)?;
         Ok(resp.into_inner().into())
+    }
+
+    /// Records, as an audited operator action, that one branch of `gid` had its phase-two
+    /// operation (commit, abort or compensate) carried out by hand, for a participant that
+    /// is gone for good; returns the transaction after the change. A transaction that is not
+    /// in phase two, or a branch that is not waiting, is [`ClientError::Rejected`]
+    /// (`FAILED_PRECONDITION`).
+    pub async fn resolve(
+        &self,
+        gid: impl Into<String>,
+        resolution: &ManualResolution,
+    ) -> Result<TransactionStatus, ClientError> {
+        let req = self.request(resolution.to_proto(gid.into()));
+        let resp = self.inner.clone().resolve(req).await.map_err(read_error)?;
+        TransactionStatus::try_from(resp.into_inner())
     }
 
     /// One page of the transactions matching `filter`, newest first; pass

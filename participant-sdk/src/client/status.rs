@@ -92,6 +92,18 @@ pub struct OperatorResolution {
     pub reason: String,
 }
 
+/// What an operator records with [`Client::resolve`](super::Client::resolve): that one
+/// branch's phase-two operation (commit, abort or compensate) was carried out by hand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManualResolution {
+    /// The branch (its index in the definition, [`BranchStatus::branch_id`]).
+    pub branch_id: u32,
+    /// Who resolves it (recorded; required).
+    pub operator: String,
+    /// Why, e.g. "refund issued by hand, ticket OPS-123" (recorded; required).
+    pub reason: String,
+}
+
 /// One participant's part of a transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BranchStatus {
@@ -403,6 +415,17 @@ impl TryFrom<pb::ListResponse> for ListPage {
     }
 }
 
+impl ManualResolution {
+    pub(crate) fn to_proto(&self, gid: String) -> pb::ResolveRequest {
+        pb::ResolveRequest {
+            gid,
+            branch_id: self.branch_id,
+            operator: self.operator.clone(),
+            reason: self.reason.clone(),
+        }
+    }
+}
+
 impl From<&ListFilter> for pb::ListRequest {
     fn from(f: &ListFilter) -> Self {
         pb::ListRequest {
@@ -603,6 +626,20 @@ mod tests {
         assert_eq!(
             RetryOutcome::from(pb::RetryResponse { retried: 2 }),
             RetryOutcome { retried: 2 }
+        );
+        let by_hand = ManualResolution {
+            branch_id: 1,
+            operator: "ops@example".into(),
+            reason: "refund issued by hand".into(),
+        };
+        assert_eq!(
+            by_hand.to_proto("g".into()),
+            pb::ResolveRequest {
+                gid: "g".into(),
+                branch_id: 1,
+                operator: "ops@example".into(),
+                reason: "refund issued by hand".into(),
+            }
         );
     }
 }

@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use treaty_lazyfs::probe::{key, value};
-use treaty_sdk::durable::SledSync;
+use treaty_durable::SledSync;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -1,6 +1,127 @@
-//! [`SdkError`]: every error the SDK returns, split by what the caller must do next.
+//! Errors, by side:
+//!
+//! - the participant side: [`ParticipantError`] (building and serving a participant),
+//!   [`HandlerError`] (what a handler returns), [`StoreError`] (a barrier store failed);
+//! - the client side: [`SdkError`], kept here only until the client's own error type lands
+//!   (see its docs).
 
-/// An error from the SDK. Each variant names what the caller should do about it.
+use std::fmt;
+
+/// An error from building or running a [`crate::Participant`]. Each variant names what the
+/// caller should do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ParticipantError {
+    /// The participant was configured wrongly (duplicate or empty handler name, bad
+    /// coordinator URI, zero `in_doubt_after`). Fix the code or configuration.
+    #[error("invalid participant configuration: {0}")]
+    Config(String),
+
+    /// The participant's barrier store failed (reading the in-doubt index, opening the
+    /// store). Nothing was answered as done; check the store (disk full, permissions,
+    /// corruption, database down) and retry.
+    #[error("participant storage error: {0}")]
+    Storage(#[from] StoreError),
+
+    /// The participant's gRPC server failed while serving (for example, the listener broke).
+    #[error("participant server failed: {0}; restart it")]
+    Serve(#[source] tonic::transport::Error),
+
+    /// The participant's store can no longer promise durability (an fsync failed), so it
+    /// stopped serving (fail-stop). Restart the process: the store recovers from disk, and
+    /// every operation not answered is delivered again.
+    #[error("participant stopped: {0}; restart the process to recover from disk")]
+    DurabilityLost(String),
+}
+
+/// A barrier store failed: an I/O or database error, or data that does not decode (corrupt
+/// rows are never guessed at). Says what was being done; the cause is its
+/// [`std::error::Error::source`].
+#[derive(Debug)]
+pub struct StoreError {
+    what: String,
+    source: Box<dyn std::error::Error + Send + Sync + 'static>,
+}
+
+impl StoreError {
+    /// `source` happened while doing `what` (e.g. "reading the in-doubt index").
+    pub fn new(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> StoreError {
+        StoreError {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {}; check the participant's store (disk full, permissions, corruption, \
+             database down)",
+            self.what,
+            chain(&*self.source)
+        )
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// What a handler returns when it does not succeed. Owned by the SDK, whatever the store:
+/// each store converts its own errors into it (`?` on a sled handle through
+/// `From<sled::transaction::UnabortableTransactionError>`).
+///
+/// Either way the handler's writes are rolled back with the store's transaction.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum HandlerError {
+    /// A business "no" ([`crate::refuse`]): from `prepare` it is REFUSED, from `execute`
+    /// FAILED, both recorded by the barrier and repeated to duplicates. From `commit`,
+    /// `abort` and `compensate` it is answered RETRY (nothing recorded): those must
+    /// eventually succeed.
+    Refuse(String),
+    /// Not now: nothing is recorded and the operation is answered RETRY, so the coordinator
+    /// delivers it again (a store error, a conflict the store could not retry itself, a
+    /// dependency that is down). Build one with [`HandlerError::retry`] or `?` on a store
+    /// error.
+    Retry(Box<dyn std::error::Error + Send + Sync + 'static>),
+}
+
+impl HandlerError {
+    /// A RETRY with `why` as the message (see [`HandlerError::Retry`]).
+    pub fn retry(
+        why: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> HandlerError {
+        HandlerError::Retry(why.into())
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HandlerError::Refuse(reason) => write!(f, "refused: {reason}"),
+            HandlerError::Retry(e) => write!(f, "retry: {}", chain(&**e)),
+        }
+    }
+}
+
+impl std::error::Error for HandlerError {}
+
+// ---------------------------------------------------------------------------------------
+// Client side. `SdkError` is the client's error until the client's own error type
+// (`ClientError`, being introduced in `client*` by another change) lands; then this section
+// goes. Participant code does not use it.
+// ---------------------------------------------------------------------------------------
+
+/// An error from the client side of the SDK. Each variant names what the caller should do
+/// about it. (The participant side has its own error, [`ParticipantError`].)
 ///
 /// The split that matters most is [`SdkError::Rejected`] versus [`SdkError::OutcomeUnknown`]:
 /// a rejected request changed nothing and will be rejected again if sent unchanged, while a
@@ -84,37 +205,10 @@ pub enum SdkError {
         source: tonic::transport::Error,
     },
 
-    /// The participant's local store (sled) failed. The operation was not answered as done;
-    /// check the data directory (disk full, permissions, corruption) and retry.
-    #[error("participant storage error: {0}; check the data directory (disk full, permissions, corruption)")]
-    Storage(#[source] sled::Error),
-
-    /// The SDK was configured or used wrongly (bad URI, duplicate handler name, a payload that
-    /// does not serialize). Fix the code or configuration.
+    /// The SDK was configured or used wrongly (bad URI, a payload that does not serialize).
+    /// Fix the code or configuration.
     #[error("invalid SDK configuration or input: {0}")]
     Config(String),
-
-    /// The participant's gRPC server failed while serving (for example, the listener broke).
-    #[error("participant server failed: {0}; restart it")]
-    Serve(#[source] tonic::transport::Error),
-
-    /// The participant's storage can no longer promise durability (an fsync failed), so it
-    /// stopped serving (fail-stop). Restart the process: sled recovers from disk, and every
-    /// operation not answered is delivered again.
-    #[error("participant stopped: {0}; restart the process to recover from disk")]
-    DurabilityLost(String),
-}
-
-impl From<sled::Error> for SdkError {
-    fn from(e: sled::Error) -> Self {
-        SdkError::Storage(e)
-    }
-}
-
-impl From<std::io::Error> for SdkError {
-    fn from(e: std::io::Error) -> Self {
-        SdkError::Storage(sled::Error::Io(e))
-    }
 }
 
 /// Codes that mean "the coordinator looked at the request and said no": nothing was applied.
@@ -169,7 +263,7 @@ pub(crate) fn read_error(status: tonic::Status) -> SdkError {
 
 /// An error and its causes, `outer: inner: innermost` (tonic's transport error alone says only
 /// "transport error"; the cause says e.g. "Connection refused").
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut next = e.source();
     while let Some(cause) = next {

@@ -255,7 +255,13 @@ pub enum Verdict {
 
 impl Verdict {
     /// The verdict for a plan's reply (logging a violation).
-    pub fn from_reply(op: Op, gid: &str, branch_id: u32, handler: &str, reply: rules::Reply) -> Verdict {
+    pub fn from_reply(
+        op: Op,
+        gid: &str,
+        branch_id: u32,
+        handler: &str,
+        reply: rules::Reply,
+    ) -> Verdict {
         match reply {
             rules::Reply::Answer { answer, message } => Verdict::Answer { answer, message },
             rules::Reply::Retry(m) => Verdict::Retry(m),

@@ -110,14 +110,14 @@ pub mod participant;
 pub mod sled;
 pub mod store;
 
+pub use crate::sled::SledStore;
 pub use barrier::{Answer, BarrierRow, InDoubt, Op, Verdict};
 pub use client::{Client, Outcome, RetryPolicy, SagaBuilder, TwoPhaseBuilder};
 pub use error::{HandlerError, ParticipantError, SdkError, StoreError};
 pub use participant::{
-    decode_json, refuse, BranchContext, HandlerResult, Participant, ParticipantBuilder,
-    Resolution, Saga, SagaHandler, TwoPhase, TwoPhaseHandler, Unset,
+    decode_json, refuse, BranchContext, HandlerResult, Participant, ParticipantBuilder, Resolution,
+    Saga, SagaHandler, TwoPhase, TwoPhaseHandler, Unset,
 };
-pub use crate::sled::SledStore;
 pub use store::{BarrierStore, HandlerCall, Txn};
 
 /// This build has no TLS: tonic would dial an `https://` URI in plaintext and every call

@@ -27,9 +27,7 @@ use treaty_proto::v1::coordinator_client::CoordinatorClient;
 use treaty_proto::v1::participant_server::{Participant as ParticipantService, ParticipantServer};
 
 use crate::barrier::rules::{self, InDoubtDecision as Decision, Told};
-use crate::barrier::{
-    now_unix_ms, Answer, InDoubt, Op, Verdict, FIELD_BYTES_MAX, GID_BYTES_MAX,
-};
+use crate::barrier::{now_unix_ms, Answer, InDoubt, Op, Verdict, FIELD_BYTES_MAX, GID_BYTES_MAX};
 use crate::error::{chain, HandlerError, ParticipantError};
 use crate::store::{panic_message, BarrierStore, HandlerCall, HandlerFuture, Txn};
 
@@ -148,11 +146,24 @@ pub struct Unset;
 
 /// A [`TwoPhaseHandler`] from three async closures (or `async fn`s), named:
 ///
-/// ```ignore
-/// TwoPhase::<SledStore>::new()
-///     .prepare(async |ctx, tx, payload| { /* reserve */ Ok(()) })
-///     .commit(async |ctx, tx, payload| { /* apply */ Ok(()) })
-///     .abort(async |ctx, tx, payload| { /* release */ Ok(()) })
+/// ```
+/// use treaty_sdk::{sled::SledStore, TwoPhase, TwoPhaseHandler};
+///
+/// fn handler() -> impl TwoPhaseHandler<SledStore> {
+///     TwoPhase::<SledStore>::new()
+///         .prepare(async |_ctx, tx, payload| {
+///             tx.insert(b"held", payload)?; // reserve
+///             Ok(())
+///         })
+///         .commit(async |_ctx, tx, _payload| {
+///             tx.remove(b"held")?; // apply
+///             Ok(())
+///         })
+///         .abort(async |_ctx, tx, _payload| {
+///             tx.remove(b"held")?; // release
+///             Ok(())
+///         })
+/// }
 /// ```
 ///
 /// Name the store (`TwoPhase::<SledStore>::new()`) so the closures' `tx` has a known type.
@@ -258,10 +269,20 @@ where
 
 /// A [`SagaHandler`] from two async closures (or `async fn`s), named:
 ///
-/// ```ignore
-/// Saga::<SledStore>::new()
-///     .execute(async |ctx, tx, payload| { /* apply */ Ok(()) })
-///     .compensate(async |ctx, tx, payload| { /* undo */ Ok(()) })
+/// ```
+/// use treaty_sdk::{sled::SledStore, Saga, SagaHandler};
+///
+/// fn handler() -> impl SagaHandler<SledStore> {
+///     Saga::<SledStore>::new()
+///         .execute(async |ctx, tx, payload| {
+///             tx.insert(ctx.gid.as_bytes(), payload)?; // apply
+///             Ok(())
+///         })
+///         .compensate(async |ctx, tx, _payload| {
+///             tx.remove(ctx.gid.as_bytes())?; // undo
+///             Ok(())
+///         })
+/// }
 /// ```
 ///
 /// Both must be given.

@@ -88,12 +88,8 @@ use sled::transaction::{
 };
 use treaty_durable::SledSync;
 
-use crate::barrier::rules::{
-    self, Business as Run, Delivery, Fingerprint, InDoubt as IndexChange,
-};
-use crate::barrier::{
-    now_unix_ms, Answer, BarrierRow, InDoubt, Op, Verdict, FIELD_BYTES_MAX,
-};
+use crate::barrier::rules::{self, Business as Run, Delivery, Fingerprint, InDoubt as IndexChange};
+use crate::barrier::{now_unix_ms, Answer, BarrierRow, InDoubt, Op, Verdict, FIELD_BYTES_MAX};
 use crate::error::{chain, HandlerError, StoreError};
 use crate::participant::BranchContext;
 use crate::store::{panic_message, BarrierStore, HandlerCall, Txn};
@@ -396,7 +392,6 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-
 /// `prefix ++ gid ++ 0x00 ++ branch_id (u32 BE)`.
 fn branch_key(prefix: &[u8], gid: &str, branch_id: u32) -> Vec<u8> {
     debug_assert!(
@@ -668,14 +663,16 @@ fn run_handler(
         Ok(Some(Err(HandlerError::Refuse(reason)))) => {
             Err(ConflictableTransactionError::Abort(Stop::Refused(reason)))
         }
-        Ok(Some(Err(HandlerError::Retry(e)))) => match e.downcast::<UnabortableTransactionError>() {
-            // sled's own error, raised with `?`: a conflict is sled's to retry.
-            Ok(sled_error) => Err((*sled_error).into()),
-            Err(e) => Err(ConflictableTransactionError::Abort(Stop::Retry(format!(
-                "{op} handler asked for a retry: {}",
-                chain(&*e)
-            )))),
-        },
+        Ok(Some(Err(HandlerError::Retry(e)))) => {
+            match e.downcast::<UnabortableTransactionError>() {
+                // sled's own error, raised with `?`: a conflict is sled's to retry.
+                Ok(sled_error) => Err((*sled_error).into()),
+                Err(e) => Err(ConflictableTransactionError::Abort(Stop::Retry(format!(
+                    "{op} handler asked for a retry: {}",
+                    chain(&*e)
+                )))),
+            }
+        }
         Ok(None) => Err(ConflictableTransactionError::Abort(Stop::Retry(format!(
             "{op} handler waited on something other than the sled store (a timer, the network, \
              another task); sled handlers must complete without waiting, as they hold sled's \
@@ -948,9 +945,9 @@ impl SledStore {
         }
         match res {
             Ok(reply) => verdict(op, ctx, reply),
-            Err(TransactionError::Abort(stop)) => {
-                Verdict::Retry(format!("recording the {op} refusal failed: {stop:?}; retry"))
-            }
+            Err(TransactionError::Abort(stop)) => Verdict::Retry(format!(
+                "recording the {op} refusal failed: {stop:?}; retry"
+            )),
             Err(TransactionError::Storage(e)) => {
                 storage_retry(&format!("recording {op} refusal"), ctx, e)
             }
@@ -1094,10 +1091,7 @@ mod tests {
             store
         }
 
-        async fn write_mark<'a, 't>(
-            tx: &'a mut Txn<'t, SledStore>,
-            key: &'a str,
-        ) -> HandlerResult {
+        async fn write_mark<'a, 't>(tx: &'a mut Txn<'t, SledStore>, key: &'a str) -> HandlerResult {
             tx.insert(key.as_bytes(), b"x".as_slice())?;
             Ok(())
         }
@@ -1222,7 +1216,16 @@ mod tests {
             Ok(())
         });
         let v = s.deliver_now(Execute, &ctx("y"), b"p", call.as_ref());
-        assert!(matches!(v, Verdict::Answer { answer: Succeeded, .. }), "{v:?}");
+        assert!(
+            matches!(
+                v,
+                Verdict::Answer {
+                    answer: Succeeded,
+                    ..
+                }
+            ),
+            "{v:?}"
+        );
         assert!(s.tree().get(b"biz").unwrap().is_some());
     }
 
@@ -1306,7 +1309,6 @@ mod tests {
         assert!(RowValue::decode(&trailing).is_err());
     }
 
-
     /// An upgraded participant: opening the store indexes its open v1 prepared branch (with
     /// the payload for replay) and drops the payload from its prepare row; duplicates are
     /// answered as before.
@@ -1350,12 +1352,39 @@ mod tests {
             .all(|kv| kv.unwrap().1.len() <= STORED_VALUE_BYTES_MAX));
         // The migrated row kept its fingerprint: the same body is a duplicate, another is not.
         let same = s.deliver_now(Prepare, &ctx("open"), &big, None);
-        assert!(matches!(same, Verdict::Answer { answer: Prepared, .. }), "{same:?}");
+        assert!(
+            matches!(
+                same,
+                Verdict::Answer {
+                    answer: Prepared,
+                    ..
+                }
+            ),
+            "{same:?}"
+        );
         let other = s.deliver_now(Prepare, &ctx("open"), b"other", None);
-        assert!(matches!(other, Verdict::Answer { answer: Refused, .. }), "{other:?}");
+        assert!(
+            matches!(
+                other,
+                Verdict::Answer {
+                    answer: Refused,
+                    ..
+                }
+            ),
+            "{other:?}"
+        );
         // The v1 execute row (no payload, no fingerprint) still answers duplicates.
         let saga = s.deliver_now(Execute, &ctx("saga"), b"payload", None);
-        assert!(matches!(saga, Verdict::Answer { answer: Succeeded, .. }), "{saga:?}");
+        assert!(
+            matches!(
+                saga,
+                Verdict::Answer {
+                    answer: Succeeded,
+                    ..
+                }
+            ),
+            "{saga:?}"
+        );
     }
 
     #[test]
@@ -1367,5 +1396,4 @@ mod tests {
         );
         assert!(parse_key(b"\xfftreaty/barrier/x").is_err());
     }
-
 }

@@ -5,11 +5,41 @@
 //! marker through the store's own transaction) and call [`run_all`], or each check on its
 //! own:
 //!
-//! ```ignore
-//! #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-//! async fn my_store_conforms() {
-//!     treaty_sdk::store::conformance::run_all(&MyHarness::new()).await;
+//! ```
+//! use std::sync::Mutex;
+//! use treaty_sdk::sled::SledStore;
+//! use treaty_sdk::store::conformance::{self, Harness};
+//! use treaty_sdk::{HandlerResult, Txn};
+//!
+//! /// Fresh sled stores, each in its own temporary directory.
+//! struct SledHarness(Mutex<Vec<tempfile::TempDir>>);
+//!
+//! impl Harness for SledHarness {
+//!     type Store = SledStore;
+//!
+//!     async fn open(&self) -> SledStore {
+//!         let dir = tempfile::tempdir().unwrap();
+//!         let store = SledStore::open_dir(dir.path(), "business").unwrap();
+//!         self.0.lock().unwrap().push(dir);
+//!         store
+//!     }
+//!
+//!     async fn write_mark<'a, 't>(tx: &'a mut Txn<'t, SledStore>, key: &'a str) -> HandlerResult {
+//!         tx.insert(key.as_bytes(), b"x".as_slice())?;
+//!         Ok(())
+//!     }
+//!
+//!     async fn has_mark(store: &SledStore, key: &str) -> bool {
+//!         store.tree().get(key).unwrap().is_some()
+//!     }
 //! }
+//!
+//! # fn main() {
+//! // In a store's tests: #[tokio::test(flavor = "multi_thread")] async fn conforms() { .. }
+//! tokio::runtime::Runtime::new()
+//!     .unwrap()
+//!     .block_on(conformance::run_all(&SledHarness(Mutex::new(Vec::new()))));
+//! # }
 //! ```
 //!
 //! Each check panics (with the scenario's name) on the first deviation. The checks cover the
@@ -94,12 +124,7 @@ struct Scripted<H> {
 }
 
 impl<H: Harness> Scripted<H> {
-    async fn run(
-        &self,
-        op: Op,
-        ctx: &BranchContext,
-        tx: &mut Txn<'_, H::Store>,
-    ) -> HandlerResult {
+    async fn run(&self, op: Op, ctx: &BranchContext, tx: &mut Txn<'_, H::Store>) -> HandlerResult {
         self.runs.fetch_add(1, Ordering::SeqCst);
         H::write_mark(tx, &mark_key(&ctx.gid, op)).await?;
         match self.biz {
@@ -579,7 +604,12 @@ pub async fn in_doubt_lists_open_prepared_branches<H: Harness>(h: &H) {
         ("log-1", "http://c:7700")
     );
     // A cutoff before the prepare excludes it; one after includes it.
-    assert!(f.store.in_doubt(Some(0)).await.expect("in doubt").is_empty());
+    assert!(f
+        .store
+        .in_doubt(Some(0))
+        .await
+        .expect("in doubt")
+        .is_empty());
     assert_eq!(
         f.store
             .in_doubt(Some(u64::MAX))
@@ -623,7 +653,10 @@ pub async fn rows_are_numbered_in_commit_order<H: Harness>(h: &H) {
     assert_eq!(f.seq("t", Execute).await, 2);
     assert_eq!(f.seq("t", Compensate).await, 3);
     assert_eq!(f.seq("s", Compensate).await, 4);
-    assert_eq!((f.seq("n", Execute).await, f.seq("n", Compensate).await), (5, 6));
+    assert_eq!(
+        (f.seq("n", Execute).await, f.seq("n", Compensate).await),
+        (5, 6)
+    );
 }
 
 /// A gid delivered again with another body, or from another coordinator log, is another
@@ -679,10 +712,16 @@ pub async fn handler_panic_is_answered_retry_naming_it<H: Harness>(h: &H) {
         assert!(f.rows(&gid).await.is_empty(), "{op}: nothing recorded");
         assert!(!f.has_change(&gid, op).await, "{op}: writes rolled back");
         let v = f.deliver(&gid, op, Biz::Ok).await;
-        assert!(matches!(v, Verdict::Answer { .. }), "{op}: then served: {v:?}");
+        assert!(
+            matches!(v, Verdict::Answer { .. }),
+            "{op}: then served: {v:?}"
+        );
         assert!(f.has_change(&gid, op).await);
     }
-    assert!(f.store.failure().is_none(), "a panic is not a storage failure");
+    assert!(
+        f.store.failure().is_none(),
+        "a panic is not a storage failure"
+    );
 }
 
 /// A handler that asks for a retry: RETRY with its reason, nothing recorded, writes rolled

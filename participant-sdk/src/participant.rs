@@ -1194,4 +1194,95 @@ mod tests {
             );
         }
     }
+
+    /// A store that fails as told: its deliveries panic, or lose durability.
+    struct Broken {
+        panic: bool,
+        failure: std::sync::Mutex<Option<String>>,
+    }
+
+    impl BarrierStore for Broken {
+        type Tx<'t> = ();
+
+        async fn deliver(
+            &self,
+            op: Op,
+            _: BranchContext,
+            _: Bytes,
+            _: Option<HandlerCall<Self>>,
+        ) -> Verdict {
+            if self.panic {
+                panic!("the store fell over");
+            }
+            *self.failure.lock().unwrap() = Some("fsync failed: EIO".into());
+            Verdict::Retry(format!("{op} could not be made durable"))
+        }
+
+        async fn rows(&self, _: &str) -> Result<Vec<crate::BarrierRow>, crate::StoreError> {
+            Ok(Vec::new())
+        }
+
+        async fn all_rows(&self) -> Result<Vec<crate::BarrierRow>, crate::StoreError> {
+            Ok(Vec::new())
+        }
+
+        async fn in_doubt(&self, _: Option<u64>) -> Result<Vec<InDoubt>, crate::StoreError> {
+            Ok(Vec::new())
+        }
+
+        fn failure(&self) -> Option<String> {
+            self.failure.lock().unwrap().clone()
+        }
+    }
+
+    fn broken(panic: bool) -> Participant<Broken> {
+        Participant::builder(Broken {
+            panic,
+            failure: std::sync::Mutex::new(None),
+        })
+        .build()
+        .unwrap()
+    }
+
+    fn request() -> Request<pb::BranchRequest> {
+        Request::new(pb::BranchRequest {
+            gid: "g".into(),
+            handler: "h".into(),
+            attempt: 1,
+            ..Default::default()
+        })
+    }
+
+    /// Fail-stop, whatever the store: once the store says it lost durability, the
+    /// participant reports it, and `serve` stops with [`ParticipantError::DurabilityLost`].
+    #[tokio::test]
+    async fn a_store_that_lost_durability_stops_the_participant() {
+        let p = broken(false);
+        assert!(p.failure().is_none());
+        let r = p.prepare(request()).await.unwrap().into_inner();
+        assert_eq!(r.result(), pb::PrepareResult::Retry);
+        assert_eq!(p.failure().as_deref(), Some("fsync failed: EIO"));
+        assert_eq!(p.failed().await, "fsync failed: EIO");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let served = p.clone().serve(listener, std::future::pending()).await;
+        assert!(
+            matches!(&served, Err(ParticipantError::DurabilityLost(why)) if why.contains("EIO")),
+            "{served:?}"
+        );
+    }
+
+    /// A panic that escapes a store is answered RETRY naming the panic, never as a
+    /// configuration error, and the participant goes on.
+    #[tokio::test]
+    async fn a_panic_escaping_the_store_is_answered_retry_naming_it() {
+        let p = broken(true);
+        let r = p.execute(request()).await.unwrap().into_inner();
+        assert_eq!(r.result(), pb::ExecuteResult::Retry);
+        assert!(
+            r.message.contains("panicked") && r.message.contains("the store fell over"),
+            "{}",
+            r.message
+        );
+        assert!(p.failure().is_none());
+    }
 }

@@ -1158,6 +1158,23 @@ mod tests {
         assert!(s.in_doubt_now(None).unwrap().is_empty());
     }
 
+    /// Rows are numbered in the tree: a reopened store goes on from the last number.
+    #[test]
+    fn row_numbers_go_on_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open_dir(dir.path(), "business").unwrap();
+        s.deliver_now(Compensate, &ctx("n"), b"", None); // null: execute 1, compensate 2
+        drop(s);
+        let s = SledStore::open_dir(dir.path(), "business").unwrap();
+        s.deliver_now(Compensate, &ctx("u"), b"", None);
+        let seqs: Vec<_> = s.try_rows("u").unwrap().iter().map(|r| r.seq).collect();
+        assert_eq!(
+            seqs,
+            [3, 4],
+            "execute then compensate, after 1 and 2: {seqs:?}"
+        );
+    }
+
     /// A saga handler that runs `execute` and does nothing on compensate.
     fn saga_call<F>(execute: F) -> Option<HandlerCall<SledStore>>
     where

@@ -30,10 +30,14 @@
 //!     (one that waits on something else is answered RETRY, never blocked on while holding
 //!     sled's transaction lock). sled may run the closure more than once on a conflict, and
 //!     the handler with it: handlers write only through the handle;
-//!   - a PostgreSQL store can run deliveries on its own worker threads (a `LocalSet`), where
-//!     the handler future awaits `tokio_postgres` calls on the delivery's transaction, and
-//!     ends with `PREPARE TRANSACTION` (prepare) or `COMMIT` (everything else), which is
-//!     durable on return: PostgreSQL's commit is the sync.
+//!   - a store whose handle does real async I/O (PostgreSQL: `Tx<'t> =
+//!     tokio_postgres::Transaction<'t>`) runs the delivery on a blocking thread with
+//!     `tokio::runtime::Handle::block_on` (no `Send` needed; the runtime's workers drive the
+//!     sockets), or on worker threads of its own (a `LocalSet`): begin, read the branch's
+//!     rows, plan, run the handler on the transaction, write the rows, then `COMMIT` (or
+//!     `PREPARE TRANSACTION` for a prepare), which is durable on return: the database's commit
+//!     is the sync. `participant-sdk/tests/async_store.rs` is such a store (in memory, with an
+//!     async handle), written with the public API only, and passes the conformance suite.
 //! - **Durability and fail-stop**: [`BarrierStore::deliver`] returns only once its verdict
 //!   is durable. A store that can no longer promise durability (an fsync failed) answers
 //!   RETRY from then on and says why in [`BarrierStore::failure`]; the participant then stops

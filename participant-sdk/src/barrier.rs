@@ -71,8 +71,9 @@ impl Op {
         })
     }
 
-    /// Whether `answer` is one this operation can record.
-    pub(crate) fn allows(self, answer: Answer) -> bool {
+    /// Whether `answer` is one this operation can record (stores check rows read back with
+    /// it: a row whose answer does not fit its operation is corrupt).
+    pub fn allows(self, answer: Answer) -> bool {
         match self {
             Op::Prepare => matches!(answer, Answer::Prepared | Answer::Refused),
             Op::Execute => matches!(answer, Answer::Succeeded | Answer::Failed),

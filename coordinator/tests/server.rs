@@ -10,9 +10,8 @@ use treaty_coordinator::config::Config;
 use treaty_coordinator::engine::{BranchDef, Mode, NewTx, Phase, RetryPolicy, Tx};
 use treaty_coordinator::log::memory::MemoryLog;
 use treaty_coordinator::log::LogStore;
-use treaty_sdk::{
-    saga_fn, two_phase_fn, Branch, Client, ListFilter, Outcome, Participant, Step, TxState,
-};
+use treaty_sdk::sled::SledStore;
+use treaty_sdk::{Branch, Client, ListFilter, Outcome, Participant, Saga, Step, TwoPhase, TxState};
 
 struct Harness {
     coordinator: String,
@@ -27,26 +26,35 @@ struct Harness {
 /// under `<op>/<gid>/<branch>`) and the coordinator over `log`.
 async fn start(log: Arc<MemoryLog>) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::open(dir.path()).unwrap();
-    let tree = db.open_tree("data").unwrap();
-    let mark = |op: &'static str| {
-        move |ctx: &treaty_sdk::BranchContext,
-              tree: &sled::transaction::TransactionalTree,
-              _: &[u8]|
-              -> treaty_sdk::HandlerResult {
-            tree.insert(
+    let store = SledStore::open_dir(dir.path(), "data").unwrap();
+    struct Mark;
+    impl Mark {
+        fn mark(
+            op: &str,
+            ctx: &treaty_sdk::BranchContext,
+            tx: &mut treaty_sdk::Txn<'_, SledStore>,
+        ) -> treaty_sdk::HandlerResult {
+            tx.insert(
                 format!("{op}/{}/{}", ctx.gid, ctx.branch_id).as_bytes(),
                 b"",
             )?;
             Ok(())
         }
-    };
-    let participant = Participant::builder(db, tree, dir.path())
+    }
+    let participant = Participant::builder(store)
         .two_phase(
             "h2",
-            two_phase_fn(mark("prepare"), mark("commit"), mark("abort")),
+            TwoPhase::<SledStore>::new()
+                .prepare(async |ctx, tx, _| Mark::mark("prepare", ctx, tx))
+                .commit(async |ctx, tx, _| Mark::mark("commit", ctx, tx))
+                .abort(async |ctx, tx, _| Mark::mark("abort", ctx, tx)),
         )
-        .saga("hs", saga_fn(mark("execute"), mark("compensate")))
+        .saga(
+            "hs",
+            Saga::<SledStore>::new()
+                .execute(async |ctx, tx, _| Mark::mark("execute", ctx, tx))
+                .compensate(async |ctx, tx, _| Mark::mark("compensate", ctx, tx)),
+        )
         .build()
         .unwrap();
     let pl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -14,11 +14,12 @@
 
 use crate::proto;
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use sled::transaction::TransactionalTree;
 use std::path::Path;
+use treaty_sdk::sled::SledStore;
 use treaty_sdk::{
-    decode_json, refuse, saga_fn, two_phase_fn, BranchContext, HandlerResult, Participant, Refusal,
-    SdkError,
+    decode_json, refuse, BranchContext, HandlerError, HandlerResult, Participant, ParticipantError,
+    Saga, StoreError, TwoPhase, Txn,
 };
 
 /// A transfer leg, the payload of every bank handler: which account, how much.
@@ -45,7 +46,10 @@ impl Leg {
     }
 }
 
-type TxResult<T> = Result<T, ConflictableTransactionError<Refusal>>;
+type TxResult<T> = Result<T, HandlerError>;
+
+/// The handle every bank handler receives: the delivery's sled transaction.
+type Tx<'t> = Txn<'t, SledStore>;
 
 fn key(prefix: &str, account: &str) -> Vec<u8> {
     format!("{prefix}/{account}").into_bytes()
@@ -70,9 +74,7 @@ fn read(tree: &TransactionalTree, k: &[u8]) -> TxResult<Option<i64>> {
     match tree.get(k)? {
         None => Ok(None),
         // A storage error: answered RETRY by the SDK, and logged.
-        Some(v) => decode_i64(k, &v)
-            .map(Some)
-            .map_err(ConflictableTransactionError::Storage),
+        Some(v) => decode_i64(k, &v).map(Some).map_err(HandlerError::retry),
     }
 }
 
@@ -120,7 +122,8 @@ fn check_funds(l: &Leg, balance: i64) -> HandlerResult {
     Ok(())
 }
 
-fn debit_prepare(_: &BranchContext, tree: &TransactionalTree, payload: &[u8]) -> HandlerResult {
+async fn debit_prepare(_: &BranchContext, tx: &mut Tx<'_>, payload: &[u8]) -> HandlerResult {
+    let tree: &TransactionalTree = tx;
     let l = leg(payload)?;
     let b = balance(tree, &l.account)?;
     check_funds(&l, b)?;
@@ -130,18 +133,21 @@ fn debit_prepare(_: &BranchContext, tree: &TransactionalTree, payload: &[u8]) ->
     add(tree, "held", &l.account, l.amount)
 }
 
-fn debit_commit(_: &BranchContext, tree: &TransactionalTree, payload: &[u8]) -> HandlerResult {
+async fn debit_commit(_: &BranchContext, tx: &mut Tx<'_>, payload: &[u8]) -> HandlerResult {
+    let tree: &TransactionalTree = tx;
     let l = leg(payload)?;
     add(tree, "held", &l.account, -l.amount)
 }
 
-fn debit_abort(_: &BranchContext, tree: &TransactionalTree, payload: &[u8]) -> HandlerResult {
+async fn debit_abort(_: &BranchContext, tx: &mut Tx<'_>, payload: &[u8]) -> HandlerResult {
+    let tree: &TransactionalTree = tx;
     let l = leg(payload)?;
     add(tree, "held", &l.account, -l.amount)?;
     add(tree, "acct", &l.account, l.amount)
 }
 
-fn credit_prepare(_: &BranchContext, tree: &TransactionalTree, payload: &[u8]) -> HandlerResult {
+async fn credit_prepare(_: &BranchContext, tx: &mut Tx<'_>, payload: &[u8]) -> HandlerResult {
+    let tree: &TransactionalTree = tx;
     let l = leg(payload)?;
     let b = balance(tree, &l.account)?;
     // Nothing is written: the credit must stay invisible before the decision. The overflow
@@ -156,35 +162,40 @@ fn credit_prepare(_: &BranchContext, tree: &TransactionalTree, payload: &[u8]) -
     Ok(())
 }
 
-fn credit_commit(_: &BranchContext, tree: &TransactionalTree, payload: &[u8]) -> HandlerResult {
+async fn credit_commit(_: &BranchContext, tx: &mut Tx<'_>, payload: &[u8]) -> HandlerResult {
+    let tree: &TransactionalTree = tx;
     let l = leg(payload)?;
     add(tree, "acct", &l.account, l.amount)
 }
 
-fn credit_abort(_: &BranchContext, _: &TransactionalTree, _: &[u8]) -> HandlerResult {
+async fn credit_abort(_: &BranchContext, _: &mut Tx<'_>, _: &[u8]) -> HandlerResult {
     // Prepare changed nothing, so there is nothing to release.
     Ok(())
 }
 
-fn saga_debit(_: &BranchContext, tree: &TransactionalTree, payload: &[u8]) -> HandlerResult {
+async fn saga_debit(_: &BranchContext, tx: &mut Tx<'_>, payload: &[u8]) -> HandlerResult {
+    let tree: &TransactionalTree = tx;
     let l = leg(payload)?;
     let b = balance(tree, &l.account)?;
     check_funds(&l, b)?;
     write(tree, &key("acct", &l.account), b - l.amount)
 }
 
-fn saga_debit_undo(_: &BranchContext, tree: &TransactionalTree, payload: &[u8]) -> HandlerResult {
+async fn saga_debit_undo(_: &BranchContext, tx: &mut Tx<'_>, payload: &[u8]) -> HandlerResult {
+    let tree: &TransactionalTree = tx;
     let l = leg(payload)?;
     add(tree, "acct", &l.account, l.amount)
 }
 
-fn saga_credit(_: &BranchContext, tree: &TransactionalTree, payload: &[u8]) -> HandlerResult {
+async fn saga_credit(_: &BranchContext, tx: &mut Tx<'_>, payload: &[u8]) -> HandlerResult {
+    let tree: &TransactionalTree = tx;
     let l = leg(payload)?;
     balance(tree, &l.account)?;
     add(tree, "acct", &l.account, l.amount)
 }
 
-fn saga_credit_undo(_: &BranchContext, tree: &TransactionalTree, payload: &[u8]) -> HandlerResult {
+async fn saga_credit_undo(_: &BranchContext, tx: &mut Tx<'_>, payload: &[u8]) -> HandlerResult {
+    let tree: &TransactionalTree = tx;
     let l = leg(payload)?;
     // No isolation in a saga: the credited money may have been spent meanwhile, so this may
     // take the balance below zero. A compensation must succeed, so it does.
@@ -233,7 +244,7 @@ pub struct Instance {
     /// The [`TREE`] tree: accounts and the SDK's barrier rows.
     pub tree: sled::Tree,
     /// The participant to serve (the barrier wraps every handler).
-    pub participant: Participant,
+    pub participant: Participant<SledStore>,
 }
 
 impl Instance {
@@ -244,39 +255,59 @@ impl Instance {
         dir: &Path,
         coordinator: &str,
         accounts: &[(String, i64)],
-    ) -> Result<Instance, SdkError> {
-        std::fs::create_dir_all(dir)?;
+    ) -> Result<Instance, ParticipantError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::new(format!("creating {}", dir.display()), e))?;
         let config = sled::Config::new().path(dir);
         // The deliberately broken build (tests only) skips the real fdatasync; without sled's
         // own periodic sync too, the power-cut test sees every acknowledged row at risk.
         #[cfg(feature = "mutation-skip-fdatasync")]
         let config = config.flush_every_ms(None);
-        let db = config.open()?;
-        let tree = db.open_tree(TREE)?;
+        let store = SledStore::open(config, TREE)?;
+        let (db, tree) = (store.db().clone(), store.tree().clone());
         for (name, opening) in accounts {
             // Only if absent: a restarted instance keeps its balances. The inner Err is
             // "the key exists", which is the case to leave alone.
-            let _exists = tree.compare_and_swap(
-                key("acct", name),
-                None as Option<&[u8]>,
-                Some(&opening.to_be_bytes()[..]),
-            )?;
+            let _exists = tree
+                .compare_and_swap(
+                    key("acct", name),
+                    None as Option<&[u8]>,
+                    Some(&opening.to_be_bytes()[..]),
+                )
+                .map_err(|e| StoreError::new("creating the opening balances", e))?;
         }
-        let participant = Participant::builder(db.clone(), tree.clone(), dir)
+        let participant = Participant::builder(store)
             .coordinator(coordinator)
             .two_phase(
                 "debit",
-                two_phase_fn(debit_prepare, debit_commit, debit_abort),
+                TwoPhase::<SledStore>::new()
+                    .prepare(debit_prepare)
+                    .commit(debit_commit)
+                    .abort(debit_abort),
             )
             .two_phase(
                 "credit",
-                two_phase_fn(credit_prepare, credit_commit, credit_abort),
+                TwoPhase::<SledStore>::new()
+                    .prepare(credit_prepare)
+                    .commit(credit_commit)
+                    .abort(credit_abort),
             )
-            .saga("saga-debit", saga_fn(saga_debit, saga_debit_undo))
-            .saga("saga-credit", saga_fn(saga_credit, saga_credit_undo))
+            .saga(
+                "saga-debit",
+                Saga::<SledStore>::new()
+                    .execute(saga_debit)
+                    .compensate(saga_debit_undo),
+            )
+            .saga(
+                "saga-credit",
+                Saga::<SledStore>::new()
+                    .execute(saga_credit)
+                    .compensate(saga_credit_undo),
+            )
             .build()?;
         // Opening balances must survive a crash like everything else.
-        db.flush()?;
+        db.flush()
+            .map_err(|e| StoreError::new("flushing the opening balances", e))?;
         Ok(Instance {
             db,
             tree,
@@ -293,7 +324,7 @@ impl Instance {
     pub fn bank_service(&self) -> proto::bank_server::BankServer<BankService> {
         proto::bank_server::BankServer::new(BankService {
             tree: self.tree.clone(),
-            barrier: self.participant.barrier().clone(),
+            store: self.participant.store().clone(),
         })
     }
 }
@@ -301,7 +332,7 @@ impl Instance {
 /// Serves `Balances` and `BarrierRows` for one instance (read-only).
 pub struct BankService {
     tree: sled::Tree,
-    barrier: treaty_sdk::Barrier,
+    store: SledStore,
 }
 
 fn internal(what: &str, e: impl std::fmt::Display) -> tonic::Status {
@@ -341,12 +372,12 @@ impl proto::bank_server::Bank for BankService {
         /// Rows per streamed page: about 200 KiB, far below the 4 MiB message limit.
         const PAGE: usize = 4096;
         let gid = req.into_inner().gid;
-        let barrier = self.barrier.clone();
+        let store = self.store.clone();
         let rows = tokio::task::spawn_blocking(move || {
             if gid.is_empty() {
-                barrier.try_all_rows()
+                store.try_all_rows()
             } else {
-                barrier.try_rows(&gid)
+                store.try_rows(&gid)
             }
         })
         .await

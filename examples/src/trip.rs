@@ -37,8 +37,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use sled::transaction::{ConflictableTransactionError, TransactionalTree};
-use treaty_sdk::{refuse, saga_fn, Answer, Barrier, Op, Participant, Refusal, SdkError};
+use sled::transaction::TransactionalTree;
+use treaty_sdk::sled::SledStore;
+use treaty_sdk::{
+    refuse, Answer, HandlerError, HandlerResult, Op, Participant, ParticipantError, Saga,
+    StoreError,
+};
 
 /// The sled tree (in each service's db) holding bookings, the journal and barrier rows.
 pub const TREE: &str = "bookings";
@@ -122,14 +126,10 @@ fn stored_seq(v: &[u8]) -> Result<u64, sled::Error> {
 }
 
 /// Appends `action` to the journal of `gid`, in the handler's transaction.
-fn append(
-    tx: &TransactionalTree,
-    clock: &Clock,
-    gid: &str,
-    action: &str,
-) -> Result<(), ConflictableTransactionError<Refusal>> {
+fn append(tx: &TransactionalTree, clock: &Clock, gid: &str, action: &str) -> HandlerResult {
     let last = match tx.get(SEQ_KEY)? {
-        Some(v) => stored_seq(&v).map_err(ConflictableTransactionError::Storage)?,
+        // Corrupt: answered RETRY (and logged) by the SDK, never guessed at.
+        Some(v) => stored_seq(&v).map_err(HandlerError::retry)?,
         None => 0,
     };
     let seq = clock.tick(last);
@@ -147,7 +147,7 @@ pub struct Service {
     /// The [`TREE`] tree of this service's db.
     pub tree: sled::Tree,
     /// The participant, with the [`HANDLER`] saga handler registered.
-    pub participant: Participant,
+    pub participant: Participant<SledStore>,
     refusals: Refusals,
 }
 
@@ -160,33 +160,33 @@ impl Service {
         coordinator: &str,
         fail: bool,
         clock: Clock,
-    ) -> Result<Service, SdkError> {
-        std::fs::create_dir_all(dir)?;
-        let db = sled::open(dir)?;
-        let tree = db.open_tree(TREE)?;
-        if let Some(v) = tree.get(SEQ_KEY)? {
-            clock.observe(stored_seq(&v)?);
+    ) -> Result<Service, ParticipantError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::new(format!("creating {}", dir.display()), e))?;
+        let store = SledStore::open_dir(dir, TREE)?;
+        let tree = store.tree().clone();
+        if let Some(v) = tree.get(SEQ_KEY).map_err(StoreError::from)? {
+            clock.observe(stored_seq(&v).map_err(StoreError::from)?);
         }
         let refusals = Refusals::default();
         let (c1, c2, r) = (clock.clone(), clock, refusals.clone());
-        let participant = Participant::builder(db, tree.clone(), dir)
+        let participant = Participant::builder(store)
             .coordinator(coordinator)
             .saga(
                 HANDLER,
-                saga_fn(
-                    move |ctx, tx, payload| {
+                Saga::<SledStore>::new()
+                    .execute(async move |ctx, tx, payload| {
                         if fail {
                             r.record(&ctx.gid, ctx.branch_id, c1.tick(0));
                             return Err(refuse(format!("no {kind} availability")));
                         }
                         tx.insert(booking_key(&ctx.gid), payload)?;
                         append(tx, &c1, &ctx.gid, "booked")
-                    },
-                    move |ctx, tx, _payload| {
+                    })
+                    .compensate(async move |ctx, tx, _payload| {
                         tx.remove(booking_key(&ctx.gid))?;
                         append(tx, &c2, &ctx.gid, "cancelled")
-                    },
-                ),
+                    }),
             )
             .build()?;
         Ok(Service {
@@ -199,7 +199,7 @@ impl Service {
 
     /// What this service did for `gid`: its journal entries, plus the refusal if the barrier
     /// recorded one and this process saw it happen.
-    pub fn entries(&self, gid: &str) -> Result<Vec<Entry>, sled::Error> {
+    pub fn entries(&self, gid: &str) -> Result<Vec<Entry>, StoreError> {
         let mut out = Vec::new();
         let prefix = journal_prefix(gid);
         for kv in self.tree.scan_prefix(&prefix) {
@@ -210,7 +210,7 @@ impl Service {
                 action: String::from_utf8_lossy(&v).into_owned(),
             });
         }
-        for row in Barrier::new(self.tree.clone()).try_rows(gid)? {
+        for row in self.participant.store().try_rows(gid)? {
             if row.op != Op::Execute || row.answer != Answer::Failed {
                 continue;
             }
@@ -229,7 +229,7 @@ impl Service {
 }
 
 /// The journal of `gid` over `services`, in the order things happened.
-pub fn journal(services: &[Service], gid: &str) -> Result<Vec<Entry>, sled::Error> {
+pub fn journal(services: &[Service], gid: &str) -> Result<Vec<Entry>, StoreError> {
     let mut all = Vec::new();
     for s in services {
         all.extend(s.entries(gid)?);

@@ -3,81 +3,88 @@
 //! # Where things are
 //!
 //! - [`participant`]: the participant side. Register handlers ([`TwoPhaseHandler`],
-//!   [`SagaHandler`], or closures via [`two_phase_fn`] / [`saga_fn`]) on a
-//!   [`Participant::builder`], then either `add_service` [`Participant::into_service`] to
-//!   your own tonic server or call [`Participant::serve`]. Handlers run synchronously inside a
-//!   sled transaction on your tree.
-//! - [`barrier`]: exactly-once effects. One row per `(gid, branch, operation)` in your tree,
-//!   written in the same sled transaction as the business change; duplicates repeat the
-//!   first answer, a compensation that arrives before its action is recorded as a no-op and
-//!   the late action is refused, a recorded cancel wins over a recorded action, and a gid
-//!   reused with another body is refused. **Keys starting with `0xFF 't'` are reserved.**
-//!   The decisions themselves are one pure function, [`barrier::rules::plan`], shared with
-//!   the coordinator's simulation.
+//!   [`SagaHandler`], or async closures named by their method via [`TwoPhase`] / [`Saga`])
+//!   on a [`Participant::builder`] over a barrier store, then either `add_service`
+//!   [`Participant::into_service`] to your own tonic server or call [`Participant::serve`].
+//!   Handlers are async and run inside one transaction of the store, which they receive as
+//!   [`Txn<'_, S>`](Txn).
+//! - [`store`]: the storage seam, [`BarrierStore`]: run the business change and the barrier
+//!   rows in one atomic transaction of the participant's own store, then make it durable
+//!   before the answer leaves. Its contract is a public test suite,
+//!   [`store::conformance`], that every store runs.
+//! - [`sled`]: [`SledStore`], the embedded default store (one value: database, tree and
+//!   group-commit fsync); its module docs give the storage layout and how async handlers
+//!   run inside sled's synchronous transactions.
+//! - [`barrier`]: what every store shares: operations, answers, rows, and the rules. The
+//!   decisions are one pure function, [`barrier::rules::plan`], shared with the
+//!   coordinator's simulation. A duplicate repeats the first answer, a compensation that
+//!   arrives before its action is recorded as a no-op and the late action is refused, a
+//!   recorded cancel wins over a recorded action, and a gid reused with another body is
+//!   refused.
 //! - In-doubt resolution: a branch left prepared is resolved by asking the coordinator log
 //!   that drove it ([`Participant::resolve_in_doubt`]); presumed abort is applied only from
-//!   that log.
-//! - [`durable`]: [`durable::SledSync`], the group-commit fsync that makes every barrier row
-//!   durable before its answer is sent (sled's own `flush` is not a full fsync).
+//!   that log. The coordinator is given as a URI or as a channel you built
+//!   ([`ParticipantBuilder::coordinator_channel`], for TLS and interceptors).
 //! - [`client`]: submit sagas ([`Step`]) and 2PC transactions ([`Branch`]) to the
 //!   coordinator with a [`Client`], and follow them up ([`TransactionStatus`], a [`Watch`]
-//!   stream). Its errors are [`ClientError`], split by what the caller must do (notably
+//!   stream).
+//! - Errors: [`ParticipantError`] (building and serving a participant), [`HandlerError`]
+//!   (what handlers return: [`refuse`] or retry), [`StoreError`] (a store failed); on the
+//!   client side [`ClientError`], split by what the caller must do (notably
 //!   [`ClientError::Rejected`] versus [`ClientError::OutcomeUnknown`] versus
 //!   [`ClientError::GidExists`]).
-//! - [`SdkError`]: the participant side's errors.
+//! - The fsync that makes sled writes durable lives in its own crate, `treaty-durable`
+//!   (`SledSync`), shared with the coordinator's log.
 //!
 //! # Example
 //!
-//! A participant with a 2PC handler and a saga handler, served on its own, and a client
-//! submitting a saga to it through the coordinator.
+//! A participant with a 2PC handler and a saga handler over a sled store, served on its
+//! own, and a client submitting a saga to it through the coordinator.
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use treaty_sdk::{decode_json, refuse, saga_fn, two_phase_fn, Client, Outcome, Participant, Step};
+//! use treaty_sdk::sled::SledStore;
+//! use treaty_sdk::{decode_json, refuse, Client, Outcome, Participant, Saga, Step, TwoPhase};
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let dir = std::path::Path::new("./bank-data");
-//! let db = sled::open(dir)?;
-//! let accounts = db.open_tree("accounts")?;
+//! let store = SledStore::open_dir("./bank-data", "accounts")?;
 //!
-//! let participant = Participant::builder(db.clone(), accounts, dir)
+//! let participant = Participant::builder(store)
 //!     .coordinator("http://127.0.0.1:7700") // for in-doubt resolution after a crash
 //!     // 2PC: prepare reserves (here: just checks a key), commit applies, abort releases.
 //!     .two_phase(
 //!         "debit",
-//!         two_phase_fn(
-//!             |_ctx, tree, payload| {
+//!         TwoPhase::<SledStore>::new()
+//!             .prepare(async |_ctx, tx, payload| {
 //!                 let amount: u64 = decode_json(payload)?;
 //!                 if amount > 100 {
 //!                     return Err(refuse("insufficient funds"));
 //!                 }
-//!                 tree.insert(b"held", payload)?;
+//!                 tx.insert(b"held", payload)?;
 //!                 Ok(())
-//!             },
-//!             |_ctx, tree, _payload| {
-//!                 tree.remove(b"held")?;
+//!             })
+//!             .commit(async |_ctx, tx, _payload| {
+//!                 tx.remove(b"held")?;
 //!                 Ok(())
-//!             },
-//!             |_ctx, tree, _payload| {
-//!                 tree.remove(b"held")?;
+//!             })
+//!             .abort(async |_ctx, tx, _payload| {
+//!                 tx.remove(b"held")?;
 //!                 Ok(())
-//!             },
-//!         ),
+//!             }),
 //!     )
 //!     // Saga step: execute applies, compensate undoes. Both may run more than once inside
-//!     // sled's retry loop: write only through `tree`.
+//!     // sled's retry loop: write only through `tx`.
 //!     .saga(
 //!         "book",
-//!         saga_fn(
-//!             |ctx, tree, payload| {
-//!                 tree.insert(ctx.gid.as_bytes(), payload)?;
+//!         Saga::<SledStore>::new()
+//!             .execute(async |ctx, tx, payload| {
+//!                 tx.insert(ctx.gid.as_bytes(), payload)?;
 //!                 Ok(())
-//!             },
-//!             |ctx, tree, _payload| {
-//!                 tree.remove(ctx.gid.as_bytes())?;
+//!             })
+//!             .compensate(async |ctx, tx, _payload| {
+//!                 tx.remove(ctx.gid.as_bytes())?;
 //!                 Ok(())
-//!             },
-//!         ),
+//!             }),
 //!     )
 //!     .build()?;
 //!
@@ -109,37 +116,21 @@
 
 pub mod barrier;
 pub mod client;
-pub mod durable;
-// The client-side helpers left in error.rs (`submit_error`, `read_error`) are unused since
-// the client has its own error type (client/error.rs); they go with `SdkError`'s client
-// variants in the participant-side change to error.rs.
-#[allow(dead_code)]
 mod error;
 pub mod participant;
+pub mod sled;
+pub mod store;
 
-pub use barrier::{Answer, Barrier, BarrierRow, Op, BARRIER_PREFIX};
+pub use crate::sled::SledStore;
+pub use barrier::{Answer, BarrierRow, InDoubt, Op, Verdict};
 pub use client::{
     Branch, BranchState, BranchStatus, Client, ClientError, ListFilter, ListPage, ManualResolution,
     Mode, OperatorResolution, Outcome, OutcomeAnswer, RetryOutcome, RetryPolicy, SagaBuilder, Step,
     Submitted, TransactionStatus, TwoPhaseBuilder, TxState, Watch,
 };
-pub use error::SdkError;
+pub use error::{HandlerError, ParticipantError, StoreError};
 pub use participant::{
-    decode_json, refuse, saga_fn, two_phase_fn, BranchContext, HandlerResult, Participant,
-    ParticipantBuilder, Refusal, Resolution, SagaHandler, TwoPhaseHandler,
+    decode_json, refuse, BranchContext, HandlerResult, Participant, ParticipantBuilder, Resolution,
+    Saga, SagaHandler, TwoPhase, TwoPhaseHandler, Unset,
 };
-
-/// This build has no TLS: tonic would dial an `https://` URI in plaintext and every call
-/// would fail with an obscure transport error, so it is refused up front with the reason.
-pub(crate) fn refuse_tls_uri(uri: &str) -> Result<(), SdkError> {
-    if uri
-        .trim_start()
-        .to_ascii_lowercase()
-        .starts_with("https://")
-    {
-        return Err(SdkError::Config(format!(
-            "{uri:?}: https:// is not supported by this build of treaty-sdk (no TLS yet); use http://"
-        )));
-    }
-    Ok(())
-}
+pub use store::{BarrierStore, HandlerCall, Txn};

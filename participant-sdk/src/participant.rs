@@ -1,20 +1,25 @@
 //! The participant side: handlers, the builder, and the `treaty.v1.Participant` gRPC service.
 //!
 //! A request goes: gRPC method → [`Participant`] looks up the handler by name → the
-//! [`Barrier`] runs the barrier logic and the handler inside **one sled transaction** on the
-//! user's tree (on a blocking thread) → [`SledSync::sync`] makes the row durable → the typed
-//! answer leaves. No answer leaves before its barrier row is on stable storage, so a
+//! participant's [`BarrierStore`] runs the barrier's plan and the handler in **one
+//! transaction of its own store**, then makes it durable ([`BarrierStore::deliver`]) → the
+//! typed answer leaves. No answer leaves before its barrier row is on stable storage, so a
 //! `PREPARED` promise or a `DONE` survives a crash of the participant.
+//!
+//! Everything here is generic over the store `S`: a handler is written for one store (it
+//! receives that store's transaction, [`Txn<'_, S>`](Txn)), and the participant serves
+//! handlers of one store. [`crate::sled::SledStore`] is the embedded default.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::Path;
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use futures::FutureExt;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 use treaty_proto::v1 as pb;
@@ -22,45 +27,26 @@ use treaty_proto::v1::coordinator_client::CoordinatorClient;
 use treaty_proto::v1::participant_server::{Participant as ParticipantService, ParticipantServer};
 
 use crate::barrier::rules::{self, InDoubtDecision as Decision, Told};
-use crate::barrier::{
-    now_unix_ms, Answer, Barrier, Business, InDoubt, Op, Verdict, FIELD_BYTES_MAX, GID_BYTES_MAX,
-};
-use crate::durable::SledSync;
-use crate::error::SdkError;
+use crate::barrier::{now_unix_ms, Answer, InDoubt, Op, Verdict, FIELD_BYTES_MAX, GID_BYTES_MAX};
+use crate::error::{chain, HandlerError, ParticipantError};
+use crate::store::{panic_message, BarrierStore, HandlerCall, HandlerFuture, Txn};
 
-/// What a handler returns: `Ok(())` to apply its writes, [`refuse`] for a business "no"
-/// (the transaction is rolled back), or a sled error (via `?` on [`TransactionalTree`]
-/// operations), which is answered as RETRY.
-pub type HandlerResult = Result<(), ConflictableTransactionError<Refusal>>;
+/// What a handler returns: `Ok(())` to commit its writes with the barrier row,
+/// `Err(`[`refuse`]`(..))` for a business "no", or [`HandlerError::Retry`] (also what `?`
+/// on a store error gives) to be delivered again later.
+pub type HandlerResult = Result<(), HandlerError>;
 
-/// A business "no", with the reason sent back to the coordinator.
+/// A business "no": return `Err(refuse("insufficient funds"))` from a handler.
 ///
 /// From `prepare` it means REFUSED, from `execute` FAILED. From `commit`, `abort` and
 /// `compensate` it is answered as RETRY: those must eventually succeed.
-#[derive(Debug, Clone)]
-pub struct Refusal {
-    /// Why, for humans (shown by the coordinator and stored in the barrier row).
-    pub reason: String,
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.reason)
-    }
-}
-
-/// A business "no": return `Err(refuse("insufficient funds"))` from a handler.
-pub fn refuse(reason: impl Into<String>) -> ConflictableTransactionError<Refusal> {
-    ConflictableTransactionError::Abort(Refusal {
-        reason: reason.into(),
-    })
+pub fn refuse(reason: impl Into<String>) -> HandlerError {
+    HandlerError::Refuse(reason.into())
 }
 
 /// Decodes a JSON payload (as sent by the client's `*_json` helpers); a payload that does
 /// not decode is refused with the decoding error as the reason.
-pub fn decode_json<T: serde::de::DeserializeOwned>(
-    payload: &[u8],
-) -> Result<T, ConflictableTransactionError<Refusal>> {
+pub fn decode_json<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, HandlerError> {
     serde_json::from_slice(payload)
         .map_err(|e| refuse(format!("payload is not the JSON expected: {e}")))
 }
@@ -87,152 +73,399 @@ pub struct BranchContext {
     pub outcome_endpoint: String,
 }
 
-/// A two-phase-commit handler: prepare, then commit or abort.
+/// A two-phase-commit handler for store `S`: prepare, then commit or abort.
 ///
-/// Each method runs **synchronously inside a sled transaction** on the participant's tree,
-/// together with the barrier row, so its writes and the row commit atomically. The barrier
-/// guarantees each method's writes are applied at most once per branch, that `commit`/`abort`
-/// run only after a successful `prepare`, and never both.
+/// Each method runs **inside one transaction of the store** (`tx`), together with the
+/// barrier row, so its writes and the row commit atomically. The barrier guarantees each
+/// method's writes are applied at most once per branch, that `commit`/`abort` run only after
+/// a successful `prepare`, and never both.
 ///
-/// sled may run the closure **more than once** (it retries on conflict): write only through
-/// `tree`, with no side effects outside it (no network calls, no counters, no files). Keep
-/// it short: sled 0.34 serializes transactions process-wide. Keys starting with `0xFF 't'`
-/// are reserved for the barrier.
+/// Write only through `tx`, with no side effects outside it (no network calls, no counters,
+/// no files): a store may run a method more than once (sled re-runs a transaction on a
+/// conflict) and rolls its writes back on a refusal. On sled, keep it short (sled 0.34
+/// serializes transactions process-wide) and do not await anything but the handle; keys
+/// starting with `0xFF 't'` are reserved for the barrier.
 ///
 /// `prepare` must make `commit` certain to succeed (reserve, do not just check); `commit` and
 /// `abort` must eventually succeed: a refusal from them is answered as RETRY.
-pub trait TwoPhaseHandler: Send + Sync + 'static {
+///
+/// Implement it with `async fn`s, or build one from closures with [`TwoPhase`]. The futures
+/// need not be `Send` (the store decides where they run).
+pub trait TwoPhaseHandler<S: BarrierStore>: Send + Sync + 'static {
     /// Phase one: validate and reserve. Return [`refuse`] for a business "no".
     fn prepare(
         &self,
         ctx: &BranchContext,
-        tree: &TransactionalTree,
+        tx: &mut Txn<'_, S>,
         payload: &[u8],
-    ) -> HandlerResult;
+    ) -> impl Future<Output = HandlerResult>;
     /// Make the prepared change final. `payload` is the branch payload again.
     fn commit(
         &self,
         ctx: &BranchContext,
-        tree: &TransactionalTree,
+        tx: &mut Txn<'_, S>,
         payload: &[u8],
-    ) -> HandlerResult;
+    ) -> impl Future<Output = HandlerResult>;
     /// Release what `prepare` reserved. Called only if `prepare` answered PREPARED.
-    fn abort(&self, ctx: &BranchContext, tree: &TransactionalTree, payload: &[u8])
-        -> HandlerResult;
+    fn abort(
+        &self,
+        ctx: &BranchContext,
+        tx: &mut Txn<'_, S>,
+        payload: &[u8],
+    ) -> impl Future<Output = HandlerResult>;
 }
 
-/// A saga step handler: execute, and compensate if the saga fails.
+/// A saga step handler for store `S`: execute, and compensate if the saga fails.
 ///
-/// Same rules as [`TwoPhaseHandler`]: runs inside a sled transaction together with the
-/// barrier row, may run more than once, must have no side effects outside `tree`.
+/// Same rules as [`TwoPhaseHandler`]: runs inside one transaction of the store together with
+/// the barrier row, may run more than once, must have no side effects outside `tx`.
 /// `compensate` runs only if `execute` succeeded (a compensation for a step that never ran is
-/// recorded without calling it) and must eventually succeed.
-pub trait SagaHandler: Send + Sync + 'static {
+/// recorded without calling it) and must eventually succeed. Build one from closures with
+/// [`Saga`].
+pub trait SagaHandler<S: BarrierStore>: Send + Sync + 'static {
     /// Apply the step. Return [`refuse`] for a business failure (FAILED).
     fn execute(
         &self,
         ctx: &BranchContext,
-        tree: &TransactionalTree,
+        tx: &mut Txn<'_, S>,
         payload: &[u8],
-    ) -> HandlerResult;
+    ) -> impl Future<Output = HandlerResult>;
     /// Undo the step. `payload` is the step's compensation payload.
     fn compensate(
         &self,
         ctx: &BranchContext,
-        tree: &TransactionalTree,
+        tx: &mut Txn<'_, S>,
         payload: &[u8],
-    ) -> HandlerResult;
+    ) -> impl Future<Output = HandlerResult>;
 }
 
-struct TwoPhaseFn<P, C, A> {
+/// A method of [`TwoPhase`] or [`Saga`] not given yet. A builder with one of these does not
+/// implement the handler trait: registering it fails to compile.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unset;
+
+/// A [`TwoPhaseHandler`] from three async closures (or `async fn`s), named:
+///
+/// ```
+/// use treaty_sdk::{sled::SledStore, TwoPhase, TwoPhaseHandler};
+///
+/// fn handler() -> impl TwoPhaseHandler<SledStore> {
+///     TwoPhase::<SledStore>::new()
+///         .prepare(async |_ctx, tx, payload| {
+///             tx.insert(b"held", payload)?; // reserve
+///             Ok(())
+///         })
+///         .commit(async |_ctx, tx, _payload| {
+///             tx.remove(b"held")?; // apply
+///             Ok(())
+///         })
+///         .abort(async |_ctx, tx, _payload| {
+///             tx.remove(b"held")?; // release
+///             Ok(())
+///         })
+/// }
+/// ```
+///
+/// Name the store (`TwoPhase::<SledStore>::new()`) so the closures' `tx` has a known type.
+/// All three must be given.
+pub struct TwoPhase<S, P = Unset, C = Unset, A = Unset> {
     prepare: P,
     commit: C,
     abort: A,
+    store: PhantomData<fn() -> S>,
 }
 
-impl<P, C, A> TwoPhaseHandler for TwoPhaseFn<P, C, A>
+impl<S: BarrierStore> TwoPhase<S> {
+    /// A builder with no method given yet.
+    pub fn new() -> Self {
+        TwoPhase {
+            prepare: Unset,
+            commit: Unset,
+            abort: Unset,
+            store: PhantomData,
+        }
+    }
+}
+
+impl<S: BarrierStore> Default for TwoPhase<S> {
+    fn default() -> Self {
+        TwoPhase::new()
+    }
+}
+
+impl<S: BarrierStore, P, C, A> TwoPhase<S, P, C, A> {
+    /// Phase one ([`TwoPhaseHandler::prepare`]).
+    pub fn prepare<F>(self, prepare: F) -> TwoPhase<S, F, C, A>
+    where
+        F: AsyncFn(&BranchContext, &mut Txn<'_, S>, &[u8]) -> HandlerResult + Send + Sync + 'static,
+    {
+        TwoPhase {
+            prepare,
+            commit: self.commit,
+            abort: self.abort,
+            store: PhantomData,
+        }
+    }
+
+    /// Commit ([`TwoPhaseHandler::commit`]).
+    pub fn commit<F>(self, commit: F) -> TwoPhase<S, P, F, A>
+    where
+        F: AsyncFn(&BranchContext, &mut Txn<'_, S>, &[u8]) -> HandlerResult + Send + Sync + 'static,
+    {
+        TwoPhase {
+            prepare: self.prepare,
+            commit,
+            abort: self.abort,
+            store: PhantomData,
+        }
+    }
+
+    /// Abort ([`TwoPhaseHandler::abort`]).
+    pub fn abort<F>(self, abort: F) -> TwoPhase<S, P, C, F>
+    where
+        F: AsyncFn(&BranchContext, &mut Txn<'_, S>, &[u8]) -> HandlerResult + Send + Sync + 'static,
+    {
+        TwoPhase {
+            prepare: self.prepare,
+            commit: self.commit,
+            abort,
+            store: PhantomData,
+        }
+    }
+}
+
+impl<S, P, C, A> TwoPhaseHandler<S> for TwoPhase<S, P, C, A>
 where
-    P: Fn(&BranchContext, &TransactionalTree, &[u8]) -> HandlerResult + Send + Sync + 'static,
-    C: Fn(&BranchContext, &TransactionalTree, &[u8]) -> HandlerResult + Send + Sync + 'static,
-    A: Fn(&BranchContext, &TransactionalTree, &[u8]) -> HandlerResult + Send + Sync + 'static,
+    S: BarrierStore,
+    P: AsyncFn(&BranchContext, &mut Txn<'_, S>, &[u8]) -> HandlerResult + Send + Sync + 'static,
+    C: AsyncFn(&BranchContext, &mut Txn<'_, S>, &[u8]) -> HandlerResult + Send + Sync + 'static,
+    A: AsyncFn(&BranchContext, &mut Txn<'_, S>, &[u8]) -> HandlerResult + Send + Sync + 'static,
 {
     fn prepare(
         &self,
         ctx: &BranchContext,
-        tree: &TransactionalTree,
+        tx: &mut Txn<'_, S>,
         payload: &[u8],
-    ) -> HandlerResult {
-        (self.prepare)(ctx, tree, payload)
+    ) -> impl Future<Output = HandlerResult> {
+        (self.prepare)(ctx, tx, payload)
     }
     fn commit(
         &self,
         ctx: &BranchContext,
-        tree: &TransactionalTree,
+        tx: &mut Txn<'_, S>,
         payload: &[u8],
-    ) -> HandlerResult {
-        (self.commit)(ctx, tree, payload)
+    ) -> impl Future<Output = HandlerResult> {
+        (self.commit)(ctx, tx, payload)
     }
     fn abort(
         &self,
         ctx: &BranchContext,
-        tree: &TransactionalTree,
+        tx: &mut Txn<'_, S>,
         payload: &[u8],
-    ) -> HandlerResult {
-        (self.abort)(ctx, tree, payload)
+    ) -> impl Future<Output = HandlerResult> {
+        (self.abort)(ctx, tx, payload)
     }
 }
 
-/// A [`TwoPhaseHandler`] from three closures (prepare, commit, abort).
-pub fn two_phase_fn<P, C, A>(prepare: P, commit: C, abort: A) -> impl TwoPhaseHandler
-where
-    P: Fn(&BranchContext, &TransactionalTree, &[u8]) -> HandlerResult + Send + Sync + 'static,
-    C: Fn(&BranchContext, &TransactionalTree, &[u8]) -> HandlerResult + Send + Sync + 'static,
-    A: Fn(&BranchContext, &TransactionalTree, &[u8]) -> HandlerResult + Send + Sync + 'static,
-{
-    TwoPhaseFn {
-        prepare,
-        commit,
-        abort,
-    }
-}
-
-struct SagaFn<E, C> {
+/// A [`SagaHandler`] from two async closures (or `async fn`s), named:
+///
+/// ```
+/// use treaty_sdk::{sled::SledStore, Saga, SagaHandler};
+///
+/// fn handler() -> impl SagaHandler<SledStore> {
+///     Saga::<SledStore>::new()
+///         .execute(async |ctx, tx, payload| {
+///             tx.insert(ctx.gid.as_bytes(), payload)?; // apply
+///             Ok(())
+///         })
+///         .compensate(async |ctx, tx, _payload| {
+///             tx.remove(ctx.gid.as_bytes())?; // undo
+///             Ok(())
+///         })
+/// }
+/// ```
+///
+/// Both must be given.
+pub struct Saga<S, E = Unset, C = Unset> {
     execute: E,
     compensate: C,
+    store: PhantomData<fn() -> S>,
 }
 
-impl<E, C> SagaHandler for SagaFn<E, C>
+impl<S: BarrierStore> Saga<S> {
+    /// A builder with no method given yet.
+    pub fn new() -> Self {
+        Saga {
+            execute: Unset,
+            compensate: Unset,
+            store: PhantomData,
+        }
+    }
+}
+
+impl<S: BarrierStore> Default for Saga<S> {
+    fn default() -> Self {
+        Saga::new()
+    }
+}
+
+impl<S: BarrierStore, E, C> Saga<S, E, C> {
+    /// The step ([`SagaHandler::execute`]).
+    pub fn execute<F>(self, execute: F) -> Saga<S, F, C>
+    where
+        F: AsyncFn(&BranchContext, &mut Txn<'_, S>, &[u8]) -> HandlerResult + Send + Sync + 'static,
+    {
+        Saga {
+            execute,
+            compensate: self.compensate,
+            store: PhantomData,
+        }
+    }
+
+    /// Its compensation ([`SagaHandler::compensate`]).
+    pub fn compensate<F>(self, compensate: F) -> Saga<S, E, F>
+    where
+        F: AsyncFn(&BranchContext, &mut Txn<'_, S>, &[u8]) -> HandlerResult + Send + Sync + 'static,
+    {
+        Saga {
+            execute: self.execute,
+            compensate,
+            store: PhantomData,
+        }
+    }
+}
+
+impl<S, E, C> SagaHandler<S> for Saga<S, E, C>
 where
-    E: Fn(&BranchContext, &TransactionalTree, &[u8]) -> HandlerResult + Send + Sync + 'static,
-    C: Fn(&BranchContext, &TransactionalTree, &[u8]) -> HandlerResult + Send + Sync + 'static,
+    S: BarrierStore,
+    E: AsyncFn(&BranchContext, &mut Txn<'_, S>, &[u8]) -> HandlerResult + Send + Sync + 'static,
+    C: AsyncFn(&BranchContext, &mut Txn<'_, S>, &[u8]) -> HandlerResult + Send + Sync + 'static,
 {
     fn execute(
         &self,
         ctx: &BranchContext,
-        tree: &TransactionalTree,
+        tx: &mut Txn<'_, S>,
         payload: &[u8],
-    ) -> HandlerResult {
-        (self.execute)(ctx, tree, payload)
+    ) -> impl Future<Output = HandlerResult> {
+        (self.execute)(ctx, tx, payload)
     }
     fn compensate(
         &self,
         ctx: &BranchContext,
-        tree: &TransactionalTree,
+        tx: &mut Txn<'_, S>,
         payload: &[u8],
-    ) -> HandlerResult {
-        (self.compensate)(ctx, tree, payload)
+    ) -> impl Future<Output = HandlerResult> {
+        (self.compensate)(ctx, tx, payload)
     }
 }
 
-/// A [`SagaHandler`] from two closures (execute, compensate).
-pub fn saga_fn<E, C>(execute: E, compensate: C) -> impl SagaHandler
-where
-    E: Fn(&BranchContext, &TransactionalTree, &[u8]) -> HandlerResult + Send + Sync + 'static,
-    C: Fn(&BranchContext, &TransactionalTree, &[u8]) -> HandlerResult + Send + Sync + 'static,
-{
-    SagaFn {
-        execute,
-        compensate,
+/// [`TwoPhaseHandler`] made object-safe: the participant keeps handlers of many types by
+/// name. Implemented for every [`TwoPhaseHandler`].
+pub(crate) trait DynTwoPhase<S: BarrierStore>: Send + Sync {
+    fn call<'a, 't: 'a>(
+        &'a self,
+        op: Op,
+        ctx: &'a BranchContext,
+        tx: &'a mut Txn<'t, S>,
+        payload: &'a [u8],
+    ) -> HandlerFuture<'a>;
+}
+
+impl<S: BarrierStore, H: TwoPhaseHandler<S>> DynTwoPhase<S> for H {
+    fn call<'a, 't: 'a>(
+        &'a self,
+        op: Op,
+        ctx: &'a BranchContext,
+        tx: &'a mut Txn<'t, S>,
+        payload: &'a [u8],
+    ) -> HandlerFuture<'a> {
+        match op {
+            Op::Prepare => Box::pin(self.prepare(ctx, tx, payload)),
+            Op::Commit => Box::pin(self.commit(ctx, tx, payload)),
+            Op::Abort => Box::pin(self.abort(ctx, tx, payload)),
+            Op::Execute | Op::Compensate => {
+                unreachable!("HandlerCall::new gives a 2PC handler only 2PC operations")
+            }
+        }
+    }
+}
+
+/// [`SagaHandler`] made object-safe.
+pub(crate) trait DynSaga<S: BarrierStore>: Send + Sync {
+    fn call<'a, 't: 'a>(
+        &'a self,
+        op: Op,
+        ctx: &'a BranchContext,
+        tx: &'a mut Txn<'t, S>,
+        payload: &'a [u8],
+    ) -> HandlerFuture<'a>;
+}
+
+impl<S: BarrierStore, H: SagaHandler<S>> DynSaga<S> for H {
+    fn call<'a, 't: 'a>(
+        &'a self,
+        op: Op,
+        ctx: &'a BranchContext,
+        tx: &'a mut Txn<'t, S>,
+        payload: &'a [u8],
+    ) -> HandlerFuture<'a> {
+        match op {
+            Op::Execute => Box::pin(self.execute(ctx, tx, payload)),
+            Op::Compensate => Box::pin(self.compensate(ctx, tx, payload)),
+            Op::Prepare | Op::Commit | Op::Abort => {
+                unreachable!("HandlerCall::new gives a saga handler only saga operations")
+            }
+        }
+    }
+}
+
+/// A registered handler, of either kind.
+pub(crate) enum Registered<S: BarrierStore> {
+    TwoPhase(Arc<dyn DynTwoPhase<S>>),
+    Saga(Arc<dyn DynSaga<S>>),
+}
+
+impl<S: BarrierStore> Clone for Registered<S> {
+    fn clone(&self) -> Self {
+        match self {
+            Registered::TwoPhase(h) => Registered::TwoPhase(h.clone()),
+            Registered::Saga(h) => Registered::Saga(h.clone()),
+        }
+    }
+}
+
+impl<S: BarrierStore> Registered<S> {
+    pub(crate) fn two_phase(h: impl TwoPhaseHandler<S>) -> Self {
+        Registered::TwoPhase(Arc::new(h))
+    }
+
+    pub(crate) fn saga(h: impl SagaHandler<S>) -> Self {
+        Registered::Saga(Arc::new(h))
+    }
+
+    /// Whether this handler has a method for `op` (a 2PC handler serves prepare, commit and
+    /// abort; a saga handler execute and compensate).
+    pub(crate) fn serves(&self, op: Op) -> bool {
+        matches!(
+            (self, op),
+            (
+                Registered::TwoPhase(_),
+                Op::Prepare | Op::Commit | Op::Abort
+            ) | (Registered::Saga(_), Op::Execute | Op::Compensate)
+        )
+    }
+
+    pub(crate) fn call<'a, 't: 'a>(
+        &'a self,
+        op: Op,
+        ctx: &'a BranchContext,
+        tx: &'a mut Txn<'t, S>,
+        payload: &'a [u8],
+    ) -> HandlerFuture<'a> {
+        match self {
+            Registered::TwoPhase(h) => h.call(op, ctx, tx, payload),
+            Registered::Saga(h) => h.call(op, ctx, tx, payload),
+        }
     }
 }
 
@@ -246,30 +479,40 @@ const COORDINATOR_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The in-doubt resolver never runs more often than this, whatever `in_doubt_after` is.
 const RESOLVE_INTERVAL_MIN: Duration = Duration::from_millis(100);
 
-#[derive(Clone)]
-enum Registered {
-    TwoPhase(Arc<dyn TwoPhaseHandler>),
-    Saga(Arc<dyn SagaHandler>),
+/// How the configured coordinator is reached.
+enum CoordinatorConfig {
+    /// Dialled by the SDK (plaintext `http://`).
+    Uri(String),
+    /// A channel the user built (TLS, interceptors, load balancing), for the coordinator
+    /// that branches name by this URI.
+    Channel(String, Channel),
 }
 
 /// Configures a [`Participant`]; made by [`Participant::builder`].
-pub struct ParticipantBuilder {
-    db: sled::Db,
-    tree: sled::Tree,
-    dir: std::path::PathBuf,
-    coordinator: Option<String>,
+pub struct ParticipantBuilder<S: BarrierStore> {
+    store: S,
+    coordinator: Option<CoordinatorConfig>,
     in_doubt_after: Duration,
-    handlers: HashMap<String, Registered>,
+    handlers: HashMap<String, Registered<S>>,
     duplicates: Vec<String>,
 }
 
-impl ParticipantBuilder {
+impl<S: BarrierStore> ParticipantBuilder<S> {
     /// The coordinator's gRPC URI (e.g. `http://127.0.0.1:7700`), asked during in-doubt
     /// resolution about branches that name no outcome endpoint of their own (coordinators
     /// from before `BranchRequest.outcome_endpoint`, or ones that leave it empty). Without
     /// it, such a branch left prepared waits for its coordinator to resend.
     pub fn coordinator(mut self, uri: impl Into<String>) -> Self {
-        self.coordinator = Some(uri.into());
+        self.coordinator = Some(CoordinatorConfig::Uri(uri.into()));
+        self
+    }
+
+    /// Like [`ParticipantBuilder::coordinator`], through a channel you built (TLS,
+    /// interceptors, load balancing stay your choice). `uri` is the coordinator's name as
+    /// branches give it in their outcome endpoint: a branch naming `uri`, or naming none, is
+    /// resolved through `channel`. Each call is still bounded by the SDK's call timeout.
+    pub fn coordinator_channel(mut self, uri: impl Into<String>, channel: Channel) -> Self {
+        self.coordinator = Some(CoordinatorConfig::Channel(uri.into(), channel));
         self
     }
 
@@ -281,78 +524,76 @@ impl ParticipantBuilder {
     }
 
     /// Registers a 2PC handler under `name` (the `handler` of the branches addressed to it).
-    pub fn two_phase(mut self, name: impl Into<String>, handler: impl TwoPhaseHandler) -> Self {
-        self.register(name.into(), Registered::TwoPhase(Arc::new(handler)));
+    pub fn two_phase(mut self, name: impl Into<String>, handler: impl TwoPhaseHandler<S>) -> Self {
+        self.register(name.into(), Registered::two_phase(handler));
         self
     }
 
     /// Registers a saga handler under `name`.
-    pub fn saga(mut self, name: impl Into<String>, handler: impl SagaHandler) -> Self {
-        self.register(name.into(), Registered::Saga(Arc::new(handler)));
+    pub fn saga(mut self, name: impl Into<String>, handler: impl SagaHandler<S>) -> Self {
+        self.register(name.into(), Registered::saga(handler));
         self
     }
 
-    fn register(&mut self, name: String, h: Registered) {
+    fn register(&mut self, name: String, h: Registered<S>) {
         if self.handlers.insert(name.clone(), h).is_some() {
             self.duplicates.push(name);
         }
     }
 
-    /// Checks the configuration and starts the durability thread ([`SledSync`]).
+    /// Checks the configuration.
     ///
-    /// Fails with [`SdkError::Config`] on a duplicate or empty handler name or a bad
-    /// coordinator URI, and [`SdkError::Storage`] if `dir` is not where `db` was opened.
-    pub fn build(self) -> Result<Participant, SdkError> {
+    /// Fails with [`ParticipantError::Config`] on a duplicate, empty or too long handler
+    /// name, a bad coordinator URI or a zero `in_doubt_after`.
+    pub fn build(self) -> Result<Participant<S>, ParticipantError> {
         if !self.duplicates.is_empty() {
-            return Err(SdkError::Config(format!(
+            return Err(ParticipantError::Config(format!(
                 "handler names registered twice: {:?}; each name must be unique",
                 self.duplicates
             )));
         }
         if self.handlers.contains_key("") {
-            return Err(SdkError::Config(
+            return Err(ParticipantError::Config(
                 "a handler was registered with an empty name".into(),
             ));
         }
         if let Some(long) = self.handlers.keys().find(|n| n.len() > FIELD_BYTES_MAX) {
-            return Err(SdkError::Config(format!(
+            return Err(ParticipantError::Config(format!(
                 "handler name {:?}... is {} bytes; at most {FIELD_BYTES_MAX} are allowed",
                 long.chars().take(32).collect::<String>(),
                 long.len()
             )));
         }
         if self.in_doubt_after.is_zero() {
-            return Err(SdkError::Config(
+            return Err(ParticipantError::Config(
                 "in_doubt_after must be more than zero".into(),
             ));
         }
+        let mut clients = HashMap::new();
         let coordinator = match self.coordinator {
             None => None,
-            Some(uri) => {
-                crate::refuse_tls_uri(&uri)?;
-                let endpoint = Endpoint::from_shared(uri.clone())
-                    .map_err(|e| {
-                        SdkError::Config(format!("coordinator URI {uri:?} is invalid: {e}"))
-                    })?
-                    .connect_timeout(COORDINATOR_CALL_TIMEOUT)
-                    .timeout(COORDINATOR_CALL_TIMEOUT);
-                Some((uri, endpoint))
+            Some(CoordinatorConfig::Uri(uri)) => {
+                // Checked now, dialled when first needed.
+                endpoint(&uri).map_err(ParticipantError::Config)?;
+                Some(uri)
+            }
+            Some(CoordinatorConfig::Channel(uri, channel)) => {
+                if uri.is_empty() {
+                    return Err(ParticipantError::Config(
+                        "coordinator_channel needs the coordinator's URI as branches name it"
+                            .into(),
+                    ));
+                }
+                clients.insert(uri.clone(), CoordinatorClient::new(channel));
+                Some(uri)
             }
         };
-        let barrier = Barrier::new(self.tree);
-        // Before serving: branches prepared by an older SDK must be in the in-doubt index.
-        barrier.migrate_v1()?;
-        // No sync needed for the migration: it answers nobody, and sled persists its log in
-        // order, so the first answer synced later makes it durable too; lost in a crash
-        // before that, it runs again at the next start.
-        let sync = SledSync::new(self.db, &self.dir)?;
         Ok(Participant {
             inner: Arc::new(Inner {
-                barrier,
-                sync,
+                store: self.store,
                 handlers: self.handlers,
                 coordinator,
-                coordinator_clients: tokio::sync::Mutex::new(HashMap::new()),
+                coordinator_clients: tokio::sync::Mutex::new(clients),
                 in_doubt_after: self.in_doubt_after,
                 first_round_done: AtomicBool::new(false),
                 fatal: tokio::sync::watch::channel(None).0,
@@ -361,52 +602,76 @@ impl ParticipantBuilder {
     }
 }
 
-/// A participant: registered handlers behind the barrier, served as the
-/// `treaty.v1.Participant` gRPC service. Cheap to clone (shared state).
-#[derive(Clone)]
-pub struct Participant {
-    inner: Arc<Inner>,
+/// The endpoint the SDK dials for a coordinator URI, or why it cannot.
+fn endpoint(uri: &str) -> Result<Endpoint, String> {
+    // This build has no TLS: tonic would dial an `https://` URI in plaintext and every call
+    // would fail with an obscure transport error, so it is refused up front with the reason.
+    if uri
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with("https://")
+    {
+        return Err(format!(
+            "coordinator URI {uri:?}: https:// is not dialled by this build of treaty-sdk (no \
+             TLS); give a TLS channel with ParticipantBuilder::coordinator_channel, or use \
+             http://"
+        ));
+    }
+    Ok(Endpoint::from_shared(uri.to_string())
+        .map_err(|e| format!("coordinator URI {uri:?} is invalid: {e}"))?
+        .connect_timeout(COORDINATOR_CALL_TIMEOUT)
+        .timeout(COORDINATOR_CALL_TIMEOUT))
 }
 
-struct Inner {
-    barrier: Barrier,
-    sync: SledSync,
-    handlers: HashMap<String, Registered>,
-    coordinator: Option<(String, Endpoint)>,
+/// A participant: registered handlers behind the barrier of store `S`, served as the
+/// `treaty.v1.Participant` gRPC service. Cheap to clone (shared state).
+pub struct Participant<S: BarrierStore> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S: BarrierStore> Clone for Participant<S> {
+    fn clone(&self) -> Self {
+        Participant {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<S: BarrierStore> {
+    store: S,
+    handlers: HashMap<String, Registered<S>>,
+    /// The configured coordinator's URI (its client, when given as a channel, is in
+    /// `coordinator_clients` from the start).
+    coordinator: Option<String>,
     /// Clients of the coordinators asked so far, by URI.
     coordinator_clients: tokio::sync::Mutex<HashMap<String, CoordinatorClient<Channel>>>,
     in_doubt_after: Duration,
     /// Until one resolver round completed, every prepared branch counts as in doubt, whatever
     /// its age: after a restart nobody else may ever tell us.
     first_round_done: AtomicBool,
-    /// Set once a barrier row could not be made durable (the sync is poisoned): from then on
-    /// the participant must stop and restart (fail-stop, see [`Participant::failed`]).
+    /// Set once the store can no longer promise durability: from then on the participant
+    /// must stop and restart (fail-stop, see [`Participant::failed`]).
     fatal: tokio::sync::watch::Sender<Option<String>>,
 }
 
-impl std::fmt::Debug for Participant {
+impl<S: BarrierStore> std::fmt::Debug for Participant<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut names: Vec<_> = self.inner.handlers.keys().collect();
         names.sort();
         f.debug_struct("Participant")
             .field("handlers", &names)
-            .field(
-                "coordinator",
-                &self.inner.coordinator.as_ref().map(|c| &c.0),
-            )
+            .field("coordinator", &self.inner.coordinator)
             .field("in_doubt_after", &self.inner.in_doubt_after)
             .finish()
     }
 }
 
-impl Participant {
-    /// Starts configuring a participant whose handlers write to `tree`, a tree of `db`;
-    /// `dir` is the directory `db` was opened at (needed to fsync it).
-    pub fn builder(db: sled::Db, tree: sled::Tree, dir: &Path) -> ParticipantBuilder {
+impl<S: BarrierStore> Participant<S> {
+    /// Starts configuring a participant whose handlers write to `store` (which also keeps
+    /// the barrier rows, in the same transactions).
+    pub fn builder(store: S) -> ParticipantBuilder<S> {
         ParticipantBuilder {
-            db,
-            tree,
-            dir: dir.to_path_buf(),
+            store,
             coordinator: None,
             in_doubt_after: IN_DOUBT_AFTER_DEFAULT,
             handlers: HashMap::new(),
@@ -414,9 +679,14 @@ impl Participant {
         }
     }
 
+    /// The store the handlers write to (to read business data and barrier rows).
+    pub fn store(&self) -> &S {
+        &self.inner.store
+    }
+
     /// The tonic service, to `add_service` to a server you already run. Does not start the
     /// in-doubt resolver: also call [`Participant::spawn_in_doubt_resolver`].
-    pub fn into_service(self) -> ParticipantServer<Participant> {
+    pub fn into_service(self) -> ParticipantServer<Participant<S>> {
         ParticipantServer::new(self)
     }
 
@@ -426,7 +696,7 @@ impl Participant {
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), SdkError> {
+    ) -> Result<(), ParticipantError> {
         let resolver = self.spawn_in_doubt_resolver();
         let me = self.clone();
         let failed = async move { me.failed().await };
@@ -445,22 +715,23 @@ impl Participant {
             .await;
         resolver.abort();
         if let Some(why) = self.inner.fatal.borrow().clone() {
-            return Err(SdkError::DurabilityLost(why));
+            return Err(ParticipantError::DurabilityLost(why));
         }
-        res.map_err(SdkError::Serve)
+        res.map_err(ParticipantError::Serve)
     }
 
-    /// Why this participant stopped, once it can no longer make barrier rows durable (an
-    /// fsync failed: the sync is poisoned, and as after fsyncgate nothing written since can
-    /// be vouched for). Every delivery is then answered RETRY; the process must stop and
-    /// restart (sled recovers from disk). `None` while all is well.
+    /// Why this participant stopped, once its store can no longer make barrier rows durable
+    /// (an fsync failed, and as after fsyncgate nothing written since can be vouched for).
+    /// Every delivery is then answered RETRY; the process must stop and restart (the store
+    /// recovers from disk). `None` while all is well.
     pub fn failure(&self) -> Option<String> {
         self.inner.fatal.borrow().clone()
     }
 
     /// Resolves, with the reason, once [`Participant::failure`] is set.
-    /// [`Participant::serve`] then returns [`SdkError::DurabilityLost`] by itself; when you
-    /// serve [`Participant::into_service`] in your own server, stop it when this resolves.
+    /// [`Participant::serve`] then returns [`ParticipantError::DurabilityLost`] by itself;
+    /// when you serve [`Participant::into_service`] in your own server, stop it when this
+    /// resolves.
     pub async fn failed(&self) -> String {
         let mut rx = self.inner.fatal.subscribe();
         loop {
@@ -498,11 +769,6 @@ impl Participant {
         }
     }
 
-    /// The barrier over this participant's tree (to inspect its rows).
-    pub fn barrier(&self) -> &Barrier {
-        &self.inner.barrier
-    }
-
     /// One round of in-doubt resolution: for every branch prepared here more than
     /// `in_doubt_after` ago (until a round has reached every coordinator it needed since
     /// start: every open prepared branch) and neither committed nor aborted, asks
@@ -520,22 +786,19 @@ impl Participant {
     ///
     /// A coordinator that cannot be reached is logged and counted in
     /// [`Resolution::unanswered`]; the round goes on with the others. Fails only when the
-    /// index cannot be read ([`SdkError::Storage`]).
-    pub async fn resolve_in_doubt(&self) -> Result<Resolution, SdkError> {
+    /// index cannot be read ([`ParticipantError::Storage`]).
+    pub async fn resolve_in_doubt(&self) -> Result<Resolution, ParticipantError> {
         let first = !self.inner.first_round_done.load(Ordering::Acquire);
         let cutoff = (!first)
             .then(|| now_unix_ms().saturating_sub(self.inner.in_doubt_after.as_millis() as u64));
-        let barrier = self.inner.barrier.clone();
-        let branches = tokio::task::spawn_blocking(move || barrier.in_doubt(cutoff))
-            .await
-            .map_err(|e| SdkError::Config(format!("in-doubt scan panicked: {e}")))??;
+        let branches = self.inner.store.in_doubt(cutoff).await?;
         let mut r = Resolution::default();
         // One question per (endpoint, gid): the branches of one gid share its outcome.
         let mut answers: HashMap<(String, String), Option<pb::OutcomeResponse>> = HashMap::new();
         for b in branches {
             let uri = if b.outcome_endpoint.is_empty() {
                 match &self.inner.coordinator {
-                    Some((uri, _)) => uri.clone(),
+                    Some(uri) => uri.clone(),
                     None => {
                         tracing::warn!(gid = %b.gid, branch_id = b.branch_id, "in-doubt branch names no coordinator and none is configured (ParticipantBuilder::coordinator); it waits for its coordinator to resend");
                         r.unanswered += 1;
@@ -618,38 +881,27 @@ impl Participant {
     }
 
     /// Asks the coordinator at `uri` for the outcome of `gid`; `None` (logged) when it cannot
-    /// be asked or does not answer.
+    /// be asked or does not answer within the call timeout.
     async fn ask_outcome(&self, uri: &str, gid: &str) -> Option<pb::OutcomeResponse> {
         let mut client = {
             let mut cached = self.inner.coordinator_clients.lock().await;
             match cached.get(uri) {
                 Some(c) => c.clone(),
                 None => {
-                    let endpoint = match &self.inner.coordinator {
-                        Some((configured, e)) if configured == uri => Ok(e.clone()),
-                        _ => Endpoint::from_shared(uri.to_string()).map(|e| {
-                            e.connect_timeout(COORDINATOR_CALL_TIMEOUT)
-                                .timeout(COORDINATOR_CALL_TIMEOUT)
-                        }),
-                    };
-                    let channel = match endpoint {
-                        Ok(e) => e.connect().await,
-                        Err(e) => {
-                            tracing::error!(gid = %gid, endpoint = %uri, error = %e, "outcome endpoint of an in-doubt branch is not a valid URI; it waits for its coordinator to resend");
+                    let endpoint = match endpoint(uri) {
+                        Ok(e) => e,
+                        Err(why) => {
+                            tracing::error!(gid = %gid, endpoint = %uri, "outcome endpoint of an in-doubt branch cannot be dialled ({why}); it waits for its coordinator to resend");
                             return None;
                         }
                     };
-                    match channel {
+                    match endpoint.connect().await {
                         Ok(ch) => cached
                             .entry(uri.to_string())
                             .or_insert(CoordinatorClient::new(ch))
                             .clone(),
-                        Err(source) => {
-                            let e = SdkError::Connect {
-                                uri: uri.to_string(),
-                                source,
-                            };
-                            tracing::warn!(gid = %gid, error = %e, "cannot reach the coordinator to resolve an in-doubt branch; will retry next round");
+                        Err(e) => {
+                            tracing::warn!(gid = %gid, endpoint = %uri, error = %chain(&e), "cannot reach the coordinator to resolve an in-doubt branch; will retry next round");
                             return None;
                         }
                     }
@@ -659,49 +911,53 @@ impl Participant {
         let req = pb::OutcomeRequest {
             gid: gid.to_string(),
         };
-        match client.outcome(req).await {
-            Ok(r) => Some(r.into_inner()),
-            Err(status) => {
+        // Bounded even on a channel the user built without a timeout.
+        match tokio::time::timeout(COORDINATOR_CALL_TIMEOUT, client.outcome(req)).await {
+            Ok(Ok(r)) => Some(r.into_inner()),
+            Ok(Err(status)) => {
                 tracing::warn!(gid = %gid, endpoint = %uri, error = %status, "asking the coordinator for the outcome failed; will retry next round");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(gid = %gid, endpoint = %uri, "the coordinator did not answer the outcome question in {COORDINATOR_CALL_TIMEOUT:?}; will retry next round");
                 None
             }
         }
     }
 
-    /// Runs one operation through the barrier on a blocking thread, then makes the answer
-    /// durable. Every path that answers a participant operation goes through here.
+    /// Runs one operation through the store's barrier, which makes the answer durable
+    /// before returning. Every path that answers a participant operation goes through here.
     async fn apply(&self, op: Op, ctx: BranchContext, payload: Bytes) -> Verdict {
-        let inner = self.inner.clone();
+        let store = &self.inner.store;
         let (gid, branch_id) = (ctx.gid.clone(), ctx.branch_id);
-        let verdict = match tokio::task::spawn_blocking(move || inner.run(op, &ctx, &payload)).await
+        let call = self
+            .inner
+            .handlers
+            .get(&ctx.handler)
+            .and_then(|h| HandlerCall::new(op, h.clone()));
+        // A store catches a panicking handler itself; one that escapes a store must not take
+        // the service down either, and is reported the same way (never as a configuration
+        // error).
+        let verdict = match AssertUnwindSafe(store.deliver(op, ctx, payload, call))
+            .catch_unwind()
+            .await
         {
             Ok(v) => v,
-            Err(e) => {
-                // A panicking handler must not take the service down; the transaction was
-                // rolled back, so the operation can be retried.
-                tracing::error!(gid = %gid, branch_id, "{op} handler panicked: {e}");
-                return Verdict::Retry(format!("{op} handler panicked: {e}"));
+            Err(panic) => {
+                let msg = panic_message(&*panic);
+                tracing::error!(gid = %gid, branch_id, "{op} handler panicked: {msg}");
+                Verdict::Retry(format!("{op} handler panicked: {msg}"))
             }
         };
-        if let Verdict::Answer { answer, .. } = &verdict {
-            // Also for a repeated answer: its first delivery may still be waiting for its
-            // sync, and this one must not overtake it.
-            if let Err(e) = self.inner.sync.sync().await {
-                tracing::error!(gid = %gid, branch_id, error = %e, "making the barrier row durable failed");
-                // Any sync error is fatal (the sync is poisoned): nothing this process
-                // answers can be vouched for any more.
-                self.inner.fatal.send_if_modified(|f| {
-                    if f.is_some() {
-                        return false;
-                    }
-                    tracing::error!(error = %e, "participant storage lost durability: stop this process and restart it (fail-stop); sled recovers from disk");
-                    *f = Some(format!("a barrier row could not be made durable: {e}"));
-                    true
-                });
-                return Verdict::Retry(format!(
-                    "{op} recorded {answer:?} but it could not be made durable: {e}; retry"
-                ));
-            }
+        if let Some(why) = store.failure() {
+            self.inner.fatal.send_if_modified(|f| {
+                if f.is_some() {
+                    return false;
+                }
+                tracing::error!(reason = %why, "participant storage lost durability: stop this process and restart it (fail-stop); the store recovers from disk");
+                *f = Some(why.clone());
+                true
+            });
         }
         verdict
     }
@@ -791,50 +1047,6 @@ fn decide(branch: &InDoubt, answer: &pb::OutcomeResponse) -> Decision {
     rules::decide_in_doubt(&branch.log_id, told, answer.known, &answer.log_id)
 }
 
-impl Inner {
-    /// The barrier step for one operation, synchronous (runs on a blocking thread).
-    fn run(&self, op: Op, ctx: &BranchContext, payload: &[u8]) -> Verdict {
-        let b = &self.barrier;
-        let h = self.handlers.get(&ctx.handler);
-        // An unknown name, or a handler of the other kind, is `None`: the rules decide
-        // whether that matters (a forward op is refused; a phase-two op only needs the
-        // handler if business code has to run).
-        match (op, h) {
-            (Op::Prepare, Some(Registered::TwoPhase(h))) => b.deliver(
-                op,
-                ctx,
-                payload,
-                Some(&|tx: &TransactionalTree| h.prepare(ctx, tx, payload)),
-            ),
-            (Op::Commit, Some(Registered::TwoPhase(h))) => b.deliver(
-                op,
-                ctx,
-                payload,
-                Some(&|tx: &TransactionalTree| h.commit(ctx, tx, payload)),
-            ),
-            (Op::Abort, Some(Registered::TwoPhase(h))) => b.deliver(
-                op,
-                ctx,
-                payload,
-                Some(&|tx: &TransactionalTree| h.abort(ctx, tx, payload)),
-            ),
-            (Op::Execute, Some(Registered::Saga(h))) => b.deliver(
-                op,
-                ctx,
-                payload,
-                Some(&|tx: &TransactionalTree| h.execute(ctx, tx, payload)),
-            ),
-            (Op::Compensate, Some(Registered::Saga(h))) => b.deliver(
-                op,
-                ctx,
-                payload,
-                Some(&|tx: &TransactionalTree| h.compensate(ctx, tx, payload)),
-            ),
-            _ => b.deliver(op, ctx, payload, None::<Business<'_>>),
-        }
-    }
-}
-
 fn phase_two(v: Verdict) -> pb::PhaseTwoResponse {
     let (result, message) = match v {
         Verdict::Answer {
@@ -854,7 +1066,7 @@ fn phase_two(v: Verdict) -> pb::PhaseTwoResponse {
 }
 
 #[tonic::async_trait]
-impl ParticipantService for Participant {
+impl<S: BarrierStore> ParticipantService for Participant<S> {
     async fn prepare(
         &self,
         req: Request<pb::BranchRequest>,
@@ -937,14 +1149,15 @@ mod tests {
     use super::*;
 
     fn branch(log_id: &str) -> InDoubt {
-        InDoubt {
-            gid: "g".into(),
-            branch_id: 0,
-            handler: "h".into(),
-            payload: Vec::new(),
-            log_id: log_id.into(),
-            outcome_endpoint: String::new(),
-        }
+        InDoubt::new(
+            "g".into(),
+            0,
+            "h".into(),
+            Vec::new(),
+            log_id.into(),
+            String::new(),
+            0,
+        )
     }
 
     fn answer(outcome: pb::Outcome, known: bool, log_id: &str) -> pb::OutcomeResponse {
@@ -980,5 +1193,96 @@ mod tests {
                 "stored {stored:?}, answer {outcome:?} known={known} from {answered:?}"
             );
         }
+    }
+
+    /// A store that fails as told: its deliveries panic, or lose durability.
+    struct Broken {
+        panic: bool,
+        failure: std::sync::Mutex<Option<String>>,
+    }
+
+    impl BarrierStore for Broken {
+        type Tx<'t> = ();
+
+        async fn deliver(
+            &self,
+            op: Op,
+            _: BranchContext,
+            _: Bytes,
+            _: Option<HandlerCall<Self>>,
+        ) -> Verdict {
+            if self.panic {
+                panic!("the store fell over");
+            }
+            *self.failure.lock().unwrap() = Some("fsync failed: EIO".into());
+            Verdict::Retry(format!("{op} could not be made durable"))
+        }
+
+        async fn rows(&self, _: &str) -> Result<Vec<crate::BarrierRow>, crate::StoreError> {
+            Ok(Vec::new())
+        }
+
+        async fn all_rows(&self) -> Result<Vec<crate::BarrierRow>, crate::StoreError> {
+            Ok(Vec::new())
+        }
+
+        async fn in_doubt(&self, _: Option<u64>) -> Result<Vec<InDoubt>, crate::StoreError> {
+            Ok(Vec::new())
+        }
+
+        fn failure(&self) -> Option<String> {
+            self.failure.lock().unwrap().clone()
+        }
+    }
+
+    fn broken(panic: bool) -> Participant<Broken> {
+        Participant::builder(Broken {
+            panic,
+            failure: std::sync::Mutex::new(None),
+        })
+        .build()
+        .unwrap()
+    }
+
+    fn request() -> Request<pb::BranchRequest> {
+        Request::new(pb::BranchRequest {
+            gid: "g".into(),
+            handler: "h".into(),
+            attempt: 1,
+            ..Default::default()
+        })
+    }
+
+    /// Fail-stop, whatever the store: once the store says it lost durability, the
+    /// participant reports it, and `serve` stops with [`ParticipantError::DurabilityLost`].
+    #[tokio::test]
+    async fn a_store_that_lost_durability_stops_the_participant() {
+        let p = broken(false);
+        assert!(p.failure().is_none());
+        let r = p.prepare(request()).await.unwrap().into_inner();
+        assert_eq!(r.result(), pb::PrepareResult::Retry);
+        assert_eq!(p.failure().as_deref(), Some("fsync failed: EIO"));
+        assert_eq!(p.failed().await, "fsync failed: EIO");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let served = p.clone().serve(listener, std::future::pending()).await;
+        assert!(
+            matches!(&served, Err(ParticipantError::DurabilityLost(why)) if why.contains("EIO")),
+            "{served:?}"
+        );
+    }
+
+    /// A panic that escapes a store is answered RETRY naming the panic, never as a
+    /// configuration error, and the participant goes on.
+    #[tokio::test]
+    async fn a_panic_escaping_the_store_is_answered_retry_naming_it() {
+        let p = broken(true);
+        let r = p.execute(request()).await.unwrap().into_inner();
+        assert_eq!(r.result(), pb::ExecuteResult::Retry);
+        assert!(
+            r.message.contains("panicked") && r.message.contains("the store fell over"),
+            "{}",
+            r.message
+        );
+        assert!(p.failure().is_none());
     }
 }

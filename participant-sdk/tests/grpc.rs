@@ -17,57 +17,109 @@ use treaty_proto::v1 as pb;
 use treaty_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use treaty_proto::v1::participant_client::ParticipantClient;
 use treaty_proto::v1::participant_server::Participant as _;
+use treaty_sdk::sled::SledStore;
 use treaty_sdk::{
-    refuse, saga_fn, two_phase_fn, Answer, Branch, Client, ClientError, Op, Outcome, OutcomeAnswer,
-    Participant, SdkError, Step,
+    refuse, Answer, Branch, BranchContext, Client, ClientError, HandlerResult, Op, Outcome,
+    OutcomeAnswer, Participant, ParticipantBuilder, ParticipantError, Saga, SagaHandler, Step,
+    TwoPhase, TwoPhaseHandler, Txn,
 };
 
-/// A sled dir with a tree, and a participant whose handlers write `<op>/<gid>/<branch>` keys;
+/// A sled store, and a participant whose handlers write `<op>/<gid>/<branch>` keys;
 /// "debit" refuses a payload of `no`.
 struct Node {
     _dir: tempfile::TempDir,
     tree: sled::Tree,
-    participant: Participant,
+    participant: Participant<SledStore>,
+}
+
+/// The handler of every node: a 2PC handler and a saga handler that record what they did.
+struct Mark;
+
+impl Mark {
+    fn mark(
+        op: &str,
+        ctx: &BranchContext,
+        tx: &mut Txn<'_, SledStore>,
+        payload: &[u8],
+    ) -> HandlerResult {
+        if payload == b"no" {
+            return Err(refuse("the payload says no"));
+        }
+        tx.insert(
+            format!("{op}/{}/{}", ctx.gid, ctx.branch_id).as_bytes(),
+            payload,
+        )?;
+        Ok(())
+    }
+}
+
+impl TwoPhaseHandler<SledStore> for Mark {
+    async fn prepare(
+        &self,
+        ctx: &BranchContext,
+        tx: &mut Txn<'_, SledStore>,
+        payload: &[u8],
+    ) -> HandlerResult {
+        Mark::mark("prepare", ctx, tx, payload)
+    }
+    async fn commit(
+        &self,
+        ctx: &BranchContext,
+        tx: &mut Txn<'_, SledStore>,
+        payload: &[u8],
+    ) -> HandlerResult {
+        Mark::mark("commit", ctx, tx, payload)
+    }
+    async fn abort(
+        &self,
+        ctx: &BranchContext,
+        tx: &mut Txn<'_, SledStore>,
+        payload: &[u8],
+    ) -> HandlerResult {
+        Mark::mark("abort", ctx, tx, payload)
+    }
+}
+
+impl SagaHandler<SledStore> for Mark {
+    async fn execute(
+        &self,
+        ctx: &BranchContext,
+        tx: &mut Txn<'_, SledStore>,
+        payload: &[u8],
+    ) -> HandlerResult {
+        Mark::mark("execute", ctx, tx, payload)
+    }
+    async fn compensate(
+        &self,
+        ctx: &BranchContext,
+        tx: &mut Txn<'_, SledStore>,
+        payload: &[u8],
+    ) -> HandlerResult {
+        Mark::mark("compensate", ctx, tx, payload)
+    }
 }
 
 fn node(coordinator: Option<String>) -> Node {
+    node_with(|b| match coordinator {
+        Some(uri) => b.coordinator(uri),
+        None => b,
+    })
+}
+
+/// A node whose builder `configure` finishes (coordinator, more handlers).
+fn node_with(
+    configure: impl FnOnce(ParticipantBuilder<SledStore>) -> ParticipantBuilder<SledStore>,
+) -> Node {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::open(dir.path()).unwrap();
-    let tree = db.open_tree("business").unwrap();
-    fn mark(
-        op: &'static str,
-    ) -> impl Fn(
-        &treaty_sdk::BranchContext,
-        &sled::transaction::TransactionalTree,
-        &[u8],
-    ) -> treaty_sdk::HandlerResult
-           + Send
-           + Sync
-           + 'static {
-        move |ctx, tree, payload| {
-            if payload == b"no" {
-                return Err(refuse("the payload says no"));
-            }
-            tree.insert(
-                format!("{op}/{}/{}", ctx.gid, ctx.branch_id).as_bytes(),
-                payload,
-            )?;
-            Ok(())
-        }
-    }
-    let mut b = Participant::builder(db, tree.clone(), dir.path())
-        .two_phase(
-            "debit",
-            two_phase_fn(mark("prepare"), mark("commit"), mark("abort")),
-        )
-        .saga("book", saga_fn(mark("execute"), mark("compensate")));
-    if let Some(uri) = coordinator {
-        b = b.coordinator(uri);
-    }
+    let store = SledStore::open_dir(dir.path(), "business").unwrap();
+    let tree = store.tree().clone();
+    let b = Participant::builder(store)
+        .two_phase("debit", Mark)
+        .saga("book", Mark);
     Node {
         _dir: dir,
         tree,
-        participant: b.build().unwrap(),
+        participant: configure(b).build().unwrap(),
     }
 }
 
@@ -78,8 +130,9 @@ impl Node {
 
     fn rows(&self, gid: &str) -> Vec<(Op, Answer)> {
         self.participant
-            .barrier()
-            .rows(gid)
+            .store()
+            .try_rows(gid)
+            .unwrap()
             .into_iter()
             .map(|r| (r.op, r.answer))
             .collect()
@@ -468,19 +521,100 @@ async fn resolve_in_doubt_without_coordinator_or_unreachable() {
 #[tokio::test]
 async fn builder_rejects_duplicate_handler_names() {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::open(dir.path()).unwrap();
-    let tree = db.open_tree("t").unwrap();
-    let ok =
-        |_: &treaty_sdk::BranchContext, _: &sled::transaction::TransactionalTree, _: &[u8]| Ok(());
-    let err = Participant::builder(db, tree, dir.path())
-        .saga("x", saga_fn(ok, ok))
-        .two_phase("x", two_phase_fn(ok, ok, ok))
+    let store = SledStore::open_dir(dir.path(), "t").unwrap();
+    let err = Participant::builder(store)
+        .saga(
+            "x",
+            Saga::<SledStore>::new()
+                .execute(async |_, _, _| Ok(()))
+                .compensate(async |_, _, _| Ok(())),
+        )
+        .two_phase(
+            "x",
+            TwoPhase::<SledStore>::new()
+                .prepare(async |_, _, _| Ok(()))
+                .commit(async |_, _, _| Ok(()))
+                .abort(async |_, _, _| Ok(())),
+        )
         .build()
         .unwrap_err();
     assert!(
-        matches!(&err, SdkError::Config(m) if m.contains("\"x\"")),
+        matches!(&err, ParticipantError::Config(m) if m.contains("\"x\"")),
         "{err}"
     );
+}
+
+/// A panicking handler is answered RETRY naming the panic (never as a configuration error),
+/// nothing is recorded, and the participant goes on serving.
+#[tokio::test]
+async fn a_panicking_handler_is_answered_retry_naming_the_panic() {
+    let n = node_with(|b| {
+        b.two_phase(
+            "boom",
+            TwoPhase::<SledStore>::new()
+                .prepare(async |ctx, tx, _| {
+                    tx.insert(b"boom", b"x".as_slice())?;
+                    if ctx.attempt == 1 {
+                        panic!("the ledger is on fire");
+                    }
+                    Ok(())
+                })
+                .commit(async |_, _, _| Ok(()))
+                .abort(async |_, _, _| Ok(())),
+        )
+    });
+    let r = n
+        .participant
+        .prepare(Request::new(req("p", "boom", b"1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PrepareResult::Retry, "{r:?}");
+    assert!(
+        r.message.contains("panicked") && r.message.contains("the ledger is on fire"),
+        "{}",
+        r.message
+    );
+    assert!(n.rows("p").is_empty());
+    assert!(n.tree.get(b"boom").unwrap().is_none(), "rolled back");
+    assert!(n.participant.failure().is_none());
+    let again = pb::BranchRequest {
+        attempt: 2,
+        ..req("p", "boom", b"1")
+    };
+    let r = n
+        .participant
+        .prepare(Request::new(again))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PrepareResult::Prepared, "{r:?}");
+}
+
+/// The coordinator can be given as a channel built by the caller (TLS, interceptors): the
+/// resolver asks through it for branches naming that coordinator, or none.
+#[tokio::test]
+async fn resolver_asks_through_a_coordinator_channel() {
+    let fake = FakeCoordinator::with_log("log-1", true);
+    fake.outcomes
+        .lock()
+        .unwrap()
+        .insert("c".to_string(), pb::Outcome::Committed);
+    let (uri, _stop) = serve_fake(fake.clone()).await;
+    let channel = tonic::transport::Endpoint::from_shared(uri)
+        .unwrap()
+        .connect_lazy();
+    // The name the branches give is not dialable: only the channel reaches the coordinator.
+    let name = "http://coordinator.invalid:7700";
+    let n = node_with(|b| b.coordinator_channel(name, channel));
+    prepared(&n.participant, req_from("c", b"1", "log-1", name)).await;
+    prepared(&n.participant, req_from("d", b"1", "log-1", "")).await;
+    let r = n.participant.resolve_in_doubt().await.unwrap();
+    assert_eq!((r.resolved, r.unanswered), (2, 0), "{r:?}");
+    assert!(n.has("commit", "c") && n.has("abort", "d"));
+    let mut asked = fake.asked();
+    asked.sort();
+    assert_eq!(asked, ["c", "d"]);
 }
 
 #[tokio::test]
@@ -707,7 +841,7 @@ fn req_from(gid: &str, payload: &[u8], log_id: &str, endpoint: &str) -> pb::Bran
     }
 }
 
-async fn prepared(p: &Participant, r: pb::BranchRequest) {
+async fn prepared(p: &Participant<SledStore>, r: pb::BranchRequest) {
     let a = p.prepare(Request::new(r)).await.unwrap().into_inner();
     assert_eq!(a.result(), pb::PrepareResult::Prepared, "{a:?}");
 }

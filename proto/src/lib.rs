@@ -5,8 +5,12 @@
 //! - [`v1::participant_client`] / [`v1::participant_server`]: the `treaty.v1.Participant`
 //!   service that services embedding `treaty-sdk` serve.
 //! - [`v1::LogRecord`]: the coordinator's durable record of one transaction.
+//! - [`limits`]: the size limits participants enforce, shared with the coordinator's
+//!   configuration checks.
 //!
 //! `bytes` fields are [`bytes::Bytes`], so payloads are shared, not copied.
+
+pub mod limits;
 
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]

@@ -1,5 +1,5 @@
 //! [`SledLog`]: the default [`LogStore`], on sled 0.34, with forced writes made truly durable
-//! and shared by group commit through [`treaty_sdk::durable::SledSync`].
+//! and shared by group commit through [`treaty_durable::SledSync`].
 //!
 //! # Layout
 //!
@@ -50,7 +50,7 @@ use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use treaty_sdk::durable::SledSync;
+use treaty_durable::SledSync;
 
 use super::ListPage;
 

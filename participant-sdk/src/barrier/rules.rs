@@ -3,9 +3,10 @@
 //! [`plan`] takes the rows already recorded for one `(gid, branch)` and the delivery that
 //! just arrived, and says what to do: which rows to write, whether the business code runs,
 //! what to answer, and whether the branch enters or leaves the index of open prepared
-//! branches. It does no I/O, reads no clock and knows nothing of sled: the sled barrier
-//! ([`crate::Barrier`]) calls it inside its transaction, and the coordinator's deterministic
-//! simulation calls it with rows kept in memory, so both run the same rules.
+//! branches. It does no I/O, reads no clock and knows no store: every barrier store
+//! ([`crate::store::BarrierStore`], e.g. [`crate::sled::SledStore`]) calls it inside its
+//! transaction, and the coordinator's deterministic simulation calls it with rows kept in
+//! memory, so all of them run the same rules.
 //!
 //! # The rules, in the order they are checked
 //!

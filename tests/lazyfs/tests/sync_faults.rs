@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use treaty_sdk::durable::{SledSync, SyncOptions};
+use treaty_durable::{SledSync, SyncOptions};
 
 /// Serializes the tests of this file.
 fn serial() -> MutexGuard<'static, ()> {

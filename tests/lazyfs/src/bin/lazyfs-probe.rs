@@ -12,8 +12,8 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use treaty_durable::SledSync;
 use treaty_lazyfs::probe::{key, value};
-use treaty_sdk::durable::SledSync;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

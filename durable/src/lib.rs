@@ -1,5 +1,8 @@
 //! Truly durable sled writes, with group commit: [`SledSync`].
 //!
+//! Its own crate because two parts need it and neither should depend on the other for it:
+//! the coordinator's sled log and the participant SDK's sled barrier store.
+//!
 //! # Why `Db::flush()` is not enough
 //!
 //! sled 0.34's `Db::flush` ([`sled::Tree::flush`]) writes its log buffers and then calls
@@ -64,6 +67,8 @@
 //! - `treaty::sync::fsync_eio`: the fdatasync of `<dir>/db` fails with `EIO` (fatal);
 //! - `treaty::sync::fsync_enospc`: the fdatasync of `<dir>/db` fails with `ENOSPC` (fatal);
 //! - `treaty::sync::list_emfile`: listing a directory fails with `EMFILE` (transient: retried).
+
+#![warn(missing_docs)]
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;

@@ -7,6 +7,8 @@
 //! - [`runtime`]: drives each transaction's engine with real participant calls, timers and
 //!   log writes.
 //! - [`api`]: the `treaty.v1.Coordinator` gRPC service and request validation.
+//! - [`mapping`]: every conversion between protobuf and engine types (for the API, the log
+//!   encoding and participant calls).
 //! - [`server::run`]: the entry point: a listener, a log store, a [`config::Config`] and a
 //!   shutdown future.
 //!
@@ -27,5 +29,6 @@ pub mod api;
 pub mod config;
 pub mod engine;
 pub mod log;
+pub mod mapping;
 pub mod runtime;
 pub mod server;

@@ -316,7 +316,7 @@ async fn serve(mut s: Settings) -> Result<(), String> {
             s.config.advertise_url = Some(format!("http://{addr}"));
         }
     }
-    #[cfg(feature = "failpoints")]
+    #[cfg(feature = "mutations")]
     {
         let mutations = test_mutations()?;
         treaty_coordinator::server::run_with_mutations(
@@ -329,18 +329,35 @@ async fn serve(mut s: Settings) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())
     }
-    #[cfg(not(feature = "failpoints"))]
-    treaty_coordinator::server::run(listener, Arc::new(log), s.config, shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())
+    #[cfg(not(feature = "mutations"))]
+    {
+        no_test_mutations()?;
+        treaty_coordinator::server::run(listener, Arc::new(log), s.config, shutdown_signal())
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A build without the `mutations` feature refuses `TREATY_TEST_MUTATIONS` rather than
+/// ignore it: a checker test run against it would otherwise test a correct coordinator.
+#[cfg(not(feature = "mutations"))]
+fn no_test_mutations() -> Result<(), String> {
+    match std::env::var_os("TREATY_TEST_MUTATIONS") {
+        Some(v) if !v.is_empty() => Err(
+            "TREATY_TEST_MUTATIONS is set, but this treatyd was built without the `mutations` \
+             feature; build it with `--features mutations` (test use only) or unset it"
+                .into(),
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Deliberate engine bugs named in `TREATY_TEST_MUTATIONS` (comma-separated:
 /// `commit_before_durable`, `skip_one_compensation`, `forget_branch_on_recovery`,
 /// `decide_before_durable`, `compensate_forward`, `ignore_tombstones`), for tests
 /// proving the chaos checker catches a broken coordinator. Only in test builds (feature
-/// `failpoints`): the release build users run cannot enable them.
-#[cfg(feature = "failpoints")]
+/// `mutations`): the release build users run has none of this code.
+#[cfg(feature = "mutations")]
 fn test_mutations() -> Result<treaty_coordinator::engine::Mutations, String> {
     let mut m = treaty_coordinator::engine::Mutations::default();
     let names = std::env::var("TREATY_TEST_MUTATIONS").unwrap_or_default();

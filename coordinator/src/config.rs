@@ -1,8 +1,9 @@
 //! Coordinator configuration: what the runtime, the API and the daemon may be tuned with.
 //!
 //! `treatyd` fills a [`Config`] from flags, `TREATY_*` environment variables and an optional
-//! TOML file, in that order of precedence (see `main.rs`); embedders build one directly.
-//! Every field has a default that suits a small production deployment.
+//! TOML file, in that order of precedence, through the one table in [`crate::settings`];
+//! embedders build one directly. Every field has a default that suits a small production
+//! deployment ([`Config::default`], which `treatyd --help` shows).
 
 use serde::Deserialize;
 use std::time::Duration;

@@ -242,7 +242,8 @@ pub struct Tx {
     pub(super) mutations: Mutations,
 }
 
-/// What a client submits; validated by the API layer before it gets here.
+/// A transaction to start: a client's request as the API validated it, with the runtime's
+/// defaults applied (`runtime::BeginRequest::with_defaults`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewTx {
     pub gid: String,

@@ -11,29 +11,33 @@
 //! state of each branch, forced writes and the gates that wait for them, the deadline, retries
 //! with backoff, the stuck flag, recovery of a finished record, operator resolution, and the
 //! rule that no outcome is told twice. What differs between shapes is behind the small
-//! [`Protocol`] trait, one implementation per file:
+//! `Protocol` trait, one implementation per file:
 //!
-//! - [`super::two_phase`]: two-phase commit with presumed abort (`Prepare`, then a forced
+//! - `two_phase.rs`: two-phase commit with presumed abort (`Prepare`, then a forced
 //!   `Committing` decision, then `Commit` or `Abort` everywhere);
-//! - [`super::saga`]: a saga (`Execute` step by step, then on failure a forced
+//! - `saga.rs`: a saga (`Execute` step by step, then on failure a forced
 //!   `Compensating` record and `Compensate` in reverse order).
 //!
-//! [`Tx`] picks the implementation from the record's [`Mode`] on every event (enum dispatch
-//! through [`protocol`]), so a transaction never changes shape. A new shape is a new `Mode`,
-//! a new file implementing [`Protocol`], and one arm in [`protocol`]; the shared rules here
-//! apply to it unchanged.
+//! [`Tx`] picks the implementation on every event by matching the record's [`Mode`]
+//! (`protocol(mode)` returns a `&'static dyn Protocol`; the implementations are unit structs
+//! with no state of their own, so all state stays in [`Tx`] and its record). A transaction
+//! never changes shape. A new shape is a new `Mode`, a new file implementing `Protocol`, one
+//! arm in `protocol` (and a `Gate` variant if it waits on a forced write of its own); the
+//! shared rules here apply to it unchanged.
 //!
 //! Rules the machine enforces (with `assert!`, in every build: a violation is a bug, and the
 //! runtime's shard supervisor turns the panic into a fail-stop):
 //! - No `Commit` is issued before the forced decision record (`Committing`) is durable.
-//! - A branch moves only along [`legal_branch_transition`].
+//! - A branch moves only along `legal_branch_transition`.
 //! - The outcome, once told, never changes.
 //!
-//! Rules the protocols follow (tested by `engine/tests.rs`, the simulation and the model):
-//! - A saga compensates only steps that ran or may have run, highest first, one at a time,
-//!   and only after the forced `Compensating` record is durable.
+//! Rules kept by construction (tested by `engine/tests.rs`, the simulation and the model, not
+//! asserted at run time):
 //! - A reply for an unknown branch, for an operation the branch is no longer doing, a duplicate
-//!   of an answer already taken, or a transient error from an outdated attempt is ignored.
+//!   of an answer already taken, or a transient error from an outdated attempt is ignored
+//!   (here, before any protocol sees it).
+//! - A saga compensates only steps that ran or may have run, highest first, one at a time,
+//!   and only after the forced `Compensating` record is durable (`saga.rs`).
 
 use super::saga::Saga;
 use super::two_phase::TwoPhase;

@@ -1,5 +1,5 @@
 //! Validation of client requests: [`begin`] checks a `BeginRequest` and turns it into the
-//! runtime's plain [`BeginRequest`](crate::runtime::BeginRequest), defaults left unset (the
+//! runtime's plain [`BeginRequest`], defaults left unset (the
 //! runtime applies them, in one place); [`gid`] checks a gid for the other calls. Each error
 //! names the field and becomes `INVALID_ARGUMENT`; nothing a client sends can make the daemon
 //! panic.

@@ -78,6 +78,11 @@ fn main() -> ExitCode {
 }
 
 async fn serve(mut s: Daemon) -> Result<(), String> {
+    // Before the log and the port: a bad TREATY_TEST_MUTATIONS is a configuration error.
+    #[cfg(feature = "mutations")]
+    let mutations = test_mutations()?;
+    #[cfg(not(feature = "mutations"))]
+    no_test_mutations()?;
     let opts = SledLogOptions {
         cache_capacity_bytes: s.cache_bytes,
     };
@@ -101,25 +106,18 @@ async fn serve(mut s: Daemon) -> Result<(), String> {
         }
     }
     #[cfg(feature = "mutations")]
-    {
-        let mutations = test_mutations()?;
-        treaty_coordinator::server::run_with_mutations(
-            listener,
-            Arc::new(log),
-            s.config,
-            mutations,
-            shutdown_signal(),
-        )
-        .await
-        .map_err(|e| e.to_string())
-    }
+    let served = treaty_coordinator::server::run_with_mutations(
+        listener,
+        Arc::new(log),
+        s.config,
+        mutations,
+        shutdown_signal(),
+    )
+    .await;
     #[cfg(not(feature = "mutations"))]
-    {
-        no_test_mutations()?;
-        treaty_coordinator::server::run(listener, Arc::new(log), s.config, shutdown_signal())
-            .await
-            .map_err(|e| e.to_string())
-    }
+    let served =
+        treaty_coordinator::server::run(listener, Arc::new(log), s.config, shutdown_signal()).await;
+    served.map_err(|e| e.to_string())
 }
 
 /// A build without the `mutations` feature refuses `TREATY_TEST_MUTATIONS` rather than

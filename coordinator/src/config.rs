@@ -1,8 +1,9 @@
 //! Coordinator configuration: what the runtime, the API and the daemon may be tuned with.
 //!
 //! `treatyd` fills a [`Config`] from flags, `TREATY_*` environment variables and an optional
-//! TOML file, in that order of precedence (see `main.rs`); embedders build one directly.
-//! Every field has a default that suits a small production deployment.
+//! TOML file, in that order of precedence, through the one table in [`crate::settings`];
+//! embedders build one directly. Every field has a default that suits a small production
+//! deployment ([`Config::default`], which `treatyd --help` shows).
 
 use serde::Deserialize;
 use std::time::Duration;
@@ -160,16 +161,16 @@ impl Config {
         }
         // Participants (treaty-sdk) refuse longer ones: a gid or handler the coordinator
         // accepted but no participant can take would leave a transaction retrying forever.
-        if l.max_gid_bytes > treaty_sdk::barrier::GID_BYTES_MAX {
+        if l.max_gid_bytes > treaty_proto::limits::GID_BYTES_MAX {
             return Err(format!(
                 "max-gid-bytes must be at most {} (what treaty-sdk participants accept)",
-                treaty_sdk::barrier::GID_BYTES_MAX
+                treaty_proto::limits::GID_BYTES_MAX
             ));
         }
-        if l.max_handler_bytes > treaty_sdk::barrier::FIELD_BYTES_MAX {
+        if l.max_handler_bytes > treaty_proto::limits::FIELD_BYTES_MAX {
             return Err(format!(
                 "max-handler-bytes must be at most {} (what treaty-sdk participants accept)",
-                treaty_sdk::barrier::FIELD_BYTES_MAX
+                treaty_proto::limits::FIELD_BYTES_MAX
             ));
         }
         Ok(())

@@ -7,6 +7,10 @@
 //! - [`runtime`]: drives each transaction's engine with real participant calls, timers and
 //!   log writes.
 //! - [`api`]: the `treaty.v1.Coordinator` gRPC service and request validation.
+//! - [`mapping`]: every conversion between protobuf and engine types (for the API, the log
+//!   encoding and participant calls).
+//! - [`settings`]: `treatyd`'s settings, each defined once (flag, environment variable, TOML
+//!   key, default, help).
 //! - [`server::run`]: the entry point: a listener, a log store, a [`config::Config`] and a
 //!   shutdown future.
 //!
@@ -27,5 +31,7 @@ pub mod api;
 pub mod config;
 pub mod engine;
 pub mod log;
+pub mod mapping;
 pub mod runtime;
 pub mod server;
+pub mod settings;

@@ -4,6 +4,7 @@
 
 use crate::api::CoordinatorService;
 use crate::config::Config;
+#[cfg(feature = "mutations")]
 use crate::engine::Mutations;
 use crate::log::{LogError, LogStore};
 use crate::runtime::Runtime;
@@ -39,17 +40,36 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    run_with_mutations(listener, log, config, Mutations::default(), shutdown).await
+    serve(
+        listener,
+        log,
+        config,
+        #[cfg(feature = "mutations")]
+        Mutations::default(),
+        shutdown,
+    )
+    .await
 }
 
 /// [`run`] with deliberate engine bugs switched on: only for tests proving that a checker
-/// (the chaos runner) catches a broken coordinator. `treatyd` reaches this only when built
-/// with the `failpoints` feature and `TREATY_TEST_MUTATIONS` is set.
+/// (the chaos runner) catches a broken coordinator. Compiled only with the `mutations`
+/// feature; `treatyd` built with it reads them from `TREATY_TEST_MUTATIONS`.
+#[cfg(feature = "mutations")]
 pub async fn run_with_mutations(
     listener: TcpListener,
     log: Arc<dyn LogStore>,
     config: Config,
     mutations: Mutations,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    serve(listener, log, config, mutations, shutdown).await
+}
+
+async fn serve(
+    listener: TcpListener,
+    log: Arc<dyn LogStore>,
+    config: Config,
+    #[cfg(feature = "mutations")] mutations: Mutations,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     config.validate().map_err(ServeError::Config)?;
@@ -59,7 +79,10 @@ pub async fn run_with_mutations(
     // What a killed process left in the page cache may not be on disk: make it durable
     // before recovery acts on it (a record read back must be one a crash would keep).
     log.sync().await.map_err(ServeError::Recover)?;
+    #[cfg(feature = "mutations")]
     let rt = Runtime::with_mutations(log, config, mutations);
+    #[cfg(not(feature = "mutations"))]
+    let rt = Runtime::new(log, config);
     let resumed = rt.recover().await.map_err(ServeError::Recover)?;
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, resumed, "treaty coordinator serving");

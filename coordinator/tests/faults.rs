@@ -14,7 +14,7 @@ use treaty_coordinator::engine::{
 };
 use treaty_coordinator::log::memory::{Fault, MemoryLog};
 use treaty_coordinator::log::{ListFilter, LogError, LogStore};
-use treaty_coordinator::runtime::{new_tx, now_ms, BeginError, Runtime};
+use treaty_coordinator::runtime::{now_ms, BeginError, BeginRequest, Runtime, Wait};
 use treaty_proto::v1 as pb;
 use treaty_proto::v1::participant_server::{Participant, ParticipantServer};
 
@@ -151,6 +151,14 @@ async fn harness_with(log: Arc<MemoryLog>, config: Config) -> Harness {
     }
 }
 
+/// `req` answered once its outcome is final (bounded at 5 s).
+fn waiting(req: BeginRequest) -> BeginRequest {
+    BeginRequest {
+        wait: Wait::For(Duration::from_secs(5)),
+        ..req
+    }
+}
+
 fn fast_config() -> Config {
     Config {
         initial_backoff: Duration::from_millis(5),
@@ -162,13 +170,7 @@ fn fast_config() -> Config {
 }
 
 impl Harness {
-    fn def(
-        &self,
-        gid: &str,
-        mode: Mode,
-        branches: usize,
-        payload: &str,
-    ) -> treaty_coordinator::engine::NewTx {
+    fn def(&self, gid: &str, mode: Mode, branches: usize, payload: &str) -> BeginRequest {
         let branches = (0..branches)
             .map(|_| BranchDef {
                 endpoint: self.endpoint.clone(),
@@ -177,14 +179,10 @@ impl Harness {
                 compensation_payload: bytes::Bytes::from_static(b"undo"),
             })
             .collect();
-        new_tx(
-            self.rt.config(),
-            gid.to_string(),
-            mode,
-            branches,
-            None,
-            None,
-        )
+        BeginRequest {
+            gid: Some(gid.to_string()),
+            ..BeginRequest::new(mode, branches)
+        }
     }
 
     /// Waits (bounded) until `cond` holds.
@@ -211,7 +209,7 @@ async fn a_failed_decision_fsync_is_never_reported_as_committed() {
     h.log.fault_at(Phase::Committing, Fault::Fail);
     let rt = h.rt.clone();
     let def = h.def("g-eio", Mode::TwoPhase, 2, "x");
-    let begin = tokio::spawn(async move { rt.begin(def, Some(Duration::from_secs(5))).await });
+    let begin = tokio::spawn(async move { rt.begin(waiting(def)).await });
     let answer = tokio::time::timeout(Duration::from_secs(10), begin)
         .await
         .expect("Begin answers")
@@ -265,7 +263,7 @@ async fn get_and_outcome_never_show_a_decision_before_it_is_durable() {
     h.log.fault_at(Phase::Committing, Fault::Hold);
     let rt = h.rt.clone();
     let def = h.def("g-slow", Mode::TwoPhase, 1, "x");
-    rt.begin(def, None).await.expect("begin");
+    rt.begin(def).await.expect("begin");
     h.until("the decision is being written", |h| h.log.held_syncs() == 1)
         .await;
     // The decision is being written: not shown, not told, not acted on.
@@ -302,13 +300,13 @@ async fn a_duplicate_begin_waits_for_begun_to_be_durable() {
     h.log.hold_syncs();
     let first = tokio::spawn({
         let (rt, def) = (h.rt.clone(), h.def("g-dup", Mode::Saga, 1, "x"));
-        async move { rt.begin(def, None).await }
+        async move { rt.begin(def).await }
     });
     h.until("Begun is being written", |h| h.log.held_syncs() == 1)
         .await;
     let mut second = tokio::spawn({
         let (rt, def) = (h.rt.clone(), h.def("g-dup", Mode::Saga, 1, "x"));
-        async move { rt.begin(def, None).await }
+        async move { rt.begin(def).await }
     });
     // Bounded check that it has *not* answered: a late answer passes, an early one fails.
     let early = tokio::time::timeout(Duration::from_millis(300), &mut second).await;
@@ -337,12 +335,9 @@ async fn a_gid_reused_after_retention_is_answered_from_its_tombstone() {
     };
     let h = harness(config).await;
     let b =
-        h.rt.begin(
-            h.def("g-reuse", Mode::Saga, 2, "x"),
-            Some(Duration::from_secs(5)),
-        )
-        .await
-        .expect("begin");
+        h.rt.begin(waiting(h.def("g-reuse", Mode::Saga, 2, "x")))
+            .await
+            .expect("begin");
     assert_eq!(b.outcome, Outcome::Committed);
     h.until("finished", |h| h.rt.live() == 0).await;
     // Retention collects it (retention zero: everything finished before now).
@@ -360,12 +355,9 @@ async fn a_gid_reused_after_retention_is_answered_from_its_tombstone() {
     let executed = h.fake.count("execute", "g-reuse");
 
     let again =
-        h.rt.begin(
-            h.def("g-reuse", Mode::Saga, 2, "x"),
-            Some(Duration::from_secs(5)),
-        )
-        .await
-        .expect("same definition again");
+        h.rt.begin(waiting(h.def("g-reuse", Mode::Saga, 2, "x")))
+            .await
+            .expect("same definition again");
     assert!(again.existing);
     assert_eq!(again.outcome, Outcome::Committed);
     assert_eq!(
@@ -374,7 +366,7 @@ async fn a_gid_reused_after_retention_is_answered_from_its_tombstone() {
         "never started again"
     );
 
-    let other = h.rt.begin(h.def("g-reuse", Mode::Saga, 2, "y"), None).await;
+    let other = h.rt.begin(h.def("g-reuse", Mode::Saga, 2, "y")).await;
     assert!(
         matches!(other, Err(BeginError::AlreadyExists(_))),
         "{other:?}"
@@ -394,12 +386,9 @@ async fn branch_calls_carry_the_log_identity_and_the_outcome_endpoint() {
         ..fast_config()
     };
     let h = harness(config).await;
-    h.rt.begin(
-        h.def("g-id", Mode::TwoPhase, 1, "x"),
-        Some(Duration::from_secs(5)),
-    )
-    .await
-    .expect("begin");
+    h.rt.begin(waiting(h.def("g-id", Mode::TwoPhase, 1, "x")))
+        .await
+        .expect("begin");
     let reqs = h.fake.requests.lock().unwrap().clone();
     assert!(!reqs.is_empty());
     for r in reqs {
@@ -457,7 +446,7 @@ async fn stuck_transactions_are_listed_retried_and_resolved_by_hand() {
     let h = harness(fast_config()).await;
     h.fake.script.lock().unwrap().phase_two_fails = true;
     // "a..." sorts below every "z..." record: the old stuck one, under a wall of newer ones.
-    h.rt.begin(h.def("a-stuck", Mode::TwoPhase, 2, "x"), None)
+    h.rt.begin(h.def("a-stuck", Mode::TwoPhase, 2, "x"))
         .await
         .expect("begin");
     let wall = 250;
@@ -550,14 +539,14 @@ async fn the_live_transaction_cap_refuses_new_work() {
     let h = harness(config).await;
     h.fake.script.lock().unwrap().phase_two_fails = true;
     for g in ["c1", "c2"] {
-        h.rt.begin(h.def(g, Mode::TwoPhase, 1, "x"), None)
+        h.rt.begin(h.def(g, Mode::TwoPhase, 1, "x"))
             .await
             .expect("begin");
     }
-    let third = h.rt.begin(h.def("c3", Mode::TwoPhase, 1, "x"), None).await;
+    let third = h.rt.begin(h.def("c3", Mode::TwoPhase, 1, "x")).await;
     assert!(matches!(third, Err(BeginError::Overloaded(_))), "{third:?}");
     // The same gid again is not new work: answered from the live transaction.
-    let again = h.rt.begin(h.def("c1", Mode::TwoPhase, 1, "x"), None).await;
+    let again = h.rt.begin(h.def("c1", Mode::TwoPhase, 1, "x")).await;
     assert!(again.expect("existing").existing);
     assert!(
         h.rt.get("c3").await.expect("get").is_none(),

@@ -77,9 +77,10 @@ pub fn private_copy(bin: &Path, into: &Path) -> Result<PathBuf, String> {
     Ok(to)
 }
 
-/// The `treatyd` binary used by tests (with failpoints compiled in, unarmed by default).
+/// The `treatyd` binary used by tests (with failpoints and the `TREATY_TEST_MUTATIONS`
+/// engine bugs compiled in, both off unless armed through the environment).
 pub fn treatyd_bin() -> PathBuf {
-    binary("treaty-coordinator", "treatyd", "failpoints")
+    binary("treaty-coordinator", "treatyd", "failpoints mutations")
 }
 
 /// The bank example's account service.

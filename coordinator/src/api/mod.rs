@@ -1,12 +1,13 @@
-//! The gRPC edge: `treaty.v1.Coordinator` over the [`Runtime`], plus conversions from the
-//! runtime's snapshots to protobuf. Health and reflection are added in `crate::server`.
+//! The gRPC edge: `treaty.v1.Coordinator` over the [`Runtime`]. Requests are checked by
+//! [`validate`] (and here, for the small ones), converted with [`crate::mapping`], and the
+//! answers converted back the same way. Health and reflection are added in `crate::server`.
 
 pub mod validate;
 
-use crate::engine::{Mode, Outcome};
-use crate::log::codec;
+use crate::engine::Outcome;
 use crate::log::{ListFilter, LogError};
-use crate::runtime::{now_ms, BeginError, ResolveError, Runtime, Snapshot, WatchTarget};
+use crate::mapping::{self, outcome_to_proto, transaction_to_proto as to_proto};
+use crate::runtime::{now_ms, BeginError, ResolveError, Runtime, WatchTarget};
 use std::pin::Pin;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -22,35 +23,6 @@ pub struct CoordinatorService {
 impl CoordinatorService {
     pub fn new(rt: Runtime) -> Self {
         CoordinatorService { rt }
-    }
-}
-
-/// A snapshot as the API shows it.
-pub fn to_proto(s: &Snapshot) -> pb::Transaction {
-    let r = &s.record;
-    pb::Transaction {
-        gid: r.gid.clone(),
-        mode: codec::mode_to_proto(r.mode) as i32,
-        state: codec::phase_to_proto(r.phase) as i32,
-        outcome: codec::outcome_to_proto(s.outcome) as i32,
-        branches: r
-            .branches
-            .iter()
-            .enumerate()
-            .map(|(i, b)| pb::BranchStatus {
-                branch_id: i as u32,
-                endpoint: b.def.endpoint.clone(),
-                handler: b.def.handler.clone(),
-                state: codec::branch_state_to_proto(b.state) as i32,
-                attempts: b.attempts,
-                last_error: b.last_error.clone(),
-                resolution: b.resolution.as_ref().map(codec::resolution_to_proto),
-            })
-            .collect(),
-        created_unix_ms: r.created_unix_ms,
-        updated_unix_ms: r.updated_unix_ms,
-        deadline_unix_ms: r.deadline_unix_ms,
-        stuck: r.stuck,
     }
 }
 
@@ -86,12 +58,12 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::BeginRequest>,
     ) -> Result<Response<pb::BeginResponse>, Status> {
-        let (def, wait) = validate::begin(req.into_inner(), self.rt.config())
+        let begin = validate::begin(req.into_inner(), self.rt.config())
             .map_err(|e| Status::invalid_argument(e.0))?;
-        let begun = self.rt.begin(def, wait).await.map_err(begin_status)?;
+        let begun = self.rt.begin(begin).await.map_err(begin_status)?;
         Ok(Response::new(pb::BeginResponse {
             gid: begun.gid,
-            outcome: codec::outcome_to_proto(begun.outcome) as i32,
+            outcome: outcome_to_proto(begun.outcome).into(),
             existing: begun.existing,
         }))
     }
@@ -114,21 +86,12 @@ impl Coordinator for CoordinatorService {
         let req = req.into_inner();
         let mut phases = Vec::with_capacity(req.states.len());
         for (i, s) in req.states.iter().enumerate() {
-            let p = codec::phase_from_proto(*s)
+            let p = mapping::phase_from_proto(*s)
                 .map_err(|_| Status::invalid_argument(format!("states[{i}]: unknown state {s}")))?;
             phases.push(p);
         }
-        let mode = match pb::Mode::try_from(req.mode) {
-            Ok(pb::Mode::Unspecified) => None,
-            Ok(pb::Mode::TwoPhase) => Some(Mode::TwoPhase),
-            Ok(pb::Mode::Saga) => Some(Mode::Saga),
-            Err(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "mode: unknown mode {}",
-                    req.mode
-                )))
-            }
-        };
+        let mode = mapping::mode_filter_from_proto(req.mode)
+            .map_err(|_| Status::invalid_argument(format!("mode: unknown mode {}", req.mode)))?;
         if !req.page_token.is_empty() {
             validate::gid("page_token", &req.page_token, &self.rt.config().limits)
                 .map_err(|e| Status::invalid_argument(e.0))?;
@@ -217,7 +180,7 @@ impl Coordinator for CoordinatorService {
         check_gid(&gid, &self.rt)?;
         let o = self.rt.outcome(&gid).await.map_err(log_status)?;
         Ok(Response::new(pb::OutcomeResponse {
-            outcome: codec::outcome_to_proto(o.outcome) as i32,
+            outcome: outcome_to_proto(o.outcome).into(),
             known: o.known,
             log_id: self.rt.log().log_id().to_string(),
         }))

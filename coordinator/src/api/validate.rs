@@ -1,9 +1,25 @@
-//! Validation of every request field against [`Limits`]. Each error names the field and
-//! becomes `INVALID_ARGUMENT`; nothing a client sends can make the daemon panic.
+//! Validation of client requests: [`begin`] checks a `BeginRequest` and turns it into the
+//! runtime's plain [`BeginRequest`], defaults left unset (the
+//! runtime applies them, in one place); [`gid`] checks a gid for the other calls. Each error
+//! names the field and becomes `INVALID_ARGUMENT`; nothing a client sends can make the daemon
+//! panic.
+//!
+//! What is checked, and what is not (so that a reader does not assume more):
+//! - gid (when set), mode, branch count, each branch's endpoint, handler and payload sizes,
+//!   the transaction's total size, against [`Limits`];
+//! - `deadline_ms` against `max_deadline`, and the retry policy as it will be applied
+//!   (`max_backoff_ms` at least `initial_backoff_ms`, at most an hour);
+//! - not checked: `wait_timeout_ms` (any value is accepted and capped at `max_wait`),
+//!   `retry.initial_backoff_ms` and `retry.stuck_after_attempts` beyond the above (0 means
+//!   "the default"), and a branch's payloads' content (opaque bytes).
+//!
+//! The other calls check what they use: `List` in `api/mod.rs`, `Resolve`'s free-text fields
+//! there too.
 
 use crate::config::{Config, Limits};
-use crate::engine::{BranchDef, Mode, NewTx, RetryPolicy};
-use crate::runtime::new_tx;
+use crate::engine::{Mode, RetryPolicy};
+use crate::mapping;
+use crate::runtime::{BeginRequest, RetryOverrides, Wait};
 use std::time::Duration;
 use treaty_proto::v1 as pb;
 
@@ -71,26 +87,25 @@ fn endpoint(field: &str, ep: &str, limits: &Limits) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// Turn a `BeginRequest` into the engine's definition, applying defaults. Returns the
-/// definition and the wait bound (`None` without `wait`).
-pub fn begin(req: pb::BeginRequest, config: &Config) -> Result<(NewTx, Option<Duration>), Invalid> {
+/// Check a `BeginRequest` against `config`'s limits and turn it into the runtime's plain
+/// request. Nothing is defaulted here: an unset gid, deadline, retry field or wait bound stays
+/// unset for [`BeginRequest::with_defaults`]. (`config`'s retry defaults are read only to
+/// check the policy that will apply, so a client's `max_backoff_ms` below the default
+/// `initial_backoff_ms` is refused here, not later.)
+pub fn begin(req: pb::BeginRequest, config: &Config) -> Result<BeginRequest, Invalid> {
     let limits = &config.limits;
     let gid_value = if req.gid.is_empty() {
-        uuid::Uuid::now_v7().to_string()
+        None
     } else {
         gid("gid", &req.gid, limits)?;
-        req.gid.clone()
+        Some(req.gid)
     };
-    let mode = match pb::Mode::try_from(req.mode) {
-        Ok(pb::Mode::TwoPhase) => Mode::TwoPhase,
-        Ok(pb::Mode::Saga) => Mode::Saga,
-        _ => {
-            return Err(invalid(format!(
-                "mode: must be MODE_TWO_PHASE or MODE_SAGA, got {}",
-                req.mode
-            )))
-        }
-    };
+    let mode = mapping::mode_from_proto(req.mode).map_err(|_| {
+        invalid(format!(
+            "mode: must be MODE_TWO_PHASE or MODE_SAGA, got {}",
+            req.mode
+        ))
+    })?;
     if req.branches.is_empty() {
         return Err(invalid("branches: at least one branch is required"));
     }
@@ -133,12 +148,7 @@ pub fn begin(req: pb::BeginRequest, config: &Config) -> Result<(NewTx, Option<Du
         }
         total +=
             b.payload.len() + b.compensation_payload.len() + b.handler.len() + b.endpoint.len();
-        branches.push(BranchDef {
-            endpoint: b.endpoint,
-            handler: b.handler,
-            payload: b.payload,
-            compensation_payload: b.compensation_payload,
-        });
+        branches.push(mapping::branch_def_from_proto(b));
     }
     if total > limits.max_tx_bytes {
         return Err(invalid(format!(
@@ -159,45 +169,53 @@ pub fn begin(req: pb::BeginRequest, config: &Config) -> Result<(NewTx, Option<Du
             Some(d)
         }
     };
+    // 0 is proto3's "unset": the coordinator's default.
+    let set = |v: u64| (v != 0).then_some(v);
     let retry = match req.retry {
-        None => None,
+        None => RetryOverrides::default(),
         Some(r) => {
-            let mut p = RetryPolicy {
-                initial_backoff_ms: config.initial_backoff.as_millis() as u64,
-                max_backoff_ms: config.max_backoff.as_millis() as u64,
-                stuck_after_attempts: config.stuck_after_attempts,
+            let o = RetryOverrides {
+                initial_backoff_ms: set(r.initial_backoff_ms),
+                max_backoff_ms: set(r.max_backoff_ms),
+                stuck_after_attempts: (r.stuck_after_attempts != 0)
+                    .then_some(r.stuck_after_attempts),
             };
-            if r.initial_backoff_ms != 0 {
-                p.initial_backoff_ms = r.initial_backoff_ms;
-            }
-            if r.max_backoff_ms != 0 {
-                p.max_backoff_ms = r.max_backoff_ms;
-            }
-            if r.stuck_after_attempts != 0 {
-                p.stuck_after_attempts = r.stuck_after_attempts;
-            }
-            if p.max_backoff_ms < p.initial_backoff_ms {
-                return Err(invalid(format!(
-                    "retry.max_backoff_ms: must be at least initial_backoff_ms ({})",
-                    p.initial_backoff_ms
-                )));
-            }
-            if p.max_backoff_ms > 3_600_000 {
-                return Err(invalid(
-                    "retry.max_backoff_ms: at most 3600000 (1 hour) allowed",
-                ));
-            }
-            Some(p)
+            // Checked as it will apply, over the defaults (which `Config::validate` vouches
+            // for on their own).
+            check_retry(&o.over(config))?;
+            o
         }
     };
-    let wait = req.wait.then(|| match req.wait_timeout_ms {
-        0 => config.default_wait,
-        ms => Duration::from_millis(ms).min(config.max_wait),
-    });
-    Ok((
-        new_tx(config, gid_value, mode, branches, deadline, retry),
+    let wait = match (req.wait, req.wait_timeout_ms) {
+        (false, _) => Wait::No,
+        (true, 0) => Wait::Default,
+        (true, ms) => Wait::For(Duration::from_millis(ms)),
+    };
+    Ok(BeginRequest {
+        gid: gid_value,
+        mode,
+        branches,
+        deadline,
+        retry,
         wait,
-    ))
+    })
+}
+
+/// The policy a transaction will run with must be usable: a cap at least the start, and at
+/// most an hour (a longer sleep between phase-two attempts would look like a hang).
+fn check_retry(p: &RetryPolicy) -> Result<(), Invalid> {
+    if p.max_backoff_ms < p.initial_backoff_ms {
+        return Err(invalid(format!(
+            "retry.max_backoff_ms: must be at least initial_backoff_ms ({})",
+            p.initial_backoff_ms
+        )));
+    }
+    if p.max_backoff_ms > 3_600_000 {
+        return Err(invalid(
+            "retry.max_backoff_ms: at most 3600000 (1 hour) allowed",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -232,17 +250,38 @@ mod tests {
     }
 
     #[test]
-    fn valid_request_gets_defaults() {
-        let (tx, wait) = begin(request(), &Config::default()).unwrap();
-        assert_eq!(tx.gid, "order-1");
-        assert_eq!(tx.retry, RetryPolicy::default());
-        assert_eq!(wait, None);
+    fn a_valid_request_keeps_unset_fields_unset() {
+        let req = begin(request(), &Config::default()).unwrap();
+        assert_eq!(req.gid.as_deref(), Some("order-1"));
+        assert_eq!(req.mode, Mode::Saga);
+        assert_eq!(req.deadline, None);
+        assert_eq!(req.retry, RetryOverrides::default());
+        assert_eq!(req.wait, Wait::No);
         let mut r = request();
         r.gid.clear();
         r.wait = true;
-        let (tx, wait) = begin(r, &Config::default()).unwrap();
-        assert_eq!(tx.gid.len(), 36, "a UUID is assigned");
-        assert_eq!(wait, Some(Config::default().default_wait));
+        r.retry = Some(pb::RetryPolicy {
+            initial_backoff_ms: 0,
+            max_backoff_ms: 500,
+            stuck_after_attempts: 0,
+        });
+        let req = begin(r, &Config::default()).unwrap();
+        assert_eq!(req.gid, None, "the runtime assigns the gid");
+        assert_eq!(req.wait, Wait::Default);
+        assert_eq!(
+            req.retry,
+            RetryOverrides {
+                max_backoff_ms: Some(500),
+                ..RetryOverrides::default()
+            }
+        );
+        let mut r = request();
+        r.wait = true;
+        r.wait_timeout_ms = 1234;
+        r.deadline_ms = 99;
+        let req = begin(r, &Config::default()).unwrap();
+        assert_eq!(req.wait, Wait::For(Duration::from_millis(1234)));
+        assert_eq!(req.deadline, Some(Duration::from_millis(99)));
     }
 
     #[test]
@@ -312,6 +351,27 @@ mod tests {
                     r.retry = Some(pb::RetryPolicy {
                         initial_backoff_ms: 500,
                         max_backoff_ms: 10,
+                        stuck_after_attempts: 0,
+                    })
+                }),
+            ),
+            (
+                // Checked against the default start it will run with.
+                "retry.max_backoff_ms: must be at least initial_backoff_ms (100)",
+                Box::new(|r| {
+                    r.retry = Some(pb::RetryPolicy {
+                        initial_backoff_ms: 0,
+                        max_backoff_ms: 10,
+                        stuck_after_attempts: 0,
+                    })
+                }),
+            ),
+            (
+                "retry.max_backoff_ms: at most 3600000",
+                Box::new(|r| {
+                    r.retry = Some(pb::RetryPolicy {
+                        initial_backoff_ms: 0,
+                        max_backoff_ms: 3_600_001,
                         stuck_after_attempts: 0,
                     })
                 }),

@@ -1,17 +1,46 @@
-//! The per-transaction state machine for both protocols.
+//! The per-transaction state machine: what every protocol shares.
 //!
 //! [`Tx::handle`] takes the current time and one [`Event`] and returns the [`Command`]s the
 //! runtime must carry out, in order. It never blocks, sleeps, reads a clock or does I/O, so the
 //! same code runs under tokio (the runtime), under a simulated network and clock (the
 //! simulation) and in table-driven unit tests.
 //!
-//! Rules the machine enforces (and asserts):
+//! # One file per transaction shape
+//!
+//! This file owns the plumbing every protocol needs: the durable record and the volatile call
+//! state of each branch, forced writes and the gates that wait for them, the deadline, retries
+//! with backoff, the stuck flag, recovery of a finished record, operator resolution, and the
+//! rule that no outcome is told twice. What differs between shapes is behind the small
+//! `Protocol` trait, one implementation per file:
+//!
+//! - `two_phase.rs`: two-phase commit with presumed abort (`Prepare`, then a forced
+//!   `Committing` decision, then `Commit` or `Abort` everywhere);
+//! - `saga.rs`: a saga (`Execute` step by step, then on failure a forced
+//!   `Compensating` record and `Compensate` in reverse order).
+//!
+//! [`Tx`] picks the implementation on every event by matching the record's [`Mode`]
+//! (`protocol(mode)` returns a `&'static dyn Protocol`; the implementations are unit structs
+//! with no state of their own, so all state stays in [`Tx`] and its record). A transaction
+//! never changes shape. A new shape is a new `Mode`, a new file implementing `Protocol`, one
+//! arm in `protocol` (and a `Gate` variant if it waits on a forced write of its own); the
+//! shared rules here apply to it unchanged.
+//!
+//! Rules the machine enforces (with `assert!`, in every build: a violation is a bug, and the
+//! runtime's shard supervisor turns the panic into a fail-stop):
 //! - No `Commit` is issued before the forced decision record (`Committing`) is durable.
-//! - A saga compensates only steps that ran or may have run, highest first, one at a time,
-//!   and only after the forced `Compensating` record is durable.
+//! - A branch moves only along `legal_branch_transition`.
+//! - The outcome, once told, never changes.
+//!
+//! Rules kept by construction (tested by `engine/tests.rs`, the simulation and the model, not
+//! asserted at run time):
 //! - A reply for an unknown branch, for an operation the branch is no longer doing, a duplicate
-//!   of an answer already taken, or a transient error from an outdated attempt is ignored.
+//!   of an answer already taken, or a transient error from an outdated attempt is ignored
+//!   (here, before any protocol sees it).
+//! - A saga compensates only steps that ran or may have run, highest first, one at a time,
+//!   and only after the forced `Compensating` record is durable (`saga.rs`).
 
+use super::saga::Saga;
+use super::two_phase::TwoPhase;
 use super::types::{
     BranchRecord, BranchState, Mode, Outcome, Phase, Resolution, RetryPolicy, TxRecord,
 };
@@ -92,21 +121,22 @@ pub enum Command {
     Finished,
 }
 
-/// What to do once a forced write is durable.
+/// What to do once a forced write is durable. `Begun` is shared; the others belong to one
+/// protocol each, and [`Protocol::on_gate`] handles them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Gate {
+pub(super) enum Gate {
     /// `Begun` is durable: start phase one / the forward run.
     Begun,
-    /// `Committing` is durable: tell the outcome and send `Commit`.
+    /// 2PC: `Committing` is durable: tell the outcome and send `Commit`.
     CommitDecision,
-    /// `Compensating` is durable: compensate.
+    /// Saga: `Compensating` is durable: compensate.
     Compensation,
-    /// Saga `Committed` is durable: tell the outcome and finish.
+    /// Saga: `Committed` is durable: tell the outcome and finish.
     SagaCommit,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum CallStatus {
+pub(super) enum CallStatus {
     /// No call outstanding for the branch's current operation.
     Idle,
     /// A call is outstanding.
@@ -116,12 +146,14 @@ enum CallStatus {
 }
 
 #[derive(Clone, Copy, Debug)]
-struct Call {
-    op: Option<Op>,
-    status: CallStatus,
+pub(super) struct Call {
+    pub(super) op: Option<Op>,
+    pub(super) status: CallStatus,
 }
 
 /// Test-only deliberate protocol bugs, to prove the simulation and chaos checkers catch them.
+/// Compiled only with the `mutations` feature: the build users run has none of them.
+#[cfg(feature = "mutations")]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Mutations {
     /// Send `Commit` as soon as every branch prepared, before the decision is durable.
@@ -140,15 +172,66 @@ pub struct Mutations {
     pub ignore_tombstones: bool,
 }
 
+/// Whether the deliberate bug `$name` ([`Mutations`]) is switched on for `$tx`. Without the
+/// `mutations` feature this is the constant `false`, and no field, type or branch of a
+/// mutation is compiled.
+macro_rules! mutated {
+    ($tx:expr, $name:ident) => {{
+        #[cfg(feature = "mutations")]
+        let on = $tx.mutations.$name;
+        #[cfg(not(feature = "mutations"))]
+        let on = false;
+        on
+    }};
+}
+pub(super) use mutated;
+
+/// What differs between transaction shapes. Each method is called by [`Tx`] at one point of
+/// the shared plumbing, with the transaction in the given state; an implementation changes
+/// the record and calls through [`Tx`]'s helpers (`persist`, `start_op`, `decide`,
+/// `finish`), never around them.
+pub(super) trait Protocol {
+    /// `Begun` is durable and the deadline has not passed: start phase one / the forward run.
+    fn start(&self, tx: &mut Tx, out: &mut Vec<Command>);
+    /// Phase one / the forward run cannot succeed any more (the deadline passed): undo.
+    fn give_up(&self, tx: &mut Tx, now_ms: u64, out: &mut Vec<Command>);
+    /// A recovered record that is not terminal: resume where the log says it stopped.
+    fn resume(&self, tx: &mut Tx, now_ms: u64, out: &mut Vec<Command>);
+    /// A forced write gated with one of this protocol's [`Gate`]s is durable.
+    fn on_gate(&self, tx: &mut Tx, now_ms: u64, gate: Gate, out: &mut Vec<Command>);
+    /// A definite answer (`Tx` checked it is one, and current) to `op` for branch `b`, which
+    /// is idle again. `op` is one this protocol issued.
+    fn on_answer(
+        &self,
+        tx: &mut Tx,
+        now_ms: u64,
+        b: usize,
+        op: Op,
+        reply: Reply,
+        out: &mut Vec<Command>,
+    );
+    /// An operator declared branch `b`'s outstanding `op` (phase two) done by hand; its
+    /// state and the audit record are already written.
+    fn after_resolution(&self, tx: &mut Tx, now_ms: u64, op: Op, out: &mut Vec<Command>);
+}
+
+/// The protocol of a transaction of `mode`.
+fn protocol(mode: Mode) -> &'static dyn Protocol {
+    match mode {
+        Mode::TwoPhase => &TwoPhase,
+        Mode::Saga => &Saga,
+    }
+}
+
 /// One global transaction's protocol state: the durable record plus volatile call state.
 #[derive(Clone, Debug)]
 pub struct Tx {
-    rec: TxRecord,
-    calls: Vec<Call>,
+    pub(super) rec: TxRecord,
+    pub(super) calls: Vec<Call>,
     /// A forced write we are waiting for, and what to do then.
-    gate: Option<(u64, Gate)>,
+    pub(super) gate: Option<(u64, Gate)>,
     /// Highest seq known durable.
-    durable_seq: u64,
+    pub(super) durable_seq: u64,
     /// Seq of the latest forced write issued (0: none).
     forced_seq: u64,
     /// Phase of the latest record issued, and the phase of the record issued before the
@@ -156,13 +239,15 @@ pub struct Tx {
     persisted_phase: Phase,
     phase_before_forced: Phase,
     /// Seq of the `Committing` record, once written.
-    decision_seq: Option<u64>,
+    pub(super) decision_seq: Option<u64>,
     decided: Option<Outcome>,
     finished: bool,
-    mutations: Mutations,
+    #[cfg(feature = "mutations")]
+    pub(super) mutations: Mutations,
 }
 
-/// What a client submits; validated by the API layer before it gets here.
+/// A transaction to start: a client's request as the API validated it, with the runtime's
+/// defaults applied (`runtime::BeginRequest::with_defaults`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewTx {
     pub gid: String,
@@ -234,11 +319,13 @@ impl Tx {
             decision_seq: (rec_phase_is_committing).then_some(durable_seq),
             decided: None,
             finished: false,
+            #[cfg(feature = "mutations")]
             mutations: Mutations::default(),
         }
     }
 
-    /// Enable deliberate bugs (tests of the checkers only).
+    /// Enable deliberate bugs (tests of the checkers only; feature `mutations`).
+    #[cfg(feature = "mutations")]
     pub fn set_mutations(&mut self, m: Mutations) {
         self.mutations = m;
     }
@@ -344,10 +431,7 @@ impl Tx {
             self.rec.stuck = false;
         }
         self.persist(now_ms, true, None, &mut out);
-        match op {
-            Op::Compensate => self.compensate_next(now_ms, &mut out),
-            _ => self.maybe_finish_phase_two(now_ms, &mut out),
-        }
+        protocol(self.rec.mode).after_resolution(self, now_ms, op, &mut out);
         Ok(out)
     }
 
@@ -397,13 +481,12 @@ impl Tx {
     }
 
     fn on_recovered(&mut self, now_ms: u64, out: &mut Vec<Command>) {
-        if self.mutations.forget_branch_on_recovery && self.rec.branches.len() > 1 {
+        if mutated!(self, forget_branch_on_recovery) && self.rec.branches.len() > 1 {
             self.rec.branches.pop();
             self.calls.pop();
         }
-        let n = self.rec.branches.len();
-        match (self.rec.mode, self.rec.phase) {
-            (_, Phase::Committed) | (_, Phase::Aborted) => {
+        match self.rec.phase {
+            Phase::Committed | Phase::Aborted => {
                 self.decide(
                     if self.rec.phase == Phase::Committed {
                         Outcome::Committed
@@ -414,67 +497,9 @@ impl Tx {
                 );
                 self.finish(out);
             }
-            // Prepares' answers died with the process: presumed abort.
-            (Mode::TwoPhase, Phase::Active) => self.abort_two_phase(now_ms, out),
-            (Mode::TwoPhase, Phase::Committing) => {
-                self.decide(Outcome::Committed, out);
-                for b in 0..n {
-                    if self.rec.branches[b].state != BranchState::Committed {
-                        self.start_op(b, Op::Commit, out);
-                    }
-                }
-                self.maybe_finish_phase_two(now_ms, out);
+            Phase::Active | Phase::Committing | Phase::Aborting | Phase::Compensating => {
+                protocol(self.rec.mode).resume(self, now_ms, out)
             }
-            (Mode::TwoPhase, Phase::Aborting) => {
-                self.decide(Outcome::Aborted, out);
-                for b in 0..n {
-                    if self.rec.branches[b].state != BranchState::Aborted {
-                        self.start_op(b, Op::Abort, out);
-                    }
-                }
-                self.maybe_finish_phase_two(now_ms, out);
-            }
-            (Mode::Saga, Phase::Active) => {
-                let first = self
-                    .rec
-                    .branches
-                    .iter()
-                    .position(|b| b.state != BranchState::Succeeded);
-                match first {
-                    None => {
-                        // Every step succeeded but the final record was lost.
-                        self.rec.phase = Phase::Committed;
-                        self.persist(now_ms, true, Some(Gate::SagaCommit), out);
-                    }
-                    Some(k) => {
-                        // Step outcomes are written unforced, so any step from k on may have
-                        // run: if we end up compensating, they are all compensated (the
-                        // barrier makes a compensation of a step that never ran a no-op).
-                        for b in &mut self.rec.branches[k..] {
-                            if matches!(b.state, BranchState::Pending) {
-                                b.state = BranchState::InDoubt;
-                            }
-                        }
-                        if self.rec.branches[k].state == BranchState::Failed
-                            || now_ms >= self.rec.deadline_unix_ms
-                        {
-                            self.start_compensation(now_ms, out);
-                        } else {
-                            out.push(Command::SetDeadline {
-                                at_unix_ms: self.rec.deadline_unix_ms,
-                            });
-                            self.start_op(k, Op::Execute, out);
-                        }
-                    }
-                }
-            }
-            (Mode::Saga, Phase::Compensating) => self.compensate_next(now_ms, out),
-            (Mode::Saga, Phase::Committing) | (Mode::Saga, Phase::Aborting) => {
-                // Not written by this engine for sagas; treat like compensation to be safe.
-                self.rec.phase = Phase::Compensating;
-                self.compensate_next(now_ms, out);
-            }
-            (Mode::TwoPhase, Phase::Compensating) => self.abort_two_phase(now_ms, out),
         }
     }
 
@@ -487,36 +512,14 @@ impl Tx {
             return;
         }
         self.gate = None;
+        let protocol = protocol(self.rec.mode);
         match gate {
+            // The deadline passed while `Begun` was being written: nothing ran yet.
             Gate::Begun if now_ms >= self.rec.deadline_unix_ms => {
-                // The deadline passed while `Begun` was being written: nothing ran yet.
-                match self.rec.mode {
-                    Mode::TwoPhase => self.abort_two_phase(now_ms, out),
-                    Mode::Saga => self.start_compensation(now_ms, out),
-                }
+                protocol.give_up(self, now_ms, out)
             }
-            Gate::Begun => match self.rec.mode {
-                Mode::TwoPhase => {
-                    for b in 0..self.rec.branches.len() {
-                        self.start_op(b, Op::Prepare, out);
-                    }
-                }
-                Mode::Saga => self.start_op(0, Op::Execute, out),
-            },
-            Gate::CommitDecision => {
-                if self.mutations.commit_before_durable {
-                    return; // commits were already sent
-                }
-                self.decide(Outcome::Committed, out);
-                for b in 0..self.rec.branches.len() {
-                    self.start_op(b, Op::Commit, out);
-                }
-            }
-            Gate::Compensation => self.compensate_next(now_ms, out),
-            Gate::SagaCommit => {
-                self.decide(Outcome::Committed, out);
-                self.finish(out);
-            }
+            Gate::Begun => protocol.start(self, out),
+            other => protocol.on_gate(self, now_ms, other, out),
         }
     }
 
@@ -557,77 +560,7 @@ impl Tx {
             return;
         }
         self.calls[b].status = CallStatus::Idle;
-        let phase = self.rec.phase;
-        match reply {
-            Reply::Prepared => {
-                self.set_state(b, BranchState::Prepared);
-                let all = self
-                    .rec
-                    .branches
-                    .iter()
-                    .all(|x| x.state == BranchState::Prepared);
-                if phase == Phase::Active && all {
-                    self.rec.phase = Phase::Committing;
-                    self.persist(now_ms, true, Some(Gate::CommitDecision), out);
-                    self.decision_seq = Some(self.rec.seq);
-                    if self.mutations.decide_before_durable {
-                        // Deliberate bug: the client hears COMMITTED before the decision is
-                        // on disk.
-                        self.decide(Outcome::Committed, out);
-                    }
-                    if self.mutations.commit_before_durable {
-                        self.decide(Outcome::Committed, out);
-                        for x in 0..self.rec.branches.len() {
-                            self.start_op(x, Op::Commit, out);
-                        }
-                    }
-                }
-            }
-            Reply::Refused(why) => {
-                self.set_state(b, BranchState::Refused);
-                self.rec.branches[b].last_error = why;
-                if phase == Phase::Active {
-                    self.abort_two_phase(now_ms, out);
-                }
-            }
-            Reply::Succeeded => {
-                self.set_state(b, BranchState::Succeeded);
-                if phase == Phase::Active {
-                    let next = b + 1;
-                    if next == self.rec.branches.len() {
-                        self.rec.phase = Phase::Committed;
-                        self.persist(now_ms, true, Some(Gate::SagaCommit), out);
-                    } else {
-                        // Unforced: a lost step record only repeats the (idempotent) step.
-                        self.persist(now_ms, false, None, out);
-                        self.start_op(next, Op::Execute, out);
-                    }
-                }
-            }
-            Reply::Failed(why) => {
-                self.set_state(b, BranchState::Failed);
-                self.rec.branches[b].last_error = why;
-                if phase == Phase::Active {
-                    self.start_compensation(now_ms, out);
-                }
-            }
-            Reply::Done => match op {
-                Op::Commit => {
-                    self.set_state(b, BranchState::Committed);
-                    self.maybe_finish_phase_two(now_ms, out);
-                }
-                Op::Abort => {
-                    self.set_state(b, BranchState::Aborted);
-                    self.maybe_finish_phase_two(now_ms, out);
-                }
-                Op::Compensate => {
-                    self.set_state(b, BranchState::Aborted);
-                    self.compensate_next(now_ms, out);
-                }
-                Op::Prepare | Op::Execute => unreachable!("checked by `definite`"),
-            },
-            Reply::Transient(_) => unreachable!("checked by `definite`"),
-        }
+        protocol(self.rec.mode).on_answer(self, now_ms, b, op, reply, out);
     }
 
     fn on_transient(&mut self, now_ms: u64, b: usize, op: Op, err: String, out: &mut Vec<Command>) {
@@ -672,10 +605,7 @@ impl Tx {
         if self.rec.phase != Phase::Active || self.gate.is_some() {
             return;
         }
-        match self.rec.mode {
-            Mode::TwoPhase => self.abort_two_phase(now_ms, out),
-            Mode::Saga => self.start_compensation(now_ms, out),
-        }
+        protocol(self.rec.mode).give_up(self, now_ms, out);
     }
 
     fn on_retry_now(&mut self, out: &mut Vec<Command>) {
@@ -690,84 +620,9 @@ impl Tx {
         }
     }
 
-    /// 2PC: decide abort. Unforced: with presumed abort a lost `Aborting` record reads back
-    /// as `Begun`, which recovery aborts anyway.
-    fn abort_two_phase(&mut self, now_ms: u64, out: &mut Vec<Command>) {
-        debug_assert_eq!(self.rec.mode, Mode::TwoPhase);
-        self.rec.phase = Phase::Aborting;
-        self.gate = None;
-        self.persist(now_ms, false, None, out);
-        self.decide(Outcome::Aborted, out);
-        for b in 0..self.rec.branches.len() {
-            self.start_op(b, Op::Abort, out);
-        }
-    }
-
-    /// Saga: a step failed or the deadline passed. Forced: once compensation starts, recovery
-    /// must not resume the forward run.
-    fn start_compensation(&mut self, now_ms: u64, out: &mut Vec<Command>) {
-        debug_assert_eq!(self.rec.mode, Mode::Saga);
-        self.rec.phase = Phase::Compensating;
-        self.persist(now_ms, true, Some(Gate::Compensation), out);
-    }
-
-    /// Saga: compensate the highest step that ran or may have run, or finish.
-    fn compensate_next(&mut self, now_ms: u64, out: &mut Vec<Command>) {
-        debug_assert_eq!(self.rec.phase, Phase::Compensating);
-        if self.gate.is_some() {
-            return;
-        }
-        let needs = |s: BranchState| matches!(s, BranchState::Succeeded | BranchState::InDoubt);
-        let pending: Vec<usize> = (0..self.rec.branches.len())
-            .filter(|&b| needs(self.rec.branches[b].state))
-            .collect();
-        // A compensation already in flight finishes first (one at a time, in order).
-        if (0..self.calls.len()).any(|b| {
-            self.calls[b].op == Some(Op::Compensate) && self.calls[b].status != CallStatus::Idle
-        }) {
-            return;
-        }
-        let next = if self.mutations.skip_one_compensation && pending.len() > 1 {
-            // Deliberate bug: pretend the lowest one was done.
-            let low = pending[0];
-            self.rec.branches[low].state = BranchState::Aborted;
-            pending.last().copied()
-        } else if self.mutations.compensate_forward {
-            // Deliberate bug: lowest first.
-            pending.first().copied()
-        } else {
-            pending.last().copied()
-        };
-        match next {
-            Some(b) => self.start_op(b, Op::Compensate, out),
-            None => {
-                self.rec.phase = Phase::Aborted;
-                self.rec.stuck = false;
-                self.persist(now_ms, false, None, out);
-                self.decide(Outcome::Aborted, out);
-                self.finish(out);
-            }
-        }
-    }
-
-    /// 2PC phase two: finish when every branch is done.
-    fn maybe_finish_phase_two(&mut self, now_ms: u64, out: &mut Vec<Command>) {
-        let (target, phase) = match self.rec.phase {
-            Phase::Committing => (BranchState::Committed, Phase::Committed),
-            Phase::Aborting => (BranchState::Aborted, Phase::Aborted),
-            _ => return,
-        };
-        if self.rec.branches.iter().all(|b| b.state == target) {
-            self.rec.phase = phase;
-            self.rec.stuck = false;
-            // Unforced `Ended`: if lost, recovery repeats phase two, which is idempotent.
-            self.persist(now_ms, false, None, out);
-            self.finish(out);
-        }
-    }
-
-    fn start_op(&mut self, b: usize, op: Op, out: &mut Vec<Command>) {
-        if op == Op::Commit && !self.mutations.commit_before_durable {
+    /// Start `op` on branch `b`: a fresh attempt count, and the first call.
+    pub(super) fn start_op(&mut self, b: usize, op: Op, out: &mut Vec<Command>) {
+        if op == Op::Commit && !mutated!(self, commit_before_durable) {
             assert!(
                 self.rec.phase == Phase::Committing
                     && self.decision_seq.is_some_and(|d| self.durable_seq >= d),
@@ -795,9 +650,13 @@ impl Tx {
         });
     }
 
-    fn set_state(&mut self, b: usize, to: BranchState) {
+    /// Move branch `b` to `to`.
+    ///
+    /// # Panics
+    /// If the move is not a [`legal_branch_transition`] (a bug; checked in every build).
+    pub(super) fn set_state(&mut self, b: usize, to: BranchState) {
         let from = self.rec.branches[b].state;
-        debug_assert!(
+        assert!(
             legal_branch_transition(from, to),
             "illegal branch transition {from:?} -> {to:?} (gid {}, branch {b})",
             self.rec.gid
@@ -805,7 +664,14 @@ impl Tx {
         self.rec.branches[b].state = to;
     }
 
-    fn persist(&mut self, now_ms: u64, forced: bool, gate: Option<Gate>, out: &mut Vec<Command>) {
+    /// Issue a write of the current record; with `gate`, run that step once it is durable.
+    pub(super) fn persist(
+        &mut self,
+        now_ms: u64,
+        forced: bool,
+        gate: Option<Gate>,
+        out: &mut Vec<Command>,
+    ) {
         self.rec.seq += 1;
         if forced {
             self.forced_seq = self.rec.seq;
@@ -822,16 +688,25 @@ impl Tx {
         });
     }
 
-    fn decide(&mut self, outcome: Outcome, out: &mut Vec<Command>) {
-        if self.decided.is_none() {
-            self.decided = Some(outcome);
-            out.push(Command::Decided(outcome));
-        } else {
-            debug_assert_eq!(self.decided, Some(outcome), "the outcome never changes");
+    /// Tell the outcome (once; a second call with the same outcome does nothing).
+    ///
+    /// # Panics
+    /// If an outcome was already told and `outcome` differs (a bug; checked in every build).
+    pub(super) fn decide(&mut self, outcome: Outcome, out: &mut Vec<Command>) {
+        match self.decided {
+            None => {
+                self.decided = Some(outcome);
+                out.push(Command::Decided(outcome));
+            }
+            Some(told) => assert_eq!(
+                told, outcome,
+                "the outcome never changes (gid {})",
+                self.rec.gid
+            ),
         }
     }
 
-    fn finish(&mut self, out: &mut Vec<Command>) {
+    pub(super) fn finish(&mut self, out: &mut Vec<Command>) {
         self.finished = true;
         out.push(Command::Finished);
     }

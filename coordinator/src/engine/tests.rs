@@ -343,6 +343,24 @@ fn backoff_bound_doubles_up_to_the_cap() {
     assert_eq!(p.backoff_bound_ms(u32::MAX), 30_000);
 }
 
+/// The formula documented on `RetryPolicy` in types.proto, to the edges: the exponent stops at
+/// 40 and the product saturates instead of overflowing.
+#[test]
+fn backoff_bound_exponent_is_capped_at_40_and_saturates() {
+    let uncapped = RetryPolicy {
+        initial_backoff_ms: 1,
+        max_backoff_ms: u64::MAX,
+        stuck_after_attempts: 10,
+    };
+    assert_eq!(uncapped.backoff_bound_ms(41), 1 << 40);
+    assert_eq!(uncapped.backoff_bound_ms(1_000), 1 << 40);
+    let huge = RetryPolicy {
+        initial_backoff_ms: u64::MAX / 2,
+        ..uncapped
+    };
+    assert_eq!(huge.backoff_bound_ms(3), u64::MAX);
+}
+
 fn recovered(mode: Mode, phase: Phase, states: &[BranchState]) -> Tx {
     let mut tx = new_tx(mode, states.len());
     let mut rec = tx.record().clone();

@@ -87,8 +87,9 @@ impl Default for RetryPolicy {
 
 impl RetryPolicy {
     /// The upper bound of the backoff before attempt `attempt + 1`, after `attempt` failed
-    /// attempts (`attempt >= 1`): `min(max, initial * 2^(attempt-1))`. The runtime sleeps a
-    /// uniformly random time in `[0, bound]` (full jitter).
+    /// attempts (`attempt >= 1`): `min(max, initial * 2^min(attempt-1, 40))`, the product
+    /// saturating. The runtime sleeps a uniformly random time in `[0, bound]`, both ends
+    /// included (full jitter). `RetryPolicy` in `proto/treaty/v1/types.proto` states the same.
     pub fn backoff_bound_ms(&self, attempt: u32) -> u64 {
         let shift = attempt.saturating_sub(1).min(40);
         self.initial_backoff_ms
@@ -213,6 +214,10 @@ impl TxRecord {
     }
 
     /// The tombstone that replaces this terminal record when retention collects it.
+    ///
+    /// Meant for terminal records only (retention scans only those). That is a debug check
+    /// (`debug_assert!`), not enforced in release builds: there, a non-terminal record would
+    /// get a tombstone carrying the outcome its phase implies (`Pending` for an active one).
     pub fn tombstone(&self, collected_unix_ms: u64) -> Tombstone {
         debug_assert!(
             self.phase.is_terminal(),

@@ -1,13 +1,16 @@
-//! Encoding of [`TxRecord`] as the versioned protobuf [`pb::LogRecord`], and the enum and
-//! message conversions between engine types and protobuf types (reused by the gRPC API layer).
+//! Encoding of [`TxRecord`] as the versioned protobuf [`pb::LogRecord`] (and of tombstones
+//! and the log's identity). The field-level conversions between engine and protobuf types are
+//! [`crate::mapping`]'s, shared with the gRPC API, so each enum pair has one `match`.
 //!
 //! Decoding is strict: a record written by a newer format, an `UNSPECIFIED` or unknown enum
 //! value, an empty gid or a branch without its definition is refused with a reason naming the
 //! field, so a damaged log stops startup instead of being misread.
 
-use crate::engine::types::{
-    BranchDef, BranchRecord, BranchState, Mode, Outcome, Phase, Resolution, RetryPolicy, Tombstone,
-    TxRecord,
+use crate::engine::types::{BranchRecord, Outcome, Tombstone, TxRecord};
+use crate::mapping::{
+    branch_def_from_proto, branch_def_to_proto, branch_state_from_proto, branch_state_to_proto,
+    mode_from_proto, mode_to_proto, outcome_from_proto, outcome_to_proto, phase_from_proto,
+    phase_to_proto, resolution_from_proto, resolution_to_proto, retry_from_proto, retry_to_proto,
 };
 use prost::Message;
 use treaty_proto::v1 as pb;
@@ -34,25 +37,6 @@ pub enum DecodeError {
         /// What is wrong with it.
         reason: String,
     },
-}
-
-/// A protobuf enum value that has no engine equivalent: `UNSPECIFIED` or a value from a newer
-/// schema.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{}", describe_enum_error(self))]
-pub struct EnumError {
-    /// The protobuf enum's name, e.g. `TxState`.
-    pub enum_name: &'static str,
-    /// The raw value received.
-    pub value: i32,
-}
-
-fn describe_enum_error(e: &EnumError) -> String {
-    if e.value == 0 {
-        format!("{} is UNSPECIFIED (0); a value is required", e.enum_name)
-    } else {
-        format!("unknown {} value {}", e.enum_name, e.value)
-    }
 }
 
 /// Encodes `rec` as a `LogRecord` with the current [`treaty_proto::LOG_FORMAT_VERSION`].
@@ -136,24 +120,6 @@ pub fn from_proto(msg: pb::LogRecord) -> Result<TxRecord, DecodeError> {
     })
 }
 
-/// [`Resolution`] to its protobuf form.
-pub fn resolution_to_proto(r: &Resolution) -> pb::OperatorResolution {
-    pb::OperatorResolution {
-        operator: r.operator.clone(),
-        unix_ms: r.unix_ms,
-        reason: r.reason.clone(),
-    }
-}
-
-/// The protobuf `OperatorResolution` to [`Resolution`].
-pub fn resolution_from_proto(r: pb::OperatorResolution) -> Resolution {
-    Resolution {
-        operator: r.operator,
-        unix_ms: r.unix_ms,
-        reason: r.reason,
-    }
-}
-
 /// Encodes a [`Tombstone`] (same format version as records).
 pub fn encode_tombstone(t: &Tombstone) -> Vec<u8> {
     pb::Tombstone {
@@ -173,9 +139,8 @@ pub fn decode_tombstone(bytes: &[u8]) -> Result<Tombstone, DecodeError> {
     if msg.gid.is_empty() {
         return Err(invalid("gid", "empty"));
     }
-    let outcome = match pb::Outcome::try_from(msg.outcome) {
-        Ok(pb::Outcome::Committed) => Outcome::Committed,
-        Ok(pb::Outcome::Aborted) => Outcome::Aborted,
+    let outcome = match outcome_from_proto(msg.outcome) {
+        Ok(o @ (Outcome::Committed | Outcome::Aborted)) => o,
         _ => return Err(invalid("outcome", format!("not final: {}", msg.outcome))),
     };
     let fingerprint: [u8; 32] = msg.fingerprint[..].try_into().map_err(|_| {
@@ -230,139 +195,10 @@ fn invalid(field: &str, reason: impl ToString) -> DecodeError {
     }
 }
 
-/// [`Mode`] to its protobuf enum.
-pub fn mode_to_proto(m: Mode) -> pb::Mode {
-    match m {
-        Mode::TwoPhase => pb::Mode::TwoPhase,
-        Mode::Saga => pb::Mode::Saga,
-    }
-}
-
-/// A raw protobuf `Mode` value to [`Mode`]; `UNSPECIFIED` and unknown values are errors.
-pub fn mode_from_proto(v: i32) -> Result<Mode, EnumError> {
-    match pb::Mode::try_from(v) {
-        Ok(pb::Mode::TwoPhase) => Ok(Mode::TwoPhase),
-        Ok(pb::Mode::Saga) => Ok(Mode::Saga),
-        Ok(pb::Mode::Unspecified) | Err(_) => Err(EnumError {
-            enum_name: "Mode",
-            value: v,
-        }),
-    }
-}
-
-/// [`Phase`] to the protobuf `TxState`.
-pub fn phase_to_proto(p: Phase) -> pb::TxState {
-    match p {
-        Phase::Active => pb::TxState::Active,
-        Phase::Committing => pb::TxState::Committing,
-        Phase::Aborting => pb::TxState::Aborting,
-        Phase::Compensating => pb::TxState::Compensating,
-        Phase::Committed => pb::TxState::Committed,
-        Phase::Aborted => pb::TxState::Aborted,
-    }
-}
-
-/// A raw protobuf `TxState` value to [`Phase`]; `UNSPECIFIED` and unknown values are errors.
-pub fn phase_from_proto(v: i32) -> Result<Phase, EnumError> {
-    match pb::TxState::try_from(v) {
-        Ok(pb::TxState::Active) => Ok(Phase::Active),
-        Ok(pb::TxState::Committing) => Ok(Phase::Committing),
-        Ok(pb::TxState::Aborting) => Ok(Phase::Aborting),
-        Ok(pb::TxState::Compensating) => Ok(Phase::Compensating),
-        Ok(pb::TxState::Committed) => Ok(Phase::Committed),
-        Ok(pb::TxState::Aborted) => Ok(Phase::Aborted),
-        Ok(pb::TxState::Unspecified) | Err(_) => Err(EnumError {
-            enum_name: "TxState",
-            value: v,
-        }),
-    }
-}
-
-/// [`BranchState`] to its protobuf enum.
-pub fn branch_state_to_proto(s: BranchState) -> pb::BranchState {
-    match s {
-        BranchState::Pending => pb::BranchState::Pending,
-        BranchState::InDoubt => pb::BranchState::InDoubt,
-        BranchState::Prepared => pb::BranchState::Prepared,
-        BranchState::Refused => pb::BranchState::Refused,
-        BranchState::Succeeded => pb::BranchState::Succeeded,
-        BranchState::Failed => pb::BranchState::Failed,
-        BranchState::Committed => pb::BranchState::Committed,
-        BranchState::Aborted => pb::BranchState::Aborted,
-    }
-}
-
-/// A raw protobuf `BranchState` value to [`BranchState`]; `UNSPECIFIED` and unknown values
-/// are errors.
-pub fn branch_state_from_proto(v: i32) -> Result<BranchState, EnumError> {
-    match pb::BranchState::try_from(v) {
-        Ok(pb::BranchState::Pending) => Ok(BranchState::Pending),
-        Ok(pb::BranchState::InDoubt) => Ok(BranchState::InDoubt),
-        Ok(pb::BranchState::Prepared) => Ok(BranchState::Prepared),
-        Ok(pb::BranchState::Refused) => Ok(BranchState::Refused),
-        Ok(pb::BranchState::Succeeded) => Ok(BranchState::Succeeded),
-        Ok(pb::BranchState::Failed) => Ok(BranchState::Failed),
-        Ok(pb::BranchState::Committed) => Ok(BranchState::Committed),
-        Ok(pb::BranchState::Aborted) => Ok(BranchState::Aborted),
-        Ok(pb::BranchState::Unspecified) | Err(_) => Err(EnumError {
-            enum_name: "BranchState",
-            value: v,
-        }),
-    }
-}
-
-/// [`Outcome`] to its protobuf enum (for the API; the log stores the phase, not the outcome).
-pub fn outcome_to_proto(o: Outcome) -> pb::Outcome {
-    match o {
-        Outcome::Pending => pb::Outcome::Pending,
-        Outcome::Committed => pb::Outcome::Committed,
-        Outcome::Aborted => pb::Outcome::Aborted,
-    }
-}
-
-/// [`RetryPolicy`] to its protobuf message.
-pub fn retry_to_proto(r: &RetryPolicy) -> pb::RetryPolicy {
-    pb::RetryPolicy {
-        initial_backoff_ms: r.initial_backoff_ms,
-        max_backoff_ms: r.max_backoff_ms,
-        stuck_after_attempts: r.stuck_after_attempts,
-    }
-}
-
-/// A protobuf `RetryPolicy` to [`RetryPolicy`], field by field. No validation: the log
-/// returns what was written; the API layer validates what clients send (and fills defaults
-/// for a missing message).
-pub fn retry_from_proto(r: &pb::RetryPolicy) -> RetryPolicy {
-    RetryPolicy {
-        initial_backoff_ms: r.initial_backoff_ms,
-        max_backoff_ms: r.max_backoff_ms,
-        stuck_after_attempts: r.stuck_after_attempts,
-    }
-}
-
-/// [`BranchDef`] to the protobuf `Branch`. Payloads are shared, not copied.
-pub fn branch_def_to_proto(d: &BranchDef) -> pb::Branch {
-    pb::Branch {
-        endpoint: d.endpoint.clone(),
-        handler: d.handler.clone(),
-        payload: d.payload.clone(),
-        compensation_payload: d.compensation_payload.clone(),
-    }
-}
-
-/// A protobuf `Branch` to [`BranchDef`].
-pub fn branch_def_from_proto(b: pb::Branch) -> BranchDef {
-    BranchDef {
-        endpoint: b.endpoint,
-        handler: b.handler,
-        payload: b.payload,
-        compensation_payload: b.compensation_payload,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::types::{BranchDef, BranchState, Mode, Phase, Resolution, RetryPolicy};
     use bytes::Bytes;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -517,36 +353,7 @@ mod tests {
     }
 
     #[test]
-    fn every_enum_value_maps_both_ways() {
-        for m in MODES {
-            assert_eq!(mode_from_proto(mode_to_proto(m).into()), Ok(m));
-        }
-        for p in PHASES {
-            assert_eq!(phase_from_proto(phase_to_proto(p).into()), Ok(p));
-        }
-        for s in BRANCH_STATES {
-            assert_eq!(
-                branch_state_from_proto(branch_state_to_proto(s).into()),
-                Ok(s)
-            );
-        }
-        // Every valid proto value except UNSPECIFIED has an engine value.
-        assert!((1..=2).all(|v| mode_from_proto(v).is_ok()));
-        assert!((1..=6).all(|v| phase_from_proto(v).is_ok()));
-        assert!((1..=8).all(|v| branch_state_from_proto(v).is_ok()));
-        assert_eq!(outcome_to_proto(Outcome::Committed), pb::Outcome::Committed);
-    }
-
-    #[test]
     fn unspecified_and_unknown_enums_are_refused_with_a_reason() {
-        let e = phase_from_proto(0).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "TxState is UNSPECIFIED (0); a value is required"
-        );
-        let e = mode_from_proto(99).unwrap_err();
-        assert_eq!(e.to_string(), "unknown Mode value 99");
-
         let mut msg = to_proto(&sample());
         msg.state = 0;
         let err = decode(&msg.encode_to_vec()).unwrap_err();

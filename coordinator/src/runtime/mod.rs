@@ -27,13 +27,19 @@
 //!   delays (clamped and re-armed, so no deadline can overflow the timer wheel).
 
 pub mod participants;
+pub mod request;
+
+pub use request::{BeginRequest, RetryOverrides, Wait};
 
 use crate::config::Config;
+#[cfg(feature = "mutations")]
+use crate::engine::Mutations;
 use crate::engine::{
-    answer_outcome, decide_begin, BeginDecision, BranchDef, Command, Event, Known, Mode, Mutations,
-    NewTx, Op, Outcome, Phase, RetryPolicy, Tx, TxRecord,
+    answer_outcome, decide_begin, BeginDecision, BranchDef, Command, Event, Known, Op, Outcome,
+    Phase, Tx, TxRecord,
 };
 use crate::log::{ListFilter, LogError, LogStore};
+use crate::mapping;
 use futures::{FutureExt, StreamExt};
 use participants::Pool;
 use rand::Rng;
@@ -45,7 +51,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::time::{delay_queue, DelayQueue};
-use treaty_proto::v1::BranchRequest;
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
@@ -289,8 +294,31 @@ struct Inner {
     live: AtomicUsize,
     live_bytes: AtomicUsize,
     accepting: AtomicBool,
+    #[cfg(feature = "mutations")]
     mutations: Mutations,
     fatal: Arc<Fatal>,
+}
+
+impl Inner {
+    /// Whether the deliberate `ignore_tombstones` bug is on (never, without `mutations`).
+    fn ignores_tombstones(&self) -> bool {
+        #[cfg(feature = "mutations")]
+        let on = self.mutations.ignore_tombstones;
+        #[cfg(not(feature = "mutations"))]
+        let on = false;
+        on
+    }
+
+    /// A transaction's engine, with this runtime's deliberate bugs (if any) switched on.
+    fn engine(&self, tx: Tx) -> Tx {
+        #[cfg(feature = "mutations")]
+        let tx = {
+            let mut tx = tx;
+            tx.set_mutations(self.mutations);
+            tx
+        };
+        tx
+    }
 }
 
 /// The coordinator runtime: owns live transactions. Cheap to clone. Must be created inside a
@@ -302,11 +330,25 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn new(log: Arc<dyn LogStore>, config: Config) -> Runtime {
-        Runtime::with_mutations(log, config, Mutations::default())
+        Runtime::build(
+            log,
+            config,
+            #[cfg(feature = "mutations")]
+            Mutations::default(),
+        )
     }
 
-    /// A runtime whose engines carry deliberate bugs (checker tests only).
+    /// A runtime whose engines carry deliberate bugs (checker tests only; feature `mutations`).
+    #[cfg(feature = "mutations")]
     pub fn with_mutations(log: Arc<dyn LogStore>, config: Config, mutations: Mutations) -> Runtime {
+        Runtime::build(log, config, mutations)
+    }
+
+    fn build(
+        log: Arc<dyn LogStore>,
+        config: Config,
+        #[cfg(feature = "mutations")] mutations: Mutations,
+    ) -> Runtime {
         // A few shards per core: enough to use every core, few enough to batch well.
         let n = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
         let mut receivers = Vec::with_capacity(n);
@@ -328,6 +370,7 @@ impl Runtime {
             live: AtomicUsize::new(0),
             live_bytes: AtomicUsize::new(0),
             accepting: AtomicBool::new(true),
+            #[cfg(feature = "mutations")]
             mutations,
             fatal: Arc::clone(&fatal),
         });
@@ -428,8 +471,7 @@ impl Runtime {
             for rec in page {
                 n += 1;
                 let gid = rec.gid.clone();
-                let mut tx = Tx::recover(rec);
-                tx.set_mutations(self.inner.mutations);
+                let tx = self.inner.engine(Tx::recover(rec));
                 self.send(&gid, Msg::Recover(Box::new(tx))).await;
             }
             if !full {
@@ -439,9 +481,12 @@ impl Runtime {
     }
 
     /// Start a transaction (or find the existing one with this gid) and answer once `Begun`
-    /// is durable; with `wait`, once the outcome is final or `wait` has passed.
-    pub async fn begin(&self, mut def: NewTx, wait: Option<Duration>) -> Result<Begun, BeginError> {
+    /// is durable; with a wait, once the outcome is final or the wait has passed. What the
+    /// request leaves unset takes this runtime's [`Config`] defaults
+    /// ([`BeginRequest::with_defaults`]).
+    pub async fn begin(&self, req: BeginRequest) -> Result<Begun, BeginError> {
         self.inner.fatal.check()?;
+        let (mut def, wait) = req.with_defaults(&self.inner.config, now_ms());
         if !self.inner.accepting.load(Ordering::Acquire) {
             return Err(BeginError::ShuttingDown);
         }
@@ -460,8 +505,7 @@ impl Runtime {
         let refuse_new = self.admit(bytes).err();
         let bytes = if refuse_new.is_some() { 0 } else { bytes };
         let gid = def.gid.clone();
-        let mut tx = Tx::new(def, now_ms());
-        tx.set_mutations(self.inner.mutations);
+        let tx = self.inner.engine(Tx::new(def, now_ms()));
         let (reply, answer) = oneshot::channel();
         let msg = Msg::Begin {
             tx: Box::new(tx),
@@ -1028,7 +1072,7 @@ impl Shard {
             Some(rec) => Ok(decide_begin(Known::Record(&rec), mode, &def)),
             None => Ok(match rt.log.get_tombstone(&gid)? {
                 // `ignore_tombstones`: a deliberate bug for the chaos checker's tests only.
-                Some(t) if !rt.mutations.ignore_tombstones => {
+                Some(t) if !rt.ignores_tombstones() => {
                     decide_begin(Known::Tombstone(&t), mode, &def)
                 }
                 _ => decide_begin(Known::Nothing, mode, &def),
@@ -1243,27 +1287,15 @@ impl Shard {
     fn spawn_call(&self, rt: &Inner, gid: &str, branch: u32, op: Op, attempt: u32) {
         let Some(e) = self.txs.get(gid) else { return };
         let rec = e.tx.record();
-        let b = &rec.branches[branch as usize];
-        let payload = if op == Op::Compensate {
-            b.def.compensation_payload.clone()
-        } else {
-            b.def.payload.clone()
-        };
-        let req = BranchRequest {
-            gid: gid.to_string(),
-            branch_id: branch,
-            handler: b.def.handler.clone(),
-            payload,
+        let req = mapping::branch_request(
+            rec,
+            branch,
+            op,
             attempt,
-            deadline_unix_ms: if op.is_phase_two() {
-                0
-            } else {
-                rec.deadline_unix_ms
-            },
-            log_id: rt.log.log_id().to_string(),
-            outcome_endpoint: rt.config.advertise_url.clone().unwrap_or_default(),
-        };
-        let client = rt.pool.client(&b.def.endpoint);
+            rt.log.log_id(),
+            rt.config.advertise_url.as_deref().unwrap_or_default(),
+        );
+        let client = rt.pool.client(&rec.branches[branch as usize].def.endpoint);
         let timeout = rt.config.call_timeout;
         let Some(me) = self.me.upgrade() else { return };
         let gid = gid.to_string();
@@ -1280,28 +1312,5 @@ impl Shard {
             };
             let _ = me.send((gid, Box::new(Msg::Engine(event)))).await;
         });
-    }
-}
-
-/// Build the engine's definition of a new transaction with the runtime's defaults applied.
-pub fn new_tx(
-    config: &Config,
-    gid: String,
-    mode: Mode,
-    branches: Vec<BranchDef>,
-    deadline: Option<Duration>,
-    retry: Option<RetryPolicy>,
-) -> NewTx {
-    let deadline = deadline.unwrap_or(config.default_deadline);
-    NewTx {
-        gid,
-        mode,
-        branches,
-        deadline_unix_ms: now_ms() + deadline.as_millis() as u64,
-        retry: retry.unwrap_or(RetryPolicy {
-            initial_backoff_ms: config.initial_backoff.as_millis() as u64,
-            max_backoff_ms: config.max_backoff.as_millis() as u64,
-            stuck_after_attempts: config.stuck_after_attempts,
-        }),
     }
 }

@@ -1,15 +1,13 @@
 //! Calling participants: one pooled tonic channel per endpoint, a timeout per call, and the
-//! mapping from typed answers and gRPC statuses to engine [`Reply`]s.
+//! mapping from gRPC statuses to engine [`Reply`]s (typed answers map in `crate::mapping`).
 
 use crate::engine::{Op, Reply};
+use crate::mapping::{execute_reply, phase_two_reply, prepare_reply};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
-use treaty_proto::v1::{
-    participant_client::ParticipantClient, BranchRequest, ExecuteResult, PhaseTwoResult,
-    PrepareResult,
-};
+use treaty_proto::v1::{participant_client::ParticipantClient, BranchRequest};
 
 /// Channels the pool keeps at most; past it the least recently used one is dropped (a later
 /// call to its endpoint connects again).
@@ -99,42 +97,26 @@ pub async fn call(
         };
         let call = async {
             match op {
-                Op::Prepare => client.prepare(req).await.map(|r| {
-                    let r = r.into_inner();
-                    match r.result() {
-                        PrepareResult::Prepared => Reply::Prepared,
-                        PrepareResult::Refused => Reply::Refused(r.message),
-                        other => {
-                            Reply::Transient(format!("{}: {}", other.as_str_name(), r.message))
-                        }
-                    }
-                }),
-                Op::Execute => client.execute(req).await.map(|r| {
-                    let r = r.into_inner();
-                    match r.result() {
-                        ExecuteResult::Succeeded => Reply::Succeeded,
-                        ExecuteResult::Failed => Reply::Failed(r.message),
-                        other => {
-                            Reply::Transient(format!("{}: {}", other.as_str_name(), r.message))
-                        }
-                    }
-                }),
-                Op::Commit | Op::Abort | Op::Compensate => {
-                    let r = match op {
-                        Op::Commit => client.commit(req).await,
-                        Op::Abort => client.abort(req).await,
-                        _ => client.compensate(req).await,
-                    };
-                    r.map(|r| {
-                        let r = r.into_inner();
-                        match r.result() {
-                            PhaseTwoResult::Done => Reply::Done,
-                            other => {
-                                Reply::Transient(format!("{}: {}", other.as_str_name(), r.message))
-                            }
-                        }
-                    })
-                }
+                Op::Prepare => client
+                    .prepare(req)
+                    .await
+                    .map(|r| prepare_reply(r.into_inner())),
+                Op::Execute => client
+                    .execute(req)
+                    .await
+                    .map(|r| execute_reply(r.into_inner())),
+                Op::Commit => client
+                    .commit(req)
+                    .await
+                    .map(|r| phase_two_reply(r.into_inner())),
+                Op::Abort => client
+                    .abort(req)
+                    .await
+                    .map(|r| phase_two_reply(r.into_inner())),
+                Op::Compensate => client
+                    .compensate(req)
+                    .await
+                    .map(|r| phase_two_reply(r.into_inner())),
             }
         };
         // tonic's per-request timeout normally fires first; this is the backstop.

@@ -303,43 +303,22 @@ pub fn phase_two_reply(r: pb::PhaseTwoResponse) -> Reply {
 mod tests {
     use super::*;
 
-    const MODES: [Mode; 2] = [Mode::TwoPhase, Mode::Saga];
-    const PHASES: [Phase; 6] = [
-        Phase::Active,
-        Phase::Committing,
-        Phase::Aborting,
-        Phase::Compensating,
-        Phase::Committed,
-        Phase::Aborted,
-    ];
-    const BRANCH_STATES: [BranchState; 8] = [
-        BranchState::Pending,
-        BranchState::InDoubt,
-        BranchState::Prepared,
-        BranchState::Refused,
-        BranchState::Succeeded,
-        BranchState::Failed,
-        BranchState::Committed,
-        BranchState::Aborted,
-    ];
-    const OUTCOMES: [Outcome; 3] = [Outcome::Pending, Outcome::Committed, Outcome::Aborted];
-
     #[test]
     fn every_enum_value_maps_both_ways() {
-        for m in MODES {
+        for m in Mode::ALL {
             assert_eq!(mode_from_proto(mode_to_proto(m).into()), Ok(m));
             assert_eq!(mode_filter_from_proto(mode_to_proto(m).into()), Ok(Some(m)));
         }
-        for p in PHASES {
+        for p in Phase::ALL {
             assert_eq!(phase_from_proto(phase_to_proto(p).into()), Ok(p));
         }
-        for s in BRANCH_STATES {
+        for s in BranchState::ALL {
             assert_eq!(
                 branch_state_from_proto(branch_state_to_proto(s).into()),
                 Ok(s)
             );
         }
-        for o in OUTCOMES {
+        for o in Outcome::ALL {
             assert_eq!(outcome_from_proto(outcome_to_proto(o).into()), Ok(o));
         }
         // Every valid proto value except UNSPECIFIED has an engine value.

@@ -359,9 +359,10 @@ where
     }
 }
 
-/// [`TwoPhaseHandler`] made object-safe: the participant keeps handlers of many types by
-/// name. Implemented for every [`TwoPhaseHandler`].
-pub(crate) trait DynTwoPhase<S: BarrierStore>: Send + Sync {
+/// A handler of either kind made object-safe: the participant keeps handlers of many types
+/// by name. [`Registered`] pairs it with its kind, so `call` sees only the operations
+/// [`Registered::serves`] admits.
+trait DynHandler<S: BarrierStore>: Send + Sync {
     fn call<'a, 't: 'a>(
         &'a self,
         op: Op,
@@ -371,7 +372,17 @@ pub(crate) trait DynTwoPhase<S: BarrierStore>: Send + Sync {
     ) -> HandlerFuture<'a>;
 }
 
-impl<S: BarrierStore, H: TwoPhaseHandler<S>> DynTwoPhase<S> for H {
+struct AsTwoPhase<H>(H);
+struct AsSaga<H>(H);
+
+/// The answer for an operation a handler has no method for: unreachable through
+/// [`HandlerCall::new`], which checks [`Registered::serves`], but a retry, never a panic.
+fn not_served<'a>(op: Op, kind: &str) -> HandlerFuture<'a> {
+    let why = format!("bug: a {kind} handler was called for {op}");
+    Box::pin(async move { Err(crate::HandlerError::retry(why)) })
+}
+
+impl<S: BarrierStore, H: TwoPhaseHandler<S>> DynHandler<S> for AsTwoPhase<H> {
     fn call<'a, 't: 'a>(
         &'a self,
         op: Op,
@@ -380,28 +391,15 @@ impl<S: BarrierStore, H: TwoPhaseHandler<S>> DynTwoPhase<S> for H {
         payload: &'a [u8],
     ) -> HandlerFuture<'a> {
         match op {
-            Op::Prepare => Box::pin(self.prepare(ctx, tx, payload)),
-            Op::Commit => Box::pin(self.commit(ctx, tx, payload)),
-            Op::Abort => Box::pin(self.abort(ctx, tx, payload)),
-            Op::Execute | Op::Compensate => {
-                unreachable!("HandlerCall::new gives a 2PC handler only 2PC operations")
-            }
+            Op::Prepare => Box::pin(self.0.prepare(ctx, tx, payload)),
+            Op::Commit => Box::pin(self.0.commit(ctx, tx, payload)),
+            Op::Abort => Box::pin(self.0.abort(ctx, tx, payload)),
+            Op::Execute | Op::Compensate => not_served(op, "2PC"),
         }
     }
 }
 
-/// [`SagaHandler`] made object-safe.
-pub(crate) trait DynSaga<S: BarrierStore>: Send + Sync {
-    fn call<'a, 't: 'a>(
-        &'a self,
-        op: Op,
-        ctx: &'a BranchContext,
-        tx: &'a mut Txn<'t, S>,
-        payload: &'a [u8],
-    ) -> HandlerFuture<'a>;
-}
-
-impl<S: BarrierStore, H: SagaHandler<S>> DynSaga<S> for H {
+impl<S: BarrierStore, H: SagaHandler<S>> DynHandler<S> for AsSaga<H> {
     fn call<'a, 't: 'a>(
         &'a self,
         op: Op,
@@ -410,49 +408,48 @@ impl<S: BarrierStore, H: SagaHandler<S>> DynSaga<S> for H {
         payload: &'a [u8],
     ) -> HandlerFuture<'a> {
         match op {
-            Op::Execute => Box::pin(self.execute(ctx, tx, payload)),
-            Op::Compensate => Box::pin(self.compensate(ctx, tx, payload)),
-            Op::Prepare | Op::Commit | Op::Abort => {
-                unreachable!("HandlerCall::new gives a saga handler only saga operations")
-            }
+            Op::Execute => Box::pin(self.0.execute(ctx, tx, payload)),
+            Op::Compensate => Box::pin(self.0.compensate(ctx, tx, payload)),
+            Op::Prepare | Op::Commit | Op::Abort => not_served(op, "saga"),
         }
     }
 }
 
 /// A registered handler, of either kind.
-pub(crate) enum Registered<S: BarrierStore> {
-    TwoPhase(Arc<dyn DynTwoPhase<S>>),
-    Saga(Arc<dyn DynSaga<S>>),
+pub(crate) struct Registered<S: BarrierStore> {
+    two_phase: bool,
+    handler: Arc<dyn DynHandler<S>>,
 }
 
 impl<S: BarrierStore> Clone for Registered<S> {
     fn clone(&self) -> Self {
-        match self {
-            Registered::TwoPhase(h) => Registered::TwoPhase(h.clone()),
-            Registered::Saga(h) => Registered::Saga(h.clone()),
+        Registered {
+            two_phase: self.two_phase,
+            handler: self.handler.clone(),
         }
     }
 }
 
 impl<S: BarrierStore> Registered<S> {
     pub(crate) fn two_phase(h: impl TwoPhaseHandler<S>) -> Self {
-        Registered::TwoPhase(Arc::new(h))
+        Registered {
+            two_phase: true,
+            handler: Arc::new(AsTwoPhase(h)),
+        }
     }
 
     pub(crate) fn saga(h: impl SagaHandler<S>) -> Self {
-        Registered::Saga(Arc::new(h))
+        Registered {
+            two_phase: false,
+            handler: Arc::new(AsSaga(h)),
+        }
     }
 
     /// Whether this handler has a method for `op` (a 2PC handler serves prepare, commit and
     /// abort; a saga handler execute and compensate).
     pub(crate) fn serves(&self, op: Op) -> bool {
-        matches!(
-            (self, op),
-            (
-                Registered::TwoPhase(_),
-                Op::Prepare | Op::Commit | Op::Abort
-            ) | (Registered::Saga(_), Op::Execute | Op::Compensate)
-        )
+        let two_phase_op = matches!(op, Op::Prepare | Op::Commit | Op::Abort);
+        two_phase_op == self.two_phase
     }
 
     pub(crate) fn call<'a, 't: 'a>(
@@ -462,10 +459,7 @@ impl<S: BarrierStore> Registered<S> {
         tx: &'a mut Txn<'t, S>,
         payload: &'a [u8],
     ) -> HandlerFuture<'a> {
-        match self {
-            Registered::TwoPhase(h) => h.call(op, ctx, tx, payload),
-            Registered::Saga(h) => h.call(op, ctx, tx, payload),
-        }
+        self.handler.call(op, ctx, tx, payload)
     }
 }
 

@@ -66,6 +66,42 @@ pub enum BranchState {
     Aborted,
 }
 
+impl Mode {
+    /// Every mode, for exhaustive tests of mappings and codecs.
+    pub const ALL: [Mode; 2] = [Mode::TwoPhase, Mode::Saga];
+}
+
+impl Phase {
+    /// Every phase, for exhaustive tests of mappings and codecs.
+    pub const ALL: [Phase; 6] = [
+        Phase::Active,
+        Phase::Committing,
+        Phase::Aborting,
+        Phase::Compensating,
+        Phase::Committed,
+        Phase::Aborted,
+    ];
+}
+
+impl BranchState {
+    /// Every branch state, for exhaustive tests of mappings and codecs.
+    pub const ALL: [BranchState; 8] = [
+        BranchState::Pending,
+        BranchState::InDoubt,
+        BranchState::Prepared,
+        BranchState::Refused,
+        BranchState::Succeeded,
+        BranchState::Failed,
+        BranchState::Committed,
+        BranchState::Aborted,
+    ];
+}
+
+impl Outcome {
+    /// Every outcome, for exhaustive tests of mappings and codecs.
+    pub const ALL: [Outcome; 3] = [Outcome::Pending, Outcome::Committed, Outcome::Aborted];
+}
+
 /// Retry policy: exponential backoff with full jitter, and the stuck threshold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetryPolicy {

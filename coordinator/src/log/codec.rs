@@ -203,26 +203,6 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
-    const MODES: [Mode; 2] = [Mode::TwoPhase, Mode::Saga];
-    const PHASES: [Phase; 6] = [
-        Phase::Active,
-        Phase::Committing,
-        Phase::Aborting,
-        Phase::Compensating,
-        Phase::Committed,
-        Phase::Aborted,
-    ];
-    const BRANCH_STATES: [BranchState; 8] = [
-        BranchState::Pending,
-        BranchState::InDoubt,
-        BranchState::Prepared,
-        BranchState::Refused,
-        BranchState::Succeeded,
-        BranchState::Failed,
-        BranchState::Committed,
-        BranchState::Aborted,
-    ];
-
     fn sample() -> TxRecord {
         TxRecord {
             gid: "g-1".into(),
@@ -288,7 +268,7 @@ mod tests {
                     payload: random_bytes(rng, 64),
                     compensation_payload: random_bytes(rng, 64),
                 },
-                state: BRANCH_STATES[rng.gen_range(0..BRANCH_STATES.len())],
+                state: BranchState::ALL[rng.gen_range(0..BranchState::ALL.len())],
                 attempts: rng.gen(),
                 last_error: random_string(rng, 20),
                 resolution: rng.gen_bool(0.2).then(|| Resolution {
@@ -300,8 +280,8 @@ mod tests {
             .collect();
         TxRecord {
             gid,
-            mode: MODES[rng.gen_range(0..MODES.len())],
-            phase: PHASES[rng.gen_range(0..PHASES.len())],
+            mode: Mode::ALL[rng.gen_range(0..Mode::ALL.len())],
+            phase: Phase::ALL[rng.gen_range(0..Phase::ALL.len())],
             branches,
             created_unix_ms: random_u64(rng),
             updated_unix_ms: random_u64(rng),

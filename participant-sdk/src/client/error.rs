@@ -1,5 +1,7 @@
 //! [`ClientError`]: every error the client returns, split by what the caller must do next.
 
+use crate::error::chain;
+
 /// An error from the [`Client`](super::Client). Each variant names what the caller should do
 /// about it.
 ///
@@ -169,19 +171,6 @@ pub(crate) fn read_error(status: tonic::Status) -> ClientError {
     } else {
         ClientError::Unavailable { source: status }
     }
-}
-
-/// An error and its causes, `outer: inner: innermost` (tonic's transport error alone says only
-/// "transport error"; the cause says e.g. "Connection refused").
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        next = cause.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -349,14 +349,17 @@ async fn a_gid_reused_after_retention_is_answered_from_its_tombstone() {
     let h2 = &h;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let (records, _) = h2.rt.collect_garbage().expect("gc");
-        if records > 0 || h2.log.get("g-reuse").expect("get").is_none() {
+        let (records, _) = h2.rt.collect_garbage().await.expect("gc");
+        if records > 0 || h2.log.get("g-reuse").await.expect("get").is_none() {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "never collected");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    assert!(h.log.get("g-reuse").expect("get").is_none(), "collected");
+    assert!(
+        h.log.get("g-reuse").await.expect("get").is_none(),
+        "collected"
+    );
     let executed = h.fake.count("execute", "g-reuse");
 
     let again =
@@ -528,7 +531,7 @@ async fn stuck_transactions_are_listed_retried_and_resolved_by_hand() {
     assert!(r.unix_ms > 0);
     // The audit record is durable once resolve answered.
     h.log.crash();
-    let durable = h.log.get("a-stuck").expect("get").expect("record");
+    let durable = h.log.get("a-stuck").await.expect("get").expect("record");
     assert!(durable.branches[0].resolution.is_some());
     h.rt.resolve("a-stuck", 1, "alice@ops", "committed by hand, ticket 7")
         .await
@@ -604,7 +607,7 @@ async fn the_server_syncs_the_log_before_recovering() {
     }
     log.crash();
     assert!(
-        log.get("g-cache").expect("get").is_some(),
+        log.get("g-cache").await.expect("get").is_some(),
         "a crash now loses what recovery read"
     );
     let _ = stop.send(());

@@ -269,7 +269,9 @@ pub async fn forced_writes_survive_reopen(backend: &mut dyn Backend) {
     let log = backend.open_fresh().await;
     put(log.as_ref(), nth("d-early", Phase::Active, 1), false).await;
     put(log.as_ref(), nth("d-a", Phase::Active, 1), true).await;
+    // Two writes of one gid pending together: the flush must keep their order.
     put(log.as_ref(), nth("d-a", Phase::Committing, 2), false).await;
+    put(log.as_ref(), nth("d-a", Phase::Committing, 3), false).await;
     put(log.as_ref(), nth("d-b", Phase::Compensating, 1), true).await;
     let Some(log) = backend.reopen(log).await else {
         return;
@@ -281,8 +283,8 @@ pub async fn forced_writes_survive_reopen(backend: &mut dyn Backend) {
     );
     assert_eq!(
         get(log.as_ref(), "d-a").await.map(|r| r.seq),
-        Some(2),
-        "{name}: a write issued before a forced write is not durable with it"
+        Some(3),
+        "{name}: the writes issued before a forced write are not durable with it, in order"
     );
     assert_eq!(
         get(log.as_ref(), "d-early").await,

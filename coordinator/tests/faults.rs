@@ -751,3 +751,51 @@ async fn a_slow_admission_read_parks_only_its_gid() {
         "the transaction ran once"
     );
 }
+
+/// What waits behind a slow admission read is bounded: beyond
+/// `ADMISSION_QUEUE_MAX` calls, a `Begin` of that gid is refused as overloaded at once, and
+/// those that waited are answered once the read comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_waiting_behind_a_slow_admission_read_are_bounded() {
+    use treaty_coordinator::runtime::ADMISSION_QUEUE_MAX;
+    let log = Arc::new(MemoryLog::new());
+    let store = Arc::new(HeldReads::new(Arc::clone(&log), &["g-slow"]));
+    let h = harness_over(log, store.clone(), fast_config()).await;
+    let begin = |h: &Harness| {
+        let (rt, def) = (h.rt.clone(), h.def("g-slow", Mode::Saga, 1, "x"));
+        tokio::spawn(async move { rt.begin(def, None).await })
+    };
+    let first = begin(&h);
+    h.until("the first Begin reads the log", |_| store.waiting() == 1)
+        .await;
+    // One more than the queue holds: that one is refused without waiting for the read.
+    let behind: Vec<_> = (0..=ADMISSION_QUEUE_MAX).map(|_| begin(&h)).collect();
+    h.until("a Begin beyond the queue is refused", |_| {
+        behind.iter().any(|t| t.is_finished())
+    })
+    .await;
+    assert!(!first.is_finished());
+    store.release();
+    assert!(!first.await.unwrap().expect("first begin").existing);
+    let (mut existing, mut refused) = (0, 0);
+    for b in behind {
+        match b.await.unwrap() {
+            Ok(b) => {
+                assert!(b.existing, "a second start of g-slow");
+                existing += 1;
+            }
+            Err(BeginError::Overloaded(why)) => {
+                assert!(why.contains("wait for its Begin"), "{why}");
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!((existing, refused), (ADMISSION_QUEUE_MAX, 1));
+    h.until("finished", |h| h.rt.live() == 0).await;
+    assert_eq!(
+        h.fake.count("execute", "g-slow"),
+        1,
+        "the transaction ran once"
+    );
+}

@@ -85,6 +85,10 @@ pub const WAITERS_PER_TX_MAX: usize = 1_024;
 /// `Watch` streams of one transaction at most; beyond it `Watch` is refused as overloaded.
 pub const WATCHERS_PER_TX_MAX: usize = 1_024;
 
+/// Client messages of one gid held at most while its `Begin` waits for the log; beyond it
+/// each is answered at once as if the gid were not told yet (a `Begin` as overloaded).
+pub const ADMISSION_QUEUE_MAX: usize = 1_024;
+
 /// Records recovery reads from the log at a time.
 const RECOVERY_PAGE: usize = 1_024;
 
@@ -840,9 +844,41 @@ impl Shard {
         if let Msg::Admitted { begin, found } = msg {
             return self.on_admitted(rt, gid, begin, found);
         }
-        match self.admitting.get_mut(&gid) {
-            Some(queue) => queue.push_back(Deferred::Msg(msg)),
-            None => self.on_msg(rt, gid, msg),
+        let Some(queue) = self.admitting.get_mut(&gid) else {
+            return self.on_msg(rt, gid, msg);
+        };
+        // The runtime's own messages always wait; a client's wait while there is room.
+        let internal = matches!(msg, Msg::Engine(_) | Msg::Written { .. } | Msg::Recover(_));
+        if internal || queue.len() < ADMISSION_QUEUE_MAX {
+            queue.push_back(Deferred::Msg(msg));
+            return;
+        }
+        let overloaded =
+            || format!("{ADMISSION_QUEUE_MAX} calls of gid {gid:?} wait for its Begin already");
+        match msg {
+            Msg::Begin(begin) => {
+                rt.live_bytes.fetch_sub(begin.bytes, Ordering::AcqRel);
+                let _ = begin.reply.send(Err(BeginError::Overloaded(overloaded())));
+            }
+            // Its `Begun` is not durable (not even started): not to be told yet.
+            Msg::Get(reply) => {
+                let _ = reply.send(Lookup::Hidden);
+            }
+            Msg::Watch(reply) => {
+                let _ = reply.send(Err(BeginError::Overloaded(overloaded())));
+            }
+            Msg::WaitOutcome(reply) => {
+                let _ = reply.send(Outcome::Pending);
+            }
+            Msg::RetryNow(reply) => {
+                let _ = reply.send(None);
+            }
+            Msg::Resolve { reply, .. } => {
+                let _ = reply.send(Err(ResolveError::NotLive(gid)));
+            }
+            Msg::Engine(_) | Msg::Written { .. } | Msg::Recover(_) | Msg::Admitted { .. } => {
+                unreachable!("internal messages are queued or handled above")
+            }
         }
     }
 

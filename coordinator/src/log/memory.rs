@@ -14,8 +14,9 @@
 //! phase, so a test can aim at one decision without racing the runtime.
 //!
 //! Records are stored encoded with [`codec`], so the simulation exercises the codec too.
-//! Without held syncs everything is synchronous and needs no runtime: the futures returned
-//! are already ready.
+//! Every operation is done when it is called, under one lock, so the order of calls is the
+//! order of effects; without held syncs the futures returned are already complete and need
+//! no runtime (the deterministic simulation takes their results with `now_or_never`).
 
 use super::codec;
 use super::{ListFilter, ListPage, LogError, LogFuture, LogStats, LogStore};

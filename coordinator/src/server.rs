@@ -103,16 +103,15 @@ async fn serve(
             let mut tick = tokio::time::interval(gc_interval);
             loop {
                 tick.tick().await;
-                let rt = rt.clone();
-                match tokio::task::spawn_blocking(move || rt.collect_garbage()).await {
-                    Ok(Ok((0, 0))) => {}
-                    Ok(Ok((records, tombstones))) => tracing::info!(
+                // The log runs retention off the async workers itself (see LogStore).
+                match rt.collect_garbage().await {
+                    Ok((0, 0)) => {}
+                    Ok((records, tombstones)) => tracing::info!(
                         records,
                         tombstones,
                         "retention: finished transactions replaced by tombstones, old tombstones deleted"
                     ),
-                    Ok(Err(e)) => tracing::warn!(error = %e, "retention collection failed"),
-                    Err(e) => tracing::warn!(error = %e, "retention task failed"),
+                    Err(e) => tracing::warn!(error = %e, "retention collection failed"),
                 }
             }
         })

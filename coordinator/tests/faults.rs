@@ -10,10 +10,10 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 use treaty_coordinator::config::Config;
 use treaty_coordinator::engine::{
-    BranchDef, BranchRecord, BranchState, Mode, Outcome, Phase, RetryPolicy, TxRecord,
+    BranchDef, BranchRecord, BranchState, Mode, Outcome, Phase, RetryPolicy, Tombstone, TxRecord,
 };
 use treaty_coordinator::log::memory::{Fault, MemoryLog};
-use treaty_coordinator::log::{ListFilter, LogError, LogStore};
+use treaty_coordinator::log::{ListFilter, ListPage, LogError, LogFuture, LogStats, LogStore};
 use treaty_coordinator::runtime::{now_ms, BeginError, BeginRequest, Runtime, Wait};
 use treaty_proto::v1 as pb;
 use treaty_proto::v1::participant_server::{Participant, ParticipantServer};
@@ -128,6 +128,12 @@ async fn harness(config: Config) -> Harness {
 }
 
 async fn harness_with(log: Arc<MemoryLog>, config: Config) -> Harness {
+    let store: Arc<dyn LogStore> = log.clone();
+    harness_over(log, store, config).await
+}
+
+/// A harness whose runtime writes to `store`, a wrapper around `log`.
+async fn harness_over(log: Arc<MemoryLog>, store: Arc<dyn LogStore>, config: Config) -> Harness {
     let fake = Fake::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
@@ -140,8 +146,7 @@ async fn harness_with(log: Arc<MemoryLog>, config: Config) -> Harness {
                 .await;
         }
     });
-    let dyn_log: Arc<dyn LogStore> = log.clone();
-    let rt = Runtime::new(dyn_log, config);
+    let rt = Runtime::new(store, config);
     Harness {
         rt,
         log,
@@ -344,14 +349,17 @@ async fn a_gid_reused_after_retention_is_answered_from_its_tombstone() {
     let h2 = &h;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let (records, _) = h2.rt.collect_garbage().expect("gc");
-        if records > 0 || h2.log.get("g-reuse").expect("get").is_none() {
+        let (records, _) = h2.rt.collect_garbage().await.expect("gc");
+        if records > 0 || h2.log.get("g-reuse").await.expect("get").is_none() {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "never collected");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    assert!(h.log.get("g-reuse").expect("get").is_none(), "collected");
+    assert!(
+        h.log.get("g-reuse").await.expect("get").is_none(),
+        "collected"
+    );
     let executed = h.fake.count("execute", "g-reuse");
 
     let again =
@@ -517,7 +525,7 @@ async fn stuck_transactions_are_listed_retried_and_resolved_by_hand() {
     assert!(r.unix_ms > 0);
     // The audit record is durable once resolve answered.
     h.log.crash();
-    let durable = h.log.get("a-stuck").expect("get").expect("record");
+    let durable = h.log.get("a-stuck").await.expect("get").expect("record");
     assert!(durable.branches[0].resolution.is_some());
     h.rt.resolve("a-stuck", 1, "alice@ops", "committed by hand, ticket 7")
         .await
@@ -593,9 +601,192 @@ async fn the_server_syncs_the_log_before_recovering() {
     }
     log.crash();
     assert!(
-        log.get("g-cache").expect("get").is_some(),
+        log.get("g-cache").await.expect("get").is_some(),
         "a crash now loses what recovery read"
     );
     let _ = stop.send(());
     server.await.unwrap().expect("clean stop");
+}
+
+/// The memory log, with the point reads of chosen gids held until released: a slow disk or a
+/// slow network store, as seen by the shard that admits a `Begin`. A held read is issued at
+/// call time, like every read (it sees the writes before it), and only answers late.
+struct HeldReads {
+    inner: Arc<MemoryLog>,
+    held: Mutex<Vec<String>>,
+    released: tokio::sync::watch::Sender<bool>,
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HeldReads {
+    fn new(inner: Arc<MemoryLog>, held: &[&str]) -> HeldReads {
+        HeldReads {
+            inner,
+            held: Mutex::new(held.iter().map(|g| g.to_string()).collect()),
+            released: tokio::sync::watch::channel(false).0,
+            waiting: Arc::default(),
+        }
+    }
+
+    fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn release(&self) {
+        self.held.lock().unwrap().clear();
+        self.released.send_replace(true);
+    }
+
+    fn hold<T: Send + 'static>(&self, gid: &str, read: LogFuture<T>) -> LogFuture<T> {
+        use futures::FutureExt;
+        if !self.held.lock().unwrap().iter().any(|g| g == gid) {
+            return read;
+        }
+        let mut released = self.released.subscribe();
+        let waiting = Arc::clone(&self.waiting);
+        waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            let _ = released.wait_for(|r| *r).await;
+            waiting.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            read.await
+        }
+        .boxed()
+    }
+}
+
+impl LogStore for HeldReads {
+    fn log_id(&self) -> &str {
+        self.inner.log_id()
+    }
+    fn put(&self, rec: TxRecord, forced: bool) -> LogFuture<()> {
+        self.inner.put(rec, forced)
+    }
+    fn get(&self, gid: &str) -> LogFuture<Option<TxRecord>> {
+        self.hold(gid, self.inner.get(gid))
+    }
+    fn scan_active(&self, after_gid: Option<&str>, limit: usize) -> LogFuture<Vec<TxRecord>> {
+        self.inner.scan_active(after_gid, limit)
+    }
+    fn list(&self, filter: &ListFilter, cursor: Option<&str>, limit: usize) -> LogFuture<ListPage> {
+        self.inner.list(filter, cursor, limit)
+    }
+    fn collect_ended(&self, before: u64, now: u64, max: usize) -> LogFuture<usize> {
+        self.inner.collect_ended(before, now, max)
+    }
+    fn get_tombstone(&self, gid: &str) -> LogFuture<Option<Tombstone>> {
+        self.hold(gid, self.inner.get_tombstone(gid))
+    }
+    fn collect_tombstones(&self, before: u64, max: usize) -> LogFuture<usize> {
+        self.inner.collect_tombstones(before, max)
+    }
+    fn sync(&self) -> LogFuture<()> {
+        self.inner.sync()
+    }
+    fn stats(&self) -> LogStats {
+        self.inner.stats()
+    }
+}
+
+/// A `Begin` whose admission read is slow must neither block its shard (other gids, some on
+/// the same shard, start and finish meanwhile) nor let a second `Begin` of the same gid past
+/// it: the second waits behind the first, is told `existing`, and the transaction runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_admission_read_parks_only_its_gid() {
+    let log = Arc::new(MemoryLog::new());
+    let store = Arc::new(HeldReads::new(Arc::clone(&log), &["g-slow"]));
+    let h = harness_over(log, store.clone(), fast_config()).await;
+    let begin = |h: &Harness| {
+        let (rt, def) = (h.rt.clone(), h.def("g-slow", Mode::Saga, 1, "x"));
+        tokio::spawn(async move { rt.begin(def).await })
+    };
+    let first = begin(&h);
+    h.until("the first Begin reads the log", |_| store.waiting() == 1)
+        .await;
+    let second = begin(&h);
+    // More gids than shards: some share g-slow's shard, and that shard must serve them.
+    let others = async {
+        for i in 0..64 {
+            let b =
+                h.rt.begin(waiting(h.def(
+                    &format!("g-other-{i:02}"),
+                    Mode::Saga,
+                    1,
+                    "x",
+                )))
+                .await
+                .expect("begin of another gid");
+            assert_eq!(b.outcome, Outcome::Committed);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), others)
+        .await
+        .expect("other gids are served while g-slow's read is held (no shard blocks on it)");
+    assert_eq!(
+        store.waiting(),
+        1,
+        "the second Begin of g-slow read the log before the first was decided"
+    );
+    assert!(!first.is_finished() && !second.is_finished());
+    store.release();
+    let first = first.await.unwrap().expect("first begin");
+    let second = second.await.unwrap().expect("second begin");
+    assert!(!first.existing, "the first Begin starts the transaction");
+    assert!(
+        second.existing,
+        "the second Begin finds the first one's transaction"
+    );
+    h.until("finished", |h| h.rt.live() == 0).await;
+    assert_eq!(
+        h.fake.count("execute", "g-slow"),
+        1,
+        "the transaction ran once"
+    );
+}
+
+/// What waits behind a slow admission read is bounded: beyond
+/// `ADMISSION_QUEUE_MAX` calls, a `Begin` of that gid is refused as overloaded at once, and
+/// those that waited are answered once the read comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_waiting_behind_a_slow_admission_read_are_bounded() {
+    use treaty_coordinator::runtime::ADMISSION_QUEUE_MAX;
+    let log = Arc::new(MemoryLog::new());
+    let store = Arc::new(HeldReads::new(Arc::clone(&log), &["g-slow"]));
+    let h = harness_over(log, store.clone(), fast_config()).await;
+    let begin = |h: &Harness| {
+        let (rt, def) = (h.rt.clone(), h.def("g-slow", Mode::Saga, 1, "x"));
+        tokio::spawn(async move { rt.begin(def).await })
+    };
+    let first = begin(&h);
+    h.until("the first Begin reads the log", |_| store.waiting() == 1)
+        .await;
+    // One more than the queue holds: that one is refused without waiting for the read.
+    let behind: Vec<_> = (0..=ADMISSION_QUEUE_MAX).map(|_| begin(&h)).collect();
+    h.until("a Begin beyond the queue is refused", |_| {
+        behind.iter().any(|t| t.is_finished())
+    })
+    .await;
+    assert!(!first.is_finished());
+    store.release();
+    assert!(!first.await.unwrap().expect("first begin").existing);
+    let (mut existing, mut refused) = (0, 0);
+    for b in behind {
+        match b.await.unwrap() {
+            Ok(b) => {
+                assert!(b.existing, "a second start of g-slow");
+                existing += 1;
+            }
+            Err(BeginError::Overloaded(why)) => {
+                assert!(why.contains("wait for its Begin"), "{why}");
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!((existing, refused), (ADMISSION_QUEUE_MAX, 1));
+    h.until("finished", |h| h.rt.live() == 0).await;
+    assert_eq!(
+        h.fake.count("execute", "g-slow"),
+        1,
+        "the transaction ran once"
+    );
 }

@@ -194,7 +194,7 @@ async fn serves_health_reflection_and_transactions_then_stops_gracefully() {
     assert_eq!(gids, ["in-process-saga"]);
 
     let (log, _dir) = h.stop().await;
-    let rec = log.get("in-process-saga").unwrap().unwrap();
+    let rec = log.get("in-process-saga").await.unwrap().unwrap();
     assert_eq!(rec.phase, Phase::Committed);
 }
 

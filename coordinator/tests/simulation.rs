@@ -90,7 +90,16 @@ use treaty_coordinator::engine::{
     NewTx, Op, Outcome, Phase, Reply, RetryPolicy, Tx,
 };
 use treaty_coordinator::log::memory::MemoryLog;
-use treaty_coordinator::log::LogStore;
+use treaty_coordinator::log::{LogError, LogFuture, LogStore};
+
+/// The result of a memory-log operation, which is complete when the call returns: the memory
+/// log answers at call time and no sync is ever held here, so its futures are ready at once.
+/// This keeps the simulation single-threaded and deterministic, with no executor.
+fn ready<T>(op: LogFuture<T>) -> Result<T, LogError> {
+    use futures::FutureExt;
+    op.now_or_never()
+        .expect("the memory log's futures are ready at once (no held syncs in the simulation)")
+}
 use treaty_coordinator::runtime::{deadline_step, TIMER_DELAY_MAX};
 use treaty_sdk::barrier::rules::{self, Business, Delivery, InDoubt, Recorded, Rule};
 use treaty_sdk::{Answer, Op as SdkOp};
@@ -1219,11 +1228,8 @@ impl Sim {
         let mode = self.defs[tx].mode;
         let branches = self.branches(tx, other);
         let bug = self.setup.bug;
-        let rec = self
-            .log
-            .get(&g)
-            .expect("the memory log decodes its records");
-        let tomb = self.log.get_tombstone(&g).expect("tombstones read");
+        let rec = ready(self.log.get(&g)).expect("the memory log decodes its records");
+        let tomb = ready(self.log.get_tombstone(&g)).expect("tombstones read");
         let decision = if let Some(slot) = self.txs.get(&tx) {
             decide_begin(Known::Record(slot.tx.record()), mode, &branches)
         } else if let Some(rec) = &rec {
@@ -1395,9 +1401,7 @@ impl Sim {
         let committed = matches!(
             self.durable_phase(tx),
             Some(Phase::Committing | Phase::Committed)
-        ) || self
-            .log
-            .get_tombstone(&gid(tx))
+        ) || ready(self.log.get_tombstone(&gid(tx)))
             .expect("tombstones read")
             .is_some_and(|t| t.outcome == Outcome::Committed);
         if committed {
@@ -1414,10 +1418,11 @@ impl Sim {
             return;
         }
         let now = self.wall();
-        let n = self
-            .log
-            .collect_ended(now.saturating_sub(RETENTION_MS), now, 64)
-            .expect("the memory log collects");
+        let n = ready(
+            self.log
+                .collect_ended(now.saturating_sub(RETENTION_MS), now, 64),
+        )
+        .expect("the memory log collects");
         self.durable_phases = None;
         self.stats.tombstones += n as u64;
         self.note(
@@ -1674,7 +1679,7 @@ impl Sim {
                     (r.gid, o)
                 })
                 .chain((0..self.defs.len()).filter_map(|tx| {
-                    let t = self.log.get_tombstone(&gid(tx)).ok()??;
+                    let t = ready(self.log.get_tombstone(&gid(tx))).ok()??;
                     Some((t.gid, t.outcome))
                 }))
                 .collect();
@@ -1693,9 +1698,7 @@ impl Sim {
                 )),
             );
         }
-        let records = self
-            .log
-            .scan_active(None, usize::MAX)
+        let records = ready(self.log.scan_active(None, usize::MAX))
             .expect("every record in the memory log decodes");
         self.note(
             Actor::Coord,
@@ -2141,9 +2144,9 @@ impl Sim {
                 } else {
                     (Outcome::Pending, true)
                 }
-            } else if let Some(rec) = self.log.get(&g).expect("records decode") {
+            } else if let Some(rec) = ready(self.log.get(&g)).expect("records decode") {
                 answer_outcome(Known::Record(&rec))
-            } else if let Some(t) = self.log.get_tombstone(&g).expect("tombstones read") {
+            } else if let Some(t) = ready(self.log.get_tombstone(&g)).expect("tombstones read") {
                 answer_outcome(Known::Tombstone(&t))
             } else {
                 answer_outcome(Known::Nothing)
@@ -2289,11 +2292,8 @@ impl Sim {
                 }
             }
         }
-        let rec = self
-            .log
-            .get(&g)
-            .expect("the memory log decodes its own records");
-        let tomb = self.log.get_tombstone(&g).expect("tombstones read");
+        let rec = ready(self.log.get(&g)).expect("the memory log decodes its own records");
+        let tomb = ready(self.log.get_tombstone(&g)).expect("tombstones read");
         let outcome = match (&rec, &tomb) {
             (Some(rec), _) => {
                 if !rec.phase.is_terminal() {

@@ -14,13 +14,14 @@
 //! phase, so a test can aim at one decision without racing the runtime.
 //!
 //! Records are stored encoded with [`codec`], so the simulation exercises the codec too.
-//! Without held syncs everything is synchronous and needs no runtime: the futures returned
-//! are already ready.
+//! Every operation is done when it is called, under one lock, so the order of calls is the
+//! order of effects; without held syncs the futures returned are already complete and need
+//! no runtime (the deterministic simulation takes their results with `now_or_never`).
 
 use super::codec;
-use super::{ListFilter, ListPage, LogError, LogStats, LogStore};
+use super::{ListFilter, ListPage, LogError, LogFuture, LogStats, LogStore};
 use crate::engine::types::{Phase, Tombstone, TxRecord};
-use futures::future::{BoxFuture, FutureExt};
+use futures::future::FutureExt;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -269,10 +270,10 @@ impl MemoryLog {
     }
 
     /// A future that completes the forced write or sync: now, or once released.
-    fn completion(&self) -> BoxFuture<'static, Result<(), LogError>> {
+    fn completion(&self) -> LogFuture<()> {
         let mut st = self.lock();
         let Some(held) = st.held.as_mut() else {
-            return futures::future::ready(Self::flush_or_fail(&mut st)).boxed();
+            return ready(Self::flush_or_fail(&mut st));
         };
         let (tx, rx) = futures::channel::oneshot::channel();
         held.push(tx);
@@ -313,29 +314,16 @@ fn corrupt(gid: &str, reason: String) -> LogError {
     }
 }
 
-impl LogStore for MemoryLog {
-    fn log_id(&self) -> &str {
-        &self.log_id
-    }
-
-    fn put(&self, rec: TxRecord, forced: bool) -> BoxFuture<'static, Result<(), LogError>> {
-        if let Err(e) = self.apply(rec, forced) {
-            return futures::future::ready(Err(e)).boxed();
-        }
-        if !forced {
-            return futures::future::ready(Ok(())).boxed();
-        }
-        self.completion()
-    }
-
-    fn get(&self, gid: &str) -> Result<Option<TxRecord>, LogError> {
+/// The reads and retention of the memory log, done at once (under the lock, at call time).
+impl MemoryLog {
+    fn get_now(&self, gid: &str) -> Result<Option<TxRecord>, LogError> {
         match self.lock().visible.records.get(gid) {
             Some(b) => decode(gid, b).map(Some),
             None => Ok(None),
         }
     }
 
-    fn scan_active(
+    fn scan_active_now(
         &self,
         after_gid: Option<&str>,
         limit: usize,
@@ -363,7 +351,7 @@ impl LogStore for MemoryLog {
     /// Examines records in gid order with the same budget as the sled log's indexes would
     /// (the memory log has no indexes: every record counts as examined), so pagination
     /// behaves alike.
-    fn list(
+    fn list_now(
         &self,
         filter: &ListFilter,
         cursor: Option<&str>,
@@ -381,7 +369,7 @@ impl LogStore for MemoryLog {
         super::list_page(entries, filter, limit)
     }
 
-    fn collect_ended(
+    fn collect_ended_now(
         &self,
         before_unix_ms: u64,
         now_unix_ms: u64,
@@ -405,11 +393,11 @@ impl LogStore for MemoryLog {
         Ok(ended.len())
     }
 
-    fn get_tombstone(&self, gid: &str) -> Result<Option<Tombstone>, LogError> {
+    fn get_tombstone_now(&self, gid: &str) -> Result<Option<Tombstone>, LogError> {
         Ok(self.lock().visible.tombs.get(gid).cloned())
     }
 
-    fn collect_tombstones(&self, before_unix_ms: u64, max: usize) -> Result<usize, LogError> {
+    fn collect_tombstones_now(&self, before_unix_ms: u64, max: usize) -> Result<usize, LogError> {
         let mut st = self.lock();
         let mut old: Vec<(u64, String)> = st
             .visible
@@ -425,8 +413,48 @@ impl LogStore for MemoryLog {
         }
         Ok(old.len())
     }
+}
 
-    fn sync(&self) -> BoxFuture<'static, Result<(), LogError>> {
+impl LogStore for MemoryLog {
+    fn log_id(&self) -> &str {
+        &self.log_id
+    }
+
+    fn put(&self, rec: TxRecord, forced: bool) -> LogFuture<()> {
+        if let Err(e) = self.apply(rec, forced) {
+            return ready(Err(e));
+        }
+        if !forced {
+            return ready(Ok(()));
+        }
+        self.completion()
+    }
+
+    fn get(&self, gid: &str) -> LogFuture<Option<TxRecord>> {
+        ready(self.get_now(gid))
+    }
+
+    fn scan_active(&self, after_gid: Option<&str>, limit: usize) -> LogFuture<Vec<TxRecord>> {
+        ready(self.scan_active_now(after_gid, limit))
+    }
+
+    fn list(&self, filter: &ListFilter, cursor: Option<&str>, limit: usize) -> LogFuture<ListPage> {
+        ready(self.list_now(filter, cursor, limit))
+    }
+
+    fn collect_ended(&self, before_unix_ms: u64, now_unix_ms: u64, max: usize) -> LogFuture<usize> {
+        ready(self.collect_ended_now(before_unix_ms, now_unix_ms, max))
+    }
+
+    fn get_tombstone(&self, gid: &str) -> LogFuture<Option<Tombstone>> {
+        ready(self.get_tombstone_now(gid))
+    }
+
+    fn collect_tombstones(&self, before_unix_ms: u64, max: usize) -> LogFuture<usize> {
+        ready(self.collect_tombstones_now(before_unix_ms, max))
+    }
+
+    fn sync(&self) -> LogFuture<()> {
         self.completion()
     }
 
@@ -435,10 +463,17 @@ impl LogStore for MemoryLog {
     }
 }
 
+/// A future that is already complete: the memory log answers at call time.
+fn ready<T: Send + 'static>(result: Result<T, LogError>) -> LogFuture<T> {
+    futures::future::ready(result).boxed()
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::conformance;
     use super::*;
     use crate::engine::types::{Mode, Outcome, Phase, RetryPolicy};
+    use futures::future::BoxFuture;
     use futures::FutureExt;
 
     fn rec(gid: &str, phase: Phase, updated_unix_ms: u64) -> TxRecord {
@@ -456,9 +491,42 @@ mod tests {
         }
     }
 
+    /// The memory log under the conformance suite: a reopen is [`MemoryLog::crash`] (a power
+    /// loss keeps only what was made durable), a failing disk is [`MemoryLog::fail_syncs`].
+    #[derive(Default)]
+    struct Backend {
+        logs: std::collections::HashMap<String, Arc<MemoryLog>>,
+    }
+
+    impl conformance::Backend for Backend {
+        fn name(&self) -> &str {
+            "memory"
+        }
+
+        fn open_fresh(&mut self) -> BoxFuture<'_, Arc<dyn LogStore>> {
+            let log = Arc::new(MemoryLog::new());
+            self.logs.insert(log.log_id().to_string(), Arc::clone(&log));
+            futures::future::ready(log as Arc<dyn LogStore>).boxed()
+        }
+
+        fn reopen(&mut self, log: Arc<dyn LogStore>) -> BoxFuture<'_, Option<Arc<dyn LogStore>>> {
+            let same = Arc::clone(&self.logs[log.log_id()]);
+            drop(log);
+            same.crash();
+            futures::future::ready(Some(same as Arc<dyn LogStore>)).boxed()
+        }
+
+        fn fail_syncs(&mut self, log: &Arc<dyn LogStore>, failing: bool) -> bool {
+            self.logs[log.log_id()]
+                .fail_syncs(failing.then_some("injected by the conformance suite"));
+            true
+        }
+    }
+
     #[test]
     fn conforms_to_the_log_store_contract() {
-        super::super::conformance::check_all(&mut || Box::new(MemoryLog::new()));
+        // Every future of the memory log is ready at once: any executor will do.
+        futures::executor::block_on(conformance::check_all(&mut Backend::default()));
     }
 
     #[test]
@@ -471,11 +539,11 @@ mod tests {
             .expect("ready");
         assert!(res.is_err());
         assert!(
-            log.get("a").expect("get").is_some(),
+            log.get_now("a").expect("get").is_some(),
             "applied, as in a page cache"
         );
         log.crash();
-        assert_eq!(log.get("a").expect("get"), None, "never durable");
+        assert_eq!(log.get_now("a").expect("get"), None, "never durable");
     }
 
     #[test]
@@ -488,7 +556,7 @@ mod tests {
         log.release_syncs();
         put.now_or_never().expect("released").expect("durable");
         log.crash();
-        assert!(log.get("a").expect("get").is_some());
+        assert!(log.get_now("a").expect("get").is_some());
     }
 
     #[test]
@@ -499,7 +567,10 @@ mod tests {
             .now_or_never()
             .expect("ready immediately");
         assert!(res.is_ok());
-        assert_eq!(log.get("a").expect("get"), Some(rec("a", Phase::Active, 1)));
+        assert_eq!(
+            log.get_now("a").expect("get"),
+            Some(rec("a", Phase::Active, 1))
+        );
     }
 
     #[test]
@@ -511,11 +582,14 @@ mod tests {
         log.put_sync(rec("a", Phase::Committing, 2), false)
             .expect("put");
         assert_eq!(log.pending_writes(), 2);
-        assert_eq!(log.scan_active(None, 10).expect("scan").len(), 2);
+        assert_eq!(log.scan_active_now(None, 10).expect("scan").len(), 2);
         log.crash();
         assert_eq!(log.durable_snapshot(), vec![rec("a", Phase::Active, 1)]);
-        assert_eq!(log.get("b").expect("get"), None);
-        assert_eq!(log.get("a").expect("get"), Some(rec("a", Phase::Active, 1)));
+        assert_eq!(log.get_now("b").expect("get"), None);
+        assert_eq!(
+            log.get_now("a").expect("get"),
+            Some(rec("a", Phase::Active, 1))
+        );
     }
 
     #[test]
@@ -570,10 +644,10 @@ mod tests {
             ..ListFilter::default()
         };
         let gids = |p: ListPage| p.records.into_iter().map(|r| r.gid).collect::<Vec<_>>();
-        let first = log.list(&f, None, 2).expect("list");
+        let first = log.list_now(&f, None, 2).expect("list");
         assert_eq!(first.next_cursor.as_deref(), Some("c"));
         assert_eq!(gids(first), ["d", "c"]);
-        let second = log.list(&f, Some("c"), 2).expect("list");
+        let second = log.list_now(&f, Some("c"), 2).expect("list");
         assert_eq!(second.next_cursor, None, "the scan reached the end");
         assert_eq!(gids(second), ["a"]);
     }
@@ -589,24 +663,27 @@ mod tests {
             .expect("put");
         log.put_sync(rec("done-old1", Phase::Committed, 3), false)
             .expect("put");
-        assert_eq!(log.collect_ended(50, 60, 1).expect("collect"), 1);
-        assert_eq!(log.get("done-old1").expect("get"), None);
-        let tomb = log.get_tombstone("done-old1").expect("tomb").expect("kept");
+        assert_eq!(log.collect_ended_now(50, 60, 1).expect("collect"), 1);
+        assert_eq!(log.get_now("done-old1").expect("get"), None);
+        let tomb = log
+            .get_tombstone_now("done-old1")
+            .expect("tomb")
+            .expect("kept");
         assert_eq!(
             (tomb.outcome, tomb.collected_unix_ms),
             (Outcome::Committed, 60)
         );
-        assert_eq!(log.collect_ended(50, 70, 10).expect("collect"), 1);
-        assert_eq!(log.get("done-old2").expect("get"), None);
-        assert!(log.get("active-old").expect("get").is_some());
-        assert!(log.get("done-new").expect("get").is_some());
+        assert_eq!(log.collect_ended_now(50, 70, 10).expect("collect"), 1);
+        assert_eq!(log.get_now("done-old2").expect("get"), None);
+        assert!(log.get_now("active-old").expect("get").is_some());
+        assert!(log.get_now("done-new").expect("get").is_some());
     }
 
     #[test]
     fn a_corrupt_record_is_an_error_naming_the_gid() {
         let log = MemoryLog::new();
         log.put_raw("bad-gid", b"\xff\xff".to_vec());
-        match log.scan_active(None, 10) {
+        match log.scan_active_now(None, 10) {
             Err(LogError::Corrupt { gid, .. }) => assert_eq!(gid, "bad-gid"),
             other => panic!("expected Corrupt, got {other:?}"),
         }

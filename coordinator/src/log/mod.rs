@@ -6,14 +6,11 @@
 //! [`memory::MemoryLog`] (tests and simulation; models which writes are durable so a simulated
 //! crash can lose the rest).
 //!
-//! Invariants:
-//! - Every log has an identity ([`LogStore::log_id`]) created with it and never changed.
-//! - A forced `put` resolves only after the record is on stable storage; an error from a
-//!   forced `put` or from `sync` means durability can no longer be promised (the caller
-//!   must stop and recover from disk, see the runtime's fail-stop).
-//! - Any `put` resolves only after a following `get` of the same gid sees it.
-//! - Writes of one gid are applied in the order they were issued.
-//! - A record that fails to decode is an error naming the gid, never skipped.
+//! Every I/O method of [`LogStore`] is async and returns a `'static` [`LogFuture`], so a
+//! network-backed store never blocks a tokio worker. The contract every backend keeps (write
+//! order per gid, visibility at call time, what "forced" and `sync` promise, errors and
+//! fail-stop, paging, retention, identity) is written on [`LogStore`] and checked by
+//! [`conformance::check_all`], which every backend's tests run.
 
 pub mod codec;
 pub mod conformance;
@@ -139,58 +136,113 @@ pub(crate) fn list_page(
     Ok(page)
 }
 
-/// Storage for transaction records. Cheap to share (`Arc<dyn LogStore>`).
+/// A log operation in flight. `'static` (it borrows neither the store nor the arguments),
+/// so a caller can move it into a task; see [`LogStore`] for when each one is issued.
+pub type LogFuture<T> = BoxFuture<'static, Result<T, LogError>>;
+
+/// Storage for transaction records. Cheap to share (`Arc<dyn LogStore>`); every method takes
+/// `&self` and may be called from many tasks at once.
+///
+/// # The contract
+///
+/// Every backend runs [`conformance::check_all`], which checks each clause below (the name
+/// of the check is given in brackets). A backend is done when that suite passes.
+///
+/// **Issued at call time.** An I/O method does its ordering work when it is *called*, not
+/// when its future is first polled: the future only reports the result. Futures may be
+/// awaited in any order, or dropped; dropping one does not undo a write that was issued.
+///
+/// - *Visibility* [`read_your_issued_writes`](conformance::read_your_issued_writes): a
+///   write is visible once `put` has been called. A read called after `put` was called sees
+///   that write or a later write of the same gid, even if the `put` future has not resolved
+///   (or was never polled). A network backend meets this by answering a read only after every
+///   write issued before it was applied.
+/// - *Order per gid* [`writes_of_one_gid_apply_in_call_order`](conformance::writes_of_one_gid_apply_in_call_order):
+///   writes of one gid are applied in the order `put` was called, without the caller awaiting
+///   each; the latest call wins. (The runtime relies on this: one transaction's engine issues
+///   several writes in a row.) Writes of different gids are not ordered against each other,
+///   except by `sync` and forced writes (below).
+/// - *Forced write* [`forced_writes_survive_reopen`](conformance::forced_writes_survive_reopen):
+///   `put(rec, true)` resolves `Ok` only once `rec` **and every write issued before it** (any
+///   gid) is on stable storage: a crash or a restart after that finds `rec` or a later write
+///   of its gid. Concurrent forced writes may share one flush (group commit). `put(rec,
+///   false)` resolves once the write is applied; it may be lost by a crash until a later
+///   forced write or `sync` resolves.
+/// - *Sync* [`sync_makes_every_issued_write_durable`](conformance::sync_makes_every_issued_write_durable):
+///   `sync()` resolves `Ok` once every write issued before it was called is on stable
+///   storage.
+/// - *Failure* [`a_failed_write_is_an_error`](conformance::a_failed_write_is_an_error),
+///   [`a_failed_sync_is_an_error`](conformance::a_failed_sync_is_an_error): a write the store
+///   refuses (e.g. an empty gid) resolves to an error and is not applied. A forced `put` or
+///   `sync` that cannot vouch for durability resolves to an error; its writes may already be
+///   applied (a read may see a write whose forced `put` failed, as a failed `fsync` leaves
+///   the page cache) and may or may not survive a crash. After such an error nothing the
+///   store says about durability can be trusted: the caller must **stop** (the runtime's
+///   fail-stop: it answers nothing more and exits) and a restart recovers from what is on
+///   stable storage, after one successful `sync`. A failed *read* is only reported; it does
+///   not by itself mean the log lost anything.
+/// - *Identity* [`identity_is_a_uuid`](conformance::identity_is_a_uuid),
+///   [`identity_survives_reopen`](conformance::identity_survives_reopen): `log_id` is a UUID
+///   created with the log, durable before the store is first handed out, and the same after
+///   every reopen of the same stored log. It is synchronous: a store reads it once, at open.
+/// - *Paging* [`scan_active_pages_to_the_end`](conformance::scan_active_pages_to_the_end),
+///   [`list_pages_by_cursor_to_the_end`](conformance::list_pages_by_cursor_to_the_end):
+///   `scan_active` returns non-terminal records in ascending gid order strictly after its
+///   cursor, at most `limit`; a page shorter than `limit` is the last. `list` returns
+///   matching records in descending gid order strictly below its cursor, examines a bounded
+///   number of entries per call ([`LIST_SCANNED_PER_RESULT_MAX`] per result) and returns the
+///   last gid it examined as the next cursor, so a page may be short or empty and still have
+///   a cursor; only `next_cursor == None` ends paging. Paging to the end visits every
+///   matching record that existed for the whole walk exactly once.
+/// - *Retention* [`retention_leaves_tombstones`](conformance::retention_leaves_tombstones),
+///   [`tombstones_have_their_own_retention`](conformance::tombstones_have_their_own_retention):
+///   `collect_ended` replaces at most `max` terminal records last updated before the cutoff
+///   by tombstones (outcome and fingerprint kept), oldest first, never a non-terminal record
+///   and never a record rewritten since it was examined; `collect_tombstones` deletes at most
+///   `max` tombstones collected before its cutoff, oldest first. Retention writes are
+///   unforced: they become durable with the next forced write or `sync`.
+/// - A record that fails to decode is an error naming its gid ([`LogError::Corrupt`]) from
+///   `get`, `scan_active` and `list`, never skipped; `collect_ended` skips it and keeps it.
+///
+/// The futures of a store never need a particular executor, except that a backend may
+/// require a tokio runtime to be current when a method is *called* (the sled log then reads
+/// on tokio's blocking pool; with no runtime it reads on the calling thread).
 pub trait LogStore: Send + Sync + 'static {
     /// The identity of this log: a UUID created with it, never changed. Participants trust
     /// presumed abort only from the log that drove their branch.
     fn log_id(&self) -> &str;
 
-    /// Write `rec` as the latest record of `rec.gid`.
-    ///
-    /// The write is applied (readable by `get`, ordered after every earlier `put`) before
-    /// `put` returns; the runtime relies on this to keep one transaction's writes in order
-    /// without awaiting each. The future resolves at once for an unforced write and once the
-    /// record is on stable storage for a forced one (a write that failed to apply resolves to
-    /// that error).
-    fn put(&self, rec: TxRecord, forced: bool) -> BoxFuture<'static, Result<(), LogError>>;
+    /// Write `rec` as the latest record of `rec.gid`: applied (visible, ordered after every
+    /// earlier `put` of the gid) when called; the future resolves once it is applied and, when
+    /// `forced`, on stable storage together with every write issued before it.
+    fn put(&self, rec: TxRecord, forced: bool) -> LogFuture<()>;
 
     /// The latest record of `gid`, if any.
-    fn get(&self, gid: &str) -> Result<Option<TxRecord>, LogError>;
+    fn get(&self, gid: &str) -> LogFuture<Option<TxRecord>>;
 
     /// Up to `limit` non-terminal records with a gid strictly above `after_gid`, in
     /// ascending gid order (recovery reads them page by page, never all at once).
-    fn scan_active(&self, after_gid: Option<&str>, limit: usize)
-        -> Result<Vec<TxRecord>, LogError>;
+    fn scan_active(&self, after_gid: Option<&str>, limit: usize) -> LogFuture<Vec<TxRecord>>;
 
     /// Records matching `filter`, in descending gid order, strictly below `cursor` when
     /// given. Non-terminal and stuck records are found through indexes, so a filter on them
     /// costs what they number, not what the log holds.
-    fn list(
-        &self,
-        filter: &ListFilter,
-        cursor: Option<&str>,
-        limit: usize,
-    ) -> Result<ListPage, LogError>;
+    fn list(&self, filter: &ListFilter, cursor: Option<&str>, limit: usize) -> LogFuture<ListPage>;
 
     /// Replace up to `max` terminal records last updated before `before_unix_ms` by their
     /// tombstones stamped `now_unix_ms` (retention). Returns how many were collected. Never
     /// touches a non-terminal record; a record that cannot be decoded is logged with its gid
     /// and skipped, never stopping retention.
-    fn collect_ended(
-        &self,
-        before_unix_ms: u64,
-        now_unix_ms: u64,
-        max: usize,
-    ) -> Result<usize, LogError>;
+    fn collect_ended(&self, before_unix_ms: u64, now_unix_ms: u64, max: usize) -> LogFuture<usize>;
 
     /// The tombstone of a collected transaction, if any.
-    fn get_tombstone(&self, gid: &str) -> Result<Option<Tombstone>, LogError>;
+    fn get_tombstone(&self, gid: &str) -> LogFuture<Option<Tombstone>>;
 
     /// Delete up to `max` tombstones collected before `before_unix_ms`. Returns how many.
-    fn collect_tombstones(&self, before_unix_ms: u64, max: usize) -> Result<usize, LogError>;
+    fn collect_tombstones(&self, before_unix_ms: u64, max: usize) -> LogFuture<usize>;
 
-    /// Make every write issued so far durable (used at shutdown).
-    fn sync(&self) -> BoxFuture<'static, Result<(), LogError>>;
+    /// Make every write issued so far durable (at startup before recovery, and at shutdown).
+    fn sync(&self) -> LogFuture<()>;
 
     /// Counters since open.
     fn stats(&self) -> LogStats;

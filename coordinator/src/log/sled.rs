@@ -42,9 +42,9 @@
 //! puts share a round.
 
 use super::codec;
-use super::{ListFilter, LogError, LogStats, LogStore};
+use super::{ListFilter, LogError, LogFuture, LogStats, LogStore};
 use crate::engine::types::{Tombstone, TxRecord};
-use futures::future::{BoxFuture, FutureExt};
+use futures::future::FutureExt;
 use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -77,7 +77,18 @@ impl Default for SledLogOptions {
 }
 
 /// The sled-backed log. See the module documentation for its layout and guarantees.
+///
+/// Writes are sled inserts done inline by [`LogStore::put`] (they go to sled's page cache and
+/// log buffers, and doing them on the calling thread is what orders them by call order); only
+/// the flush of a forced write is waited for, on the [`SledSync`] thread. Reads, scans and
+/// retention may wait on the disk (a page not in the cache), so they run on tokio's blocking
+/// pool when a tokio runtime is current, never on an async worker.
 pub struct SledLog {
+    store: Arc<Store>,
+}
+
+/// What a [`SledLog`] owns, shared with the reads running on the blocking pool.
+struct Store {
     tx: sled::Tree,
     active: sled::Tree,
     ended: sled::Tree,
@@ -178,21 +189,51 @@ impl SledLog {
             }
         };
         Ok(SledLog {
-            tx,
-            active,
-            ended,
-            stuck,
-            tombs,
-            tombs_by_time,
-            log_id,
-            sync,
-            counters: Arc::new(Counters::default()),
-            dir: dir.to_path_buf(),
-            db,
-            _lock: lock,
+            store: Arc::new(Store {
+                tx,
+                active,
+                ended,
+                stuck,
+                tombs,
+                tombs_by_time,
+                log_id,
+                sync,
+                counters: Arc::new(Counters::default()),
+                dir: dir.to_path_buf(),
+                db,
+                _lock: lock,
+            }),
         })
     }
 
+    /// Runs `f` on the store: on tokio's blocking pool when a tokio runtime is current (it is
+    /// started now, so it reads what was written before this call), else on this thread.
+    fn blocking<T: Send + 'static>(
+        &self,
+        doing: &'static str,
+        f: impl FnOnce(&Store) -> Result<T, LogError> + Send + 'static,
+    ) -> LogFuture<T> {
+        let store = Arc::clone(&self.store);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let task = rt.spawn_blocking(move || f(&store));
+                let dir = self.store.dir.clone();
+                async move {
+                    task.await.map_err(|e| {
+                        io_err(
+                            format!("{doing} in {}: the blocking task failed", dir.display()),
+                            std::io::Error::other(e),
+                        )
+                    })?
+                }
+                .boxed()
+            }
+            Err(_) => futures::future::ready(f(&store)).boxed(),
+        }
+    }
+}
+
+impl Store {
     /// The inserts of one put, in the crash-repairable order described in the module docs.
     fn write(&self, rec: &TxRecord) -> Result<(), LogError> {
         if rec.gid.is_empty() {
@@ -290,86 +331,6 @@ impl SledLog {
             .remove(key)
             .map(drop)
             .map_err(|e| self.sled_err("removing a retention index entry", e))
-    }
-}
-
-/// `be_u64(updated_unix_ms) ++ gid`: big-endian so the byte order of keys is time order.
-fn ended_key(updated_unix_ms: u64, gid: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(8 + gid.len());
-    k.extend_from_slice(&updated_unix_ms.to_be_bytes());
-    k.extend_from_slice(gid.as_bytes());
-    k
-}
-
-fn io_err(doing: String, source: std::io::Error) -> LogError {
-    LogError::Io { doing, source }
-}
-
-/// Takes the exclusive lock on `<dir>/LOCK` and writes our pid into it.
-fn lock_dir(dir: &Path) -> Result<File, LogError> {
-    use fs2::FileExt;
-    let path = dir.join("LOCK");
-    // Not truncated on open: until we hold the lock, its content is the holder's pid.
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| io_err(format!("opening the lock file {}", path.display()), e))?;
-    if let Err(e) = f.try_lock_exclusive() {
-        if e.kind() != fs2::lock_contended_error().kind() {
-            return Err(io_err(format!("locking {}", path.display()), e));
-        }
-        let mut content = String::new();
-        let holder = match f.read_to_string(&mut content) {
-            Ok(_) if !content.trim().is_empty() => format!("pid {}", content.trim()),
-            _ => "unknown pid".to_string(),
-        };
-        return Err(LogError::Locked {
-            path: dir.display().to_string(),
-            holder,
-        });
-    }
-    let pid = std::process::id();
-    f.set_len(0)
-        .and_then(|()| f.rewind())
-        .and_then(|()| writeln!(f, "{pid}"))
-        .map_err(|e| io_err(format!("writing our pid to {}", path.display()), e))?;
-    Ok(f)
-}
-
-impl LogStore for SledLog {
-    fn log_id(&self) -> &str {
-        &self.log_id
-    }
-
-    fn put(&self, rec: TxRecord, forced: bool) -> BoxFuture<'static, Result<(), LogError>> {
-        // sled inserts are fast and never wait on I/O (they go to the page cache and log
-        // buffers), so they run inline; this also applies writes in call order. Only the
-        // flush is waited for, off this thread.
-        if let Err(e) = self.write(&rec) {
-            return futures::future::ready(Err(e)).boxed();
-        }
-        if !forced {
-            return futures::future::ready(Ok(())).boxed();
-        }
-        self.counters.forced_writes.fetch_add(1, Ordering::Relaxed);
-        let sync = self.sync.clone();
-        let dir = self.dir.clone();
-        let gid = rec.gid;
-        async move {
-            sync.sync().await.map_err(|e| {
-                io_err(
-                    format!(
-                        "making the record of gid {gid:?} durable in {}",
-                        dir.display()
-                    ),
-                    e,
-                )
-            })
-        }
-        .boxed()
     }
 
     fn get(&self, gid: &str) -> Result<Option<TxRecord>, LogError> {
@@ -577,10 +538,133 @@ impl LogStore for SledLog {
         }
         Ok(deleted)
     }
+}
 
-    fn sync(&self) -> BoxFuture<'static, Result<(), LogError>> {
-        let sync = self.sync.clone();
-        let dir = self.dir.clone();
+/// `be_u64(updated_unix_ms) ++ gid`: big-endian so the byte order of keys is time order.
+fn ended_key(updated_unix_ms: u64, gid: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + gid.len());
+    k.extend_from_slice(&updated_unix_ms.to_be_bytes());
+    k.extend_from_slice(gid.as_bytes());
+    k
+}
+
+fn io_err(doing: String, source: std::io::Error) -> LogError {
+    LogError::Io { doing, source }
+}
+
+/// Takes the exclusive lock on `<dir>/LOCK` and writes our pid into it.
+fn lock_dir(dir: &Path) -> Result<File, LogError> {
+    use fs2::FileExt;
+    let path = dir.join("LOCK");
+    // Not truncated on open: until we hold the lock, its content is the holder's pid.
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| io_err(format!("opening the lock file {}", path.display()), e))?;
+    if let Err(e) = f.try_lock_exclusive() {
+        if e.kind() != fs2::lock_contended_error().kind() {
+            return Err(io_err(format!("locking {}", path.display()), e));
+        }
+        let mut content = String::new();
+        let holder = match f.read_to_string(&mut content) {
+            Ok(_) if !content.trim().is_empty() => format!("pid {}", content.trim()),
+            _ => "unknown pid".to_string(),
+        };
+        return Err(LogError::Locked {
+            path: dir.display().to_string(),
+            holder,
+        });
+    }
+    let pid = std::process::id();
+    f.set_len(0)
+        .and_then(|()| f.rewind())
+        .and_then(|()| writeln!(f, "{pid}"))
+        .map_err(|e| io_err(format!("writing our pid to {}", path.display()), e))?;
+    Ok(f)
+}
+
+impl LogStore for SledLog {
+    fn log_id(&self) -> &str {
+        &self.store.log_id
+    }
+
+    fn put(&self, rec: TxRecord, forced: bool) -> LogFuture<()> {
+        // sled inserts go to the page cache and log buffers, so they run inline: this applies
+        // writes in call order and makes them visible at once. Only the flush is waited for,
+        // off this thread, by the SledSync round the future joins.
+        if let Err(e) = self.store.write(&rec) {
+            return futures::future::ready(Err(e)).boxed();
+        }
+        if !forced {
+            return futures::future::ready(Ok(())).boxed();
+        }
+        self.store
+            .counters
+            .forced_writes
+            .fetch_add(1, Ordering::Relaxed);
+        let sync = self.store.sync.clone();
+        let dir = self.store.dir.clone();
+        let gid = rec.gid;
+        async move {
+            sync.sync().await.map_err(|e| {
+                io_err(
+                    format!(
+                        "making the record of gid {gid:?} durable in {}",
+                        dir.display()
+                    ),
+                    e,
+                )
+            })
+        }
+        .boxed()
+    }
+
+    fn get(&self, gid: &str) -> LogFuture<Option<TxRecord>> {
+        let gid = gid.to_string();
+        self.blocking("reading a record", move |s| s.get(&gid))
+    }
+
+    /// Also repairs what a crash between the inserts of one put left behind (see the module
+    /// docs); repairs are idempotent and need no flush.
+    fn scan_active(&self, after_gid: Option<&str>, limit: usize) -> LogFuture<Vec<TxRecord>> {
+        let after = after_gid.map(str::to_string);
+        self.blocking("scanning active records", move |s| {
+            s.scan_active(after.as_deref(), limit)
+        })
+    }
+
+    fn list(&self, filter: &ListFilter, cursor: Option<&str>, limit: usize) -> LogFuture<ListPage> {
+        let (filter, cursor) = (filter.clone(), cursor.map(str::to_string));
+        self.blocking("listing records", move |s| {
+            s.list(&filter, cursor.as_deref(), limit)
+        })
+    }
+
+    fn collect_ended(&self, before_unix_ms: u64, now_unix_ms: u64, max: usize) -> LogFuture<usize> {
+        self.blocking("collecting ended records", move |s| {
+            s.collect_ended(before_unix_ms, now_unix_ms, max)
+        })
+    }
+
+    fn get_tombstone(&self, gid: &str) -> LogFuture<Option<Tombstone>> {
+        let gid = gid.to_string();
+        self.blocking("reading a tombstone", move |s| s.get_tombstone(&gid))
+    }
+
+    fn collect_tombstones(&self, before_unix_ms: u64, max: usize) -> LogFuture<usize> {
+        self.blocking("collecting tombstones", move |s| {
+            s.collect_tombstones(before_unix_ms, max)
+        })
+    }
+
+    fn sync(&self) -> LogFuture<()> {
+        // The round joins SledSync when first polled; a round flushes everything sled holds
+        // when it starts, so it covers every write issued before this call.
+        let sync = self.store.sync.clone();
+        let dir = self.store.dir.clone();
         async move {
             sync.sync()
                 .await
@@ -591,14 +675,14 @@ impl LogStore for SledLog {
 
     fn stats(&self) -> LogStats {
         LogStats {
-            writes: self.counters.writes.load(Ordering::Relaxed),
-            forced_writes: self.counters.forced_writes.load(Ordering::Relaxed),
-            flushes: self.sync.flushes(),
+            writes: self.store.counters.writes.load(Ordering::Relaxed),
+            forced_writes: self.store.counters.forced_writes.load(Ordering::Relaxed),
+            flushes: self.store.sync.flushes(),
         }
     }
 }
 
-impl Drop for SledLog {
+impl Drop for Store {
     fn drop(&mut self) {
         // Best effort: unforced writes reach the disk at sled's own pace otherwise. Callers
         // that need durability use `sync()`; an error here has nobody to go to.
@@ -608,8 +692,10 @@ impl Drop for SledLog {
 
 #[cfg(test)]
 mod tests {
+    use super::super::conformance;
     use super::*;
     use crate::engine::types::{Mode, Phase, RetryPolicy};
+    use futures::future::BoxFuture;
 
     fn rec(gid: &str, phase: Phase, updated_unix_ms: u64) -> TxRecord {
         TxRecord {
@@ -644,15 +730,59 @@ mod tests {
         futures::executor::block_on(f)
     }
 
-    #[test]
-    fn conforms_to_the_log_store_contract() {
-        let mut dirs = Vec::new();
-        super::super::conformance::check_all(&mut || {
+    /// The sled log under the conformance suite: each log in a directory of its own, a
+    /// reopen closes the log and opens the same directory. sled cannot be made to fail its
+    /// syncs here; the power-cut and failing-disk tests under `tests/lazyfs` cover that.
+    #[derive(Default)]
+    struct Backend {
+        dirs: std::collections::HashMap<String, tempfile::TempDir>,
+    }
+
+    impl conformance::Backend for Backend {
+        fn name(&self) -> &str {
+            "sled"
+        }
+
+        fn open_fresh(&mut self) -> BoxFuture<'_, Arc<dyn LogStore>> {
             let tmp = tempfile::tempdir().expect("tempdir");
             let log = open(tmp.path());
-            dirs.push(tmp);
-            Box::new(log)
-        });
+            self.dirs.insert(log.log_id().to_string(), tmp);
+            futures::future::ready(Arc::new(log) as Arc<dyn LogStore>).boxed()
+        }
+
+        fn reopen(&mut self, log: Arc<dyn LogStore>) -> BoxFuture<'_, Option<Arc<dyn LogStore>>> {
+            let dir = self.dirs[log.log_id()].path().to_path_buf();
+            assert_eq!(
+                Arc::strong_count(&log),
+                1,
+                "the suite holds the only handle of a log it reopens"
+            );
+            // Every read it started has finished (the suite awaited them), so this closes the
+            // database and releases the directory lock.
+            drop(log);
+            futures::future::ready(Some(Arc::new(open(&dir)) as Arc<dyn LogStore>)).boxed()
+        }
+
+        fn fail_syncs(&mut self, _log: &Arc<dyn LogStore>, _failing: bool) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn conforms_to_the_log_store_contract() {
+        // A multi-threaded runtime, as treatyd runs: reads go to the blocking pool.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(conformance::check_all(&mut Backend::default()));
+    }
+
+    #[test]
+    fn conforms_to_the_log_store_contract_without_a_runtime() {
+        // No tokio runtime: reads run inline on the calling thread.
+        futures::executor::block_on(conformance::check_all(&mut Backend::default()));
     }
 
     #[test]
@@ -670,10 +800,17 @@ mod tests {
         let log = open(tmp.path());
         block_on(log.put(rec("a", Phase::Committed, 5), false)).expect("put");
         block_on(log.put(rec("a", Phase::Committed, 50), false)).expect("put");
-        assert_eq!(log.collect_ended(10, 11, 10).expect("collect"), 0);
-        assert!(log.get("a").expect("get").is_some());
-        assert_eq!(log.collect_ended(100, 101, 10).expect("collect"), 1);
-        assert_eq!(log.ended.len(), 0, "stale index entries are cleaned up");
+        assert_eq!(block_on(log.collect_ended(10, 11, 10)).expect("collect"), 0);
+        assert!(block_on(log.get("a")).expect("get").is_some());
+        assert_eq!(
+            block_on(log.collect_ended(100, 101, 10)).expect("collect"),
+            1
+        );
+        assert_eq!(
+            log.store.ended.len(),
+            0,
+            "stale index entries are cleaned up"
+        );
     }
 
     #[test]
@@ -703,9 +840,12 @@ mod tests {
             block_on(log.put(rec("b", Phase::Committing, 1), true)).expect("put");
         }
         let log = open(tmp.path());
-        assert_eq!(gids(log.scan_active(None, 100).expect("scan")), ["a", "b"]);
         assert_eq!(
-            log.get("b").expect("get"),
+            gids(block_on(log.scan_active(None, 100)).expect("scan")),
+            ["a", "b"]
+        );
+        assert_eq!(
+            block_on(log.get("b")).expect("get"),
             Some(rec("b", Phase::Committing, 1))
         );
     }
@@ -729,14 +869,17 @@ mod tests {
             active.insert("bad-gid", &[]).expect("insert");
         });
         let log = open(tmp.path());
-        match log.scan_active(None, 100) {
+        match block_on(log.scan_active(None, 100)) {
             Err(e @ LogError::Corrupt { .. }) => {
                 let msg = e.to_string();
                 assert!(msg.contains("\"bad-gid\""), "{msg}");
             }
             other => panic!("expected Corrupt, got {other:?}"),
         }
-        assert!(matches!(log.get("bad-gid"), Err(LogError::Corrupt { .. })));
+        assert!(matches!(
+            block_on(log.get("bad-gid")),
+            Err(LogError::Corrupt { .. })
+        ));
     }
 
     #[test]
@@ -757,15 +900,19 @@ mod tests {
             active.insert("live", &[]).expect("insert");
         });
         let log = open(tmp.path());
-        assert_eq!(gids(log.scan_active(None, 100).expect("scan")), ["live"]);
-        assert_eq!(log.active.len(), 1);
+        assert_eq!(
+            gids(block_on(log.scan_active(None, 100)).expect("scan")),
+            ["live"]
+        );
+        assert_eq!(log.store.active.len(), 1);
         assert!(log
+            .store
             .ended
             .contains_key(ended_key(7, "done"))
             .expect("contains"));
         // The repaired record is now subject to retention.
-        assert_eq!(log.collect_ended(8, 9, 10).expect("collect"), 1);
-        assert_eq!(log.get("done").expect("get"), None);
+        assert_eq!(block_on(log.collect_ended(8, 9, 10)).expect("collect"), 1);
+        assert_eq!(block_on(log.get("done")).expect("get"), None);
     }
 
     /// Not a benchmark (nothing asserts timing): checks that concurrent forced puts share
@@ -822,7 +969,10 @@ mod tests {
             concurrent_flushes < N as u64 / 4,
             "{concurrent_flushes} flushes for {N} concurrent forced puts: no group commit"
         );
-        assert_eq!(log.scan_active(None, 4 * N).expect("scan").len(), 2 * N);
+        assert_eq!(
+            block_on(log.scan_active(None, 4 * N)).expect("scan").len(),
+            2 * N
+        );
         println!(
             "sequential: {:.0} forced puts/s, {:.3} flushes/put; {CONCURRENCY} concurrent: \
              {:.0} forced puts/s, {:.3} flushes/put",

@@ -1,8 +1,10 @@
 //! Treaty's coordinator, as a library; `treatyd` (src/main.rs) is a thin `main` over it.
 //!
 //! Where things are:
-//! - [`engine`]: the pure protocol state machines (2PC presumed abort, saga). No I/O.
-//! - [`log`]: the [`log::LogStore`] trait, the durable sled backend with group commit, and an
+//! - [`engine`]: the pure protocol state machines: what every transaction shares, and one
+//!   file per protocol (2PC presumed abort, saga). No I/O.
+//! - [`log`]: the async [`log::LogStore`] trait with its contract, the conformance suite every
+//!   backend runs ([`log::conformance`]), the durable sled backend with group commit, and an
 //!   in-memory backend that models durability for tests and simulation.
 //! - [`runtime`]: drives each transaction's engine with real participant calls, timers and
 //!   log writes.

@@ -25,28 +25,11 @@ impl Protocol for TwoPhase {
     }
 
     fn resume(&self, tx: &mut Tx, now_ms: u64, out: &mut Vec<Command>) {
-        let n = tx.rec.branches.len();
         match tx.rec.phase {
             // Prepares' answers died with the process: presumed abort.
             Phase::Active => abort(tx, now_ms, out),
-            Phase::Committing => {
-                tx.decide(Outcome::Committed, out);
-                for b in 0..n {
-                    if tx.rec.branches[b].state != BranchState::Committed {
-                        tx.start_op(b, Op::Commit, out);
-                    }
-                }
-                maybe_finish_phase_two(tx, now_ms, out);
-            }
-            Phase::Aborting => {
-                tx.decide(Outcome::Aborted, out);
-                for b in 0..n {
-                    if tx.rec.branches[b].state != BranchState::Aborted {
-                        tx.start_op(b, Op::Abort, out);
-                    }
-                }
-                maybe_finish_phase_two(tx, now_ms, out);
-            }
+            Phase::Committing => resume_phase_two(tx, now_ms, Outcome::Committed, out),
+            Phase::Aborting => resume_phase_two(tx, now_ms, Outcome::Aborted, out),
             // Not written by this protocol; nothing was decided to commit: abort.
             Phase::Compensating => abort(tx, now_ms, out),
             Phase::Committed | Phase::Aborted => {
@@ -127,6 +110,22 @@ impl Protocol for TwoPhase {
     fn after_resolution(&self, tx: &mut Tx, now_ms: u64, _op: Op, out: &mut Vec<Command>) {
         maybe_finish_phase_two(tx, now_ms, out);
     }
+}
+
+/// A recovered decision (`Committed` or `Aborted`): tell it again, and finish phase two on
+/// every branch not done yet.
+fn resume_phase_two(tx: &mut Tx, now_ms: u64, outcome: Outcome, out: &mut Vec<Command>) {
+    let (op, done) = match outcome {
+        Outcome::Committed => (Op::Commit, BranchState::Committed),
+        Outcome::Aborted | Outcome::Pending => (Op::Abort, BranchState::Aborted),
+    };
+    tx.decide(outcome, out);
+    for b in 0..tx.rec.branches.len() {
+        if tx.rec.branches[b].state != done {
+            tx.start_op(b, op, out);
+        }
+    }
+    maybe_finish_phase_two(tx, now_ms, out);
 }
 
 /// Decide abort. Unforced: with presumed abort a lost `Aborting` record reads back as

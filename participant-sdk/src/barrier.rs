@@ -159,6 +159,35 @@ pub struct BarrierRow {
     pub handler: String,
     /// The message answered (a refusal's reason, a null compensation's explanation, ...).
     pub message: String,
+    /// Where the coordinator that sent the delivery answers `Outcome`; empty when it named
+    /// none (the participant's configured coordinator then). Set by stores that keep it
+    /// ([`BarrierRow::with_outcome_endpoint`]); the sweep asks it.
+    pub outcome_endpoint: String,
+}
+
+/// What stays of a gid once a sweep deleted its rows: the log that drove it and when, so
+/// that a late duplicate delivery changes nothing ([`rules::plan_swept`]). Expires after the
+/// retention policy's `swept_marker_ttl`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Swept {
+    /// Global transaction id.
+    pub gid: String,
+    /// The coordinator log that drove the gid (every swept row named it).
+    pub log_id: String,
+    /// When the rows were swept, unix milliseconds.
+    pub swept_unix_ms: u64,
+}
+
+impl Swept {
+    /// A marker (for stores and the participant's sweep).
+    pub fn new(gid: String, log_id: String, swept_unix_ms: u64) -> Swept {
+        Swept {
+            gid,
+            log_id,
+            swept_unix_ms,
+        }
+    }
 }
 
 /// A branch in doubt: prepared, neither committed nor aborted; what the in-doubt resolver
@@ -231,7 +260,14 @@ impl BarrierRow {
             log_id,
             handler,
             message,
+            outcome_endpoint: String::new(),
         }
+    }
+
+    /// The row with the outcome endpoint it was recorded with (for stores that keep it).
+    pub fn with_outcome_endpoint(mut self, outcome_endpoint: String) -> BarrierRow {
+        self.outcome_endpoint = outcome_endpoint;
+        self
     }
 }
 

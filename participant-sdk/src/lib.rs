@@ -25,6 +25,9 @@
 //!   that drove it ([`Participant::resolve_in_doubt`]); presumed abort is applied only from
 //!   that log. The coordinator is given as a URI or as a channel you built
 //!   ([`ParticipantBuilder::coordinator_channel`], for TLS and interceptors).
+//! - [`retention`]: the sweep of barrier rows of finished transactions
+//!   ([`ParticipantBuilder::retention`], [`Participant::sweep`]): when a row may go, why that
+//!   is safe, and the marker that keeps a late duplicate harmless.
 //! - [`client`]: submit sagas ([`Step`]) and 2PC transactions ([`Branch`]) to the
 //!   coordinator with a [`Client`], and follow them up ([`TransactionStatus`], a [`Watch`]
 //!   stream).
@@ -118,11 +121,12 @@ pub mod barrier;
 pub mod client;
 mod error;
 pub mod participant;
+pub mod retention;
 pub mod sled;
 pub mod store;
 
 pub use crate::sled::SledStore;
-pub use barrier::{Answer, BarrierRow, InDoubt, Op, Verdict};
+pub use barrier::{Answer, BarrierRow, InDoubt, Op, Swept, Verdict};
 pub use client::{
     Branch, BranchState, BranchStatus, Client, ClientError, ListFilter, ListPage, ManualResolution,
     Mode, OperatorResolution, Outcome, OutcomeAnswer, RetryOutcome, RetryPolicy, SagaBuilder, Step,
@@ -133,4 +137,5 @@ pub use participant::{
     decode_json, refuse, BranchContext, HandlerResult, Participant, ParticipantBuilder, Resolution,
     Saga, SagaHandler, TwoPhase, TwoPhaseHandler, Unset,
 };
-pub use store::{BarrierStore, HandlerCall, Txn};
+pub use retention::{RetentionPolicy, SweepReport};
+pub use store::{BarrierStore, HandlerCall, SweepPage, Txn};

@@ -29,6 +29,7 @@ use treaty_proto::v1::participant_server::{Participant as ParticipantService, Pa
 use crate::barrier::rules::{self, InDoubtDecision as Decision, Told};
 use crate::barrier::{now_unix_ms, Answer, InDoubt, Op, Verdict, FIELD_BYTES_MAX, GID_BYTES_MAX};
 use crate::error::{chain, HandlerError, ParticipantError};
+use crate::retention::RetentionPolicy;
 use crate::store::{panic_message, BarrierStore, HandlerCall, HandlerFuture, Txn};
 
 /// What a handler returns: `Ok(())` to commit its writes with the barrier row,
@@ -487,6 +488,7 @@ pub struct ParticipantBuilder<S: BarrierStore> {
     store: S,
     coordinator: Option<CoordinatorConfig>,
     in_doubt_after: Duration,
+    retention: Option<RetentionPolicy>,
     handlers: HashMap<String, Registered<S>>,
     duplicates: Vec<String>,
 }
@@ -514,6 +516,14 @@ impl<S: BarrierStore> ParticipantBuilder<S> {
     /// the coordinator for its outcome. Default 30 s. The resolver runs every half of this.
     pub fn in_doubt_after(mut self, after: Duration) -> Self {
         self.in_doubt_after = after;
+        self
+    }
+
+    /// Sweeps the barrier rows of finished transactions by `policy` (see
+    /// [`crate::retention`] for when a row may go and why that is safe). Off by default: rows
+    /// are kept forever. The store must support it ([`BarrierStore::sweeps`]).
+    pub fn retention(mut self, policy: RetentionPolicy) -> Self {
+        self.retention = Some(policy);
         self
     }
 
@@ -563,6 +573,15 @@ impl<S: BarrierStore> ParticipantBuilder<S> {
                 "in_doubt_after must be more than zero".into(),
             ));
         }
+        if let Some(policy) = &self.retention {
+            policy.check()?;
+            if !self.store.sweeps() {
+                return Err(ParticipantError::Config(
+                    "retention is configured but this barrier store does not sweep                      (BarrierStore::sweeps is false)"
+                        .into(),
+                ));
+            }
+        }
         let mut clients = HashMap::new();
         let coordinator = match self.coordinator {
             None => None,
@@ -589,6 +608,7 @@ impl<S: BarrierStore> ParticipantBuilder<S> {
                 coordinator,
                 coordinator_clients: tokio::sync::Mutex::new(clients),
                 in_doubt_after: self.in_doubt_after,
+                retention: self.retention,
                 first_round_done: AtomicBool::new(false),
                 fatal: tokio::sync::watch::channel(None).0,
             }),
@@ -640,6 +660,7 @@ struct Inner<S: BarrierStore> {
     /// Clients of the coordinators asked so far, by URI.
     coordinator_clients: tokio::sync::Mutex<HashMap<String, CoordinatorClient<Channel>>>,
     in_doubt_after: Duration,
+    retention: Option<RetentionPolicy>,
     /// Until one resolver round completed, every prepared branch counts as in doubt, whatever
     /// its age: after a restart nobody else may ever tell us.
     first_round_done: AtomicBool,
@@ -668,6 +689,7 @@ impl<S: BarrierStore> Participant<S> {
             store,
             coordinator: None,
             in_doubt_after: IN_DOUBT_AFTER_DEFAULT,
+            retention: None,
             handlers: HashMap::new(),
             duplicates: Vec::new(),
         }
@@ -678,6 +700,16 @@ impl<S: BarrierStore> Participant<S> {
         &self.inner.store
     }
 
+    /// The configured retention policy, if any.
+    pub fn retention_policy(&self) -> Option<&RetentionPolicy> {
+        self.inner.retention.as_ref()
+    }
+
+    /// The configured coordinator's URI, if any.
+    pub(crate) fn coordinator_uri(&self) -> Option<&str> {
+        self.inner.coordinator.as_deref()
+    }
+
     /// The tonic service, to `add_service` to a server you already run. Does not start the
     /// in-doubt resolver: also call [`Participant::spawn_in_doubt_resolver`].
     pub fn into_service(self) -> ParticipantServer<Participant<S>> {
@@ -685,13 +717,15 @@ impl<S: BarrierStore> Participant<S> {
     }
 
     /// Serves the participant alone on `listener` until `shutdown` resolves, and runs the
-    /// in-doubt resolver (at start, then every `in_doubt_after / 2`).
+    /// in-doubt resolver (at start, then every `in_doubt_after / 2`) and, when a retention
+    /// policy is configured, the sweeper ([`Participant::spawn_sweeper`]).
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ParticipantError> {
         let resolver = self.spawn_in_doubt_resolver();
+        let sweeper = self.spawn_sweeper();
         let me = self.clone();
         let failed = async move { me.failed().await };
         let res = tonic::transport::Server::builder()
@@ -708,6 +742,9 @@ impl<S: BarrierStore> Participant<S> {
             )
             .await;
         resolver.abort();
+        if let Some(sweeper) = sweeper {
+            sweeper.abort();
+        }
         if let Some(why) = self.inner.fatal.borrow().clone() {
             return Err(ParticipantError::DurabilityLost(why));
         }
@@ -876,7 +913,7 @@ impl<S: BarrierStore> Participant<S> {
 
     /// Asks the coordinator at `uri` for the outcome of `gid`; `None` (logged) when it cannot
     /// be asked or does not answer within the call timeout.
-    async fn ask_outcome(&self, uri: &str, gid: &str) -> Option<pb::OutcomeResponse> {
+    pub(crate) async fn ask_outcome(&self, uri: &str, gid: &str) -> Option<pb::OutcomeResponse> {
         let mut client = {
             let mut cached = self.inner.coordinator_clients.lock().await;
             match cached.get(uri) {
@@ -1159,6 +1196,7 @@ mod tests {
             outcome: outcome as i32,
             known,
             log_id: log_id.into(),
+            finished: false,
         }
     }
 

@@ -50,9 +50,23 @@
 //!   about 128 KiB as separate blob files with weaker crash recovery; chunking keeps every
 //!   value the barrier writes below 33 KiB, whatever the payload size.
 //! - `0xFF "treaty/format"`: `2` once the tree holds no v1 row that still needs migrating.
+//! - The markers of swept gids (see *Retention* below), under `0xFF "treaty/swept/"`: key
+//!   `gid`, value `1 u8 | swept_unix_ms u64 BE | log_id`; and by time for their expiry,
+//!   under `0xFF "treaty/swept-at/"`: key `swept_unix_ms u64 BE ++ gid`, empty value.
 //!
 //! Rows, index entries and chunks are checked when read back; a corrupt row is a storage
-//! error (answered RETRY), never guessed at. Rows are never deleted by the SDK.
+//! error (answered RETRY), never guessed at.
+//!
+//! # Retention
+//!
+//! Rows are deleted only by [`BarrierStore::sweep_gid`], which the participant's sweep calls
+//! for a gid its coordinator says is finished (see [`crate::participant::RetentionPolicy`]
+//! for the whole argument): first a marker is written (every delivery reads it before the
+//! rows and, finding it, follows [`rules::plan_swept`] and writes nothing, so no row can
+//! appear from then on); then the gid's rows are read again and, if they are exactly the
+//! ones the participant judged, deleted in a second transaction; otherwise the marker is
+//! removed again. A crash between the two leaves rows and marker, which the next round
+//! finishes. Markers expire through [`BarrierStore::expire_swept`].
 //!
 //! # Format v1
 //!
@@ -89,10 +103,12 @@ use sled::transaction::{
 use treaty_durable::SledSync;
 
 use crate::barrier::rules::{self, Business as Run, Delivery, Fingerprint, InDoubt as IndexChange};
-use crate::barrier::{now_unix_ms, Answer, BarrierRow, InDoubt, Op, Verdict, FIELD_BYTES_MAX};
+use crate::barrier::{
+    now_unix_ms, Answer, BarrierRow, InDoubt, Op, Swept, Verdict, FIELD_BYTES_MAX,
+};
 use crate::error::{chain, HandlerError, StoreError};
 use crate::participant::BranchContext;
-use crate::store::{panic_message, BarrierStore, HandlerCall, Txn};
+use crate::store::{panic_message, BarrierStore, HandlerCall, SweepPage, Txn};
 
 /// Key prefix of every barrier row in the user's tree. Business keys must not start with
 /// `0xFF 't'`.
@@ -103,6 +119,15 @@ const OPEN_PREFIX: &[u8] = b"\xfftreaty/open/";
 
 /// Key prefix of the payload chunks an open branch keeps for a replay.
 const REPLAY_PREFIX: &[u8] = b"\xfftreaty/replay/";
+
+/// Key prefix of the markers of swept gids: `prefix ++ gid`.
+const SWEPT_PREFIX: &[u8] = b"\xfftreaty/swept/";
+
+/// Key prefix of the markers by time, for expiry: `prefix ++ swept_unix_ms (u64 BE) ++ gid`.
+const SWEPT_AT_PREFIX: &[u8] = b"\xfftreaty/swept-at/";
+
+/// The format byte of markers.
+const SWEPT_FORMAT_V1: u8 = 1;
 
 /// The row sequence counter.
 const SEQ_KEY: &[u8] = b"\xfftreaty/seq";
@@ -542,6 +567,68 @@ fn read_rows(
     Ok(rows)
 }
 
+/// The plan for a delivery: from the gid's marker if it was swept (checked first: from the
+/// marker on, no row of the gid is written), else from the branch's rows.
+fn plan_for(
+    tx: &TransactionalTree,
+    ctx: &BranchContext,
+    op: Op,
+    delivery: &Delivery,
+) -> TxResult<rules::Plan> {
+    let key = swept_key(&ctx.gid);
+    if let Some(v) = tx.get(&key)? {
+        return match SweptValue::decode(&v) {
+            Ok(m) => Ok(rules::plan_swept(&m.log_id, delivery)),
+            Err(why) => tx_corrupt(&key, &why),
+        };
+    }
+    Ok(rules::plan(&read_rows(tx, ctx, op)?, delivery))
+}
+
+/// A marker's value, as stored (see the module docs for the layout).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SweptValue {
+    swept_unix_ms: u64,
+    log_id: String,
+}
+
+impl SweptValue {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 + self.log_id.len());
+        out.push(SWEPT_FORMAT_V1);
+        out.extend_from_slice(&self.swept_unix_ms.to_be_bytes());
+        put_str(&mut out, truncate(&self.log_id, FIELD_BYTES_MAX));
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<SweptValue, String> {
+        let mut r = Reader(bytes);
+        let format = r.u8()?;
+        if format != SWEPT_FORMAT_V1 {
+            return Err(format!("unknown swept marker format {format}"));
+        }
+        let v = SweptValue {
+            swept_unix_ms: r.u64()?,
+            log_id: r.string()?,
+        };
+        r.end()?;
+        Ok(v)
+    }
+}
+
+fn swept_key(gid: &str) -> Vec<u8> {
+    [SWEPT_PREFIX, gid.as_bytes()].concat()
+}
+
+fn swept_at_key(swept_unix_ms: u64, gid: &str) -> Vec<u8> {
+    [
+        SWEPT_AT_PREFIX,
+        &swept_unix_ms.to_be_bytes(),
+        gid.as_bytes(),
+    ]
+    .concat()
+}
+
 /// Writes `rows` with the next sequence numbers, in order.
 fn write_rows(tx: &TransactionalTree, ctx: &BranchContext, rows: &[rules::Write]) -> TxResult<()> {
     if rows.is_empty() {
@@ -757,18 +844,21 @@ impl SledStore {
             let (k, v) = item?;
             let (gid, branch_id, op) = parse_key(&k).map_err(|why| corrupt(&k, &why))?;
             let value = decode_row(&k, &v).map_err(|why| corrupt(&k, &why))?;
-            rows.push(BarrierRow::new(
-                gid,
-                branch_id,
-                op,
-                value.answer,
-                value.unix_ms,
-                value.seq,
-                value.fingerprint,
-                value.log_id,
-                value.handler,
-                value.message,
-            ));
+            rows.push(
+                BarrierRow::new(
+                    gid,
+                    branch_id,
+                    op,
+                    value.answer,
+                    value.unix_ms,
+                    value.seq,
+                    value.fingerprint,
+                    value.log_id,
+                    value.handler,
+                    value.message,
+                )
+                .with_outcome_endpoint(value.outcome_endpoint),
+            );
         }
         Ok(rows)
     }
@@ -884,7 +974,7 @@ impl SledStore {
     ) -> Verdict {
         let delivery = Delivery::new(op, &ctx.handler, payload, &ctx.log_id, handler.is_some());
         let res = self.inner.tree.transaction(|tx| {
-            let plan = rules::plan(&read_rows(tx, ctx, op)?, &delivery);
+            let plan = plan_for(tx, ctx, op, &delivery)?;
             if let Run::Run { .. } = plan.business {
                 let call = handler.expect("the rules run business code only if registered");
                 // A refusal aborts the whole transaction (business changes included) and is
@@ -925,7 +1015,7 @@ impl SledStore {
         reason: &str,
     ) -> Verdict {
         let res = self.inner.tree.transaction(|tx| {
-            let plan = rules::plan(&read_rows(tx, ctx, op)?, delivery);
+            let plan = plan_for(tx, ctx, op, delivery)?;
             // Still a plan that runs the business code: settle it with the refusal. Otherwise
             // another delivery decided meanwhile: follow its plan, without business code.
             let refusal = matches!(plan.business, Run::Run { .. }).then_some(reason);
@@ -954,10 +1044,184 @@ impl SledStore {
         }
     }
 
+    /// A page of rows of whole gids after `after_gid` (see [`BarrierStore::sweep_page`]).
+    pub fn try_sweep_page(
+        &self,
+        after_gid: Option<&str>,
+        rows_max: usize,
+    ) -> Result<SweepPage, StoreError> {
+        let start = match after_gid {
+            // Every key of `after` is `after ++ 0x00 ++ ..`, below `after ++ 0x01`.
+            Some(after) => [BARRIER_PREFIX, after.as_bytes(), &[1]].concat(),
+            None => BARRIER_PREFIX.to_vec(),
+        };
+        let mut rows: Vec<BarrierRow> = Vec::new();
+        let what = |e| StoreError::new("reading a page of barrier rows to sweep", e);
+        for item in self.inner.tree.range(start..) {
+            let (k, v) = item.map_err(what)?;
+            if !k.starts_with(BARRIER_PREFIX) {
+                break;
+            }
+            let (gid, branch_id, op) = parse_key(&k).map_err(|why| what(corrupt(&k, &why)))?;
+            if rows.len() >= rows_max.max(1) && rows.last().is_some_and(|r| r.gid != gid) {
+                let next = rows.last().map(|r| r.gid.clone());
+                return Ok(SweepPage::new(rows, next));
+            }
+            let value = decode_row(&k, &v).map_err(|why| what(corrupt(&k, &why)))?;
+            rows.push(
+                BarrierRow::new(
+                    gid,
+                    branch_id,
+                    op,
+                    value.answer,
+                    value.unix_ms,
+                    value.seq,
+                    value.fingerprint,
+                    value.log_id,
+                    value.handler,
+                    value.message,
+                )
+                .with_outcome_endpoint(value.outcome_endpoint),
+            );
+        }
+        Ok(SweepPage::new(rows, None))
+    }
+
+    /// Replaces the rows of `marker.gid` by the marker, if they are still `expected` (see
+    /// [`BarrierStore::sweep_gid`] and the module docs).
+    pub fn try_sweep_gid(
+        &self,
+        expected: &[BarrierRow],
+        marker: &Swept,
+    ) -> Result<bool, StoreError> {
+        let gid = marker.gid.as_str();
+        let what = |e| StoreError::new(format!("sweeping the barrier rows of {gid}"), e);
+        if expected.iter().any(|r| r.gid != gid) || gid.is_empty() {
+            return Ok(false);
+        }
+        let tree = &self.inner.tree;
+        let value = SweptValue {
+            swept_unix_ms: marker.swept_unix_ms,
+            log_id: marker.log_id.clone(),
+        };
+        // 1. The marker, if the rows judged are all still there as they were.
+        let marked = tree.transaction(|tx| -> TxResult<bool> {
+            for r in expected {
+                let key = row_key(gid, r.branch_id, r.op);
+                match tx.get(&key)? {
+                    Some(v) => match decode_row(&key, &v) {
+                        Ok(row) if row.seq == r.seq => {}
+                        Ok(_) => return Ok(false),
+                        Err(why) => return tx_corrupt(&key, &why),
+                    },
+                    None => return Ok(false),
+                }
+            }
+            let key = swept_key(gid);
+            if let Some(old) = tx.get(&key)? {
+                // Left by a crash between the two steps: keep its time index right.
+                match SweptValue::decode(&old) {
+                    Ok(o) => {
+                        tx.remove(swept_at_key(o.swept_unix_ms, gid))?;
+                    }
+                    Err(why) => return tx_corrupt(&key, &why),
+                }
+            }
+            tx.insert(key, value.encode())?;
+            tx.insert(swept_at_key(value.swept_unix_ms, gid), &[])?;
+            Ok(true)
+        });
+        if !marked.map_err(|e| what(tx_storage(e)))? {
+            return Ok(false);
+        }
+        // 2. No row of the gid can be written now: read them again, delete or undo.
+        let now = self.scan(&gid_prefix(gid)).map_err(what)?;
+        let same = now.len() == expected.len()
+            && now.iter().all(|n| {
+                expected
+                    .iter()
+                    .any(|e| (e.branch_id, e.op, e.seq) == (n.branch_id, n.op, n.seq))
+            });
+        let done = tree.transaction(|tx| -> TxResult<()> {
+            if same {
+                for r in &now {
+                    tx.remove(row_key(gid, r.branch_id, r.op))?;
+                }
+            } else {
+                tx.remove(swept_key(gid))?;
+                tx.remove(swept_at_key(value.swept_unix_ms, gid))?;
+            }
+            Ok(())
+        });
+        done.map_err(|e| what(tx_storage(e)))?;
+        Ok(same)
+    }
+
+    /// Deletes at most `max` markers swept before `swept_before_unix_ms`, oldest first.
+    pub fn try_expire_swept(
+        &self,
+        swept_before_unix_ms: u64,
+        max: usize,
+    ) -> Result<usize, StoreError> {
+        let what = |e| StoreError::new("expiring swept markers", e);
+        let tree = &self.inner.tree;
+        let end = [SWEPT_AT_PREFIX, &swept_before_unix_ms.to_be_bytes()].concat();
+        let mut expired = 0;
+        for item in tree.range(SWEPT_AT_PREFIX.to_vec()..end).take(max) {
+            let (k, _) = item.map_err(what)?;
+            let body = &k[SWEPT_AT_PREFIX.len()..];
+            if body.len() < 9 {
+                return Err(what(corrupt(&k, "marker time key too short")));
+            }
+            let gid = String::from_utf8(body[8..].to_vec())
+                .map_err(|e| what(corrupt(&k, &format!("gid is not utf-8: {e}"))))?;
+            let key = swept_key(&gid);
+            tree.transaction(|tx| -> TxResult<()> {
+                tx.remove(&*k)?;
+                // The marker itself only if this entry is its (a later sweep of a reused
+                // gid rewrote both).
+                if let Some(v) = tx.get(&key)? {
+                    match SweptValue::decode(&v) {
+                        Ok(m) if swept_at_key(m.swept_unix_ms, &gid) == *k => {
+                            tx.remove(&*key)?;
+                        }
+                        Ok(_) => {}
+                        Err(why) => return tx_corrupt(&key, &why),
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|e| what(tx_storage(e)))?;
+            expired += 1;
+        }
+        Ok(expired)
+    }
+
+    /// The marker of `gid`, read now (see [`BarrierStore::swept`]).
+    pub fn try_swept(&self, gid: &str) -> Result<Option<Swept>, StoreError> {
+        let key = swept_key(gid);
+        let what = |e| StoreError::new(format!("reading the swept marker of {gid}"), e);
+        match self.inner.tree.get(&key).map_err(what)? {
+            None => Ok(None),
+            Some(v) => {
+                let m = SweptValue::decode(&v).map_err(|why| what(corrupt(&key, &why)))?;
+                Ok(Some(Swept::new(gid.to_string(), m.log_id, m.swept_unix_ms)))
+            }
+        }
+    }
+
     /// Records the first sync failure (see [`BarrierStore::failure`]).
     fn fail(&self, why: String) {
         let mut f = self.inner.failure.lock().unwrap_or_else(|p| p.into_inner());
         f.get_or_insert(why);
+    }
+}
+
+/// The storage error of a transaction that never aborts on its own.
+fn tx_storage(e: TransactionError<Stop>) -> sled::Error {
+    match e {
+        TransactionError::Storage(e) => e,
+        TransactionError::Abort(stop) => unreachable!("no abort in this transaction: {stop:?}"),
     }
 }
 
@@ -1056,6 +1320,50 @@ impl BarrierStore for SledStore {
             .await
             .map_err(|e| StoreError::new("reading the in-doubt index", e))?
             .map_err(|e| StoreError::new("reading the in-doubt index", e))
+    }
+
+    fn sweeps(&self) -> bool {
+        true
+    }
+
+    async fn sweep_page(
+        &self,
+        after_gid: Option<String>,
+        rows_max: usize,
+    ) -> Result<SweepPage, StoreError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.try_sweep_page(after_gid.as_deref(), rows_max))
+            .await
+            .map_err(|e| StoreError::new("reading a page of barrier rows to sweep", e))?
+    }
+
+    async fn sweep_gid(
+        &self,
+        expected: Vec<BarrierRow>,
+        marker: Swept,
+    ) -> Result<bool, StoreError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.try_sweep_gid(&expected, &marker))
+            .await
+            .map_err(|e| StoreError::new("sweeping barrier rows", e))?
+    }
+
+    async fn expire_swept(
+        &self,
+        swept_before_unix_ms: u64,
+        max: usize,
+    ) -> Result<usize, StoreError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.try_expire_swept(swept_before_unix_ms, max))
+            .await
+            .map_err(|e| StoreError::new("expiring swept markers", e))?
+    }
+
+    async fn swept(&self, gid: &str) -> Result<Option<Swept>, StoreError> {
+        let (me, gid) = (self.clone(), gid.to_string());
+        tokio::task::spawn_blocking(move || me.try_swept(&gid))
+            .await
+            .map_err(|e| StoreError::new("reading a swept marker", e))?
     }
 
     fn failure(&self) -> Option<String> {

@@ -46,6 +46,11 @@
 //!   verdict is [`Verdict::Retry`] naming the panic ([`panic_message`] helps). The participant
 //!   catches a panic that escapes a store too, and reports it the same way.
 //!
+//! - **Retention** (optional): a store that [`BarrierStore::sweeps`] pages through its rows
+//!   by gid, replaces the rows of a finished gid by a small marker in one transaction, and
+//!   plans every delivery to a marked gid with [`crate::barrier::rules::plan_swept`]; the
+//!   participant decides what to sweep (see [`crate::participant::RetentionPolicy`]).
+//!
 //! The contract is written as tests: [`conformance`], which every store runs (the sled store
 //! runs it in `cargo test`).
 
@@ -55,7 +60,7 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 
-use crate::barrier::{BarrierRow, InDoubt, Op, Verdict};
+use crate::barrier::{BarrierRow, InDoubt, Op, Swept, Verdict};
 use crate::error::StoreError;
 use crate::participant::{BranchContext, HandlerResult, Registered};
 
@@ -105,10 +110,81 @@ pub trait BarrierStore: Send + Sync + Sized + 'static {
         prepared_before_unix_ms: Option<u64>,
     ) -> impl Future<Output = Result<Vec<InDoubt>, StoreError>> + Send;
 
+    /// Whether this store implements the sweep (the four methods below). A store that does
+    /// not keeps its rows forever; [`crate::ParticipantBuilder::retention`] refuses it.
+    fn sweeps(&self) -> bool {
+        false
+    }
+
+    /// A page of rows for the sweep: every row of whole gids, in gid order (then branch,
+    /// operation), of the gids after `after_gid` (`None`: from the first), stopping at the
+    /// first gid boundary once `rows_max` rows are read (a gid is never split: a page holds
+    /// at least one whole gid). [`SweepPage::next`] is the cursor of the next page, `None` at
+    /// the end. Rows carry their [`BarrierRow::outcome_endpoint`].
+    fn sweep_page(
+        &self,
+        after_gid: Option<String>,
+        rows_max: usize,
+    ) -> impl Future<Output = Result<SweepPage, StoreError>> + Send {
+        let _ = (after_gid, rows_max);
+        async { Ok(SweepPage::default()) }
+    }
+
+    /// Deletes the rows of `marker.gid`, provided they are still exactly `expected` (the
+    /// same operations with the same sequence numbers), and keeps `marker` in their place;
+    /// returns whether it did. From the moment the marker is written, every delivery to the
+    /// gid is planned by [`crate::barrier::rules::plan_swept`] (nothing written, no business
+    /// code), so no row can appear behind the check; if the rows differ, the marker is
+    /// removed again and nothing is deleted. Need not be synced: rows and marker change
+    /// atomically, and an answer given from the marker is synced by
+    /// [`BarrierStore::deliver`] as any other.
+    fn sweep_gid(
+        &self,
+        expected: Vec<BarrierRow>,
+        marker: Swept,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let _ = (expected, marker);
+        async { Ok(false) }
+    }
+
+    /// Deletes at most `max` markers swept before `swept_before_unix_ms`, oldest first;
+    /// returns how many.
+    fn expire_swept(
+        &self,
+        swept_before_unix_ms: u64,
+        max: usize,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send {
+        let _ = (swept_before_unix_ms, max);
+        async { Ok(0) }
+    }
+
+    /// The marker of `gid`, if its rows were swept (and the marker has not expired).
+    fn swept(&self, gid: &str) -> impl Future<Output = Result<Option<Swept>, StoreError>> + Send {
+        let _ = gid;
+        async { Ok(None) }
+    }
+
     /// Why this store can no longer promise durability (a failed fsync: nothing written
     /// since can be vouched for), once that happened; never cleared. `None` while all is
     /// well.
     fn failure(&self) -> Option<String>;
+}
+
+/// One page of [`BarrierStore::sweep_page`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SweepPage {
+    /// Every row of the page's gids.
+    pub rows: Vec<BarrierRow>,
+    /// The gid to pass as `after_gid` for the next page; `None`: this was the last.
+    pub next: Option<String>,
+}
+
+impl SweepPage {
+    /// A page (for stores).
+    pub fn new(rows: Vec<BarrierRow>, next: Option<String>) -> SweepPage {
+        SweepPage { rows, next }
+    }
 }
 
 /// The handle a handler receives: the store's transaction ([`BarrierStore::Tx`]) for one

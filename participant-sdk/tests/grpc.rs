@@ -388,6 +388,7 @@ impl Coordinator for FakeCoordinator {
             outcome: o as i32,
             known,
             log_id: self.log_id.clone(),
+            finished: false,
         }))
     }
     async fn retry(

@@ -183,6 +183,7 @@ impl Coordinator for CoordinatorService {
             outcome: outcome_to_proto(o.outcome).into(),
             known: o.known,
             log_id: self.rt.log().log_id().to_string(),
+            finished: o.finished,
         }))
     }
 

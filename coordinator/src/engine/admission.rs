@@ -61,6 +61,18 @@ pub fn answer_outcome(known: Known<'_>) -> (Outcome, bool) {
     }
 }
 
+/// Whether `known` shows the transaction finished: a terminal record (committed, aborted)
+/// or a tombstone. The coordinator sends nothing more for such a gid, which lets a
+/// participant sweep its barrier rows of it (`OutcomeResponse.finished`); a caller must tell
+/// it only from a record that is durable.
+pub fn is_finished(known: Known<'_>) -> bool {
+    match known {
+        Known::Record(rec) => matches!(rec.phase, Phase::Committed | Phase::Aborted),
+        Known::Tombstone(_) => true,
+        Known::Nothing => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,5 +172,23 @@ mod tests {
             (Outcome::Aborted, true)
         );
         assert_eq!(answer_outcome(Known::Nothing), (Outcome::Aborted, false));
+    }
+
+    #[test]
+    fn only_terminal_records_and_tombstones_are_finished() {
+        for (phase, want) in [
+            (Phase::Active, false),
+            (Phase::Compensating, false),
+            (Phase::Committing, false),
+            (Phase::Aborting, false),
+            (Phase::Committed, true),
+            (Phase::Aborted, true),
+        ] {
+            assert_eq!(is_finished(Known::Record(&rec(phase))), want, "{phase:?}");
+        }
+        assert!(is_finished(Known::Tombstone(
+            &rec(Phase::Aborted).tombstone(1)
+        )));
+        assert!(!is_finished(Known::Nothing));
     }
 }

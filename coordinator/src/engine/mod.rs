@@ -18,7 +18,7 @@ mod saga;
 mod two_phase;
 pub mod types;
 
-pub use admission::{answer_outcome, decide_begin, BeginDecision, Known};
+pub use admission::{answer_outcome, decide_begin, is_finished, BeginDecision, Known};
 #[cfg(feature = "mutations")]
 pub use machine::Mutations;
 pub use machine::{Command, Event, NewTx, Op, Reply, Tx};

@@ -41,8 +41,8 @@ use crate::config::Config;
 #[cfg(feature = "mutations")]
 use crate::engine::Mutations;
 use crate::engine::{
-    answer_outcome, decide_begin, BeginDecision, BranchDef, Command, Event, Known, Op, Outcome,
-    Phase, Tombstone, Tx, TxRecord,
+    answer_outcome, decide_begin, is_finished, BeginDecision, BranchDef, Command, Event, Known, Op,
+    Outcome, Phase, Tombstone, Tx, TxRecord,
 };
 use crate::log::{ListFilter, LogError, LogFuture, LogStore};
 use crate::mapping;
@@ -168,6 +168,9 @@ pub struct OutcomeAnswer {
     pub outcome: Outcome,
     /// False when this log has no record of the gid (the outcome is then presumed abort).
     pub known: bool,
+    /// The transaction is terminal, durably, or a tombstone: nothing more is sent for it
+    /// (see [`crate::engine::is_finished`]).
+    pub finished: bool,
 }
 
 /// Why `resolve` did not resolve a branch.
@@ -671,16 +674,20 @@ impl Runtime {
         self.inner.fatal.check()?;
         match self.ask(gid, Msg::Get).await {
             Some(Lookup::Live(s)) => {
+                // Still in its shard: its last write may be in flight. Not finished yet; a
+                // participant asks again later.
                 return Ok(OutcomeAnswer {
                     outcome: s.outcome,
                     known: true,
-                })
+                    finished: false,
+                });
             }
             // Its branches have not been called yet: nothing to be in doubt about.
             Some(Lookup::Hidden) => {
                 return Ok(OutcomeAnswer {
                     outcome: Outcome::Pending,
                     known: true,
+                    finished: false,
                 })
             }
             Some(Lookup::NotLive) => {}
@@ -694,8 +701,26 @@ impl Runtime {
             (None, Some(t)) => Known::Tombstone(t),
             (None, None) => Known::Nothing,
         };
+        let finished = is_finished(known);
         let (outcome, known) = answer_outcome(known);
-        Ok(OutcomeAnswer { outcome, known })
+        if finished {
+            // A participant deletes its barrier rows on this answer. A terminal record may
+            // have been written unforced: were it lost in a crash, recovery would resume
+            // from an earlier record and send to branches again. So it is told only once it
+            // is on stable storage (a sync shares the group commit).
+            if let Err(e) = self.inner.log.sync().await {
+                self.inner.fatal.stop(format!(
+                    "syncing the log before telling that {gid:?} is finished failed: {e}"
+                ));
+                return Err(self.stopped_or(e));
+            }
+            self.inner.fatal.check()?;
+        }
+        Ok(OutcomeAnswer {
+            outcome,
+            known,
+            finished,
+        })
     }
 
     /// Send every waiting call of `gid` now. `None` when the gid is not live.

@@ -60,7 +60,7 @@ use std::fmt;
 
 use sha2::{Digest, Sha256};
 
-use super::{Answer, Op};
+use super::{Answer, BarrierRow, Op};
 
 /// Bytes of a [`Fingerprint`]: SHA-256 truncated to 128 bits, far beyond accidental
 /// collisions for the few bodies one gid ever sees.
@@ -253,6 +253,8 @@ pub enum Rule {
     NothingToUndo,
     /// No handler of the right kind is registered.
     UnknownHandler,
+    /// The branch's gid was swept (its rows deleted, a marker kept): see [`plan_swept`].
+    Swept,
     /// The business code runs.
     Run,
 }
@@ -655,6 +657,144 @@ pub fn decide_in_doubt(
         Told::Aborted => InDoubtDecision::Apply(Op::Abort),
         Told::Pending => InDoubtDecision::Pending,
     }
+}
+
+/// The decision for `delivery` to a gid whose rows were swept (see [`sweep_candidate`]): the
+/// store keeps a marker with the coordinator log that drove the gid, and finds no rows.
+///
+/// The gid was finished when it was swept: its coordinator (`swept_log_id`) had it terminal,
+/// durably, and every branch here was decided. So no delivery of it is still due, and one
+/// that arrives anyway is a late duplicate (a delayed packet, a retry of a call whose answer
+/// was lost, a resend after a coordinator crash lost an unsynced record): it must change
+/// nothing. Nothing is written and no business code runs:
+///
+/// - `Prepare`/`Execute`: `REFUSED`/`FAILED` (the coordinator that finished the gid ignores
+///   it; a new transaction reusing the gid is refused, safely, until the marker expires);
+/// - `Abort`/`Compensate`: `DONE` (nothing to undo that was not undone, or was never to be);
+/// - `Commit` from the log that drove the gid (or one that sends no log id): `DONE` (a log
+///   sends `Commit` only for a committed transaction, and every branch of this one was
+///   decided here before the sweep, so this branch committed); from another log: a
+///   violation, as for [`Rule::Foreign`].
+pub fn plan_swept(swept_log_id: &str, d: &Delivery) -> Plan {
+    let why = "the transaction finished and its barrier rows were swept; a late delivery \
+               changes nothing";
+    match d.op {
+        Op::Prepare | Op::Execute => {
+            let no = shape(d.op).no;
+            Plan::answer(Rule::Swept, no, why)
+        }
+        Op::Abort | Op::Compensate => Plan::answer(Rule::Swept, Answer::Done, why),
+        Op::Commit if same_log(swept_log_id, &d.log_id) => {
+            Plan::answer(Rule::Swept, Answer::Done, why)
+        }
+        Op::Commit => Plan::violation(
+            Rule::Swept,
+            format!(
+                "commit from coordinator log {:?} for a gid that log {swept_log_id:?} drove \
+                 and that was swept here: this branch never promised it",
+                d.log_id
+            ),
+        ),
+    }
+}
+
+/// Why the rows of a gid are kept by a sweep round (see [`sweep_candidate`] and
+/// [`sweep_told`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Keep {
+    /// A row is younger than the horizon: a delivery may still be in flight.
+    Young,
+    /// A branch is prepared and undecided here: the in-doubt resolver's business first.
+    Open,
+    /// A row names no coordinator log (an older coordinator, a format v1 row): no answer can
+    /// be checked against it.
+    NoLogId,
+    /// The rows of the gid name more than one coordinator (log or outcome endpoint).
+    Mixed,
+    /// No coordinator could be asked (none named or configured, unreachable, an error).
+    Unanswered,
+    /// The answer came from another log than the one that drove the gid.
+    WrongLog,
+    /// The coordinator does not know the gid (never did, or forgot it past its tombstone):
+    /// nothing there would refuse a reuse of the gid, so the rows stay.
+    Unknown,
+    /// Known and not finished yet (or finished but still in its shard).
+    NotFinished,
+    /// The rows changed between the read and the sweep's transaction.
+    Changed,
+}
+
+/// What a coordinator answered `Outcome(gid)` with, as far as the sweep cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoordinatorSays {
+    /// `OutcomeResponse.log_id`.
+    pub log_id: String,
+    /// `OutcomeResponse.known`.
+    pub known: bool,
+    /// `OutcomeResponse.finished`.
+    pub finished: bool,
+}
+
+/// The local half of the sweep rule: whether `rows` (every row of one gid, any order) may be
+/// swept as far as this participant can tell, at `now_unix_ms` with rows kept at least
+/// `horizon_ms`. Then the coordinator must be asked ([`sweep_told`]).
+///
+/// Every row must be older than the horizon (longer than any delivery of the gid can be in
+/// flight: the coordinator's call timeout and backoff), name the same non-empty coordinator
+/// log and outcome endpoint, and no branch may be open (prepared without commit or abort).
+/// Everything else is finished here: a decided 2PC branch, a refused prepare, a compensated
+/// or failed step, a succeeded step of a saga (whose compensation, if any could come, the
+/// coordinator's `finished` rules out).
+pub fn sweep_candidate(rows: &[BarrierRow], now_unix_ms: u64, horizon_ms: u64) -> Result<(), Keep> {
+    let Some(first) = rows.first() else {
+        return Err(Keep::Changed);
+    };
+    if rows
+        .iter()
+        .any(|r| r.unix_ms.saturating_add(horizon_ms) > now_unix_ms)
+    {
+        return Err(Keep::Young);
+    }
+    if rows.iter().any(|r| r.log_id.is_empty()) {
+        return Err(Keep::NoLogId);
+    }
+    if rows
+        .iter()
+        .any(|r| r.log_id != first.log_id || r.outcome_endpoint != first.outcome_endpoint)
+    {
+        return Err(Keep::Mixed);
+    }
+    let open = rows.iter().any(|p| {
+        p.op == Op::Prepare
+            && p.answer == Answer::Prepared
+            && !rows
+                .iter()
+                .any(|r| r.branch_id == p.branch_id && matches!(r.op, Op::Commit | Op::Abort))
+    });
+    if open {
+        return Err(Keep::Open);
+    }
+    Ok(())
+}
+
+/// The coordinator's half of the sweep rule: the rows (driven by log `rows_log_id`) may be
+/// swept only on an answer from that very log that knows the gid and has it finished
+/// (terminal and durable, or a tombstone), so that its record or tombstone outlives the rows
+/// and answers any reuse of the gid. `None`: no answer.
+pub fn sweep_told(rows_log_id: &str, answer: Option<&CoordinatorSays>) -> Result<(), Keep> {
+    let Some(a) = answer else {
+        return Err(Keep::Unanswered);
+    };
+    if a.log_id != rows_log_id {
+        return Err(Keep::WrongLog);
+    }
+    if !a.known {
+        return Err(Keep::Unknown);
+    }
+    if !a.finished {
+        return Err(Keep::NotFinished);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -614,6 +614,7 @@ mod tests {
             outcome: pb::Outcome::Aborted as i32,
             known: false,
             log_id: "log-1".into(),
+            finished: false,
         });
         assert_eq!(
             o,

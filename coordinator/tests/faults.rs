@@ -381,8 +381,14 @@ async fn a_gid_reused_after_retention_is_answered_from_its_tombstone() {
     );
     let o = h.rt.outcome("g-reuse").await.expect("outcome");
     assert_eq!((o.outcome, o.known), (Outcome::Committed, true));
+    // Only its tombstone is left: finished, so participants may sweep their rows of it.
+    assert!(o.finished, "{o:?}");
     let unknown = h.rt.outcome("never-seen").await.expect("outcome");
     assert_eq!((unknown.outcome, unknown.known), (Outcome::Aborted, false));
+    assert!(
+        !unknown.finished,
+        "an unknown gid is never finished: {unknown:?}"
+    );
 }
 
 /// Failure 4 (coordinator side): every branch call names the log that drives it and where

@@ -2,7 +2,7 @@
 //! generated client, in-doubt resolution against a fake coordinator, and the client's
 //! submit path and error classification.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -20,8 +20,8 @@ use treaty_proto::v1::participant_server::Participant as _;
 use treaty_sdk::sled::SledStore;
 use treaty_sdk::{
     refuse, Answer, Branch, BranchContext, Client, ClientError, HandlerResult, Op, Outcome,
-    OutcomeAnswer, Participant, ParticipantBuilder, ParticipantError, Saga, SagaHandler, Step,
-    TwoPhase, TwoPhaseHandler, Txn,
+    OutcomeAnswer, Participant, ParticipantBuilder, ParticipantError, RetentionPolicy, Saga,
+    SagaHandler, Step, TwoPhase, TwoPhaseHandler, Txn,
 };
 
 /// A sled store, and a participant whose handlers write `<op>/<gid>/<branch>` keys;
@@ -318,6 +318,8 @@ struct FakeCoordinator {
     begin_answer: Arc<Mutex<Option<Result<pb::Outcome, Status>>>>,
     log_id: String,
     presume_unknown: bool,
+    /// Gids answered `finished = true` (terminal and durable).
+    finished: Arc<Mutex<HashSet<String>>>,
 }
 
 impl FakeCoordinator {
@@ -388,7 +390,7 @@ impl Coordinator for FakeCoordinator {
             outcome: o as i32,
             known,
             log_id: self.log_id.clone(),
-            finished: false,
+            finished: self.finished.lock().unwrap().contains(&gid),
         }))
     }
     async fn retry(
@@ -1079,4 +1081,198 @@ async fn client_gid_already_exists_and_limits() {
         ),
         "{err:?}"
     );
+}
+
+/// Every business run of the sweep test's handlers adds one to `runs`: a late duplicate that
+/// ran the business code again would show there.
+fn runs(n: &Node) -> u64 {
+    n.tree
+        .get("runs")
+        .unwrap()
+        .map_or(0, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap()))
+}
+
+/// Issue 11, participant-side retention: rows of gids their coordinator says finished are
+/// swept (after the horizon); rows of open branches, of gids not finished, unknown to the
+/// coordinator, driven by another log or whose coordinator is unreachable are kept; and a
+/// late duplicate of every operation after the sweep changes nothing.
+#[tokio::test]
+async fn sweep_deletes_only_finished_gids_and_late_duplicates_stay_harmless() {
+    let fake = FakeCoordinator::with_log("log-1", true);
+    for (gid, o) in [
+        ("committed", pb::Outcome::Committed),
+        ("aborted", pb::Outcome::Aborted),
+        ("compensated", pb::Outcome::Aborted),
+        ("saga-done", pb::Outcome::Committed),
+        ("open", pb::Outcome::Committed),
+        ("live", pb::Outcome::Committed),
+        ("other-log", pb::Outcome::Committed),
+    ] {
+        fake.outcomes.lock().unwrap().insert(gid.into(), o);
+    }
+    // "live" is known but still finishing; "unknown" is not in the table (presumed abort,
+    // known = false).
+    fake.finished.lock().unwrap().extend(
+        [
+            "committed",
+            "aborted",
+            "compensated",
+            "saga-done",
+            "open",
+            "other-log",
+            "unknown",
+        ]
+        .map(String::from),
+    );
+    let (uri, _stop) = serve_fake(fake.clone()).await;
+    let (_, gone) = listener().await; // bound then dropped: nothing listens there
+    let unreachable = format!("http://{gone}");
+    let count = |op: &'static str| {
+        move |_: &BranchContext, tx: &mut Txn<'_, SledStore>, _: &[u8]| -> HandlerResult {
+            let n = tx
+                .get("runs")?
+                .map_or(0, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap()));
+            tx.insert("runs", &(n + 1).to_be_bytes())?;
+            let _ = op;
+            Ok(())
+        }
+    };
+    let (p, c, a, e, x) = (
+        count("prepare"),
+        count("commit"),
+        count("abort"),
+        count("execute"),
+        count("compensate"),
+    );
+    let n = node_with(|b| {
+        b.retention(RetentionPolicy::with_horizon(Duration::ZERO))
+            .two_phase(
+                "count",
+                TwoPhase::<SledStore>::new()
+                    .prepare(async move |ctx, tx, pl| p(ctx, tx, pl))
+                    .commit(async move |ctx, tx, pl| c(ctx, tx, pl))
+                    .abort(async move |ctx, tx, pl| a(ctx, tx, pl)),
+            )
+            .saga(
+                "count-saga",
+                Saga::<SledStore>::new()
+                    .execute(async move |ctx, tx, pl| e(ctx, tx, pl))
+                    .compensate(async move |ctx, tx, pl| x(ctx, tx, pl)),
+            )
+    });
+    let part = &n.participant;
+    let at = |gid: &str, handler: &str, log: &str, endpoint: &str| pb::BranchRequest {
+        handler: handler.to_string(),
+        ..req_from(gid, b"1", log, endpoint)
+    };
+    let tpc = |gid: &str| at(gid, "count", "log-1", &uri);
+    let saga = |gid: &str| at(gid, "count-saga", "log-1", &uri);
+    for gid in ["committed", "open", "live", "unknown"] {
+        prepared(part, tpc(gid)).await;
+    }
+    for gid in ["committed", "live", "unknown"] {
+        part.commit(Request::new(tpc(gid))).await.unwrap();
+    }
+    part.abort(Request::new(tpc("aborted"))).await.unwrap(); // null abort
+    for gid in ["compensated", "saga-done"] {
+        part.execute(Request::new(saga(gid))).await.unwrap();
+    }
+    part.compensate(Request::new(saga("compensated")))
+        .await
+        .unwrap();
+    part.execute(Request::new(at("other-log", "count-saga", "log-0", &uri)))
+        .await
+        .unwrap();
+    part.execute(Request::new(at("far", "count-saga", "log-1", &unreachable)))
+        .await
+        .unwrap();
+    let before = runs(&n);
+    assert_eq!(before, 12);
+
+    // A horizon longer than the rows' age keeps everything, without asking anyone.
+    let young =
+        node_with(|b| b.retention(RetentionPolicy::with_horizon(Duration::from_secs(3600))));
+    young
+        .participant
+        .prepare(Request::new(tpc("y")))
+        .await
+        .unwrap();
+    young
+        .participant
+        .commit(Request::new(tpc("y")))
+        .await
+        .unwrap();
+    let r = young.participant.sweep().await.unwrap();
+    assert_eq!((r.swept_gids, r.young), (0, 1), "{r:?}");
+
+    let r = part.sweep().await.unwrap();
+    assert_eq!((r.swept_gids, r.swept_rows), (4, 7), "{r:?}");
+    assert_eq!(
+        (r.open, r.not_finished, r.unknown, r.wrong_log, r.unanswered),
+        (1, 1, 1, 1, 1),
+        "{r:?}"
+    );
+    for gid in ["committed", "aborted", "compensated", "saga-done"] {
+        assert!(n.rows(gid).is_empty(), "{gid} swept");
+    }
+    for gid in ["open", "live", "unknown", "other-log", "far"] {
+        assert!(!n.rows(gid).is_empty(), "{gid} kept");
+    }
+    // The open branch is still the in-doubt resolver's: it commits it as told.
+    assert_eq!(part.resolve_in_doubt().await.unwrap().resolved, 1);
+
+    // Late duplicates of every operation after the sweep: safe answers, no business run, no
+    // row written, nothing opened.
+    let r = part
+        .prepare(Request::new(tpc("committed")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PrepareResult::Refused, "{r:?}");
+    let r = part
+        .commit(Request::new(tpc("committed")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PhaseTwoResult::Done, "{r:?}");
+    let r = part
+        .prepare(Request::new(tpc("aborted")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PrepareResult::Refused, "{r:?}");
+    let r = part
+        .abort(Request::new(tpc("aborted")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::PhaseTwoResult::Done, "{r:?}");
+    for gid in ["compensated", "saga-done"] {
+        let r = part
+            .execute(Request::new(saga(gid)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.result(), pb::ExecuteResult::Failed, "{gid}: {r:?}");
+        let r = part
+            .compensate(Request::new(saga(gid)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.result(), pb::PhaseTwoResult::Done, "{gid}: {r:?}");
+    }
+    for gid in ["committed", "aborted", "compensated", "saga-done"] {
+        assert!(
+            n.rows(gid).is_empty(),
+            "{gid}: a late duplicate wrote a row"
+        );
+    }
+    // One run more: the resolver's commit of "open"; none for the late duplicates.
+    assert_eq!(runs(&n), before + 1);
+    assert!(part
+        .store()
+        .try_rows("open")
+        .unwrap()
+        .iter()
+        .any(|r| r.op == Op::Commit));
 }

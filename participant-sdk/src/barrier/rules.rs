@@ -1212,4 +1212,98 @@ mod tests {
         ];
         plan(&rows, &delivery(Prepare, F1, "L"));
     }
+
+    #[test]
+    fn a_late_delivery_to_a_swept_gid_changes_nothing() {
+        for (op, log, want) in [
+            (Prepare, "L", R::A(Refused)),
+            (Execute, "L", R::A(Failed)),
+            (Abort, "L", R::A(Done)),
+            (Compensate, "L", R::A(Done)),
+            (Commit, "L", R::A(Done)),
+            (Commit, "", R::A(Done)),
+            (Commit, "other", R::Violation),
+            (Prepare, "other", R::A(Refused)),
+        ] {
+            let p = plan_swept("L", &delivery(op, F1, log));
+            let s = short(&p);
+            assert_eq!(
+                (s.rule, s.runs, s.writes.len(), s.in_doubt),
+                (Rule::Swept, false, 0, InDoubt::Unchanged),
+                "{op} from {log:?}"
+            );
+            assert_eq!(s.reply, want, "{op} from {log:?}");
+        }
+    }
+
+    fn brow(branch_id: u32, op: Op, answer: Answer, unix_ms: u64, log: &str) -> BarrierRow {
+        BarrierRow::new(
+            "g".into(),
+            branch_id,
+            op,
+            answer,
+            unix_ms,
+            1,
+            None,
+            log.into(),
+            "h".into(),
+            String::new(),
+        )
+        .with_outcome_endpoint("http://c".into())
+    }
+
+    #[test]
+    fn sweep_candidates_are_old_decided_and_of_one_log() {
+        let decided = [
+            brow(0, Prepare, Prepared, 10, "L"),
+            brow(0, Commit, Done, 10, "L"),
+            brow(1, Prepare, Refused, 10, "L"),
+            brow(2, Execute, Succeeded, 10, "L"),
+            brow(3, Execute, Succeeded, 10, "L"),
+            brow(3, Compensate, Done, 10, "L"),
+        ];
+        assert_eq!(sweep_candidate(&decided, 110, 100), Ok(()));
+        assert_eq!(sweep_candidate(&decided, 109, 100), Err(Keep::Young));
+        let open = [
+            brow(0, Prepare, Prepared, 10, "L"),
+            brow(1, Abort, Done, 10, "L"),
+        ];
+        assert_eq!(sweep_candidate(&open, 1000, 100), Err(Keep::Open));
+        let anonymous = [brow(0, Execute, Failed, 10, "")];
+        assert_eq!(sweep_candidate(&anonymous, 1000, 100), Err(Keep::NoLogId));
+        let mixed = [
+            brow(0, Execute, Failed, 10, "L"),
+            brow(1, Execute, Failed, 10, "M"),
+        ];
+        assert_eq!(sweep_candidate(&mixed, 1000, 100), Err(Keep::Mixed));
+        let elsewhere = [
+            brow(0, Execute, Failed, 10, "L"),
+            brow(1, Execute, Failed, 10, "L").with_outcome_endpoint("http://d".into()),
+        ];
+        assert_eq!(sweep_candidate(&elsewhere, 1000, 100), Err(Keep::Mixed));
+        assert_eq!(sweep_candidate(&[], 1000, 100), Err(Keep::Changed));
+    }
+
+    #[test]
+    fn only_the_driving_log_knowing_the_gid_finished_allows_a_sweep() {
+        let says = |log: &str, known, finished| CoordinatorSays {
+            log_id: log.into(),
+            known,
+            finished,
+        };
+        assert_eq!(sweep_told("L", Some(&says("L", true, true))), Ok(()));
+        assert_eq!(sweep_told("L", None), Err(Keep::Unanswered));
+        assert_eq!(
+            sweep_told("L", Some(&says("M", true, true))),
+            Err(Keep::WrongLog)
+        );
+        assert_eq!(
+            sweep_told("L", Some(&says("L", false, true))),
+            Err(Keep::Unknown)
+        );
+        assert_eq!(
+            sweep_told("L", Some(&says("L", true, false))),
+            Err(Keep::NotFinished)
+        );
+    }
 }

@@ -48,7 +48,9 @@
 //! gid), concurrency (concurrent duplicates run the business code once), the rows read back
 //! (per gid, numbered in commit order), the in-doubt index (open on `PREPARED`, closed on
 //! commit/abort, full payloads of any size), and handler failures (a panic and a retry are
-//! answered RETRY with nothing of the delivery kept). Durability on a crash is not something
+//! answered RETRY with nothing of the delivery kept), and for a store that
+//! [`BarrierStore::sweeps`], the sweep (pages of whole gids, rows replaced by a marker only
+//! while unchanged, late deliveries to a swept gid change nothing, markers expire). Durability on a crash is not something
 //! an in-process suite can show: the sled store's power-cut test (`tests/lazyfs`) does that.
 
 use std::future::Future;
@@ -58,7 +60,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::barrier::{Answer, Op, Verdict};
+use crate::barrier::{now_unix_ms, Answer, Op, Swept, Verdict};
 use crate::error::HandlerError;
 use crate::participant::{refuse, BranchContext, HandlerResult, Registered};
 use crate::store::{BarrierStore, HandlerCall, Txn};
@@ -94,6 +96,7 @@ pub async fn run_all<H: Harness>(h: &H) {
     reused_gid_with_another_body_is_refused(h).await;
     handler_panic_is_answered_retry_naming_it(h).await;
     handler_retry_keeps_nothing(h).await;
+    sweep_replaces_finished_rows_by_a_marker(h).await;
 }
 
 /// What the scripted handler does when called.
@@ -741,4 +744,133 @@ pub async fn handler_retry_keeps_nothing<H: Harness>(h: &H) {
         assert!(f.rows(&gid).await.is_empty(), "{op}: nothing recorded");
         assert!(!f.has_change(&gid, op).await, "{op}: writes rolled back");
     }
+}
+
+/// For a store that sweeps: pages hold whole gids in order; `sweep_gid` replaces unchanged
+/// rows by a marker and refuses stale ones; every late delivery to a swept gid changes
+/// nothing (no business code, no row) and answers safely; markers expire oldest first.
+pub async fn sweep_replaces_finished_rows_by_a_marker<H: Harness>(h: &H) {
+    let f = Fixture::<H>::new(h).await;
+    if !f.store.sweeps() {
+        return;
+    }
+    let from = |gid: &str| BranchContext {
+        log_id: "log-1".into(),
+        ..ctx(gid)
+    };
+    for (gid, op) in [
+        ("g-2pc", Op::Prepare),
+        ("g-2pc", Op::Commit),
+        ("g-saga", Op::Execute),
+        ("g-saga", Op::Compensate),
+    ] {
+        let v = f.deliver_with(from(gid), op, Biz::Ok, b"payload").await;
+        assert!(matches!(v, Verdict::Answer { .. }), "{gid} {op}: {v:?}");
+    }
+    let runs = f.runs.load(Ordering::SeqCst);
+
+    // Pages: whole gids, in gid order, the cursor names the last gid of the page.
+    let page = f.store.sweep_page(None, 1).await.expect("a page");
+    assert_eq!(page.next.as_deref(), Some("g-2pc"), "sweep: {page:?}");
+    assert_eq!(page.rows.len(), 2, "sweep: a gid is never split: {page:?}");
+    let rest = f
+        .store
+        .sweep_page(page.next.clone(), 100)
+        .await
+        .expect("a page");
+    assert!(rest.next.is_none(), "sweep: last page: {rest:?}");
+    assert!(
+        rest.rows.len() == 2 && rest.rows.iter().all(|r| r.gid == "g-saga"),
+        "sweep: second page: {rest:?}"
+    );
+
+    // Stale expectations: nothing deleted, no marker.
+    let mut stale = rest.rows.clone();
+    stale[0].seq += 100;
+    let marker = |gid: &str, at| Swept::new(gid.to_string(), "log-1".into(), at);
+    assert!(
+        !f.store
+            .sweep_gid(stale, marker("g-saga", 5))
+            .await
+            .expect("sweep"),
+        "sweep: rows that changed are not swept"
+    );
+    assert!(f.store.swept("g-saga").await.expect("marker").is_none());
+    assert_eq!(f.rows("g-saga").await.len(), 2, "sweep: stale rows kept");
+
+    // Sweep both gids.
+    assert!(f
+        .store
+        .sweep_gid(page.rows, marker("g-2pc", 5))
+        .await
+        .expect("sweep"));
+    assert!(f
+        .store
+        .sweep_gid(rest.rows, marker("g-saga", 6))
+        .await
+        .expect("sweep"));
+    for gid in ["g-2pc", "g-saga"] {
+        assert!(f.rows(gid).await.is_empty(), "sweep: rows of {gid} deleted");
+        let m = f.store.swept(gid).await.expect("marker");
+        assert_eq!(
+            m.map(|m| m.log_id),
+            Some("log-1".to_string()),
+            "sweep: marker of {gid}"
+        );
+    }
+    let empty = f.store.sweep_page(None, 100).await.expect("a page");
+    assert!(empty.rows.is_empty() && empty.next.is_none(), "{empty:?}");
+
+    // Late duplicates: safe answers, no business code, nothing written.
+    for (gid, op, log, want) in [
+        ("g-2pc", Op::Prepare, "log-1", V::A(Answer::Refused)),
+        ("g-2pc", Op::Commit, "log-1", V::A(Answer::Done)),
+        ("g-2pc", Op::Abort, "log-1", V::A(Answer::Done)),
+        ("g-2pc", Op::Commit, "log-2", V::Violation),
+        ("g-saga", Op::Execute, "log-1", V::A(Answer::Failed)),
+        ("g-saga", Op::Compensate, "log-1", V::A(Answer::Done)),
+    ] {
+        let c = BranchContext {
+            log_id: log.into(),
+            ..ctx(gid)
+        };
+        let v = f.deliver_with(c, op, Biz::Ok, b"payload").await;
+        assert_eq!(
+            short(&v),
+            want,
+            "sweep: late {op} to {gid} from {log}: {v:?}"
+        );
+        assert!(f.rows(gid).await.is_empty(), "sweep: late {op} wrote a row");
+    }
+    assert_eq!(
+        f.runs.load(Ordering::SeqCst),
+        runs,
+        "sweep: late deliveries ran no business code"
+    );
+    assert!(f.open_gids().await.is_empty(), "sweep: nothing opened");
+
+    // Markers expire oldest first, within the bound; then the gid is new again.
+    assert_eq!(
+        f.store
+            .expire_swept(now_unix_ms(), 1)
+            .await
+            .expect("expire"),
+        1
+    );
+    assert!(f.store.swept("g-2pc").await.expect("marker").is_none());
+    assert!(f.store.swept("g-saga").await.expect("marker").is_some());
+    assert_eq!(
+        f.store.expire_swept(6, 10).await.expect("expire"),
+        0,
+        "only before 6"
+    );
+    assert_eq!(f.store.expire_swept(7, 10).await.expect("expire"), 1);
+    let v = f
+        .deliver_with(from("g-2pc"), Op::Prepare, Biz::Ok, b"payload")
+        .await;
+    assert_eq!(
+        short(&v),
+        V::A(Answer::Prepared),
+        "sweep: a gid whose marker expired"
+    );
 }

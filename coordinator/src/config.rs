@@ -65,6 +65,9 @@ pub struct Config {
     /// Bytes of definitions (payloads, endpoints, handlers) live transactions may hold in
     /// memory at most; past it `Begin` answers RESOURCE_EXHAUSTED.
     pub max_live_bytes: usize,
+    /// `Begin` calls a second each caller may make (as many at once); past it its `Begin`
+    /// answers RESOURCE_EXHAUSTED while other callers go on. 0: no per-caller limit.
+    pub max_begins_per_caller_per_sec: u32,
     /// The gRPC URI participants should use to ask this coordinator about outcomes (sent with
     /// every branch call). `None`: participants ask their own configured coordinator.
     pub advertise_url: Option<String>,
@@ -89,6 +92,7 @@ impl Default for Config {
             tombstone_retention: Duration::from_secs(90 * 24 * 3600),
             max_live_transactions: 1_000_000,
             max_live_bytes: 4 << 30,
+            max_begins_per_caller_per_sec: 0,
             advertise_url: None,
             shutdown_grace: Duration::from_secs(10),
             limits: Limits::default(),

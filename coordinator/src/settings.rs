@@ -307,6 +307,14 @@ pub const SETTINGS: &[Setting] = &[
          RESOURCE_EXHAUSTED.",
         config.max_live_bytes
     ),
+    plain!(
+        "max-begins-per-caller-per-sec",
+        "N",
+        "Begin calls a second each caller (its remote IP, or its authenticated identity) may \
+         make, as many at once; past it that caller's Begin answers RESOURCE_EXHAUSTED while \
+         others go on. 0: no per-caller limit.",
+        config.max_begins_per_caller_per_sec
+    ),
     plain!("cache-bytes", "BYTES", "sled page cache size.", cache_bytes),
     Setting {
         flag: "advertise-url",

@@ -247,3 +247,71 @@ async fn a_logged_undecided_two_phase_transaction_is_aborted_at_startup() {
     );
     h.stop().await;
 }
+
+/// Issue 11, admission control: a caller over `--max-begins-per-caller-per-sec` gets
+/// RESOURCE_EXHAUSTED while another caller (another address) still begins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_over_its_begin_rate_is_refused_while_another_still_begins() {
+    use treaty_proto::v1 as pb;
+    use treaty_proto::v1::coordinator_client::CoordinatorClient;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let uri = format!("http://{}", listener.local_addr().unwrap());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let config = Config {
+        max_begins_per_caller_per_sec: 1,
+        shutdown_grace: Duration::from_millis(100),
+        ..Config::default()
+    };
+    let server = tokio::spawn(treaty_coordinator::server::run(
+        listener,
+        Arc::new(MemoryLog::new()),
+        config,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let client_from = |ip: [u8; 4]| {
+        let uri = uri.clone();
+        async move {
+            let channel = tonic::transport::Endpoint::from_shared(uri)
+                .unwrap()
+                .local_address(Some(std::net::IpAddr::from(ip)))
+                .connect()
+                .await
+                .unwrap();
+            CoordinatorClient::new(channel)
+        }
+    };
+    // A saga whose participant is never reached: Begin answers once `Begun` is durable.
+    let begin = |gid: String| pb::BeginRequest {
+        gid,
+        mode: pb::Mode::Saga.into(),
+        branches: vec![pb::Branch {
+            endpoint: "http://127.0.0.1:9".into(),
+            handler: "h".into(),
+            ..Default::default()
+        }],
+        deadline_ms: 1000,
+        ..Default::default()
+    };
+    let mut runaway = client_from([127, 0, 0, 1]).await;
+    let mut other = client_from([127, 0, 0, 2]).await;
+
+    // One token a second: within a bounded number of quick calls the runaway runs out.
+    let mut refused = None;
+    for i in 0..50 {
+        if let Err(e) = runaway.begin(begin(format!("runaway-{i}"))).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    let e = refused.expect("the runaway caller is refused within 50 quick Begins");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("127.0.0.1"), "{e:?}");
+    let r = other.begin(begin("other-0".into())).await;
+    assert!(r.is_ok(), "another caller still begins: {r:?}");
+
+    stop_tx.send(()).unwrap();
+    let _ = server.await.unwrap();
+}

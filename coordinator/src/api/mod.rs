@@ -2,13 +2,16 @@
 //! [`validate`] (and here, for the small ones), converted with [`crate::mapping`], and the
 //! answers converted back the same way. Health and reflection are added in `crate::server`.
 
+pub mod callers;
 pub mod validate;
 
 use crate::engine::Outcome;
 use crate::log::{ListFilter, LogError};
 use crate::mapping::{self, outcome_to_proto, transaction_to_proto as to_proto};
 use crate::runtime::{now_ms, BeginError, ResolveError, Runtime, WatchTarget};
+use callers::{BeginLimiter, CallerId};
 use std::pin::Pin;
+use std::sync::Arc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use treaty_proto::v1 as pb;
@@ -18,11 +21,14 @@ use treaty_proto::v1::coordinator_server::Coordinator;
 #[derive(Clone)]
 pub struct CoordinatorService {
     rt: Runtime,
+    /// Per-caller `Begin` rate ([`callers`]).
+    begins: Arc<BeginLimiter>,
 }
 
 impl CoordinatorService {
     pub fn new(rt: Runtime) -> Self {
-        CoordinatorService { rt }
+        let begins = Arc::new(BeginLimiter::new(rt.config().max_begins_per_caller_per_sec));
+        CoordinatorService { rt, begins }
     }
 }
 
@@ -58,6 +64,9 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::BeginRequest>,
     ) -> Result<Response<pb::BeginResponse>, Status> {
+        // First, before any work: a runaway caller costs the others nothing.
+        self.begins
+            .admit(&CallerId::of(&req), tokio::time::Instant::now())?;
         let begin = validate::begin(req.into_inner(), self.rt.config())
             .map_err(|e| Status::invalid_argument(e.0))?;
         let begun = self.rt.begin(begin).await.map_err(begin_status)?;

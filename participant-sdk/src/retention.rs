@@ -58,6 +58,7 @@
 //! than the coordinator's tombstone retention) is kept forever: counted in
 //! [`SweepReport::unknown`], for an operator to look at.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::barrier::rules::{self, CoordinatorSays, Keep};
@@ -206,6 +207,9 @@ impl<S: BarrierStore> Participant<S> {
         let mut report = SweepReport::default();
         let mut cursor: Option<String> = None;
         let mut asked = 0usize;
+        // Coordinators that did not answer this round are not asked again in it: an
+        // unreachable one would cost a call timeout per gid.
+        let mut silent: HashSet<String> = HashSet::new();
         'pages: loop {
             let page = store
                 .sweep_page(cursor.clone(), policy.batch_rows_max)
@@ -223,7 +227,7 @@ impl<S: BarrierStore> Participant<S> {
                     continue;
                 }
                 asked += 1;
-                match self.sweep_one(rows).await? {
+                match self.sweep_one(rows, &mut silent).await? {
                     Ok(()) => {
                         report.swept_gids += 1;
                         report.swept_rows += rows.len();
@@ -244,21 +248,29 @@ impl<S: BarrierStore> Participant<S> {
     }
 
     /// Asks the coordinator of one candidate gid and sweeps it if it says finished.
-    async fn sweep_one(&self, rows: &[BarrierRow]) -> Result<Result<(), Keep>, ParticipantError> {
+    async fn sweep_one(
+        &self,
+        rows: &[BarrierRow],
+        silent: &mut HashSet<String>,
+    ) -> Result<Result<(), Keep>, ParticipantError> {
         let first = &rows[0];
         let uri = match (first.outcome_endpoint.as_str(), self.coordinator_uri()) {
             ("", Some(uri)) => uri.to_string(),
             ("", None) => return Ok(Err(Keep::Unanswered)),
             (named, _) => named.to_string(),
         };
-        let answer = self
-            .ask_outcome(&uri, &first.gid)
-            .await
-            .map(|a| CoordinatorSays {
-                log_id: a.log_id,
-                known: a.known,
-                finished: a.finished,
-            });
+        if silent.contains(&uri) {
+            return Ok(Err(Keep::Unanswered));
+        }
+        let answer = self.ask_outcome(&uri, &first.gid).await;
+        if answer.is_none() {
+            silent.insert(uri.clone());
+        }
+        let answer = answer.map(|a| CoordinatorSays {
+            log_id: a.log_id,
+            known: a.known,
+            finished: a.finished,
+        });
         if let Err(why) = rules::sweep_told(&first.log_id, answer.as_ref()) {
             if why == Keep::WrongLog {
                 tracing::warn!(gid = %first.gid, endpoint = %uri, "barrier rows kept: the coordinator answering is another log than the one that drove the gid");

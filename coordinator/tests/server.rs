@@ -315,3 +315,119 @@ async fn a_caller_over_its_begin_rate_is_refused_while_another_still_begins() {
     stop_tx.send(()).unwrap();
     let _ = server.await.unwrap();
 }
+
+/// Issue 11, participant-side retention end to end: the real coordinator says `finished`
+/// once a saga is terminal and durable, an SDK participant sweeps its rows on it, and a late
+/// duplicate of the step afterwards is answered FAILED without running the business code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_sweeps_a_finished_saga_and_a_late_duplicate_changes_nothing() {
+    use treaty_proto::v1 as pb;
+    use treaty_proto::v1::participant_server::Participant as _;
+    use treaty_sdk::RetentionPolicy;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open_dir(dir.path(), "data").unwrap();
+    let runs = |tree: &sled::Tree| {
+        tree.get("runs")
+            .unwrap()
+            .map_or(0, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap()))
+    };
+    fn count(tx: &mut treaty_sdk::Txn<'_, SledStore>) -> treaty_sdk::HandlerResult {
+        let n = tx
+            .get("runs")?
+            .map_or(0, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap()));
+        tx.insert("runs", &(n + 1).to_be_bytes())?;
+        Ok(())
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let coordinator = format!("http://{}", listener.local_addr().unwrap());
+    // `server::run` advertises no outcome endpoint: branches are asked about here.
+    let participant = Participant::builder(store)
+        .coordinator(coordinator.clone())
+        .retention(RetentionPolicy::with_horizon(Duration::ZERO))
+        .saga(
+            "hs",
+            Saga::<SledStore>::new()
+                .execute(async |_, tx, _| count(tx))
+                .compensate(async |_, tx, _| count(tx)),
+        )
+        .build()
+        .unwrap();
+    let pl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let participant_uri = format!("http://{}", pl.local_addr().unwrap());
+    let (pstop, pstopped) = tokio::sync::oneshot::channel::<()>();
+    let pserver = tokio::spawn(participant.clone().serve(pl, async {
+        let _ = pstopped.await;
+    }));
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(treaty_coordinator::server::run(
+        listener,
+        Arc::new(MemoryLog::new()),
+        Config {
+            shutdown_grace: Duration::from_millis(100),
+            ..Config::default()
+        },
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    let client = Client::connect(coordinator).await.unwrap();
+    let done = client
+        .saga()
+        .gid("swept-saga")
+        .step(
+            Step::new(participant_uri, "hs")
+                .payload("a")
+                .compensation("a"),
+        )
+        .submit_and_wait(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(done.outcome, Outcome::Committed);
+    let tree = participant.store().tree().clone();
+    assert_eq!(runs(&tree), 1);
+
+    // Finished is said once the transaction has left its shard: bounded wait for it.
+    let start = std::time::Instant::now();
+    loop {
+        let r = participant.sweep().await.unwrap();
+        if r.swept_gids == 1 {
+            assert_eq!(r.swept_rows, 1, "{r:?}");
+            break;
+        }
+        assert!(
+            r.not_finished == 1 && start.elapsed() < Duration::from_secs(10),
+            "the coordinator never said finished: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let store = participant.store();
+    assert!(store.try_rows("swept-saga").unwrap().is_empty());
+    let marker = store.try_swept("swept-saga").unwrap().expect("a marker");
+
+    // A late duplicate of the step, from the same log: FAILED, nothing run, nothing written.
+    let late = pb::BranchRequest {
+        gid: "swept-saga".into(),
+        branch_id: 0,
+        handler: "hs".into(),
+        payload: "a".into(),
+        log_id: marker.log_id.clone(),
+        attempt: 1,
+        ..Default::default()
+    };
+    let r = participant
+        .execute(tonic::Request::new(late))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result(), pb::ExecuteResult::Failed, "{r:?}");
+    assert_eq!(runs(&tree), 1, "the late duplicate ran no business code");
+    assert!(store.try_rows("swept-saga").unwrap().is_empty());
+
+    stop_tx.send(()).unwrap();
+    let _ = server.await.unwrap();
+    pstop.send(()).unwrap();
+    pserver.await.unwrap().unwrap();
+}

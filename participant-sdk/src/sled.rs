@@ -60,7 +60,7 @@
 //! # Retention
 //!
 //! Rows are deleted only by [`BarrierStore::sweep_gid`], which the participant's sweep calls
-//! for a gid its coordinator says is finished (see [`crate::participant::RetentionPolicy`]
+//! for a gid its coordinator says is finished (see [`crate::retention`]
 //! for the whole argument): first a marker is written (every delivery reads it before the
 //! rows and, finding it, follows [`rules::plan_swept`] and writes nothing, so no row can
 //! appear from then on); then the gid's rows are read again and, if they are exactly the

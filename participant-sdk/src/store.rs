@@ -49,7 +49,7 @@
 //! - **Retention** (optional): a store that [`BarrierStore::sweeps`] pages through its rows
 //!   by gid, replaces the rows of a finished gid by a small marker in one transaction, and
 //!   plans every delivery to a marked gid with [`crate::barrier::rules::plan_swept`]; the
-//!   participant decides what to sweep (see [`crate::participant::RetentionPolicy`]).
+//!   participant decides what to sweep (see [`crate::retention`]).
 //!
 //! The contract is written as tests: [`conformance`], which every store runs (the sled store
 //! runs it in `cargo test`).

@@ -732,33 +732,44 @@ impl Tx {
         format!("{noun} {b} ({} at {})", def.handler, def.endpoint)
     }
 
-    /// The reason for giving up at the deadline: which branches had not answered (`waiting`
-    /// selects them), with the last error seen for each.
+    /// The reason for giving up at the deadline: which branches had not answered (`in_doubt`
+    /// selects them by state), with the last error seen for each.
     pub(super) fn deadline_reason(
         rec: &TxRecord,
         noun: &str,
-        waiting: impl Fn(BranchState) -> bool,
+        in_doubt: impl Fn(BranchState) -> bool,
     ) -> String {
-        let parts: Vec<String> = (0..rec.branches.len())
-            .filter(|&b| waiting(rec.branches[b].state))
-            .map(|b| {
-                let mut s = Tx::describe_branch(rec, b, noun);
+        let waiting: Vec<usize> = (0..rec.branches.len())
+            .filter(|&b| in_doubt(rec.branches[b].state))
+            .collect();
+        if waiting.is_empty() {
+            return "deadline passed before any branch was called".into();
+        }
+        let names: Vec<String> = waiting
+            .iter()
+            .map(|&b| Tx::describe_branch(rec, b, noun))
+            .collect();
+        let errors: Vec<String> = waiting
+            .iter()
+            .filter(|&&b| !rec.branches[b].last_error.is_empty())
+            .map(|&b| {
                 let err = &rec.branches[b].last_error;
-                if !err.is_empty() {
-                    s.push_str(&format!(" (last error: {err})"));
+                if waiting.len() == 1 {
+                    format!("last error: {err}")
+                } else {
+                    format!("{noun} {b}'s last error: {err}")
                 }
-                s
             })
             .collect();
-        if parts.is_empty() {
-            "deadline passed before any branch was called".into()
-        } else {
-            format!(
-                "deadline passed while {} {} in doubt",
-                parts.join(", "),
-                if parts.len() == 1 { "was" } else { "were" }
-            )
+        let mut why = format!(
+            "deadline passed while {} {} in doubt",
+            names.join(", "),
+            if waiting.len() == 1 { "was" } else { "were" }
+        );
+        if !errors.is_empty() {
+            why.push_str(&format!(" ({})", errors.join("; ")));
         }
+        why
     }
 
     pub(super) fn finish(&mut self, out: &mut Vec<Command>) {

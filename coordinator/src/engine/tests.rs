@@ -729,7 +729,7 @@ fn the_deadline_names_the_branches_still_in_doubt() {
         written_reason(&cmds),
         Some(Some(
             "deadline passed while branch 1 (h at http://127.0.0.1:7001), branch 2 (h at \
-             http://127.0.0.1:7002) (last error: unavailable) were in doubt"
+             http://127.0.0.1:7002) were in doubt (branch 2's last error: unavailable)"
                 .into()
         ))
     );

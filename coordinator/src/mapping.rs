@@ -235,6 +235,7 @@ pub fn transaction_to_proto(s: &Snapshot) -> pb::Transaction {
         updated_unix_ms: r.updated_unix_ms,
         deadline_unix_ms: r.deadline_unix_ms,
         stuck: r.stuck,
+        reason: r.reason.clone().unwrap_or_default(),
     }
 }
 

@@ -440,6 +440,7 @@ async fn a_deadline_years_away_neither_panics_nor_freezes_a_shard() {
         retry: RetryPolicy::default(),
         stuck: false,
         seq: 1,
+        reason: None,
     };
     log.put_sync(rec, true).expect("put");
     h.rt.recover().await.expect("recover");
@@ -478,6 +479,7 @@ async fn stuck_transactions_are_listed_retried_and_resolved_by_hand() {
                     retry: RetryPolicy::default(),
                     stuck: false,
                     seq: 1,
+                    reason: None,
                 },
                 false,
             )
@@ -584,6 +586,7 @@ async fn the_server_syncs_the_log_before_recovering() {
         retry: RetryPolicy::default(),
         stuck: false,
         seq: 1,
+        reason: None,
     };
     rec.branches = vec![];
     log.put_sync(rec, false).expect("put");

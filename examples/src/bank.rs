@@ -111,11 +111,12 @@ fn add(tree: &TransactionalTree, prefix: &str, account: &str, delta: i64) -> Han
     write(tree, &k, sum)
 }
 
-/// Refuses when the account does not have `amount`.
+/// Refuses when the account does not have `amount`, saying what it has: the refusal reaches
+/// whoever asked for the transfer (the transaction's reason).
 fn check_funds(l: &Leg, balance: i64) -> HandlerResult {
     if balance < l.amount {
         return Err(refuse(format!(
-            "insufficient funds in {}: balance {balance} < amount {}",
+            "insufficient funds: {} has {balance}, the transfer needs {}",
             l.account, l.amount
         )));
     }

@@ -357,6 +357,7 @@ impl Coordinator for FakeCoordinator {
             gid,
             outcome: outcome as i32,
             existing: false,
+            reason: String::new(),
         }))
     }
     async fn get(&self, _: Request<pb::GetRequest>) -> Result<Response<pb::Transaction>, Status> {

@@ -225,6 +225,28 @@ async fn two_phase_aborts_when_a_participant_refuses() {
     let submitted = bank.two_phase(1000).submit_and_wait(WAIT).await.unwrap();
     assert_eq!(submitted.outcome, Outcome::Aborted);
     assert_eq!(bank.balances().await, (100, 0, 50, 0));
+    // Say why: the refusal reaches the submitter and `Get`, naming the branch.
+    let why = format!(
+        "branch 0 (debit at {}) refused: insufficient funds: alice has 100, the transfer needs 1000",
+        bank.a.uri()
+    );
+    assert_eq!(submitted.reason.as_deref(), Some(why.as_str()));
+    let tx = bank.client.get(&submitted.gid).await.unwrap();
+    assert_eq!(tx.reason.as_deref(), Some(why.as_str()));
+
+    // The same for a saga whose first step fails.
+    let submitted = bank.saga(1000).submit_and_wait(WAIT).await.unwrap();
+    assert_eq!(submitted.outcome, Outcome::Aborted);
+    let why = format!(
+        "step 0 (saga-debit at {}) failed: insufficient funds: alice has 100, the transfer needs 1000",
+        bank.a.uri()
+    );
+    assert_eq!(submitted.reason.as_deref(), Some(why.as_str()));
+    let tx = bank.client.get(&submitted.gid).await.unwrap();
+    assert_eq!(tx.reason.as_deref(), Some(why.as_str()));
+    // A committed transaction has no reason.
+    let ok = bank.two_phase(1).submit_and_wait(WAIT).await.unwrap();
+    assert_eq!((ok.outcome, ok.reason), (Outcome::Committed, None));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

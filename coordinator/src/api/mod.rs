@@ -74,6 +74,7 @@ impl Coordinator for CoordinatorService {
             gid: begun.gid,
             outcome: outcome_to_proto(begun.outcome).into(),
             existing: begun.existing,
+            reason: begun.reason.unwrap_or_default(),
         }))
     }
 

@@ -43,6 +43,7 @@ use super::saga::Saga;
 use super::two_phase::TwoPhase;
 use super::types::{
     BranchRecord, BranchState, Mode, Outcome, Phase, Resolution, RetryPolicy, TxRecord,
+    REASON_BYTES_MAX,
 };
 
 /// An operation the coordinator asks a participant to do for one branch.
@@ -289,6 +290,7 @@ impl Tx {
             retry: def.retry,
             stuck: false,
             seq: 0,
+            reason: None,
         };
         Tx::with_record(rec, 0)
     }
@@ -704,6 +706,70 @@ impl Tx {
                 self.rec.gid
             ),
         }
+    }
+
+    /// Records why the transaction is being undone. The first reason stays: later ones
+    /// (e.g. a second refusal arriving after the abort) are consequences, not causes. Cut to
+    /// [`REASON_BYTES_MAX`] at a character boundary.
+    pub(super) fn set_reason(&mut self, why: impl FnOnce(&TxRecord) -> String) {
+        if self.rec.reason.is_none() {
+            let mut why = why(&self.rec);
+            if why.len() > REASON_BYTES_MAX {
+                let mut end = REASON_BYTES_MAX - '…'.len_utf8();
+                while !why.is_char_boundary(end) {
+                    end -= 1;
+                }
+                why.truncate(end);
+                why.push('…');
+            }
+            self.rec.reason = Some(why);
+        }
+    }
+
+    /// How a reason names branch `b`: `branch 0 (debit at http://127.0.0.1:7801)`.
+    pub(super) fn describe_branch(rec: &TxRecord, b: usize, noun: &str) -> String {
+        let def = &rec.branches[b].def;
+        format!("{noun} {b} ({} at {})", def.handler, def.endpoint)
+    }
+
+    /// The reason for giving up at the deadline: which branches had not answered (`in_doubt`
+    /// selects them by state), with the last error seen for each.
+    pub(super) fn deadline_reason(
+        rec: &TxRecord,
+        noun: &str,
+        in_doubt: impl Fn(BranchState) -> bool,
+    ) -> String {
+        let waiting: Vec<usize> = (0..rec.branches.len())
+            .filter(|&b| in_doubt(rec.branches[b].state))
+            .collect();
+        if waiting.is_empty() {
+            return "deadline passed before any branch was called".into();
+        }
+        let names: Vec<String> = waiting
+            .iter()
+            .map(|&b| Tx::describe_branch(rec, b, noun))
+            .collect();
+        let errors: Vec<String> = waiting
+            .iter()
+            .filter(|&&b| !rec.branches[b].last_error.is_empty())
+            .map(|&b| {
+                let err = &rec.branches[b].last_error;
+                if waiting.len() == 1 {
+                    format!("last error: {err}")
+                } else {
+                    format!("{noun} {b}'s last error: {err}")
+                }
+            })
+            .collect();
+        let mut why = format!(
+            "deadline passed while {} {} in doubt",
+            names.join(", "),
+            if waiting.len() == 1 { "was" } else { "were" }
+        );
+        if !errors.is_empty() {
+            why.push_str(&format!(" ({})", errors.join("; ")));
+        }
+        why
     }
 
     pub(super) fn finish(&mut self, out: &mut Vec<Command>) {

@@ -7,7 +7,7 @@
 //! first, one at a time; then `Aborted`.
 
 use super::machine::{mutated, Command, Gate, Op, Protocol, Reply, Tx};
-use super::types::{BranchState, Mode, Outcome, Phase};
+use super::types::{BranchState, Mode, Outcome, Phase, TxRecord};
 
 /// A saga: forward steps, compensations in reverse on failure.
 pub(super) struct Saga;
@@ -18,6 +18,7 @@ impl Protocol for Saga {
     }
 
     fn give_up(&self, tx: &mut Tx, now_ms: u64, out: &mut Vec<Command>) {
+        tx.set_reason(deadline_reason);
         start_compensation(tx, now_ms, out);
     }
 
@@ -44,9 +45,12 @@ impl Protocol for Saga {
                                 b.state = BranchState::InDoubt;
                             }
                         }
-                        if tx.rec.branches[k].state == BranchState::Failed
-                            || now_ms >= tx.rec.deadline_unix_ms
-                        {
+                        if tx.rec.branches[k].state == BranchState::Failed {
+                            let why = tx.rec.branches[k].last_error.clone();
+                            tx.set_reason(|r| failed_reason(r, k, &why));
+                            start_compensation(tx, now_ms, out);
+                        } else if now_ms >= tx.rec.deadline_unix_ms {
+                            tx.set_reason(deadline_reason);
                             start_compensation(tx, now_ms, out);
                         } else {
                             out.push(Command::SetDeadline {
@@ -60,6 +64,8 @@ impl Protocol for Saga {
             Phase::Compensating => compensate_next(tx, now_ms, out),
             Phase::Committing | Phase::Aborting => {
                 // Not written by this protocol for sagas; treat like compensation to be safe.
+                let was = tx.rec.phase;
+                tx.set_reason(|_| format!("recovered in the 2PC-only phase {was:?}"));
                 tx.rec.phase = Phase::Compensating;
                 compensate_next(tx, now_ms, out);
             }
@@ -107,6 +113,9 @@ impl Protocol for Saga {
             }
             (Op::Execute, Reply::Failed(why)) => {
                 tx.set_state(b, BranchState::Failed);
+                if phase == Phase::Active {
+                    tx.set_reason(|r| failed_reason(r, b, &why));
+                }
                 tx.rec.branches[b].last_error = why;
                 if phase == Phase::Active {
                     start_compensation(tx, now_ms, out);
@@ -123,6 +132,16 @@ impl Protocol for Saga {
     fn after_resolution(&self, tx: &mut Tx, now_ms: u64, _op: Op, out: &mut Vec<Command>) {
         compensate_next(tx, now_ms, out);
     }
+}
+
+/// The reason when step `b` answered FAILED with `why`.
+fn failed_reason(rec: &TxRecord, b: usize, why: &str) -> String {
+    format!("{} failed: {why}", Tx::describe_branch(rec, b, "step"))
+}
+
+/// The reason when the forward run's deadline passed: the step that had not answered.
+fn deadline_reason(rec: &TxRecord) -> String {
+    Tx::deadline_reason(rec, "step", |s| s == BranchState::InDoubt)
 }
 
 /// A step failed or the deadline passed. Forced: once compensation starts, recovery must not

@@ -625,3 +625,201 @@ fn outcome_is_reported_from_the_recorded_phase() {
         assert_eq!(tx.record().outcome(), want, "{phase:?}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Say why: every way to undo a transaction records its reason in the record that decides it.
+// ---------------------------------------------------------------------------------------
+
+/// The reason carried by the last record the commands write.
+fn written_reason(cmds: &[Command]) -> Option<Option<String>> {
+    cmds.iter().rev().find_map(|c| match c {
+        Command::Persist { record, .. } => Some(record.reason.clone()),
+        _ => None,
+    })
+}
+
+/// Feeds `steps` (events at time 1) and returns the commands of the last one.
+fn feed(tx: &mut Tx, events: Vec<Event>) -> Vec<Command> {
+    events
+        .into_iter()
+        .map(|e| tx.handle(1, e))
+        .last()
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_refused_prepare_is_the_reason_of_the_abort() {
+    let mut tx = new_tx(Mode::TwoPhase, 2);
+    let cmds = feed(
+        &mut tx,
+        vec![
+            Event::Start,
+            durable(1),
+            reply(0, Prepare, 1, Prepared),
+            reply(
+                1,
+                Prepare,
+                1,
+                Refused("insufficient funds: alice has 75".into()),
+            ),
+        ],
+    );
+    let why = "branch 1 (h at http://127.0.0.1:7001) refused: insufficient funds: alice has 75";
+    assert_eq!(written_reason(&cmds), Some(Some(why.into())));
+    // The cause stays through phase two, into the final record.
+    feed(&mut tx, vec![reply(0, Abort, 1, Done)]);
+    let cmds = feed(&mut tx, vec![reply(1, Abort, 1, Done)]);
+    assert_eq!(render(&cmds[0]), "persist(Aborted)");
+    assert_eq!(written_reason(&cmds), Some(Some(why.into())));
+}
+
+#[test]
+fn only_the_first_refusal_is_the_reason() {
+    let mut tx = new_tx(Mode::TwoPhase, 2);
+    feed(
+        &mut tx,
+        vec![
+            Event::Start,
+            durable(1),
+            reply(0, Prepare, 1, Refused("first".into())),
+            reply(1, Prepare, 1, Refused("second".into())),
+        ],
+    );
+    assert_eq!(
+        tx.record().reason.as_deref(),
+        Some("branch 0 (h at http://127.0.0.1:7000) refused: first")
+    );
+}
+
+#[test]
+fn a_failed_saga_step_is_the_reason_of_the_compensation() {
+    let mut tx = new_tx(Mode::Saga, 3);
+    let cmds = feed(
+        &mut tx,
+        vec![
+            Event::Start,
+            durable(1),
+            reply(0, Execute, 1, Succeeded),
+            reply(1, Execute, 1, Failed("no seats".into())),
+        ],
+    );
+    let why = "step 1 (h at http://127.0.0.1:7001) failed: no seats";
+    assert_eq!(render(&cmds[0]), "persist(Compensating,forced)");
+    assert_eq!(written_reason(&cmds), Some(Some(why.into())));
+    feed(&mut tx, vec![durable(3)]);
+    let cmds = feed(&mut tx, vec![reply(0, Compensate, 1, Done)]);
+    assert_eq!(render(&cmds[0]), "persist(Aborted)");
+    assert_eq!(written_reason(&cmds), Some(Some(why.into())));
+}
+
+#[test]
+fn the_deadline_names_the_branches_still_in_doubt() {
+    let mut tx = new_tx(Mode::TwoPhase, 3);
+    let cmds = feed(
+        &mut tx,
+        vec![
+            Event::Start,
+            durable(1),
+            reply(0, Prepare, 1, Prepared),
+            transient(2, Prepare, 1),
+            Event::DeadlinePassed,
+        ],
+    );
+    assert_eq!(
+        written_reason(&cmds),
+        Some(Some(
+            "deadline passed while branch 1 (h at http://127.0.0.1:7001), branch 2 (h at \
+             http://127.0.0.1:7002) were in doubt (branch 2's last error: unavailable)"
+                .into()
+        ))
+    );
+
+    let mut tx = new_tx(Mode::Saga, 2);
+    let cmds = feed(
+        &mut tx,
+        vec![
+            Event::Start,
+            durable(1),
+            reply(0, Execute, 1, Succeeded),
+            Event::DeadlinePassed,
+        ],
+    );
+    assert_eq!(
+        written_reason(&cmds),
+        Some(Some(
+            "deadline passed while step 1 (h at http://127.0.0.1:7001) was in doubt".into()
+        ))
+    );
+
+    // The deadline passed while `Begun` was being written: nothing was called.
+    let mut tx = new_tx(Mode::TwoPhase, 1);
+    feed(&mut tx, vec![Event::Start]);
+    let cmds = tx.handle(DEADLINE, durable(1));
+    assert_eq!(
+        written_reason(&cmds),
+        Some(Some("deadline passed before any branch was called".into()))
+    );
+}
+
+#[test]
+fn recovery_gives_its_own_reason_and_keeps_a_recorded_one() {
+    let mut tx = recovered(Mode::TwoPhase, Phase::Active, &[S::Prepared, S::InDoubt]);
+    let cmds = tx.handle(1, Event::Recovered);
+    assert_eq!(
+        written_reason(&cmds),
+        Some(Some(
+            "the coordinator restarted before every branch had prepared (presumed abort)".into()
+        ))
+    );
+
+    let mut rec = new_tx(Mode::Saga, 2).record().clone();
+    rec.phase = Phase::Active;
+    rec.seq = 4;
+    rec.branches[0].state = S::Succeeded;
+    rec.branches[1].state = S::Failed;
+    rec.branches[1].last_error = "no seats".into();
+    let mut tx = Tx::recover(rec);
+    let cmds = tx.handle(1, Event::Recovered);
+    assert_eq!(
+        written_reason(&cmds),
+        Some(Some(
+            "step 1 (h at http://127.0.0.1:7001) failed: no seats".into()
+        ))
+    );
+
+    let mut rec = new_tx(Mode::TwoPhase, 1).record().clone();
+    rec.phase = Phase::Aborting;
+    rec.seq = 4;
+    rec.reason = Some("branch 0 refused: recorded before the crash".into());
+    let mut tx = Tx::recover(rec);
+    feed(&mut tx, vec![Event::Recovered]);
+    let cmds = tx.handle(1, reply(0, Abort, 1, Done));
+    assert_eq!(
+        written_reason(&cmds),
+        Some(Some("branch 0 refused: recorded before the crash".into()))
+    );
+}
+
+#[test]
+fn a_commit_has_no_reason_and_a_long_one_is_cut() {
+    let mut tx = new_tx(Mode::TwoPhase, 1);
+    let cmds = feed(
+        &mut tx,
+        vec![Event::Start, durable(1), reply(0, Prepare, 1, Prepared)],
+    );
+    assert_eq!(written_reason(&cmds), Some(None));
+
+    let mut tx = new_tx(Mode::TwoPhase, 1);
+    feed(
+        &mut tx,
+        vec![
+            Event::Start,
+            durable(1),
+            reply(0, Prepare, 1, Refused("é".repeat(4 * REASON_BYTES_MAX))),
+        ],
+    );
+    let why = tx.record().reason.clone().expect("a reason");
+    assert!(why.len() <= REASON_BYTES_MAX, "{} bytes", why.len());
+    assert!(why.starts_with("branch 0 (h at http://127.0.0.1:7000) refused: éé"));
+    assert!(why.ends_with('…'));
+}

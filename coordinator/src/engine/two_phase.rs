@@ -21,17 +21,27 @@ impl Protocol for TwoPhase {
     }
 
     fn give_up(&self, tx: &mut Tx, now_ms: u64, out: &mut Vec<Command>) {
+        tx.set_reason(|r| Tx::deadline_reason(r, "branch", |s| s == BranchState::InDoubt));
         abort(tx, now_ms, out);
     }
 
     fn resume(&self, tx: &mut Tx, now_ms: u64, out: &mut Vec<Command>) {
         match tx.rec.phase {
             // Prepares' answers died with the process: presumed abort.
-            Phase::Active => abort(tx, now_ms, out),
+            Phase::Active => {
+                tx.set_reason(|_| {
+                    "the coordinator restarted before every branch had prepared (presumed abort)"
+                        .into()
+                });
+                abort(tx, now_ms, out)
+            }
             Phase::Committing => resume_phase_two(tx, now_ms, Outcome::Committed, out),
             Phase::Aborting => resume_phase_two(tx, now_ms, Outcome::Aborted, out),
             // Not written by this protocol; nothing was decided to commit: abort.
-            Phase::Compensating => abort(tx, now_ms, out),
+            Phase::Compensating => {
+                tx.set_reason(|_| "recovered in the saga-only phase Compensating".into());
+                abort(tx, now_ms, out)
+            }
             Phase::Committed | Phase::Aborted => {
                 unreachable!("the machine finishes terminal records itself")
             }
@@ -90,6 +100,11 @@ impl Protocol for TwoPhase {
             }
             (Op::Prepare, Reply::Refused(why)) => {
                 tx.set_state(b, BranchState::Refused);
+                if phase == Phase::Active {
+                    tx.set_reason(|r| {
+                        format!("{} refused: {why}", Tx::describe_branch(r, b, "branch"))
+                    });
+                }
                 tx.rec.branches[b].last_error = why;
                 if phase == Phase::Active {
                     abort(tx, now_ms, out);

@@ -223,7 +223,16 @@ pub struct TxRecord {
     pub stuck: bool,
     /// Bumped on every write of this record.
     pub seq: u64,
+    /// Why the transaction is aborting or compensating, set once when the engine decides to
+    /// undo it (a participant's refusal or failure, the deadline, a recovery) and never
+    /// changed after; at most [`REASON_BYTES_MAX`] bytes. `None` while nothing went wrong,
+    /// and for records written before reasons were recorded.
+    pub reason: Option<String>,
 }
+
+/// Bound on [`TxRecord::reason`]: it quotes a participant's message, which the coordinator
+/// does not control, and it is stored and shown with every copy of the record.
+pub const REASON_BYTES_MAX: usize = 1024;
 
 impl TxRecord {
     /// The outcome implied by the recorded phase, as `Outcome(gid)` reports it.

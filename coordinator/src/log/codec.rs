@@ -74,6 +74,7 @@ pub fn to_proto(rec: &TxRecord) -> pb::LogRecord {
         retry: Some(retry_to_proto(&rec.retry)),
         stuck: rec.stuck,
         seq: rec.seq,
+        reason: rec.reason.clone(),
     }
 }
 
@@ -117,6 +118,7 @@ pub fn from_proto(msg: pb::LogRecord) -> Result<TxRecord, DecodeError> {
         retry,
         stuck: msg.stuck,
         seq: msg.seq,
+        reason: msg.reason,
     })
 }
 
@@ -230,6 +232,7 @@ mod tests {
             retry: RetryPolicy::default(),
             stuck: true,
             seq: 9,
+            reason: Some("step 0 (debit at http://127.0.0.1:7801) failed: no such account".into()),
         }
     }
 
@@ -293,6 +296,7 @@ mod tests {
             },
             stuck: rng.gen(),
             seq: random_u64(rng),
+            reason: rng.gen_bool(0.5).then(|| random_string(rng, 30)),
         }
     }
 
@@ -303,6 +307,18 @@ mod tests {
         assert_eq!(decode(&bytes), Ok(rec));
         let msg = pb::LogRecord::decode(&bytes[..]).expect("protobuf");
         assert_eq!(msg.format_version, treaty_proto::LOG_FORMAT_VERSION);
+    }
+
+    #[test]
+    fn a_record_without_a_reason_decodes_as_none_and_an_empty_one_stays_empty() {
+        // What a treatyd from before reasons wrote: field 12 absent.
+        let mut old = to_proto(&sample());
+        old.reason = None;
+        let bytes = old.encode_to_vec();
+        assert_eq!(decode(&bytes).expect("old record").reason, None);
+        let mut rec = sample();
+        rec.reason = Some(String::new());
+        assert_eq!(decode(&encode(&rec)), Ok(rec));
     }
 
     #[test]

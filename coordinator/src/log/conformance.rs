@@ -81,6 +81,7 @@ pub fn record(gid: &str, phase: Phase, updated_unix_ms: u64) -> TxRecord {
         retry: RetryPolicy::default(),
         stuck: false,
         seq: 1,
+        reason: None,
     }
 }
 

@@ -488,6 +488,7 @@ mod tests {
             retry: RetryPolicy::default(),
             stuck: false,
             seq: 1,
+            reason: None,
         }
     }
 

@@ -715,6 +715,7 @@ mod tests {
             retry: RetryPolicy::default(),
             stuck: false,
             seq: 1,
+            reason: None,
         }
     }
 

@@ -160,6 +160,8 @@ pub struct Begun {
     pub outcome: Outcome,
     /// The gid already existed with the same definition.
     pub existing: bool,
+    /// With `outcome` aborted: why ([`TxRecord::reason`]).
+    pub reason: Option<String>,
 }
 
 /// What `outcome` answers a participant.
@@ -567,10 +569,18 @@ impl Runtime {
                 }
             }
         };
+        // Read once more only for an abort, which is rare and which a client wants
+        // explained; the record keeps its reason once set, so any later copy tells it.
+        let reason = if outcome == Outcome::Aborted {
+            self.get(&gid).await?.and_then(|s| s.record.reason)
+        } else {
+            None
+        };
         Ok(Begun {
             gid,
             outcome,
             existing,
+            reason,
         })
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use treaty_examples::bank::{parse_account_uri, Leg};
 use treaty_examples::proto::{bank_client::BankClient, BalancesRequest};
 use treaty_examples::{check_http_uri, error_chain};
-use treaty_sdk::{Branch, Client, Outcome, Step};
+use treaty_sdk::{Branch, Client, Outcome, Step, Submitted};
 
 /// The Treaty bank example's command line: transfers between accounts of `bank-account`
 /// instances, through the coordinator, by 2PC or saga; and balances.
@@ -75,13 +75,16 @@ async fn main() -> ExitCode {
             wait_ms,
             gid,
         } => match transfer(&coordinator, &from, &to, amount, mode, wait_ms, gid).await {
-            Ok((gid, outcome)) => {
-                let (word, code) = match outcome {
+            Ok(submitted) => {
+                let (word, code) = match submitted.outcome {
                     Outcome::Committed => ("COMMITTED", 0),
                     Outcome::Aborted => ("ABORTED", 3),
                     Outcome::Pending => ("PENDING", 4),
                 };
-                println!("{gid} {word}");
+                match submitted.reason {
+                    Some(why) => println!("{} {word}: {why}", submitted.gid),
+                    None => println!("{} {word}", submitted.gid),
+                }
                 ExitCode::from(code)
             }
             Err(e) => {
@@ -107,7 +110,7 @@ async fn transfer(
     mode: Mode,
     wait_ms: u64,
     gid: Option<String>,
-) -> Result<(String, Outcome), String> {
+) -> Result<Submitted, String> {
     if amount <= 0 {
         return Err(format!("--amount must be a positive integer, got {amount}"));
     }
@@ -153,7 +156,7 @@ async fn transfer(
         }
     }
     .map_err(|e| error_chain(&e))?;
-    Ok((submitted.gid, submitted.outcome))
+    Ok(submitted)
 }
 
 /// Bound on connecting to an instance and on each `Balances` call.

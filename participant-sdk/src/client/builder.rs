@@ -7,7 +7,7 @@ use bytes::Bytes;
 use treaty_proto::v1 as pb;
 
 use super::error::{submit_error, ClientError};
-use super::status::{Mode, Outcome, Submitted};
+use super::status::{Mode, Submitted};
 use super::Client;
 
 /// Retry policy for a transaction's branch calls: exponential backoff with full jitter.
@@ -215,11 +215,7 @@ impl Definition {
             .await
             .map_err(|status| submit_error(&gid, status))?
             .into_inner();
-        Ok(Submitted {
-            gid: if resp.gid.is_empty() { gid } else { resp.gid },
-            outcome: Outcome::from_proto(resp.outcome),
-            existing: resp.existing,
-        })
+        Ok(Submitted::from_proto(resp, gid))
     }
 }
 

@@ -147,6 +147,10 @@ pub struct TransactionStatus {
     /// coordinator still retries it ([`Client::retry`](super::Client::retry) makes it go
     /// out now).
     pub stuck: bool,
+    /// Why it is aborting, aborted, compensating or compensated: the participant's refusal
+    /// or failure, naming the branch (`branch 0 (debit at http://127.0.0.1:7801) refused:
+    /// insufficient funds: alice has 75`), or the deadline. `None` while nothing went wrong.
+    pub reason: Option<String>,
 }
 
 /// The coordinator's answer to [`Client::outcome`](super::Client::outcome).
@@ -181,6 +185,9 @@ pub struct Submitted {
     /// True when a transaction with this gid and the same definition already existed (a
     /// resubmission): nothing new was begun.
     pub existing: bool,
+    /// With [`Outcome::Aborted`]: why, as [`TransactionStatus::reason`] says it. `None`
+    /// otherwise.
+    pub reason: Option<String>,
 }
 
 /// Which transactions [`Client::list`](super::Client::list) returns, and from which page.
@@ -380,7 +387,24 @@ impl TryFrom<pb::Transaction> for TransactionStatus {
             updated_at: unix_ms(t.updated_unix_ms),
             deadline: (t.deadline_unix_ms != 0).then(|| unix_ms(t.deadline_unix_ms)),
             stuck: t.stuck,
+            reason: non_empty(t.reason),
         })
+    }
+}
+
+fn non_empty(s: String) -> Option<String> {
+    Some(s).filter(|s| !s.is_empty())
+}
+
+impl Submitted {
+    /// `gid` is the one the SDK sent, for a coordinator that leaves the answer's empty.
+    pub(crate) fn from_proto(resp: pb::BeginResponse, gid: String) -> Submitted {
+        Submitted {
+            gid: if resp.gid.is_empty() { gid } else { resp.gid },
+            outcome: Outcome::from_proto(resp.outcome),
+            existing: resp.existing,
+            reason: non_empty(resp.reason),
+        }
     }
 }
 
@@ -477,6 +501,7 @@ mod tests {
             updated_unix_ms: 1_700_000_000_250,
             deadline_unix_ms: 1_700_000_010_000,
             stuck: true,
+            reason: "step 1 (pay at http://127.0.0.1:7802) failed: card declined".into(),
         }
     }
 
@@ -519,6 +544,7 @@ mod tests {
                 updated_at: at(1_700_000_000_250),
                 deadline: Some(at(1_700_000_010_000)),
                 stuck: true,
+                reason: Some("step 1 (pay at http://127.0.0.1:7802) failed: card declined".into()),
             }
         );
         assert!(!t.state.is_terminal());
@@ -579,6 +605,9 @@ mod tests {
         })
         .unwrap();
         assert_eq!(page.transactions[0].deadline, None);
+        let mut t = proto_tx();
+        t.reason = String::new();
+        assert_eq!(TransactionStatus::try_from(t).unwrap().reason, None);
         assert_eq!(page.next_page_token, None);
     }
 

@@ -63,6 +63,7 @@ fn record(gid: String, payload: &Bytes) -> TxRecord {
         retry: RetryPolicy::default(),
         stuck: false,
         seq: 1,
+        reason: None,
     }
 }
 

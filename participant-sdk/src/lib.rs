@@ -23,11 +23,17 @@
 //!   refused.
 //! - In-doubt resolution: a branch left prepared is resolved by asking the coordinator log
 //!   that drove it ([`Participant::resolve_in_doubt`]); presumed abort is applied only from
-//!   that log. The coordinator is given as a URI or as a channel you built
-//!   ([`ParticipantBuilder::coordinator_channel`], for TLS and interceptors).
+//!   that log. The coordinator is given as a URI (dialled with
+//!   [`ParticipantBuilder::coordinator_options`]: TLS, token) or as a channel you built
+//!   ([`ParticipantBuilder::coordinator_channel`], for interceptors).
 //! - [`client`]: submit sagas ([`Step`]) and 2PC transactions ([`Branch`]) to the
 //!   coordinator with a [`Client`], and follow them up ([`TransactionStatus`], a [`Watch`]
 //!   stream).
+//! - [`tls`]: TLS and tokens: [`ClientOptions`] (one channel builder for the client and the
+//!   participant's coordinator connection: [`TlsConfig`] and a bearer token), [`ServerTls`]
+//!   for [`Participant::serve_tls`] (mTLS with a client CA), and
+//!   [`ParticipantBuilder::require_token`] (refuse branch calls without the coordinator's
+//!   token).
 //! - Errors: [`ParticipantError`] (building and serving a participant), [`HandlerError`]
 //!   (what handlers return: [`refuse`] or retry), [`StoreError`] (a store failed); on the
 //!   client side [`ClientError`], split by what the caller must do (notably
@@ -120,6 +126,7 @@ mod error;
 pub mod participant;
 pub mod sled;
 pub mod store;
+pub mod tls;
 
 pub use crate::sled::SledStore;
 pub use barrier::{Answer, BarrierRow, InDoubt, Op, Verdict};
@@ -134,3 +141,4 @@ pub use participant::{
     Saga, SagaHandler, TwoPhase, TwoPhaseHandler, Unset,
 };
 pub use store::{BarrierStore, HandlerCall, Txn};
+pub use tls::{ClientOptions, ServerTls, TlsConfig};

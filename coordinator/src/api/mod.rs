@@ -1,6 +1,11 @@
 //! The gRPC edge: `treaty.v1.Coordinator` over the [`Runtime`]. Requests are checked by
 //! [`validate`] (and here, for the small ones), converted with [`crate::mapping`], and the
 //! answers converted back the same way. Health and reflection are added in `crate::server`.
+//!
+//! With a token file ([`crate::security::Auth`]) every method first checks its caller's role:
+//! `Begin` needs submit; `Get`, `List`, `Watch` and `Outcome` need read (so a participant's
+//! in-doubt inquiries need a read token or certificate); `Retry` and `Resolve` need operate.
+//! Without one every caller may do everything (trusted networks only).
 
 pub mod validate;
 
@@ -8,7 +13,9 @@ use crate::engine::Outcome;
 use crate::log::{ListFilter, LogError};
 use crate::mapping::{self, outcome_to_proto, transaction_to_proto as to_proto};
 use crate::runtime::{now_ms, BeginError, ResolveError, Runtime, WatchTarget};
+use crate::security::{Auth, Role};
 use std::pin::Pin;
+use std::sync::Arc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use treaty_proto::v1 as pb;
@@ -18,11 +25,28 @@ use treaty_proto::v1::coordinator_server::Coordinator;
 #[derive(Clone)]
 pub struct CoordinatorService {
     rt: Runtime,
+    auth: Option<Arc<Auth>>,
 }
 
 impl CoordinatorService {
+    /// The service without authentication: every caller may do everything.
     pub fn new(rt: Runtime) -> Self {
-        CoordinatorService { rt }
+        CoordinatorService { rt, auth: None }
+    }
+
+    /// Every call must authenticate against `auth` and hold the role its method needs.
+    pub fn with_auth(mut self, auth: Auth) -> Self {
+        self.auth = Some(Arc::new(auth));
+        self
+    }
+
+    fn authorize<T>(&self, req: &Request<T>, role: Role, method: &str) -> Result<(), Status> {
+        match &self.auth {
+            None => Ok(()),
+            Some(auth) => auth.check(req, role, method).inspect_err(|s| {
+                tracing::warn!(method, code = ?s.code(), reason = s.message(), "call refused");
+            }),
+        }
     }
 }
 
@@ -58,6 +82,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::BeginRequest>,
     ) -> Result<Response<pb::BeginResponse>, Status> {
+        self.authorize(&req, Role::Submit, "Begin")?;
         let begin = validate::begin(req.into_inner(), self.rt.config())
             .map_err(|e| Status::invalid_argument(e.0))?;
         let begun = self.rt.begin(begin).await.map_err(begin_status)?;
@@ -69,6 +94,7 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::Transaction>, Status> {
+        self.authorize(&req, Role::Read, "Get")?;
         let gid = req.into_inner().gid;
         check_gid(&gid, &self.rt)?;
         match self.rt.get(&gid).await.map_err(log_status)? {
@@ -83,6 +109,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
+        self.authorize(&req, Role::Read, "List")?;
         let req = req.into_inner();
         let mut phases = Vec::with_capacity(req.states.len());
         for (i, s) in req.states.iter().enumerate() {
@@ -127,6 +154,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        self.authorize(&req, Role::Read, "Watch")?;
         let gid = req.into_inner().gid;
         check_gid(&gid, &self.rt)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -176,6 +204,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::OutcomeRequest>,
     ) -> Result<Response<pb::OutcomeResponse>, Status> {
+        self.authorize(&req, Role::Read, "Outcome")?;
         let gid = req.into_inner().gid;
         check_gid(&gid, &self.rt)?;
         let o = self.rt.outcome(&gid).await.map_err(log_status)?;
@@ -190,6 +219,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::RetryRequest>,
     ) -> Result<Response<pb::RetryResponse>, Status> {
+        self.authorize(&req, Role::Operate, "Retry")?;
         let gid = req.into_inner().gid;
         check_gid(&gid, &self.rt)?;
         match self.rt.retry(&gid).await.map_err(log_status)? {
@@ -208,6 +238,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::ResolveRequest>,
     ) -> Result<Response<pb::Transaction>, Status> {
+        self.authorize(&req, Role::Operate, "Resolve")?;
         let req = req.into_inner();
         check_gid(&req.gid, &self.rt)?;
         for (field, value, max) in [

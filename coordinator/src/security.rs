@@ -94,8 +94,8 @@ pub struct Auth {
 pub const CERT_PREFIX: &str = "cert-sha256:";
 
 impl Auth {
-    /// Parses a token file: one `credential = role, role` per line, `#` comments and blank
-    /// lines ignored. A credential is a bearer token (printable ASCII, no spaces) or
+    /// Parses a token file: one `credential = role, role` per line, `#` comments (whole lines
+    /// or after the roles) and blank lines ignored. A credential is a bearer token (printable ASCII, no spaces) or
     /// `cert-sha256:` and the hex SHA-256 fingerprint of a client certificate (mTLS). Roles
     /// are `submit`, `read`, `operate`. `source` names the file in errors.
     pub fn parse(text: &str, source: &str) -> Result<Auth, String> {
@@ -116,6 +116,8 @@ impl Auth {
                     "{at}: the token must be non-empty printable ASCII without spaces"
                 ));
             }
+            // A comment may follow the roles (tokens themselves may hold '#').
+            let roles = roles.split('#').next().unwrap_or_default();
             let mut set = Roles::default();
             for r in roles.split(',').map(str::trim).filter(|r| !r.is_empty()) {
                 let role = Role::ALL
@@ -367,7 +369,7 @@ mod tests {
     #[test]
     fn tokens_map_to_roles_and_failures_have_precise_codes() {
         let auth = Auth::parse(
-            "# comment\n\nsubmitter = submit, read\nreader=read\nops/b64== = operate,read\n",
+            "# comment\n\nsubmitter = submit, read\nreader=read # dashboards\nops/b64== = operate,read\n",
             "t",
         )
         .unwrap();

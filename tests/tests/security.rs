@@ -12,7 +12,7 @@ use treaty_sdk::{
     BranchContext, Client, ClientError, ClientOptions, HandlerResult, Outcome, Participant,
     ServerTls, SledStore, TlsConfig, TwoPhaseHandler, Txn,
 };
-use treaty_tests::Treatyd;
+use treaty_tests::{wait_until, Treatyd};
 
 const WAIT: Duration = Duration::from_secs(30);
 const PARTICIPANT_TOKEN: &str = "coordinator-only-8f3a";
@@ -199,7 +199,12 @@ async fn a_transaction_over_https_to_an_mtls_participant_commits() {
         .await
         .expect("submit");
     assert_eq!(done.outcome, Outcome::Committed);
-    assert!(p.has("prepare", &done.gid) && p.has("commit", &done.gid));
+    assert!(p.has("prepare", &done.gid));
+    // The outcome is told once the decision is durable; the commit follows.
+    wait_until("the commit over mTLS", WAIT, || async {
+        p.has("commit", &done.gid).then_some(())
+    })
+    .await;
 
     // The same API in plaintext is not served: a TLS listener does not speak clear HTTP/2.
     let plain = format!("http://{}", treatyd.proc.addr);

@@ -253,6 +253,15 @@ mod tests {
     }
 
     #[test]
+    fn https_endpoints_are_accepted_once_a_participant_ca_is_configured() {
+        let mut r = request();
+        r.branches[0].endpoint = "https://bank:7801".into();
+        let mut config = Config::default();
+        config.security.participant_ca = Some("/etc/treaty/participants-ca.pem".into());
+        begin(r, &config).expect("https with a CA");
+    }
+
+    #[test]
     fn a_valid_request_keeps_unset_fields_unset() {
         let req = begin(request(), &Config::default()).unwrap();
         assert_eq!(req.gid.as_deref(), Some("order-1"));
@@ -304,6 +313,11 @@ mod tests {
             (
                 "branches[0].endpoint: must be an http",
                 Box::new(|r| r.branches[0].endpoint = "ftp://x".into()),
+            ),
+            (
+                "branches[0].endpoint: https:// endpoints need treatyd started with \
+                 --participant-ca",
+                Box::new(|r| r.branches[0].endpoint = "https://bank:7801".into()),
             ),
             (
                 "branches[0].endpoint: not a valid URI",

@@ -5,6 +5,7 @@
 //! embedders build one directly. Every field has a default that suits a small production
 //! deployment ([`Config::default`], which `treatyd --help` shows).
 
+use crate::security::Security;
 use serde::Deserialize;
 use std::time::Duration;
 
@@ -74,6 +75,8 @@ pub struct Config {
     /// On shutdown, how long in-flight calls may finish before the process exits.
     pub shutdown_grace: Duration,
     pub limits: Limits,
+    /// TLS and authentication files (all unset: plaintext, every caller trusted).
+    pub security: Security,
 }
 
 impl Default for Config {
@@ -96,6 +99,7 @@ impl Default for Config {
             advertise_url: None,
             shutdown_grace: Duration::from_secs(10),
             limits: Limits::default(),
+            security: Security::default(),
         }
     }
 }
@@ -141,15 +145,17 @@ impl Config {
         }
         if let Some(url) = &self.advertise_url {
             match url.parse::<http::Uri>() {
-                Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => {}
-                Ok(u) if u.scheme_str() == Some("https") => {
+                Ok(u)
+                    if matches!(u.scheme_str(), Some("http" | "https"))
+                        && u.authority().is_some() => {}
+                _ => {
                     return Err(format!(
-                        "advertise-url {url:?}: https is not supported by this build (no TLS); use http://"
+                        "advertise-url {url:?} is not an http(s)://host:port URI"
                     ))
                 }
-                _ => return Err(format!("advertise-url {url:?} is not an http://host:port URI")),
             }
         }
+        self.security.validate()?;
         if self.default_wait > self.max_wait {
             return Err("default-wait must not exceed max-wait".into());
         }

@@ -11,6 +11,8 @@
 //! - [`api`]: the `treaty.v1.Coordinator` gRPC service and request validation.
 //! - [`mapping`]: every conversion between protobuf and engine types (for the API, the log
 //!   encoding and participant calls).
+//! - [`security`]: TLS of the API and of participant calls, the token file and roles, the
+//!   token sent to participants.
 //! - [`settings`]: `treatyd`'s settings, each defined once (flag, environment variable, TOML
 //!   key, default, help).
 //! - [`server::run`]: the entry point: a listener, a log store, a [`config::Config`] and a
@@ -35,5 +37,6 @@ pub mod engine;
 pub mod log;
 pub mod mapping;
 pub mod runtime;
+pub mod security;
 pub mod server;
 pub mod settings;

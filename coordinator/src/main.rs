@@ -58,6 +58,12 @@ fn main() -> ExitCode {
         eprintln!("treatyd: {e}");
         return ExitCode::from(2);
     }
+    // TLS and token files are settings too: one that cannot be read or used is refused
+    // before the log is opened or the port bound (server::run reads them again to serve).
+    if let Err(e) = check_security_files(&settings.config.security) {
+        eprintln!("treatyd: {e}\nSee `treatyd --help` for every option.");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -102,7 +108,12 @@ async fn serve(mut s: Daemon) -> Result<(), String> {
     if let Ok(addr) = listener.local_addr() {
         println!("treatyd listening on {addr}");
         if s.config.advertise_url.is_none() && !addr.ip().is_unspecified() {
-            s.config.advertise_url = Some(format!("http://{addr}"));
+            let scheme = if s.config.security.serves_tls() {
+                "https"
+            } else {
+                "http"
+            };
+            s.config.advertise_url = Some(format!("{scheme}://{addr}"));
         }
     }
     #[cfg(feature = "mutations")]
@@ -118,6 +129,13 @@ async fn serve(mut s: Daemon) -> Result<(), String> {
     let served =
         treaty_coordinator::server::run(listener, Arc::new(log), s.config, shutdown_signal()).await;
     served.map_err(|e| e.to_string())
+}
+
+fn check_security_files(security: &treaty_coordinator::security::Security) -> Result<(), String> {
+    security.server_tls()?;
+    security.auth()?;
+    security.outbound()?;
+    Ok(())
 }
 
 /// A build without the `mutations` feature refuses `TREATY_TEST_MUTATIONS` rather than

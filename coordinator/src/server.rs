@@ -73,6 +73,20 @@ async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     config.validate().map_err(ServeError::Config)?;
+    // Every TLS and token file is read now: a bad one stops the start with its name, before
+    // the log is touched or a request is taken.
+    let server_tls = config.security.server_tls().map_err(ServeError::Config)?;
+    let auth = config.security.auth().map_err(ServeError::Config)?;
+    config.security.outbound().map_err(ServeError::Config)?;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = server_tls {
+        builder = builder.tls_config(tls).map_err(|e| {
+            ServeError::Config(format!(
+                "tls-cert/tls-key/tls-client-ca: cannot build the TLS server config: {e}"
+            ))
+        })?;
+    }
+    let config_tls = config.security.serves_tls();
     let grace = config.shutdown_grace;
     let gc_interval = config.gc_interval;
     let max_message_bytes = config.limits.max_tx_bytes.saturating_add(64 << 10);
@@ -85,7 +99,17 @@ async fn serve(
     let rt = Runtime::new(log, config);
     let resumed = rt.recover().await.map_err(ServeError::Recover)?;
     let addr = listener.local_addr().ok();
-    tracing::info!(?addr, resumed, "treaty coordinator serving");
+    tracing::info!(
+        ?addr,
+        resumed,
+        tls = config_tls,
+        authenticated = auth.is_some(),
+        "treaty coordinator serving"
+    );
+    let service = match auth {
+        Some(auth) => CoordinatorService::new(rt.clone()).with_auth(auth),
+        None => CoordinatorService::new(rt.clone()),
+    };
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -119,14 +143,13 @@ async fn serve(
 
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let server = builder
         .add_service(health)
         .add_service(reflection)
         .add_service(
             // tonic's default 4 MiB decode limit would refuse a valid transaction of
             // max_tx_bytes before validation could say why.
-            CoordinatorServer::new(CoordinatorService::new(rt.clone()))
-                .max_decoding_message_size(max_message_bytes),
+            CoordinatorServer::new(service).max_decoding_message_size(max_message_bytes),
         )
         // Nagle off on accepted connections: small HTTP/2 frames must not wait for ACKs.
         .serve_with_incoming_shutdown(incoming, async {

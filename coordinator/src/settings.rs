@@ -146,6 +146,22 @@ macro_rules! duration {
     (@set secs, $n:expr) => { Duration::from_secs($n) };
 }
 
+/// A row holding an optional file path (empty: unset).
+macro_rules! path {
+    ($flag:literal, $help:literal, $($field:ident).+) => {
+        Setting {
+            flag: $flag,
+            value_name: "FILE",
+            help: $help,
+            get: |d| d.$($field).+.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            set: |d, v| {
+                d.$($field).+ = (!v.is_empty()).then(|| PathBuf::from(v));
+                Ok(())
+            },
+        }
+    };
+}
+
 /// Every `treatyd` setting but `--config` (which names the file, so it cannot be in it).
 pub const SETTINGS: &[Setting] = &[
     plain!(
@@ -320,13 +336,59 @@ pub const SETTINGS: &[Setting] = &[
         flag: "advertise-url",
         value_name: "URL",
         help: "gRPC URI participants use to ask this coordinator about outcomes, sent with \
-               every branch call. Unset: http://<listen address>, unless it is 0.0.0.0 or [::].",
+               every branch call. Unset: http://<listen address> (https:// with --tls-cert), unless it is 0.0.0.0 or [::].",
         get: |d| d.config.advertise_url.clone().unwrap_or_default(),
         set: |d, v| {
             d.config.advertise_url = (!v.is_empty()).then(|| v.to_string());
             Ok(())
         },
     },
+    path!(
+        "tls-cert",
+        "Certificate chain (PEM) to serve the Coordinator API over TLS with; needs --tls-key. \
+         Unset: plaintext.",
+        config.security.tls_cert
+    ),
+    path!(
+        "tls-key",
+        "Private key (PEM) of --tls-cert.",
+        config.security.tls_key
+    ),
+    path!(
+        "tls-client-ca",
+        "CA bundle (PEM): clients must present a certificate it signed (mTLS).",
+        config.security.tls_client_ca
+    ),
+    path!(
+        "participant-ca",
+        "CA bundle (PEM) that participants' certificates must chain to; needed for https:// \
+         branch endpoints (refused without it).",
+        config.security.participant_ca
+    ),
+    path!(
+        "participant-client-cert",
+        "Client certificate (PEM) presented to https:// participants (mTLS); needs \
+         --participant-client-key.",
+        config.security.participant_client_cert
+    ),
+    path!(
+        "participant-client-key",
+        "Private key (PEM) of --participant-client-cert.",
+        config.security.participant_client_key
+    ),
+    path!(
+        "auth-tokens",
+        "Token file: lines `TOKEN = submit, read, operate` (or `cert-sha256:FINGERPRINT = \
+         roles` for client certificates). Set, every API call must authenticate; unset, \
+         every caller may do everything (trusted networks only).",
+        config.security.auth_tokens
+    ),
+    path!(
+        "participant-token-file",
+        "File holding the token sent as `authorization: Bearer` on every branch call, for \
+         participants that require it.",
+        config.security.participant_token_file
+    ),
 ];
 
 /// The `--config` flag (and `TREATY_CONFIG`): the TOML file, if any.
@@ -515,6 +577,17 @@ mod tests {
         assert_eq!(d.config.limits.max_branches, 2);
     }
 
+    const SETTINGS_PATHS: [&str; 8] = [
+        "tls-cert",
+        "tls-key",
+        "tls-client-ca",
+        "participant-ca",
+        "participant-client-cert",
+        "participant-client-key",
+        "auth-tokens",
+        "participant-token-file",
+    ];
+
     #[test]
     fn every_setting_reads_the_same_from_each_source() {
         // Each setting, set to a non-default value that passes validation, from each source.
@@ -532,6 +605,8 @@ mod tests {
                     "tombstone-retention-secs" => "7776001".into(),
                     "max-wait-ms" => "300001".into(),
                     "max-backoff-ms" => "30001".into(),
+                    // Paths are only read when serving; load() checks that they go together.
+                    f if SETTINGS_PATHS.contains(&f) => format!("/etc/treaty/{f}.pem"),
                     _ => (s.default_value().parse::<u64>().unwrap() + 1).to_string(),
                 };
                 (s, v)

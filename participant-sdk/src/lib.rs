@@ -23,14 +23,20 @@
 //!   refused.
 //! - In-doubt resolution: a branch left prepared is resolved by asking the coordinator log
 //!   that drove it ([`Participant::resolve_in_doubt`]); presumed abort is applied only from
-//!   that log. The coordinator is given as a URI or as a channel you built
-//!   ([`ParticipantBuilder::coordinator_channel`], for TLS and interceptors).
+//!   that log. The coordinator is given as a URI (dialled with
+//!   [`ParticipantBuilder::coordinator_options`]: TLS, token) or as a channel you built
+//!   ([`ParticipantBuilder::coordinator_channel`], for interceptors).
 //! - [`retention`]: the sweep of barrier rows of finished transactions
 //!   ([`ParticipantBuilder::retention`], [`Participant::sweep`]): when a row may go, why that
 //!   is safe, and the marker that keeps a late duplicate harmless.
 //! - [`client`]: submit sagas ([`Step`]) and 2PC transactions ([`Branch`]) to the
 //!   coordinator with a [`Client`], and follow them up ([`TransactionStatus`], a [`Watch`]
 //!   stream).
+//! - [`tls`]: TLS and tokens: [`ClientOptions`] (one channel builder for the client and the
+//!   participant's coordinator connection: [`TlsConfig`] and a bearer token), [`ServerTls`]
+//!   for [`Participant::serve_tls`] (mTLS with a client CA), and
+//!   [`ParticipantBuilder::require_token`] (refuse branch calls without the coordinator's
+//!   token).
 //! - Errors: [`ParticipantError`] (building and serving a participant), [`HandlerError`]
 //!   (what handlers return: [`refuse`] or retry), [`StoreError`] (a store failed); on the
 //!   client side [`ClientError`], split by what the caller must do (notably
@@ -124,6 +130,7 @@ pub mod participant;
 pub mod retention;
 pub mod sled;
 pub mod store;
+pub mod tls;
 
 pub use crate::sled::SledStore;
 pub use barrier::{Answer, BarrierRow, InDoubt, Op, Swept, Verdict};
@@ -139,3 +146,4 @@ pub use participant::{
 };
 pub use retention::{RetentionPolicy, SweepReport};
 pub use store::{BarrierStore, HandlerCall, SweepPage, Txn};
+pub use tls::{ClientOptions, ServerTls, TlsConfig};

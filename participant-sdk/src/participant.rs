@@ -20,6 +20,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::FutureExt;
+use sha2::{Digest, Sha256};
+use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 use treaty_proto::v1 as pb;
@@ -31,6 +33,7 @@ use crate::barrier::{now_unix_ms, Answer, InDoubt, Op, Verdict, FIELD_BYTES_MAX,
 use crate::error::{chain, HandlerError, ParticipantError};
 use crate::retention::RetentionPolicy;
 use crate::store::{panic_message, BarrierStore, HandlerCall, HandlerFuture, Txn};
+use crate::tls::{ClientOptions, ServerTls, AUTHORIZATION};
 
 /// What a handler returns: `Ok(())` to commit its writes with the barrier row,
 /// `Err(`[`refuse`]`(..))` for a business "no", or [`HandlerError::Retry`] (also what `?`
@@ -476,7 +479,7 @@ const RESOLVE_INTERVAL_MIN: Duration = Duration::from_millis(100);
 
 /// How the configured coordinator is reached.
 enum CoordinatorConfig {
-    /// Dialled by the SDK (plaintext `http://`).
+    /// Dialled by the SDK, with the builder's [`ClientOptions`].
     Uri(String),
     /// A channel the user built (TLS, interceptors, load balancing), for the coordinator
     /// that branches name by this URI.
@@ -487,6 +490,8 @@ enum CoordinatorConfig {
 pub struct ParticipantBuilder<S: BarrierStore> {
     store: S,
     coordinator: Option<CoordinatorConfig>,
+    coordinator_options: ClientOptions,
+    required_token: Option<String>,
     in_doubt_after: Duration,
     retention: Option<RetentionPolicy>,
     handlers: HashMap<String, Registered<S>>,
@@ -509,6 +514,23 @@ impl<S: BarrierStore> ParticipantBuilder<S> {
     /// resolved through `channel`. Each call is still bounded by the SDK's call timeout.
     pub fn coordinator_channel(mut self, uri: impl Into<String>, channel: Channel) -> Self {
         self.coordinator = Some(CoordinatorConfig::Channel(uri.into(), channel));
+        self
+    }
+
+    /// How the SDK dials coordinators for in-doubt inquiries (the configured one and those
+    /// that branches name): TLS for `https://` URIs and a token. With `treatyd --auth-tokens`
+    /// the token needs the `read` role (`Outcome` is a read).
+    pub fn coordinator_options(mut self, options: ClientOptions) -> Self {
+        self.coordinator_options = options;
+        self
+    }
+
+    /// Refuse every branch call (prepare, commit, abort, execute, compensate) that does not
+    /// carry `authorization: Bearer <token>`, with UNAUTHENTICATED and without touching the
+    /// store: only a coordinator given the token (`treatyd --participant-token-file`) can
+    /// drive this participant. The token must be printable ASCII without spaces.
+    pub fn require_token(mut self, token: impl Into<String>) -> Self {
+        self.required_token = Some(token.into());
         self
     }
 
@@ -577,17 +599,33 @@ impl<S: BarrierStore> ParticipantBuilder<S> {
             policy.check()?;
             if !self.store.sweeps() {
                 return Err(ParticipantError::Config(
-                    "retention is configured but this barrier store does not sweep                      (BarrierStore::sweeps is false)"
+                    "retention is configured but this barrier store does not sweep (BarrierStore::sweeps is false)"
                         .into(),
                 ));
             }
         }
+        let required_token = match self.required_token {
+            None => None,
+            Some(t) if !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic()) => {
+                Some(digest(format!("Bearer {t}").as_bytes()))
+            }
+            Some(_) => {
+                return Err(ParticipantError::Config(
+                    "require_token: the token must be non-empty printable ASCII without spaces"
+                        .into(),
+                ))
+            }
+        };
+        let coordinator_token = self
+            .coordinator_options
+            .bearer()
+            .map_err(|e| ParticipantError::Config(format!("coordinator_options: {e}")))?;
         let mut clients = HashMap::new();
         let coordinator = match self.coordinator {
             None => None,
             Some(CoordinatorConfig::Uri(uri)) => {
-                // Checked now, dialled when first needed.
-                endpoint(&uri).map_err(ParticipantError::Config)?;
+                // Checked now (TLS files included), dialled when first needed.
+                endpoint(&uri, &self.coordinator_options).map_err(ParticipantError::Config)?;
                 Some(uri)
             }
             Some(CoordinatorConfig::Channel(uri, channel)) => {
@@ -606,6 +644,9 @@ impl<S: BarrierStore> ParticipantBuilder<S> {
                 store: self.store,
                 handlers: self.handlers,
                 coordinator,
+                coordinator_options: self.coordinator_options,
+                coordinator_token,
+                required_token,
                 coordinator_clients: tokio::sync::Mutex::new(clients),
                 in_doubt_after: self.in_doubt_after,
                 retention: self.retention,
@@ -616,25 +657,16 @@ impl<S: BarrierStore> ParticipantBuilder<S> {
     }
 }
 
-/// The endpoint the SDK dials for a coordinator URI, or why it cannot.
-fn endpoint(uri: &str) -> Result<Endpoint, String> {
-    // This build has no TLS: tonic would dial an `https://` URI in plaintext and every call
-    // would fail with an obscure transport error, so it is refused up front with the reason.
-    if uri
-        .trim_start()
-        .to_ascii_lowercase()
-        .starts_with("https://")
-    {
-        return Err(format!(
-            "coordinator URI {uri:?}: https:// is not dialled by this build of treaty-sdk (no \
-             TLS); give a TLS channel with ParticipantBuilder::coordinator_channel, or use \
-             http://"
-        ));
-    }
-    Ok(Endpoint::from_shared(uri.to_string())
-        .map_err(|e| format!("coordinator URI {uri:?} is invalid: {e}"))?
-        .connect_timeout(COORDINATOR_CALL_TIMEOUT)
+/// The endpoint the SDK dials for a coordinator URI (TLS for `https://`, through the same
+/// builder as [`crate::Client::connect_with`]), or why it cannot.
+fn endpoint(uri: &str, options: &ClientOptions) -> Result<Endpoint, String> {
+    Ok(options
+        .endpoint(uri, COORDINATOR_CALL_TIMEOUT)?
         .timeout(COORDINATOR_CALL_TIMEOUT))
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
 }
 
 /// A participant: registered handlers behind the barrier of store `S`, served as the
@@ -657,6 +689,11 @@ struct Inner<S: BarrierStore> {
     /// The configured coordinator's URI (its client, when given as a channel, is in
     /// `coordinator_clients` from the start).
     coordinator: Option<String>,
+    /// How coordinator URIs are dialled, and the token sent on each inquiry.
+    coordinator_options: ClientOptions,
+    coordinator_token: Option<AsciiMetadataValue>,
+    /// SHA-256 of the `authorization` value every branch call must carry, if required.
+    required_token: Option<[u8; 32]>,
     /// Clients of the coordinators asked so far, by URI.
     coordinator_clients: tokio::sync::Mutex<HashMap<String, CoordinatorClient<Channel>>>,
     in_doubt_after: Duration,
@@ -688,6 +725,8 @@ impl<S: BarrierStore> Participant<S> {
         ParticipantBuilder {
             store,
             coordinator: None,
+            coordinator_options: ClientOptions::new(),
+            required_token: None,
             in_doubt_after: IN_DOUBT_AFTER_DEFAULT,
             retention: None,
             handlers: HashMap::new(),
@@ -724,11 +763,39 @@ impl<S: BarrierStore> Participant<S> {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ParticipantError> {
+        self.serve_on(tonic::transport::Server::builder(), listener, shutdown)
+            .await
+    }
+
+    /// [`Participant::serve`] over TLS with `tls` (with a client CA, only callers presenting
+    /// a certificate it signed can connect: mTLS). Fails with [`ParticipantError::Config`],
+    /// naming the file, when a certificate or key cannot be read or used.
+    pub async fn serve_tls(
+        self,
+        listener: tokio::net::TcpListener,
+        tls: ServerTls,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ParticipantError> {
+        let config = tls
+            .server_config()
+            .map_err(|e| ParticipantError::Config(format!("serve_tls: {e}")))?;
+        let builder = tonic::transport::Server::builder()
+            .tls_config(config)
+            .map_err(|e| ParticipantError::Config(format!("serve_tls: {e}")))?;
+        self.serve_on(builder, listener, shutdown).await
+    }
+
+    async fn serve_on(
+        self,
+        mut builder: tonic::transport::Server,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ParticipantError> {
         let resolver = self.spawn_in_doubt_resolver();
         let sweeper = self.spawn_sweeper();
         let me = self.clone();
         let failed = async move { me.failed().await };
-        let res = tonic::transport::Server::builder()
+        let res = builder
             .add_service(self.clone().into_service())
             .serve_with_incoming_shutdown(
                 // Nagle off: small HTTP/2 frames must not wait for delayed ACKs.
@@ -919,7 +986,7 @@ impl<S: BarrierStore> Participant<S> {
             match cached.get(uri) {
                 Some(c) => c.clone(),
                 None => {
-                    let endpoint = match endpoint(uri) {
+                    let endpoint = match endpoint(uri, &self.inner.coordinator_options) {
                         Ok(e) => e,
                         Err(why) => {
                             tracing::error!(gid = %gid, endpoint = %uri, "outcome endpoint of an in-doubt branch cannot be dialled ({why}); it waits for its coordinator to resend");
@@ -939,9 +1006,12 @@ impl<S: BarrierStore> Participant<S> {
                 }
             }
         };
-        let req = pb::OutcomeRequest {
+        let mut req = Request::new(pb::OutcomeRequest {
             gid: gid.to_string(),
-        };
+        });
+        if let Some(token) = &self.inner.coordinator_token {
+            req.metadata_mut().insert(AUTHORIZATION, token.clone());
+        }
         // Bounded even on a channel the user built without a timeout.
         match tokio::time::timeout(COORDINATOR_CALL_TIMEOUT, client.outcome(req)).await {
             Ok(Ok(r)) => Some(r.into_inner()),
@@ -994,6 +1064,21 @@ impl<S: BarrierStore> Participant<S> {
     }
 
     async fn handle(&self, op: Op, req: Request<pb::BranchRequest>) -> Result<Verdict, Status> {
+        if let Some(expected) = &self.inner.required_token {
+            // Digests are compared, not the secrets, so the time taken says nothing about
+            // how much of a guess was right.
+            let sent = req
+                .metadata()
+                .get(AUTHORIZATION)
+                .map(|v| digest(v.as_bytes()));
+            if sent.as_ref() != Some(expected) {
+                tracing::warn!(?op, gid = %req.get_ref().gid, "branch call refused: no or wrong coordinator token");
+                return Err(Status::unauthenticated(
+                    "this participant accepts branch calls only from its coordinator: send \
+                     `authorization: Bearer <token>` (treatyd --participant-token-file)",
+                ));
+            }
+        }
         let req = req.into_inner();
         check_request(&req)?;
         let ctx = BranchContext {

@@ -740,15 +740,16 @@ async fn client_connect_errors() {
     let (_, addr) = listener().await;
     let err = Client::connect(format!("http://{addr}")).await.unwrap_err();
     assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
-    // connect() does not dial TLS: an https URI is refused with the way to do it
-    // (from_channel), not dialled in clear (which fails every call with an obscure transport
-    // error).
+    // An https URI is dialled with TLS; a CA file that cannot be read is named before
+    // anything is dialled.
     let (l, addr) = listener().await;
-    let err = Client::connect(format!("https://{addr}"))
+    let options = treaty_sdk::ClientOptions::new()
+        .tls(treaty_sdk::TlsConfig::new().ca_file("/nonexistent/treaty-ca.pem"));
+    let err = Client::connect_with(format!("https://{addr}"), &options)
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, ClientError::InvalidInput(m) if m.contains("https") && m.contains("from_channel")),
+        matches!(&err, ClientError::InvalidInput(m) if m.contains("/nonexistent/treaty-ca.pem")),
         "{err:?}"
     );
     drop(l);

@@ -1,6 +1,11 @@
 //! The gRPC edge: `treaty.v1.Coordinator` over the [`Runtime`]. Requests are checked by
 //! [`validate`] (and here, for the small ones), converted with [`crate::mapping`], and the
 //! answers converted back the same way. Health and reflection are added in `crate::server`.
+//!
+//! With a token file ([`crate::security::Auth`]) every method first checks its caller's role:
+//! `Begin` needs submit; `Get`, `List`, `Watch` and `Outcome` need read (so a participant's
+//! in-doubt inquiries need a read token or certificate); `Retry` and `Resolve` need operate.
+//! Without one every caller may do everything (trusted networks only).
 
 pub mod callers;
 pub mod validate;
@@ -9,6 +14,7 @@ use crate::engine::Outcome;
 use crate::log::{ListFilter, LogError};
 use crate::mapping::{self, outcome_to_proto, transaction_to_proto as to_proto};
 use crate::runtime::{now_ms, BeginError, ResolveError, Runtime, WatchTarget};
+use crate::security::{Auth, Role};
 use callers::{BeginLimiter, CallerId};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,12 +29,33 @@ pub struct CoordinatorService {
     rt: Runtime,
     /// Per-caller `Begin` rate ([`callers`]).
     begins: Arc<BeginLimiter>,
+    auth: Option<Arc<Auth>>,
 }
 
 impl CoordinatorService {
+    /// The service without authentication: every caller may do everything.
     pub fn new(rt: Runtime) -> Self {
         let begins = Arc::new(BeginLimiter::new(rt.config().max_begins_per_caller_per_sec));
-        CoordinatorService { rt, begins }
+        CoordinatorService {
+            rt,
+            begins,
+            auth: None,
+        }
+    }
+
+    /// Every call must authenticate against `auth` and hold the role its method needs.
+    pub fn with_auth(mut self, auth: Auth) -> Self {
+        self.auth = Some(Arc::new(auth));
+        self
+    }
+
+    fn authorize<T>(&self, req: &Request<T>, role: Role, method: &str) -> Result<(), Status> {
+        match &self.auth {
+            None => Ok(()),
+            Some(auth) => auth.check(req, role, method).inspect_err(|s| {
+                tracing::warn!(method, code = ?s.code(), reason = s.message(), "call refused");
+            }),
+        }
     }
 }
 
@@ -64,7 +91,8 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::BeginRequest>,
     ) -> Result<Response<pb::BeginResponse>, Status> {
-        // First, before any work: a runaway caller costs the others nothing.
+        self.authorize(&req, Role::Submit, "Begin")?;
+        // Then, before any work: a runaway caller costs the others nothing.
         self.begins
             .admit(&CallerId::of(&req), tokio::time::Instant::now())?;
         let begin = validate::begin(req.into_inner(), self.rt.config())
@@ -79,6 +107,7 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::Transaction>, Status> {
+        self.authorize(&req, Role::Read, "Get")?;
         let gid = req.into_inner().gid;
         check_gid(&gid, &self.rt)?;
         match self.rt.get(&gid).await.map_err(log_status)? {
@@ -93,6 +122,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
+        self.authorize(&req, Role::Read, "List")?;
         let req = req.into_inner();
         let mut phases = Vec::with_capacity(req.states.len());
         for (i, s) in req.states.iter().enumerate() {
@@ -137,6 +167,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        self.authorize(&req, Role::Read, "Watch")?;
         let gid = req.into_inner().gid;
         check_gid(&gid, &self.rt)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -186,6 +217,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::OutcomeRequest>,
     ) -> Result<Response<pb::OutcomeResponse>, Status> {
+        self.authorize(&req, Role::Read, "Outcome")?;
         let gid = req.into_inner().gid;
         check_gid(&gid, &self.rt)?;
         let o = self.rt.outcome(&gid).await.map_err(log_status)?;
@@ -201,6 +233,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::RetryRequest>,
     ) -> Result<Response<pb::RetryResponse>, Status> {
+        self.authorize(&req, Role::Operate, "Retry")?;
         let gid = req.into_inner().gid;
         check_gid(&gid, &self.rt)?;
         match self.rt.retry(&gid).await.map_err(log_status)? {
@@ -219,6 +252,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::ResolveRequest>,
     ) -> Result<Response<pb::Transaction>, Status> {
+        self.authorize(&req, Role::Operate, "Resolve")?;
         let req = req.into_inner();
         check_gid(&req.gid, &self.rt)?;
         for (field, value, max) in [

@@ -55,7 +55,8 @@ pub fn gid(field: &str, gid: &str, limits: &Limits) -> Result<(), Invalid> {
     Ok(())
 }
 
-fn endpoint(field: &str, ep: &str, limits: &Limits) -> Result<(), Invalid> {
+fn endpoint(field: &str, ep: &str, config: &Config) -> Result<(), Invalid> {
+    let limits = &config.limits;
     if ep.len() > limits.max_endpoint_bytes {
         return Err(invalid(format!(
             "{field}: at most {} bytes allowed, got {}",
@@ -68,16 +69,18 @@ fn endpoint(field: &str, ep: &str, limits: &Limits) -> Result<(), Invalid> {
         .map_err(|e| invalid(format!("{field}: not a valid URI ({e}): {ep:?}")))?;
     match uri.scheme_str() {
         Some("http") => {}
-        // tonic dials an https URI in plaintext without a TLS feature, so every call would
+        Some("https") if config.security.participant_ca.is_some() => {}
+        // Without a CA to check the participant's certificate against, every call would
         // fail and the transaction would hang in retries: refuse it up front.
         Some("https") => {
             return Err(invalid(format!(
-                "{field}: https:// is not supported by this treatyd (it is built without TLS); use http://, got {ep:?}"
+                "{field}: https:// endpoints need treatyd started with --participant-ca (the CA \
+                 that participants' certificates chain to); got {ep:?}"
             )))
         }
         _ => {
             return Err(invalid(format!(
-                "{field}: must be an http:// URI, got {ep:?}"
+                "{field}: must be an http:// or https:// URI, got {ep:?}"
             )))
         }
     }
@@ -119,7 +122,7 @@ pub fn begin(req: pb::BeginRequest, config: &Config) -> Result<BeginRequest, Inv
     let mut total = 0usize;
     let mut branches = Vec::with_capacity(req.branches.len());
     for (i, b) in req.branches.into_iter().enumerate() {
-        endpoint(&format!("branches[{i}].endpoint"), &b.endpoint, limits)?;
+        endpoint(&format!("branches[{i}].endpoint"), &b.endpoint, config)?;
         if b.handler.is_empty() {
             return Err(invalid(format!("branches[{i}].handler: must not be empty")));
         }
@@ -250,6 +253,15 @@ mod tests {
     }
 
     #[test]
+    fn https_endpoints_are_accepted_once_a_participant_ca_is_configured() {
+        let mut r = request();
+        r.branches[0].endpoint = "https://bank:7801".into();
+        let mut config = Config::default();
+        config.security.participant_ca = Some("/etc/treaty/participants-ca.pem".into());
+        begin(r, &config).expect("https with a CA");
+    }
+
+    #[test]
     fn a_valid_request_keeps_unset_fields_unset() {
         let req = begin(request(), &Config::default()).unwrap();
         assert_eq!(req.gid.as_deref(), Some("order-1"));
@@ -301,6 +313,11 @@ mod tests {
             (
                 "branches[0].endpoint: must be an http",
                 Box::new(|r| r.branches[0].endpoint = "ftp://x".into()),
+            ),
+            (
+                "branches[0].endpoint: https:// endpoints need treatyd started with \
+                 --participant-ca",
+                Box::new(|r| r.branches[0].endpoint = "https://bank:7801".into()),
             ),
             (
                 "branches[0].endpoint: not a valid URI",

@@ -390,7 +390,8 @@ impl Runtime {
             senders.push(tx);
             receivers.push(rx);
         }
-        let pool = Pool::new(config.call_timeout);
+        // `server::run` has read these files once already and refused to start on an error.
+        let pool = Pool::new(config.call_timeout, config.security.outbound());
         let fatal = Arc::new(Fatal {
             reason: watch::channel(None).0,
         });

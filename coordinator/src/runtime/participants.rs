@@ -1,8 +1,11 @@
-//! Calling participants: one pooled tonic channel per endpoint, a timeout per call, and the
-//! mapping from gRPC statuses to engine [`Reply`]s (typed answers map in `crate::mapping`).
+//! Calling participants: one pooled tonic channel per endpoint (TLS for `https://` ones,
+//! with the CA and client identity of [`Outbound`]), a timeout per call, the shared token on
+//! every call, and the mapping from gRPC statuses to engine [`Reply`]s (typed answers map in
+//! `crate::mapping`).
 
 use crate::engine::{Op, Reply};
 use crate::mapping::{execute_reply, phase_two_reply, prepare_reply};
+use crate::security::{Outbound, AUTHORIZATION};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -23,13 +26,23 @@ pub const POOL_IDLE_MAX: Duration = Duration::from_secs(600);
 pub struct Pool {
     clients: Mutex<HashMap<String, (ParticipantClient<Channel>, Instant)>>,
     call_timeout: Duration,
+    /// TLS and token for calls, or why they could not be read (then every call fails with
+    /// it; `server::run` refuses to start in that case, so only embedders see it).
+    outbound: Result<Outbound, String>,
+}
+
+/// A participant to call: its client and the credentials every call carries.
+pub struct Target {
+    client: ParticipantClient<Channel>,
+    token: Option<tonic::metadata::AsciiMetadataValue>,
 }
 
 impl Pool {
-    pub fn new(call_timeout: Duration) -> Pool {
+    pub fn new(call_timeout: Duration, outbound: Result<Outbound, String>) -> Pool {
         Pool {
             clients: Mutex::new(HashMap::new()),
             call_timeout,
+            outbound,
         }
     }
 
@@ -53,12 +66,17 @@ impl Pool {
 
     /// The client for `endpoint`, created on first use. The endpoint was validated at
     /// `Begin`, but a bad one still yields an error, never a panic.
-    pub fn client(&self, endpoint: &str) -> Result<ParticipantClient<Channel>, String> {
+    pub fn client(&self, endpoint: &str) -> Result<Target, String> {
+        let outbound = self.outbound.as_ref().map_err(Clone::clone)?;
+        let target = |client| Target {
+            client,
+            token: outbound.token.clone(),
+        };
         let now = Instant::now();
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((c, used)) = clients.get_mut(endpoint) {
             *used = now;
-            return Ok(c.clone());
+            return Ok(target(c.clone()));
         }
         if clients.len() >= POOL_CHANNELS_MAX {
             let oldest = clients
@@ -69,8 +87,17 @@ impl Pool {
                 clients.remove(&k);
             }
         }
-        let ep = Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| format!("bad endpoint {endpoint:?}: {e}"))?
+        let mut ep = Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| format!("bad endpoint {endpoint:?}: {e}"))?;
+        if ep.uri().scheme_str() == Some("https") {
+            let tls = outbound.tls.clone().ok_or_else(|| {
+                format!("endpoint {endpoint:?} is https:// but treatyd has no --participant-ca")
+            })?;
+            ep = ep
+                .tls_config(tls)
+                .map_err(|e| format!("TLS for endpoint {endpoint:?}: {e}"))?;
+        }
+        let ep = ep
             .timeout(self.call_timeout)
             .connect_timeout(self.call_timeout)
             .tcp_nodelay(true)
@@ -78,23 +105,27 @@ impl Pool {
             .keep_alive_while_idle(true);
         let client = ParticipantClient::new(ep.connect_lazy());
         clients.insert(endpoint.to_string(), (client.clone(), now));
-        Ok(client)
+        Ok(target(client))
     }
 }
 
 /// Make one call with `client` (as [`Pool::client`] returned it) and classify the result.
 /// Never fails: anything that is not a definite answer is [`Reply::Transient`].
 pub async fn call(
-    client: Result<ParticipantClient<Channel>, String>,
+    target: Result<Target, String>,
     call_timeout: Duration,
     op: Op,
     req: BranchRequest,
 ) -> Reply {
     {
-        let mut client = match client {
-            Ok(c) => c,
+        let Target { mut client, token } = match target {
+            Ok(t) => t,
             Err(e) => return Reply::Transient(e),
         };
+        let mut req = tonic::Request::new(req);
+        if let Some(token) = token {
+            req.metadata_mut().insert(AUTHORIZATION, token);
+        }
         let call = async {
             match op {
                 Op::Prepare => client
@@ -136,7 +167,7 @@ mod tests {
 
     #[tokio::test]
     async fn channels_are_bounded_and_idle_ones_evicted() {
-        let pool = Pool::new(Duration::from_secs(1));
+        let pool = Pool::new(Duration::from_secs(1), Ok(Outbound::default()));
         for i in 0..POOL_CHANNELS_MAX + 10 {
             pool.client(&format!("http://127.0.0.1:{}", 1000 + i))
                 .expect("client");

@@ -92,8 +92,8 @@ pub enum ClientError {
         source: tonic::transport::Error,
     },
 
-    /// The client was used wrongly: a malformed or `https://` URI given to `connect`, a
-    /// payload that does not serialize. Nothing was sent; fix the code or configuration.
+    /// The client was used wrongly: a malformed URI or a bad TLS file or token given to
+    /// `connect_with`, a payload that does not serialize. Nothing was sent; fix the code or configuration.
     #[error("invalid client input: {0}; nothing was sent")]
     InvalidInput(String),
 

@@ -1,8 +1,8 @@
 //! The client side: submit sagas and 2PC transactions to a coordinator, and look them up.
 //!
-//! - [`Client`] (this file): the connection and the calls. Built with [`Client::connect`], or
-//!   [`Client::from_channel`] on a `Channel` you configured (TLS, interceptors, load
-//!   balancing).
+//! - [`Client`] (this file): the connection and the calls. Built with [`Client::connect`],
+//!   [`Client::connect_with`] (TLS and a token, [`crate::tls::ClientOptions`]), or
+//!   [`Client::from_channel`] on a `Channel` you configured (interceptors, load balancing).
 //! - [`builder`]: [`Step`] and [`Branch`] (named parts of a definition), [`SagaBuilder`] and
 //!   [`TwoPhaseBuilder`], which submit it.
 //! - [`status`]: what the coordinator reports, as domain types ([`TransactionStatus`],
@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use tonic::service::{interceptor::InterceptedService, Interceptor};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use treaty_proto::v1 as pb;
 use treaty_proto::v1::coordinator_client::CoordinatorClient;
 
@@ -36,6 +36,7 @@ pub use status::{
     Outcome, OutcomeAnswer, RetryOutcome, Submitted, TransactionStatus, TxState,
 };
 
+use crate::tls::{ClientOptions, AUTHORIZATION};
 use error::read_error;
 
 /// Default bound on one coordinator call (plus the wait, for `submit_and_wait`).
@@ -78,38 +79,44 @@ impl std::fmt::Debug for SharedInterceptor {
 }
 
 impl Client {
-    /// Connects to the coordinator at `uri` (e.g. `http://127.0.0.1:7700`), in plaintext.
-    ///
-    /// Fails with [`ClientError::InvalidInput`] on a malformed or `https://` URI (for TLS,
-    /// build the `Channel` yourself and use [`Client::from_channel`]) and
-    /// [`ClientError::Connect`] when nothing answers there. Later calls reconnect on their
-    /// own.
+    /// Connects to the coordinator at `uri` (e.g. `http://127.0.0.1:7700`; an `https://`
+    /// URI is checked against the system's roots), without a token: see
+    /// [`Client::connect_with`].
     pub async fn connect(uri: impl Into<String>) -> Result<Client, ClientError> {
+        Client::connect_with(uri, &ClientOptions::new()).await
+    }
+
+    /// Connects to the coordinator at `uri` with `options`: TLS for an `https://` URI (the
+    /// CA, a client certificate for mTLS) and a bearer token sent on every call.
+    ///
+    /// Fails with [`ClientError::InvalidInput`] on a malformed URI, an unreadable or invalid
+    /// certificate or key file (named), or a token that is not printable ASCII, and
+    /// [`ClientError::Connect`] when nothing answers there (or the TLS handshake fails).
+    /// Later calls reconnect on their own.
+    pub async fn connect_with(
+        uri: impl Into<String>,
+        options: &ClientOptions,
+    ) -> Result<Client, ClientError> {
         let uri = uri.into();
-        if uri
-            .trim_start()
-            .to_ascii_lowercase()
-            .starts_with("https://")
-        {
-            // tonic would dial it in plaintext and every call would fail with an obscure
-            // transport error.
-            return Err(ClientError::InvalidInput(format!(
-                "{uri:?}: Client::connect does not dial TLS; configure a tonic Channel with \
-                 TLS and use Client::from_channel, or use http://"
-            )));
-        }
-        let endpoint = Endpoint::from_shared(uri.clone())
-            .map_err(|e| ClientError::InvalidInput(format!("coordinator URI {uri:?}: {e}")))?
-            .connect_timeout(CONNECT_TIMEOUT);
+        let endpoint = options
+            .endpoint(&uri, CONNECT_TIMEOUT)
+            .map_err(ClientError::InvalidInput)?;
+        let token = options.bearer().map_err(ClientError::InvalidInput)?;
         let channel = endpoint
             .connect()
             .await
             .map_err(|source| ClientError::Connect { uri, source })?;
-        Ok(Client::from_channel(channel))
+        Ok(match token {
+            None => Client::from_channel(channel),
+            Some(token) => Client::from_channel_with_interceptor(channel, move |mut req| {
+                req.metadata_mut().insert(AUTHORIZATION, token.clone());
+                Ok(req)
+            }),
+        })
     }
 
-    /// A client over `channel`, which you configured: TLS (`Endpoint::tls_config`, with one
-    /// of tonic's TLS features enabled), load balancing (`Channel::balance_list`), timeouts,
+    /// A client over `channel`, which you configured: TLS (`Endpoint::tls_config`; tonic's
+    /// `tls-ring` feature is on in this SDK), load balancing (`Channel::balance_list`), timeouts,
     /// keep-alive. Nothing is dialed here: a lazy channel (`Endpoint::connect_lazy`)
     /// connects on the first call, and its errors come back from that call.
     pub fn from_channel(channel: Channel) -> Client {

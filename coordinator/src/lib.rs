@@ -11,6 +11,8 @@
 //! - [`api`]: the `treaty.v1.Coordinator` gRPC service and request validation.
 //! - [`mapping`]: every conversion between protobuf and engine types (for the API, the log
 //!   encoding and participant calls).
+//! - [`metrics`]: every Prometheus metric, defined once; [`admin`]: the admin HTTP listener
+//!   (`/metrics`, `/healthz`, `/readyz`) as an axum `Router` others can extend.
 //! - [`settings`]: `treatyd`'s settings, each defined once (flag, environment variable, TOML
 //!   key, default, help).
 //! - [`server::run`]: the entry point: a listener, a log store, a [`config::Config`] and a
@@ -29,11 +31,13 @@
 //! .await?;
 //! # Ok(()) }
 //! ```
+pub mod admin;
 pub mod api;
 pub mod config;
 pub mod engine;
 pub mod log;
 pub mod mapping;
+pub mod metrics;
 pub mod runtime;
 pub mod server;
 pub mod settings;

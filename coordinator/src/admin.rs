@@ -66,3 +66,78 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
         (StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::engine::{BranchDef, Mode, Phase};
+    use crate::log::memory::{Fault, MemoryLog};
+    use crate::runtime::BeginRequest;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    async fn get(state: &AdminState, path: &str) -> (StatusCode, String) {
+        let resp = router(state.clone())
+            .oneshot(Request::get(path).body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible");
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// Ready only once the server says so, and never again after a fail-stop, while the
+    /// process (here: the runtime) is still there to answer.
+    #[tokio::test]
+    async fn readyz_follows_the_runtime_and_healthz_stays_up() {
+        let log = Arc::new(MemoryLog::new());
+        let rt = Runtime::new(log.clone(), Config::default());
+        let state = AdminState::new(rt.clone());
+        assert_eq!(
+            get(&state, "/readyz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        state.ready.store(true, Ordering::Release);
+        assert_eq!(
+            get(&state, "/readyz").await,
+            (StatusCode::OK, "SERVING\n".into())
+        );
+
+        // The first forced write fails: the runtime fail-stops.
+        log.fault_at(Phase::Active, Fault::Fail);
+        let def = BeginRequest {
+            gid: Some("g".into()),
+            ..BeginRequest::new(
+                Mode::Saga,
+                vec![BranchDef {
+                    endpoint: "http://127.0.0.1:1".into(),
+                    handler: "h".into(),
+                    payload: bytes::Bytes::new(),
+                    compensation_payload: bytes::Bytes::new(),
+                }],
+            )
+        };
+        assert!(
+            rt.begin(def).await.is_err(),
+            "nothing told after a failed write"
+        );
+        tokio::time::timeout(std::time::Duration::from_secs(10), rt.failed())
+            .await
+            .expect("the runtime fail-stops");
+        assert_eq!(
+            get(&state, "/readyz").await,
+            (StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n".into())
+        );
+        assert_eq!(get(&state, "/healthz").await.0, StatusCode::OK);
+        let (status, metrics) = get(&state, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            metrics.contains("treaty_transactions_begun_total{mode=\"saga\"} 1"),
+            "{metrics}"
+        );
+    }
+}

@@ -885,6 +885,7 @@ impl SledStore {
         let delivery = Delivery::new(op, &ctx.handler, payload, &ctx.log_id, handler.is_some());
         let res = self.inner.tree.transaction(|tx| {
             let plan = rules::plan(&read_rows(tx, ctx, op)?, &delivery);
+            crate::metrics::barrier_decided(plan.rule);
             if let Run::Run { .. } = plan.business {
                 let call = handler.expect("the rules run business code only if registered");
                 // A refusal aborts the whole transaction (business changes included) and is

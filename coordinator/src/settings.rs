@@ -533,6 +533,7 @@ mod tests {
             .map(|s| {
                 let v = match s.flag {
                     "listen" => "127.0.0.1:9".to_string(),
+                    "admin-listen" => "127.0.0.1:10".into(),
                     "data-dir" => "/tmp/x".into(),
                     "log-format" => "json".into(),
                     "log-level" => "debug".into(),

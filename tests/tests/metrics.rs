@@ -178,3 +178,28 @@ async fn readyz_is_serving_until_a_failed_fsync_stops_treatyd() {
         assert_ne!(status, 200, "ready after fail-stop: {body}");
     }
 }
+
+/// An admin port in use stops treatyd at start, naming the setting; `--help` lists it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn treatyd_refuses_an_admin_port_in_use() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let mut cmd = std::process::Command::new(treaty_tests::treatyd_bin());
+    cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args(["--admin-listen", &taken.local_addr().unwrap().to_string()]);
+    let (code, _, err) = treaty_tests::run_to_end(cmd, Duration::from_secs(30)).unwrap();
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("address already in use") && err.contains("--admin-listen"),
+        "{err}"
+    );
+    let mut help = std::process::Command::new(treaty_tests::treatyd_bin());
+    help.arg("--help");
+    let (code, out, _) = treaty_tests::run_to_end(help, Duration::from_secs(30)).unwrap();
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("--admin-listen") && out.contains("TREATY_ADMIN_LISTEN"),
+        "{out}"
+    );
+}

@@ -13,6 +13,8 @@
 //!   encoding and participant calls).
 //! - [`security`]: TLS of the API and of participant calls, the token file and roles, the
 //!   token sent to participants.
+//! - [`metrics`]: every Prometheus metric, defined once; [`admin`]: the admin HTTP listener
+//!   (`/metrics`, `/healthz`, `/readyz`) as an axum `Router` others can extend.
 //! - [`settings`]: `treatyd`'s settings, each defined once (flag, environment variable, TOML
 //!   key, default, help).
 //! - [`server::run`]: the entry point: a listener, a log store, a [`config::Config`] and a
@@ -31,11 +33,13 @@
 //! .await?;
 //! # Ok(()) }
 //! ```
+pub mod admin;
 pub mod api;
 pub mod config;
 pub mod engine;
 pub mod log;
 pub mod mapping;
+pub mod metrics;
 pub mod runtime;
 pub mod security;
 pub mod server;

@@ -93,17 +93,9 @@ async fn serve(mut s: Daemon) -> Result<(), String> {
         cache_capacity_bytes: s.cache_bytes,
     };
     let log = SledLog::open(&s.data_dir, opts).map_err(|e| e.to_string())?;
-    let listener = tokio::net::TcpListener::bind(s.listen).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AddrInUse {
-            format!(
-                "cannot listen on {}: address already in use; is another treatyd running? \
-                 Stop it or choose another --listen address",
-                s.listen
-            )
-        } else {
-            format!("cannot listen on {}: {e}", s.listen)
-        }
-    })?;
+    let listener = tokio::net::TcpListener::bind(s.listen)
+        .await
+        .map_err(|e| bind_error("--listen", s.listen, e))?;
     // Tests and scripts that pass port 0 read the real address from this line.
     if let Ok(addr) = listener.local_addr() {
         println!("treatyd listening on {addr}");
@@ -116,18 +108,32 @@ async fn serve(mut s: Daemon) -> Result<(), String> {
             s.config.advertise_url = Some(format!("{scheme}://{addr}"));
         }
     }
-    #[cfg(feature = "mutations")]
-    let served = treaty_coordinator::server::run_with_mutations(
+    let admin_listener = match s.admin_listen {
+        None => None,
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| bind_error("--admin-listen", addr, e))?;
+            // Tests and scripts that pass port 0 read the real address from this line.
+            if let Ok(addr) = l.local_addr() {
+                println!("treatyd admin listening on {addr}");
+            }
+            Some(l)
+        }
+    };
+    let extras = treaty_coordinator::server::Extras {
+        admin_listener,
+        #[cfg(feature = "mutations")]
+        mutations,
+    };
+    let served = treaty_coordinator::server::run_with(
         listener,
         Arc::new(log),
         s.config,
-        mutations,
+        extras,
         shutdown_signal(),
     )
     .await;
-    #[cfg(not(feature = "mutations"))]
-    let served =
-        treaty_coordinator::server::run(listener, Arc::new(log), s.config, shutdown_signal()).await;
     served.map_err(|e| e.to_string())
 }
 
@@ -136,6 +142,18 @@ fn check_security_files(security: &treaty_coordinator::security::Security) -> Re
     security.auth()?;
     security.outbound()?;
     Ok(())
+}
+
+/// A bind error naming the setting, and what to do when the port is taken.
+fn bind_error(flag: &str, addr: std::net::SocketAddr, e: std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        format!(
+            "cannot listen on {addr}: address already in use; is another treatyd running? \
+             Stop it or choose another {flag} address"
+        )
+    } else {
+        format!("cannot listen on {addr} ({flag}): {e}")
+    }
 }
 
 /// A build without the `mutations` feature refuses `TREATY_TEST_MUTATIONS` rather than

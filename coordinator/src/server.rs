@@ -2,6 +2,7 @@
 //! shutdown future resolves. `treatyd` is a thin `main` over [`run`]; tests and embedders call
 //! it the same way, on a listener bound to port 0.
 
+use crate::admin::{self, AdminState};
 use crate::api::CoordinatorService;
 use crate::config::Config;
 #[cfg(feature = "mutations")]
@@ -9,6 +10,7 @@ use crate::engine::Mutations;
 use crate::log::{LogError, LogStore};
 use crate::runtime::Runtime;
 use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use treaty_proto::v1::coordinator_server::CoordinatorServer;
@@ -30,6 +32,17 @@ pub enum ServeError {
     Reflection(String),
 }
 
+/// What [`run_with`] takes beyond [`run`]'s arguments; `Default` is none of it.
+#[derive(Default)]
+pub struct Extras {
+    /// Serve the admin HTTP routes ([`crate::admin`]: metrics, health) on this listener,
+    /// for as long as the coordinator runs.
+    pub admin_listener: Option<TcpListener>,
+    /// Deliberate engine bugs (see [`run_with_mutations`]).
+    #[cfg(feature = "mutations")]
+    pub mutations: Mutations,
+}
+
 /// Serve until `shutdown` resolves, then shut down gracefully: stop taking new transactions,
 /// give in-flight work `config.shutdown_grace`, make the log durable.
 ///
@@ -40,15 +53,18 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    serve(
-        listener,
-        log,
-        config,
-        #[cfg(feature = "mutations")]
-        Mutations::default(),
-        shutdown,
-    )
-    .await
+    serve(listener, log, config, Extras::default(), shutdown).await
+}
+
+/// [`run`] with [`Extras`]: the admin listener (and, in test builds, mutations).
+pub async fn run_with(
+    listener: TcpListener,
+    log: Arc<dyn LogStore>,
+    config: Config,
+    extras: Extras,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    serve(listener, log, config, extras, shutdown).await
 }
 
 /// [`run`] with deliberate engine bugs switched on: only for tests proving that a checker
@@ -62,14 +78,18 @@ pub async fn run_with_mutations(
     mutations: Mutations,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    serve(listener, log, config, mutations, shutdown).await
+    let extras = Extras {
+        mutations,
+        ..Extras::default()
+    };
+    serve(listener, log, config, extras, shutdown).await
 }
 
 async fn serve(
     listener: TcpListener,
     log: Arc<dyn LogStore>,
     config: Config,
-    #[cfg(feature = "mutations")] mutations: Mutations,
+    extras: Extras,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     config.validate().map_err(ServeError::Config)?;
@@ -94,9 +114,14 @@ async fn serve(
     // before recovery acts on it (a record read back must be one a crash would keep).
     log.sync().await.map_err(ServeError::Recover)?;
     #[cfg(feature = "mutations")]
-    let rt = Runtime::with_mutations(log, config, mutations);
+    let rt = Runtime::with_mutations(log, config, extras.mutations);
     #[cfg(not(feature = "mutations"))]
     let rt = Runtime::new(log, config);
+    // Up before recovery, so liveness answers while a long recovery runs (not ready yet).
+    let admin_state = AdminState::new(rt.clone());
+    let _admin = extras
+        .admin_listener
+        .map(|l| AdminServer::start(l, admin_state.clone()));
     let resumed = rt.recover().await.map_err(ServeError::Recover)?;
     let addr = listener.local_addr().ok();
     tracing::info!(
@@ -144,6 +169,8 @@ async fn serve(
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = builder
+        // Every error answer counted by its status (treaty_requests_rejected_total).
+        .layer(crate::metrics::rejections_layer(Arc::clone(rt.metrics())))
         .add_service(health)
         .add_service(reflection)
         .add_service(
@@ -156,6 +183,7 @@ async fn serve(
             let _ = stop_rx.await;
         });
     let mut server = tokio::spawn(server);
+    admin_state.ready.store(true, Ordering::Release);
 
     tokio::select! {
         res = &mut server => {
@@ -177,6 +205,7 @@ async fn serve(
         }
         _ = shutdown => {}
     }
+    admin_state.ready.store(false, Ordering::Release);
     tracing::info!(
         live = rt.live(),
         ?grace,
@@ -203,4 +232,44 @@ async fn serve(
         "stopped; unfinished transactions resume at next start"
     );
     Ok(())
+}
+
+/// The admin HTTP server's task, stopped when dropped (on every way out of [`serve`], after
+/// the graceful shutdown of the gRPC server), so its port is free once `run` returns.
+struct AdminServer {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AdminServer {
+    fn start(listener: TcpListener, state: AdminState) -> AdminServer {
+        let addr = listener.local_addr().ok();
+        tracing::info!(?addr, "admin listener serving /metrics, /healthz, /readyz");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, admin::router(state))
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "admin listener failed");
+            }
+        });
+        AdminServer {
+            stop: Some(stop),
+            task,
+        }
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        // Waiting for requests in flight would need an await here; a scrape is short, and
+        // the port must be free when `run` returns.
+        self.task.abort();
+    }
 }

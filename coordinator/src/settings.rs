@@ -52,6 +52,8 @@ impl std::fmt::Display for LogFormat {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Daemon {
     pub listen: SocketAddr,
+    /// Where to serve the admin HTTP routes (metrics, health); `None`: not at all.
+    pub admin_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -64,6 +66,7 @@ impl Default for Daemon {
     fn default() -> Self {
         Daemon {
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            admin_listen: None,
             data_dir: PathBuf::from("./treaty-data"),
             log_format: LogFormat::Human,
             log_level: "info".into(),
@@ -170,6 +173,21 @@ pub const SETTINGS: &[Setting] = &[
         "Address to serve gRPC on (Coordinator, health, reflection).",
         listen
     ),
+    Setting {
+        flag: "admin-listen",
+        value_name: "ADDR",
+        help: "Address to serve the admin HTTP routes on: /metrics (Prometheus), /healthz, \
+               /readyz. Empty: off.",
+        get: |d| d.admin_listen.map(|a| a.to_string()).unwrap_or_default(),
+        set: |d, v| {
+            d.admin_listen = if v.trim().is_empty() {
+                None
+            } else {
+                Some(parse(v)?)
+            };
+            Ok(())
+        },
+    },
     Setting {
         flag: "data-dir",
         value_name: "DIR",
@@ -596,6 +614,7 @@ mod tests {
             .map(|s| {
                 let v = match s.flag {
                     "listen" => "127.0.0.1:9".to_string(),
+                    "admin-listen" => "127.0.0.1:10".into(),
                     "data-dir" => "/tmp/x".into(),
                     "log-format" => "json".into(),
                     "log-level" => "debug".into(),

@@ -136,9 +136,17 @@ struct Shared {
     transient_retries: AtomicU64,
     /// Set once a round failed; every later sync fails with this message.
     poisoned: Mutex<Option<String>>,
+    /// Told of every round (set once, by [`SledSync::observe`]).
+    observer: std::sync::OnceLock<Arc<dyn FlushObserver>>,
     /// Files already fsynced, by path relative to `dir` (e.g. `blobs/123`), with the length
     /// they had just before the fsync.
     synced: Mutex<HashMap<PathBuf, u64>>,
+}
+
+/// Told of every flush round, on the flusher thread (so it must be quick): for metrics.
+pub trait FlushObserver: Send + Sync {
+    /// A round made `records` waiting callers durable (`ok`), or failed for all of them.
+    fn flushed(&self, records: usize, ok: bool);
 }
 
 /// How to answer one caller.
@@ -191,6 +199,7 @@ impl SledSync {
             flushes: AtomicU64::new(0),
             transient_retries: AtomicU64::new(0),
             poisoned: Mutex::new(None),
+            observer: std::sync::OnceLock::new(),
             synced: Mutex::new(HashMap::new()),
         });
         let (tx, rx) = mpsc::channel::<Waiter>();
@@ -241,6 +250,12 @@ impl SledSync {
         let (tx, rx) = mpsc::sync_channel(1);
         self.enqueue(Waiter::Blocking(tx))?;
         rx.recv().map_err(|_| thread_gone())?
+    }
+
+    /// Tell `observer` of every later round. Only the first observer set is kept; returns
+    /// false if one was already set.
+    pub fn observe(&self, observer: Arc<dyn FlushObserver>) -> bool {
+        self.inner.shared.observer.set(observer).is_ok()
     }
 
     /// Number of flush+fsync rounds completed successfully so far.
@@ -333,6 +348,9 @@ impl Flusher {
                 }
             }
             let res = self.round_checked();
+            if let Some(o) = self.shared.observer.get() {
+                o.flushed(waiters.len(), res.is_ok());
+            }
             for w in waiters {
                 // io::Error is not Clone; every waiter gets an equivalent one.
                 w.answer(match &res {

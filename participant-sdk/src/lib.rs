@@ -21,6 +21,9 @@
 //!   arrives before its action is recorded as a no-op and the late action is refused, a
 //!   recorded cancel wins over a recorded action, and a gid reused with another body is
 //!   refused.
+//! - [`metrics`]: the participant's Prometheus metrics (deliveries, their latency, barrier
+//!   decisions, in-doubt resolutions, fail-stop), added to the host service's registry by
+//!   [`Participant::register_metrics`].
 //! - In-doubt resolution: a branch left prepared is resolved by asking the coordinator log
 //!   that drove it ([`Participant::resolve_in_doubt`]); presumed abort is applied only from
 //!   that log. The coordinator is given as a URI (dialled with
@@ -126,6 +129,7 @@
 pub mod barrier;
 pub mod client;
 mod error;
+pub mod metrics;
 pub mod participant;
 pub mod retention;
 pub mod sled;

@@ -31,6 +31,7 @@ use treaty_proto::v1::participant_server::{Participant as ParticipantService, Pa
 use crate::barrier::rules::{self, InDoubtDecision as Decision, Told};
 use crate::barrier::{now_unix_ms, Answer, InDoubt, Op, Verdict, FIELD_BYTES_MAX, GID_BYTES_MAX};
 use crate::error::{chain, HandlerError, ParticipantError};
+use crate::metrics::ParticipantMetrics;
 use crate::retention::RetentionPolicy;
 use crate::store::{panic_message, BarrierStore, HandlerCall, HandlerFuture, Txn};
 use crate::tls::{ClientOptions, ServerTls, AUTHORIZATION};
@@ -652,6 +653,7 @@ impl<S: BarrierStore> ParticipantBuilder<S> {
                 retention: self.retention,
                 first_round_done: AtomicBool::new(false),
                 fatal: tokio::sync::watch::channel(None).0,
+                metrics: ParticipantMetrics::default(),
             }),
         })
     }
@@ -704,6 +706,7 @@ struct Inner<S: BarrierStore> {
     /// Set once the store can no longer promise durability: from then on the participant
     /// must stop and restart (fail-stop, see [`Participant::failed`]).
     fatal: tokio::sync::watch::Sender<Option<String>>,
+    metrics: ParticipantMetrics,
 }
 
 impl<S: BarrierStore> std::fmt::Debug for Participant<S> {
@@ -747,6 +750,12 @@ impl<S: BarrierStore> Participant<S> {
     /// The configured coordinator's URI, if any.
     pub(crate) fn coordinator_uri(&self) -> Option<&str> {
         self.inner.coordinator.as_deref()
+    }
+
+    /// Add this participant's metrics (see [`crate::metrics`]) to the host service's
+    /// Prometheus registry. Register one participant per registry (names would clash).
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.inner.metrics.register(registry);
     }
 
     /// The tonic service, to `add_service` to a server you already run. Does not start the
@@ -965,6 +974,7 @@ impl<S: BarrierStore> Participant<S> {
                 Verdict::Answer { .. } => {
                     tracing::info!(gid = %b.gid, branch_id = b.branch_id, known = answer.known, "in-doubt branch resolved: {op}");
                     r.resolved += 1;
+                    self.inner.metrics.in_doubt_resolved(1);
                 }
                 Verdict::Retry(msg) | Verdict::Violation(msg) => {
                     tracing::warn!(gid = %b.gid, branch_id = b.branch_id, "in-doubt {op} not applied: {msg}");
@@ -1030,6 +1040,7 @@ impl<S: BarrierStore> Participant<S> {
     /// before returning. Every path that answers a participant operation goes through here.
     async fn apply(&self, op: Op, ctx: BranchContext, payload: Bytes) -> Verdict {
         let store = &self.inner.store;
+        let started = std::time::Instant::now();
         let (gid, branch_id) = (ctx.gid.clone(), ctx.branch_id);
         let call = self
             .inner
@@ -1056,10 +1067,14 @@ impl<S: BarrierStore> Participant<S> {
                     return false;
                 }
                 tracing::error!(reason = %why, "participant storage lost durability: stop this process and restart it (fail-stop); the store recovers from disk");
+                self.inner.metrics.failed();
                 *f = Some(why.clone());
                 true
             });
         }
+        self.inner
+            .metrics
+            .delivered(op, &verdict, started.elapsed());
         verdict
     }
 

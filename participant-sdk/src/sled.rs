@@ -975,6 +975,7 @@ impl SledStore {
         let delivery = Delivery::new(op, &ctx.handler, payload, &ctx.log_id, handler.is_some());
         let res = self.inner.tree.transaction(|tx| {
             let plan = plan_for(tx, ctx, op, &delivery)?;
+            crate::metrics::barrier_decided(plan.rule);
             if let Run::Run { .. } = plan.business {
                 let call = handler.expect("the rules run business code only if registered");
                 // A refusal aborts the whole transaction (business changes included) and is

@@ -130,6 +130,9 @@ pub struct Proc {
     pub listening_at: Instant,
     name: String,
     lines: Arc<Mutex<Vec<Line>>>,
+    /// The admin address from a `admin listening on <addr>` stdout line (treatyd with
+    /// `--admin-listen`), once read.
+    admin: Arc<Mutex<Option<SocketAddr>>>,
 }
 
 impl Proc {
@@ -143,6 +146,7 @@ impl Proc {
             listening_at: now,
             name: name.to_string(),
             lines: Arc::default(),
+            admin: Arc::default(),
         }
     }
 
@@ -192,10 +196,19 @@ impl Proc {
         let stdout = child.stdout.take().expect("stdout is piped");
         let (tx, rx) = std::sync::mpsc::channel();
         let label = name.to_string();
+        let admin = Arc::clone(&proc.admin);
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                if let Some(addr) = line
+                    .split("admin listening on ")
+                    .nth(1)
+                    .and_then(|a| a.trim().parse::<SocketAddr>().ok())
+                {
+                    *admin.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
+                    continue;
+                }
                 if !sent {
                     if let Some(addr) = line
                         .split("listening on ")
@@ -229,6 +242,24 @@ impl Proc {
     /// `http://<addr>`.
     pub fn uri(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The admin listener's address (treatyd started with `--admin-listen`), waiting up to
+    /// `bound` for the line that reports it.
+    pub fn admin_addr(&self, bound: Duration) -> Result<SocketAddr, String> {
+        let start = Instant::now();
+        loop {
+            if let Some(a) = *self.admin.lock().unwrap_or_else(|p| p.into_inner()) {
+                return Ok(a);
+            }
+            if start.elapsed() > bound {
+                return Err(format!(
+                    "{} did not report an admin address within {bound:?}",
+                    self.name
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// The OS process id.
@@ -331,6 +362,68 @@ pub fn run_to_end(mut cmd: Command, bound: Duration) -> Result<(i32, String, Str
             Err(format!("did not finish within {bound:?}"))
         }
     }
+}
+
+/// `GET path` from an HTTP/1.1 server at `addr` (the admin listener): the status code and
+/// the body. Plain `std` sockets with timeouts: enough for `/metrics` and the health routes.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(10);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("GET {path}: {e}"))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .map_err(|e| format!("GET {path}: reading the answer: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("GET {path}: no end of headers in {text:?}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("GET {path}: bad status line in {head:?}"))?;
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Ok((status, dechunk(body)));
+    }
+    Ok((status, body.to_string()))
+}
+
+/// The body of a chunked HTTP/1.1 answer.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed, e.g.
+/// `treaty_transactions_live` or `x_total{mode="saga"}`) in a Prometheus exposition.
+pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|l| {
+        let rest = l.strip_prefix(series)?;
+        rest.strip_prefix(' ')?.split(' ').next()?.parse().ok()
+    })
 }
 
 /// Poll `check` every 20 ms until it returns `Some`, or fail after `bound` naming `what`.

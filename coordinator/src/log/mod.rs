@@ -246,4 +246,10 @@ pub trait LogStore: Send + Sync + 'static {
 
     /// Counters since open.
     fn stats(&self) -> LogStats;
+
+    /// Tell `observer` of every flush (for metrics: records per flush, failed flushes). A
+    /// backend without flushes of its own ignores it.
+    fn observe_flushes(&self, observer: std::sync::Arc<dyn treaty_durable::FlushObserver>) {
+        let _ = observer;
+    }
 }

@@ -686,6 +686,10 @@ impl LogStore for SledLog {
             flushes: self.store.sync.flushes(),
         }
     }
+
+    fn observe_flushes(&self, observer: Arc<dyn treaty_durable::FlushObserver>) {
+        self.store.sync.observe(observer);
+    }
 }
 
 impl Drop for Store {

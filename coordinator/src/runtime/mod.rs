@@ -46,6 +46,7 @@ use crate::engine::{
 };
 use crate::log::{ListFilter, LogError, LogFuture, LogStore};
 use crate::mapping;
+use crate::metrics::{CallResult, Metrics};
 use futures::{FutureExt, StreamExt};
 use participants::Pool;
 use rand::Rng;
@@ -54,7 +55,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::time::{delay_queue, DelayQueue};
 
@@ -329,6 +330,7 @@ struct Inner {
     #[cfg(feature = "mutations")]
     mutations: Mutations,
     fatal: Arc<Fatal>,
+    metrics: Arc<Metrics>,
 }
 
 impl Inner {
@@ -395,6 +397,8 @@ impl Runtime {
         let fatal = Arc::new(Fatal {
             reason: watch::channel(None).0,
         });
+        let metrics = Arc::new(Metrics::new());
+        log.observe_flushes(Arc::clone(&metrics) as _);
         let inner = Arc::new(Inner {
             log,
             config,
@@ -406,6 +410,7 @@ impl Runtime {
             #[cfg(feature = "mutations")]
             mutations,
             fatal: Arc::clone(&fatal),
+            metrics,
         });
         for (i, rx) in receivers.into_iter().enumerate() {
             let shard = Shard {
@@ -447,6 +452,26 @@ impl Runtime {
     /// Number of transactions being driven.
     pub fn live(&self) -> usize {
         self.inner.live.load(Ordering::Acquire)
+    }
+
+    /// This runtime's metrics (see [`crate::metrics`]).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Set the gauges read from the runtime's own state (live transactions, inbox depths):
+    /// done when scraped, so they cost the hot path nothing.
+    pub fn refresh_metrics(&self) {
+        let m = &self.inner.metrics;
+        m.set_live(self.live());
+        for (i, s) in self.inner.shards.iter().enumerate() {
+            m.set_inbox(i, s.max_capacity() - s.capacity());
+        }
+    }
+
+    /// Whether the runtime takes new transactions: not failed, not shutting down.
+    pub fn is_serving(&self) -> bool {
+        self.inner.accepting.load(Ordering::Acquire) && !self.is_failed()
     }
 
     /// Resolves with the reason once the runtime has failed and stopped (fail-stop): a log
@@ -1249,6 +1274,7 @@ impl Shard {
             Ok(BeginDecision::Start) => match refuse_new {
                 Some(why) => Err(BeginError::Overloaded(why)),
                 None => {
+                    rt.metrics.begun(mode);
                     self.insert(rt, &gid, *tx, bytes);
                     if let Some(e) = self.txs.get_mut(&gid) {
                         e.begun.push((reply, Started::New));
@@ -1269,6 +1295,9 @@ impl Shard {
     fn insert(&mut self, rt: &Inner, gid: &str, tx: Tx, bytes: usize) {
         rt.live.fetch_add(1, Ordering::AcqRel);
         let was_stuck = tx.record().stuck;
+        if was_stuck {
+            rt.metrics.stuck(true);
+        }
         self.txs.insert(
             gid.to_string(),
             Entry {
@@ -1287,6 +1316,9 @@ impl Shard {
 
     fn remove(&mut self, rt: &Inner, gid: &str) -> Option<Entry> {
         let mut e = self.txs.remove(gid)?;
+        if e.was_stuck {
+            rt.metrics.stuck(false);
+        }
         rt.live.fetch_sub(1, Ordering::AcqRel);
         rt.live_bytes.fetch_sub(e.bytes, Ordering::AcqRel);
         if let Some(k) = e.deadline.take() {
@@ -1317,14 +1349,17 @@ impl Shard {
                     }
                     let seq = record.seq;
                     // `put` applies the write before returning: order is the call order.
+                    let started = Instant::now();
                     let written = rt.log.put(record, forced);
                     if forced {
                         let Some(me) = self.me.upgrade() else {
                             return calls;
                         };
                         let gid = gid.to_string();
+                        let metrics = Arc::clone(&rt.metrics);
                         tokio::spawn(async move {
                             let result = written.await.map_err(|e| e.to_string());
+                            metrics.forced_write(started.elapsed());
                             let _ = me.send((gid, Box::new(Msg::Written { seq, result }))).await;
                         });
                     } else if let Some(Err(e)) = written.now_or_never() {
@@ -1354,6 +1389,7 @@ impl Shard {
                     attempt,
                     backoff_bound_ms,
                 } => {
+                    rt.metrics.retry_scheduled(op);
                     // Full jitter: uniform in [0, bound].
                     let delay = rand::thread_rng().gen_range(0..=backoff_bound_ms);
                     self.arm_after(
@@ -1440,10 +1476,14 @@ impl Shard {
                 "transaction is stuck: a phase-two call keeps failing; still retrying (Retry retries now, Resolve resolves a branch by hand)"
             );
         }
+        if rec.stuck != e.was_stuck {
+            rt.metrics.stuck(rec.stuck);
+        }
         e.was_stuck = rec.stuck;
         if e.finishing && durable {
             if let Some(e) = self.remove(rt, gid) {
                 let outcome = e.tx.decided();
+                rt.metrics.finished(e.tx.record().mode, outcome);
                 for w in e.waiters {
                     let _ = w.send(outcome);
                 }
@@ -1466,8 +1506,11 @@ impl Shard {
         let timeout = rt.config.call_timeout;
         let Some(me) = self.me.upgrade() else { return };
         let gid = gid.to_string();
+        let metrics = Arc::clone(&rt.metrics);
         tokio::spawn(async move {
+            let started = Instant::now();
             let reply = participants::call(client, timeout, op, req).await;
+            metrics.call(op, CallResult::of(&reply), started.elapsed());
             if matches!(op, Op::Prepare | Op::Execute) {
                 crash_point!("treaty::after_some_phase_one_replies");
             }

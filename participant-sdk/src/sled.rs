@@ -506,6 +506,23 @@ enum Stop {
 type TxResult<T> = Result<T, ConflictableTransactionError<Stop>>;
 /// Decodes a row value and checks that its answer fits the operation in its key: data read
 /// back from disk is checked before it decides anything.
+/// The public row of a decoded key and value.
+fn row_of(gid: String, branch_id: u32, op: Op, value: RowValue) -> BarrierRow {
+    BarrierRow::new(
+        gid,
+        branch_id,
+        op,
+        value.answer,
+        value.unix_ms,
+        value.seq,
+        value.fingerprint,
+        value.log_id,
+        value.handler,
+        value.message,
+    )
+    .with_outcome_endpoint(value.outcome_endpoint)
+}
+
 fn decode_row(key: &[u8], value: &[u8]) -> Result<RowValue, String> {
     let row = RowValue::decode(value)?;
     let op = key
@@ -844,21 +861,7 @@ impl SledStore {
             let (k, v) = item?;
             let (gid, branch_id, op) = parse_key(&k).map_err(|why| corrupt(&k, &why))?;
             let value = decode_row(&k, &v).map_err(|why| corrupt(&k, &why))?;
-            rows.push(
-                BarrierRow::new(
-                    gid,
-                    branch_id,
-                    op,
-                    value.answer,
-                    value.unix_ms,
-                    value.seq,
-                    value.fingerprint,
-                    value.log_id,
-                    value.handler,
-                    value.message,
-                )
-                .with_outcome_endpoint(value.outcome_endpoint),
-            );
+            rows.push(row_of(gid, branch_id, op, value));
         }
         Ok(rows)
     }
@@ -1069,21 +1072,7 @@ impl SledStore {
                 return Ok(SweepPage::new(rows, next));
             }
             let value = decode_row(&k, &v).map_err(|why| what(corrupt(&k, &why)))?;
-            rows.push(
-                BarrierRow::new(
-                    gid,
-                    branch_id,
-                    op,
-                    value.answer,
-                    value.unix_ms,
-                    value.seq,
-                    value.fingerprint,
-                    value.log_id,
-                    value.handler,
-                    value.message,
-                )
-                .with_outcome_endpoint(value.outcome_endpoint),
-            );
+            rows.push(row_of(gid, branch_id, op, value));
         }
         Ok(SweepPage::new(rows, None))
     }

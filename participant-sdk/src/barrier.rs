@@ -82,15 +82,23 @@ impl Op {
     }
 }
 
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Op {
+    /// The operation's name, lowercase (`prepare`, ..., `compensate`): its `Display` and its
+    /// metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
             Op::Prepare => "prepare",
             Op::Commit => "commit",
             Op::Abort => "abort",
             Op::Execute => "execute",
             Op::Compensate => "compensate",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

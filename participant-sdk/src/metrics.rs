@@ -30,16 +30,6 @@ use std::time::Duration;
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
 
-fn op_label(op: Op) -> &'static str {
-    match op {
-        Op::Prepare => "prepare",
-        Op::Commit => "commit",
-        Op::Abort => "abort",
-        Op::Execute => "execute",
-        Op::Compensate => "compensate",
-    }
-}
-
 fn rule_label(rule: Rule) -> &'static str {
     match rule {
         Rule::Cancelled => "cancelled",
@@ -133,10 +123,10 @@ impl ParticipantMetrics {
             Verdict::Violation(_) => "violation",
         };
         self.deliveries
-            .get_or_create(&[("op", op_label(op)), ("answer", answer)])
+            .get_or_create(&[("op", op.as_str()), ("answer", answer)])
             .inc();
         self.duration
-            .get_or_create(&[("op", op_label(op))])
+            .get_or_create(&[("op", op.as_str())])
             .observe(took.as_secs_f64());
     }
 

@@ -26,6 +26,11 @@ struct Pki {
     server_key: PathBuf,
     client_cert: PathBuf,
     client_key: PathBuf,
+    /// SHA-256 of the client certificate's DER encoding, as the token file names it.
+    client_fingerprint: String,
+    /// A second client certificate from the same CA, listed nowhere.
+    stranger_cert: PathBuf,
+    stranger_key: PathBuf,
 }
 
 impl Pki {
@@ -50,19 +55,28 @@ impl Pki {
             let mut params = CertificateParams::new(names).unwrap();
             params.distinguished_name.push(DnType::CommonName, cn);
             let cert = params.signed_by(&key, &issuer).unwrap();
-            (cert.pem(), key.serialize_pem())
+            (cert.pem(), key.serialize_pem(), cert.der().to_vec())
         };
-        let (server_cert, server_key) = leaf(
+        let (server_cert, server_key, _) = leaf(
             vec!["localhost".into(), "127.0.0.1".into()],
             "treaty server",
         );
-        let (client_cert, client_key) = leaf(vec!["treatyd.client".into()], "treatyd");
+        let (client_cert, client_key, client_der) = leaf(vec!["treatyd.client".into()], "treatyd");
+        let (stranger_cert, stranger_key, _) = leaf(vec!["stranger.client".into()], "stranger");
+        use sha2::Digest;
+        let client_fingerprint = sha2::Sha256::digest(&client_der)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         Pki {
             ca: write("ca.pem", ca_cert.pem()),
             server_cert: write("server.pem", server_cert),
             server_key: write("server.key", server_key),
             client_cert: write("client.pem", client_cert),
             client_key: write("client.key", client_key),
+            client_fingerprint,
+            stranger_cert: write("stranger.pem", stranger_cert),
+            stranger_key: write("stranger.key", stranger_key),
             dir,
         }
     }
@@ -379,6 +393,103 @@ async fn tokens_authenticate_callers_and_roles_authorise_calls() {
         .retry(&done.gid)
         .await
         .expect("retry with the operate role");
+}
+
+/// A caller authenticated by its client certificate alone (mTLS, no token) gets the roles
+/// the token file gives that certificate's fingerprint; a certificate from the same CA that
+/// the file does not list is UNAUTHENTICATED; and every refusal is counted on `/metrics` by
+/// its gRPC status.
+#[tokio::test(flavor = "multi_thread")]
+async fn mtls_identities_carry_roles_and_refusals_are_counted() {
+    let pki = Pki::new();
+    let tokens = pki.file(
+        "tokens",
+        &format!(
+            "cert-sha256:{} = read\noperator = operate, read\n",
+            pki.client_fingerprint
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let treatyd = secure_treatyd(
+        &pki,
+        dir.path(),
+        &[
+            "--tls-client-ca",
+            s(&pki.ca),
+            "--auth-tokens",
+            s(&tokens),
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let with_cert = |cert: &Path, key: &Path| {
+        ClientOptions::new().tls(TlsConfig::new().ca_file(&pki.ca).identity_files(cert, key))
+    };
+    let code = |e: ClientError| match e {
+        ClientError::Rejected { code, .. } => code,
+        other => panic!("expected a rejection, got {other:?}"),
+    };
+
+    // The listed certificate reads (an unknown gid is NOT_FOUND, past the auth check) ...
+    let reader = Client::connect_with(
+        https(&treatyd),
+        &with_cert(&pki.client_cert, &pki.client_key),
+    )
+    .await
+    .expect("connect with the listed certificate");
+    let e = reader.get("no-such-gid").await.unwrap_err();
+    assert!(
+        e.is_not_found(),
+        "the certificate's read role lets it in: {e:?}"
+    );
+    // ... and may not steer.
+    let e = reader.retry("no-such-gid").await.unwrap_err();
+    assert_eq!(code(e), tonic::Code::PermissionDenied);
+
+    // A certificate the CA signed but the token file does not list has no roles at all.
+    let stranger = Client::connect_with(
+        https(&treatyd),
+        &with_cert(&pki.stranger_cert, &pki.stranger_key),
+    )
+    .await
+    .expect("the TLS handshake succeeds: the CA signed it");
+    let e = stranger.get("no-such-gid").await.unwrap_err();
+    assert_eq!(code(e), tonic::Code::Unauthenticated);
+
+    // A token, when sent, decides over the certificate: the operator may retry (an unknown
+    // gid is NOT_FOUND, past the role check).
+    let operator = Client::connect_with(
+        https(&treatyd),
+        &with_cert(&pki.stranger_cert, &pki.stranger_key).token("operator"),
+    )
+    .await
+    .expect("connect");
+    let e = operator.retry("no-such-gid").await.unwrap_err();
+    assert!(e.is_not_found(), "the operate role passes the check: {e:?}");
+
+    // Each refusal is counted by its status: one PERMISSION_DENIED, one UNAUTHENTICATED.
+    let admin = treatyd.proc.admin_addr(WAIT).expect("admin address");
+    let scrape = || {
+        let (status, body) = treaty_tests::http_get(admin, "/metrics").expect("GET /metrics");
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    let count = |body: &str, reason: &str| {
+        treaty_tests::metric_value(
+            body,
+            &format!("treaty_requests_rejected_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    let body = wait_until("the refusals on /metrics", WAIT, || {
+        let body = scrape();
+        let seen = count(&body, "permission_denied").is_some()
+            && count(&body, "unauthenticated").is_some();
+        async move { seen.then_some(body) }
+    })
+    .await;
+    assert_eq!(count(&body, "permission_denied"), Some(1.0), "{body}");
+    assert_eq!(count(&body, "unauthenticated"), Some(1.0), "{body}");
+    assert_eq!(count(&body, "internal"), None, "never INTERNAL: {body}");
 }
 
 #[test]

@@ -233,6 +233,31 @@ impl ClientOptions {
         Ok(ep)
     }
 
+    /// The endpoint for `uri` (an address), checking TLS against the name `host` it was
+    /// resolved from.
+    pub(crate) fn endpoint_for_host(
+        &self,
+        uri: &str,
+        host: &str,
+        timeout: Duration,
+    ) -> Result<Endpoint, String> {
+        let mut ep = Endpoint::from_shared(uri.to_string())
+            .map_err(|e| format!("coordinator URI {uri:?} is invalid: {e}"))?
+            .connect_timeout(timeout);
+        if ep.uri().scheme_str() == Some("https") {
+            let tls = self
+                .tls
+                .clone()
+                .unwrap_or_default()
+                .client_config()?
+                .domain_name(host);
+            ep = ep
+                .tls_config(tls)
+                .map_err(|e| format!("TLS settings for {uri:?}: {e}"))?;
+        }
+        Ok(ep)
+    }
+
     /// The `authorization` value to send, if a token is set.
     pub(crate) fn bearer(&self) -> Result<Option<AsciiMetadataValue>, String> {
         self.token

@@ -205,13 +205,16 @@ impl Definition {
             wait: wait.is_some(),
             wait_timeout_ms: wait.map_or(0, |w| w.as_millis().max(1) as u64),
         };
-        let mut request = tonic::Request::new(req);
-        request.set_timeout(self.client.call_timeout + wait.unwrap_or_default());
+        // Resubmitting to another coordinator of the same log with the same gid is safe:
+        // `Begin` is idempotent for the same gid and definition.
+        let timeout = self.client.call_timeout + wait.unwrap_or_default();
         let resp = self
             .client
-            .inner
-            .clone()
-            .begin(request)
+            .call(timeout, |mut c| {
+                let mut request = tonic::Request::new(req.clone());
+                request.set_timeout(timeout);
+                async move { c.begin(request).await }
+            })
             .await
             .map_err(|status| submit_error(&gid, status))?
             .into_inner();

@@ -23,6 +23,8 @@ use treaty_proto::v1::participant_server::{Participant, ParticipantServer};
 struct Script {
     /// Answer phase-two calls with RETRY (a participant gone for good).
     phase_two_fails: bool,
+    /// Answer `Prepare` with RETRY (a participant not ready yet).
+    prepare_retries: bool,
 }
 
 #[derive(Clone, Default)]
@@ -74,8 +76,13 @@ impl Participant for Fake {
         r: Request<pb::BranchRequest>,
     ) -> Result<Response<pb::PrepareResponse>, Status> {
         self.record("prepare", r.get_ref());
+        let result = if self.script.lock().unwrap().prepare_retries {
+            pb::PrepareResult::Retry
+        } else {
+            pb::PrepareResult::Prepared
+        };
         Ok(Response::new(pb::PrepareResponse {
-            result: pb::PrepareResult::Prepared as i32,
+            result: result as i32,
             message: String::new(),
         }))
     }
@@ -798,4 +805,67 @@ async fn calls_waiting_behind_a_slow_admission_read_are_bounded() {
         1,
         "the transaction ran once"
     );
+}
+
+/// Several coordinators share one log (PostgreSQL): a transaction driven by one is followed
+/// by the others from the log. Before, a second coordinator answered `Begin` with `wait` for
+/// an existing gid it does not drive with PENDING at once, and its `Watch` ended after one
+/// non-terminal state. Two runtimes over one memory log stand for two coordinators.
+#[tokio::test]
+async fn a_coordinator_follows_a_transaction_another_drives_in_the_shared_log() {
+    use futures::StreamExt;
+    use treaty_coordinator::api::CoordinatorService;
+    use treaty_proto::v1::coordinator_server::Coordinator;
+
+    let a = harness(fast_config()).await;
+    a.fake.script.lock().unwrap().prepare_retries = true;
+    let b = Runtime::new(a.log.clone(), fast_config());
+    let def = a.def("g-shared", Mode::TwoPhase, 1, "x");
+    // A begins and drives it; its participant is not ready, so it stays undecided.
+    a.rt.begin(def.clone()).await.expect("begin at A");
+    a.until("A is retrying the prepare", |h| {
+        h.fake.count("prepare", "g-shared") >= 2
+    })
+    .await;
+
+    // B is asked for the same transaction: the resubmission of a client that failed over,
+    // and a watch.
+    let waiter = tokio::spawn({
+        let b = b.clone();
+        async move { b.begin(waiting(def)).await }
+    });
+    let service = CoordinatorService::new(b.clone());
+    let mut watch = service
+        .watch(Request::new(pb::WatchRequest {
+            gid: "g-shared".into(),
+        }))
+        .await
+        .expect("watch at B")
+        .into_inner();
+    let first = watch.next().await.expect("a first state").expect("ok");
+    assert_eq!(first.state(), pb::TxState::Active);
+
+    // The participant gets ready; A commits.
+    a.fake.script.lock().unwrap().prepare_retries = false;
+    let begun = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("B's Begin answers")
+        .expect("task")
+        .expect("B's Begin");
+    assert!(begun.existing, "B did not start it again");
+    assert_eq!(
+        begun.outcome,
+        Outcome::Committed,
+        "B waited for A's outcome through the log"
+    );
+    let mut last = first;
+    while let Some(item) = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("B's watch goes on until the terminal state")
+    {
+        last = item.expect("ok");
+    }
+    assert_eq!(last.state(), pb::TxState::Committed);
+    assert_eq!(a.fake.count("commit", "g-shared"), 1, "only A drove it");
+    assert_eq!(b.live(), 0, "B never took it into its shards");
 }

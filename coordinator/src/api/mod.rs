@@ -77,6 +77,9 @@ fn begin_status(e: BeginError) -> Status {
 
 /// Bounds on the free-text fields of `Resolve`, which are stored in the log.
 const OPERATOR_BYTES_MAX: usize = 256;
+/// How long a watch of a transaction driven elsewhere waits for one change before it reads
+/// again from scratch (the loop goes on until the terminal state or the client leaves).
+const FOLLOW_BOUND: std::time::Duration = std::time::Duration::from_secs(60);
 const REASON_BYTES_MAX: usize = 1024;
 
 fn check_gid(gid: &str, rt: &Runtime) -> Result<(), Status> {
@@ -178,7 +181,38 @@ impl Coordinator for CoordinatorService {
                 )))
             }
             WatchTarget::Stored(s) => {
-                let _ = tx.send(Ok(to_proto(&s))).await;
+                // Not driven here: finished, or driven by another coordinator of a shared
+                // log. Follow the log until the terminal state.
+                let rt = self.rt.clone();
+                tokio::spawn(async move {
+                    let mut current = s;
+                    loop {
+                        let terminal = current.record.phase.is_terminal()
+                            && current.outcome != Outcome::Pending;
+                        if tx.send(Ok(to_proto(&current))).await.is_err() || terminal {
+                            return;
+                        }
+                        let next = tokio::select! {
+                            n = rt.next_change(&gid, current.record.seq, FOLLOW_BOUND) => n,
+                            _ = tx.closed() => return,
+                        };
+                        match next {
+                            Ok(Some(n)) => current = n,
+                            Ok(None) => {
+                                let _ = tx
+                                    .send(Err(Status::not_found(format!(
+                                        "transaction {gid:?} was collected while watched"
+                                    ))))
+                                    .await;
+                                return;
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(log_status(e))).await;
+                                return;
+                            }
+                        }
+                    }
+                });
             }
             WatchTarget::Live(mut snap) => {
                 tokio::spawn(async move {

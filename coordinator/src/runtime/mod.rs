@@ -141,6 +141,25 @@ impl Snapshot {
     }
 }
 
+/// The pace of polling the log for a transaction another coordinator drives: soon at first
+/// (most phases take milliseconds), then backing off to [`FOLLOW_POLL_MAX`].
+struct FollowPoll(Duration);
+
+/// The longest pause between two reads of a transaction another coordinator drives.
+pub const FOLLOW_POLL_MAX: Duration = Duration::from_millis(500);
+
+impl FollowPoll {
+    fn new() -> FollowPoll {
+        FollowPoll(Duration::from_millis(5))
+    }
+
+    /// Waits the current pause (at most `left`), then lengthens the next one.
+    async fn wait(&mut self, left: Duration) {
+        tokio::time::sleep(self.0.min(left)).await;
+        self.0 = (self.0 * 2).min(FOLLOW_POLL_MAX);
+    }
+}
+
 /// Why `begin` did not start a transaction.
 #[derive(Debug, thiserror::Error)]
 pub enum BeginError {
@@ -643,8 +662,11 @@ impl Runtime {
         }
     }
 
-    /// The outcome once final, waiting up to `bound`; from the log when the gid is not live.
+    /// The outcome once final, waiting up to `bound`; from the log when the gid is not live
+    /// here (finished meanwhile, or driven by another coordinator of a shared log, whose
+    /// progress only the log shows).
     async fn wait_outcome(&self, gid: &str, bound: Duration) -> Result<Outcome, LogError> {
+        let start = tokio::time::Instant::now();
         let (tx, rx) = oneshot::channel();
         if self.send(gid, Msg::WaitOutcome(tx)).await {
             match tokio::time::timeout(bound, rx).await {
@@ -653,8 +675,37 @@ impl Runtime {
                 Err(_) => return Ok(Outcome::Pending),
             }
         }
-        // Not live (finished meanwhile): the log has the final record.
-        Ok(self.get(gid).await?.map_or(Outcome::Pending, |s| s.outcome))
+        let mut poll = FollowPoll::new();
+        loop {
+            let outcome = self.get(gid).await?.map_or(Outcome::Pending, |s| s.outcome);
+            let left = bound.saturating_sub(start.elapsed());
+            if outcome != Outcome::Pending || left.is_zero() {
+                return Ok(outcome);
+            }
+            poll.wait(left).await;
+        }
+    }
+
+    /// The snapshot of `gid` once it differs from the one with `seen_seq`, polling the log
+    /// (for a transaction this coordinator does not drive: another coordinator of a shared
+    /// log does, and only the log shows its progress). `None` when the gid is gone (collected
+    /// by retention); gives up with the last snapshot read past `bound`.
+    pub async fn next_change(
+        &self,
+        gid: &str,
+        seen_seq: u64,
+        bound: Duration,
+    ) -> Result<Option<Snapshot>, LogError> {
+        let start = tokio::time::Instant::now();
+        let mut poll = FollowPoll::new();
+        loop {
+            let snap = self.get(gid).await?;
+            let left = bound.saturating_sub(start.elapsed());
+            match snap {
+                Some(s) if s.record.seq == seen_seq && !left.is_zero() => poll.wait(left).await,
+                other => return Ok(other),
+            }
+        }
     }
 
     async fn ask<T>(&self, gid: &str, msg: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Option<T> {

@@ -255,6 +255,9 @@ impl PgServer {
                 "-c",
                 &format!("max_connections={}", self.options.max_connections),
             ])
+            // After a crash, sync the data directory with one syncfs rather than an fsync per
+            // file: the same guarantee, seconds faster on a busy disk.
+            .args(["-c", "recovery_init_sync_method=syncfs"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -354,17 +357,16 @@ impl PgServer {
         Ok(self.url(name))
     }
 
-    /// Kill the postmaster with SIGKILL (a crash: prepared transactions and committed data
-    /// survive, sessions are cut), and wait until every server process of it has gone.
+    /// Kill the server with SIGKILL, postmaster and backends at once (a crash: prepared
+    /// transactions and committed data survive, sessions are cut), and wait until every
+    /// server process has gone.
     pub fn kill(&mut self) {
         self.signal_and_reap(Signal::SIGKILL);
-        self.wait_backends_gone();
     }
 
     /// Stop the server now (SIGQUIT: immediate shutdown, crash-safe), bounded; SIGKILL past it.
     pub fn stop(&mut self) {
         self.signal_and_reap(Signal::SIGQUIT);
-        self.wait_backends_gone();
     }
 
     /// Start the server again on the same directory and port after [`PgServer::kill`] or
@@ -389,100 +391,91 @@ impl PgServer {
         }
     }
 
+    /// Signal the postmaster, reap it, and wait until its backends have gone too: a backend
+    /// outlives a killed postmaster briefly (reparented, so no longer its child), and a
+    /// restart before it goes fails ("pre-existing shared memory block is still in use").
     fn signal_and_reap(&mut self, sig: Signal) {
         let Some(mut child) = self.child.take() else {
             return;
         };
+        let server = {
+            // `server_pids` needs the child in place.
+            self.child = Some(child);
+            let pids = self.server_pids();
+            child = self.child.take().expect("just put back");
+            pids
+        };
         // A paused server must be resumed to act on anything but SIGKILL.
-        self.pause(false);
+        for &pid in &server {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+        }
         let _ = kill(Pid::from_raw(child.id() as i32), sig);
+        if sig == Signal::SIGKILL {
+            // A crash takes the whole server at once, as a machine or container crash does;
+            // backends left behind would only delay the restart.
+            for &pid in &server {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
         let start = Instant::now();
+        let mut reaped = false;
         while start.elapsed() < BOUND {
             if let Ok(Some(_)) = child.try_wait() {
-                return;
+                reaped = true;
+                break;
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let _ = child.kill();
-        let _ = child.wait();
+        if !reaped {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let master = child.id() as i32;
+        let backends: Vec<i32> = server.into_iter().filter(|&p| p != master).collect();
+        let start = Instant::now();
+        while start.elapsed() < BOUND && backends.iter().any(|&p| alive(p)) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for &p in backends.iter().filter(|&&p| alive(p)) {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
     }
 
-    /// Process ids of the server's processes (postmaster and backends): those whose command
-    /// line names our data directory, or whose parent is the postmaster.
+    /// Process ids of the server's processes: the postmaster and its children (backends).
     fn server_pids(&self) -> Vec<i32> {
         let master = self.pid() as i32;
-        let mut pids = Vec::new();
+        if master == 0 {
+            return Vec::new();
+        }
+        let mut pids = vec![master];
         for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
                 continue;
             };
-            let stat = fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            // Field 4 of /proc/<pid>/stat is the parent id (after the parenthesised name).
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                .and_then(|p| p.parse::<i32>().ok());
-            if pid == master || (master != 0 && ppid == Some(master)) {
+            if pid != master && parent_of(pid) == Some(master) {
                 pids.push(pid);
             }
         }
         pids
     }
+}
 
-    /// Backends outlive a killed postmaster briefly; a restart before they go fails
-    /// ("pre-existing shared memory block is still in use"). Wait, bounded, for the data
-    /// directory's lock holders to go.
-    fn wait_backends_gone(&self) {
-        let data = self.dir.path().join("data");
-        let needle = data.to_string_lossy().into_owned();
-        let start = Instant::now();
-        while start.elapsed() < BOUND {
-            let alive = fs::read_dir("/proc")
-                .into_iter()
-                .flatten()
-                .flatten()
-                .any(|e| {
-                    let is_pid = e
-                        .file_name()
-                        .to_str()
-                        .is_some_and(|s| s.parse::<u32>().is_ok());
-                    is_pid
-                        && fs::read(e.path().join("cmdline"))
-                            .map(|c| String::from_utf8_lossy(&c).contains(&needle))
-                            .unwrap_or(false)
-                })
-                || self.has_attached_backends();
-            if !alive {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
+/// The parent of `pid`, from field 4 of `/proc/<pid>/stat` (after the parenthesised name).
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+        .and_then(|p| p.parse::<i32>().ok())
+}
 
-    /// Whether processes still attach to the server's shared memory (backends of a killed
-    /// postmaster keep their own command lines, so the cmdline check alone misses them).
-    fn has_attached_backends(&self) -> bool {
-        let Ok(text) = fs::read_to_string(self.dir.path().join("data/postmaster.pid")) else {
-            return false;
-        };
-        let Some(master) = text
-            .lines()
-            .next()
-            .and_then(|l| l.trim().parse::<i32>().ok())
-        else {
-            return false;
-        };
-        fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| {
-                let stat = fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-                stat.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                    .and_then(|p| p.parse::<i32>().ok())
-                    == Some(master)
-            })
+/// Whether `pid` runs (a zombie has exited: state `Z` in `/proc/<pid>/stat`).
+fn alive(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
     }
 }
 

@@ -145,8 +145,11 @@ CREATE TABLE IF NOT EXISTS treaty_barrier_open (
     log_id text NOT NULL,
     outcome_endpoint text NOT NULL,
     prepared_unix_ms bigint NOT NULL,
-    xact text,
+    xact text NOT NULL,
     PRIMARY KEY (gid, branch_id)
+);
+CREATE TABLE IF NOT EXISTS treaty_barrier_xact (
+    xact text PRIMARY KEY
 );
 CREATE TABLE IF NOT EXISTS treaty_barrier_swept (
     gid text COLLATE "C" PRIMARY KEY,
@@ -359,7 +362,7 @@ async fn change_index(
     ctx: &BranchContext,
     payload: &[u8],
     change: IndexChange,
-    xact: Option<&str>,
+    xact: &str,
 ) -> Result<(), StoreError> {
     let what = |e| pg_error("updating the index of open prepared branches", e);
     match change {
@@ -474,6 +477,7 @@ impl PgStore {
                 chain(&e).to_string(),
             )
         })?;
+        check_prepared_transactions(&conn, &place).await?;
         let store_id = create_schema(&mut conn, &place).await?;
         drop(conn);
         Ok(PgStore {
@@ -495,6 +499,13 @@ impl PgStore {
     pub fn store_id(&self) -> &str {
         &self.inner.store_id
     }
+
+    /// The names of this store's prepared transactions now in `pg_prepared_xacts` (those
+    /// starting `treaty-<store id>-`): the branches prepared and not yet committed or rolled
+    /// back. For operators and tests (none should be left once every transaction ended).
+    pub async fn prepared_transactions(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.prepared_transactions().await
+    }
 }
 
 /// `host:port/db`, for messages.
@@ -509,6 +520,31 @@ fn place_of(config: &tokio_postgres::Config) -> String {
         "{host}:{port}/{}",
         config.get_dbname().unwrap_or("(default database)")
     )
+}
+
+/// Refuses a server that cannot prepare transactions (`max_prepared_transactions = 0`, its
+/// default): every 2PC branch here is a PostgreSQL prepared transaction.
+async fn check_prepared_transactions(conn: &Object, place: &str) -> Result<(), StoreError> {
+    let value: String = conn
+        .query_one("SHOW max_prepared_transactions", &[])
+        .await
+        .map_err(|e| pg_error(format!("reading max_prepared_transactions of {place}"), e))?
+        .get(0);
+    match value.trim().parse::<i64>() {
+        Ok(n) if n > 0 => Ok(()),
+        _ => Err(StoreError::new(
+            format!("opening the barrier store in {place}"),
+            format!(
+                "PostgreSQL has max_prepared_transactions = {value}, so it cannot prepare \
+                 transactions, and every 2PC branch of a PostgreSQL participant is a prepared \
+                 transaction (PREPARE TRANSACTION). Set it above 0, to at least the number of \
+                 branches that may be prepared at once (max_connections is a safe choice): \
+                 `max_prepared_transactions = 100` in postgresql.conf, or \
+                 `ALTER SYSTEM SET max_prepared_transactions = 100;` as a superuser, then \
+                 restart PostgreSQL"
+            ),
+        )),
+    }
 }
 
 /// Creates the tables if missing and returns the store's identity.
@@ -557,6 +593,11 @@ impl Inner {
         handler: Option<&HandlerCall<PgStore>>,
     ) -> Verdict {
         let delivery = Delivery::new(op, &ctx.handler, payload, &ctx.log_id, handler.is_some());
+        if matches!(op, Op::Prepare | Op::Commit | Op::Abort) {
+            return self
+                .deliver_two_phase(op, ctx, payload, handler, &delivery)
+                .await;
+        }
         match self
             .deliver_in_one(op, ctx, payload, handler, &delivery)
             .await
@@ -580,7 +621,7 @@ impl Inner {
         }
     }
 
-    /// The delivery in one transaction: lock, plan, business code, rows, commit.
+    /// A saga delivery in one transaction: lock, plan, business code, rows, commit.
     async fn deliver_in_one(
         &self,
         op: Op,
@@ -612,7 +653,7 @@ impl Inner {
         };
         let settled = plan.settle(None);
         write_rows(&tx, ctx, &settled.writes).await?;
-        change_index(&tx, ctx, payload, settled.in_doubt, None).await?;
+        change_index(&tx, ctx, payload, settled.in_doubt, "").await?;
         tx.commit().await.map_err(what)?;
         Ok(settled.reply)
     }
@@ -639,7 +680,7 @@ impl Inner {
         let refusal = matches!(plan.business, Business::Run { .. }).then_some(reason);
         let settled = plan.settle(refusal);
         write_rows(&tx, ctx, &settled.writes).await?;
-        change_index(&tx, ctx, payload, settled.in_doubt, None).await?;
+        change_index(&tx, ctx, payload, settled.in_doubt, "").await?;
         tx.commit().await.map_err(what)?;
         Ok(settled.reply)
     }
@@ -677,8 +718,12 @@ impl Inner {
         let rows = conn
             .query(
                 "SELECT gid, branch_id, handler, payload, log_id, outcome_endpoint, \
-                 prepared_unix_ms FROM treaty_barrier_open \
-                 WHERE $1::bigint IS NULL OR prepared_unix_ms <= $1 ORDER BY gid, branch_id",
+                 prepared_unix_ms FROM treaty_barrier_open o \
+                 WHERE ($1::bigint IS NULL OR prepared_unix_ms <= $1) \
+                 AND (EXISTS (SELECT 1 FROM pg_prepared_xacts p WHERE p.gid = o.xact \
+                              AND p.database = current_database()) \
+                      OR EXISTS (SELECT 1 FROM treaty_barrier_xact x WHERE x.xact = o.xact)) \
+                 ORDER BY gid, branch_id",
                 &[&cutoff],
             )
             .await
@@ -832,6 +877,402 @@ impl Inner {
                 u64::try_from(r.get::<_, i64>(1)).unwrap_or(0),
             )
         }))
+    }
+}
+
+/// Where a branch's PostgreSQL prepared transaction stands (read under the gid's lock).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Held {
+    /// No prepared transaction is open for the branch.
+    None,
+    /// The prepared transaction of this name is in `pg_prepared_xacts`: prepared, undecided.
+    Prepared(String),
+    /// It was committed (`COMMIT PREPARED`: its proof row is visible), and the commit's own
+    /// transaction (commit handler, `COMMIT` row) has not run yet.
+    Committed(String),
+}
+
+impl Inner {
+    /// The name of the branch's PostgreSQL prepared transaction: the store's prefix, then
+    /// SHA-256 of (log identity, gid, branch), each length-prefixed: deterministic, 108 bytes
+    /// (PostgreSQL allows under 200), of `[a-z0-9-]` only, so it can be quoted as is.
+    fn xact_name(&self, ctx: &BranchContext) -> String {
+        let mut h = Sha256::new();
+        for part in [ctx.log_id.as_bytes(), ctx.gid.as_bytes()] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        h.update(ctx.branch_id.to_be_bytes());
+        let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}{hex}", self.xact_prefix())
+    }
+
+    /// The prefix of every prepared transaction this store names: `treaty-<store id>-`.
+    fn xact_prefix(&self) -> String {
+        format!("treaty-{}-", self.store_id)
+    }
+
+    /// A 2PC delivery: under a session-level advisory lock on the gid (held across the
+    /// several transactions of a prepare, a commit or an abort, and released before the
+    /// answer), see [`Inner::two_phase_locked`].
+    async fn deliver_two_phase(
+        &self,
+        op: Op,
+        ctx: &BranchContext,
+        payload: &[u8],
+        handler: Option<&HandlerCall<PgStore>>,
+        delivery: &Delivery,
+    ) -> Verdict {
+        let mut conn = match self.conn().await {
+            Ok(c) => c,
+            Err(e) => return retry(op, ctx, e.to_string()),
+        };
+        let key = gid_lock_key(&ctx.gid);
+        if let Err(e) = conn
+            .execute("SELECT pg_advisory_lock($1, $2)", &[&LOCK_CLASS, &key])
+            .await
+        {
+            return retry(op, ctx, pg_error("locking the gid", e).to_string());
+        }
+        let verdict = self
+            .two_phase_locked(&mut conn, op, ctx, payload, handler, delivery)
+            .await;
+        let unlocked = conn
+            .execute("SELECT pg_advisory_unlock($1, $2)", &[&LOCK_CLASS, &key])
+            .await;
+        if unlocked.is_err() {
+            // Never hand a connection holding the lock back to the pool: closing the
+            // session releases it.
+            drop(Object::take(conn));
+        }
+        verdict
+    }
+
+    /// Reads where the branch's prepared transaction stands; a stale entry of the index
+    /// (written before a `PREPARE TRANSACTION` that never happened, or left by an abort that
+    /// rolled back and stopped before its rows) is removed with its `PREPARED` row: nothing
+    /// of that prepare is applied anywhere.
+    async fn held(&self, client: &mut Client, ctx: &BranchContext) -> Result<Held, StoreError> {
+        let what = |e| pg_error("reading the branch's prepared transaction", e);
+        let open = client
+            .query_opt(
+                "SELECT xact FROM treaty_barrier_open WHERE gid = $1 AND branch_id = $2",
+                &[&ctx.gid, &i64::from(ctx.branch_id)],
+            )
+            .await
+            .map_err(what)?;
+        let Some(open) = open else {
+            return Ok(Held::None);
+        };
+        let xact: String = open.get(0);
+        let row = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = $1 \
+                 AND database = current_database()), \
+                 EXISTS (SELECT 1 FROM treaty_barrier_xact WHERE xact = $1)",
+                &[&xact],
+            )
+            .await
+            .map_err(what)?;
+        let (prepared, committed): (bool, bool) = (row.get(0), row.get(1));
+        if prepared {
+            return Ok(Held::Prepared(xact));
+        }
+        if committed {
+            return Ok(Held::Committed(xact));
+        }
+        tracing::info!(gid = %ctx.gid, branch_id = ctx.branch_id, xact = %xact, "removing a stale entry of the open branches: its prepared transaction does not exist");
+        self.forget_prepare(client, ctx).await?;
+        Ok(Held::None)
+    }
+
+    /// Deletes the branch's `PREPARED` row and its index entry, then writes `writes`, in one
+    /// transaction.
+    async fn forget_prepare_then(
+        &self,
+        client: &mut Client,
+        ctx: &BranchContext,
+        writes: &[rules::Write],
+    ) -> Result<(), StoreError> {
+        let what = |e| pg_error("removing a prepare that did not happen", e);
+        let tx = client.transaction().await.map_err(what)?;
+        tx.execute(
+            "DELETE FROM treaty_barrier WHERE gid = $1 AND branch_id = $2 AND op = $3",
+            &[
+                &ctx.gid,
+                &i64::from(ctx.branch_id),
+                &(Op::Prepare.key_byte() as i16),
+            ],
+        )
+        .await
+        .map_err(what)?;
+        change_index(&tx, ctx, &[], IndexChange::Close, "").await?;
+        write_rows(&tx, ctx, writes).await?;
+        tx.commit().await.map_err(what)
+    }
+
+    async fn forget_prepare(
+        &self,
+        client: &mut Client,
+        ctx: &BranchContext,
+    ) -> Result<(), StoreError> {
+        self.forget_prepare_then(client, ctx, &[]).await
+    }
+
+    /// A 2PC delivery, the gid locked. The barrier rules decide as for every store; what
+    /// differs is how a plan that runs business code is carried out:
+    ///
+    /// - **Prepare**: (1) the `PREPARED` row and the index entry (with the prepared
+    ///   transaction's name) commit first; (2) the handler runs in a new transaction, which
+    ///   also inserts a proof row (`treaty_barrier_xact`), and is ended by `PREPARE
+    ///   TRANSACTION '<name>'`, durable when it returns; (3) PREPARED is answered. A refusal,
+    ///   a retry, a panic or a failed `PREPARE` roll the transaction back and remove what (1)
+    ///   wrote (a refusal records `REFUSED` in the same step). A crash between (1) and (2)
+    ///   leaves an entry whose transaction does not exist: [`Inner::held`] removes it at the
+    ///   next delivery, and the resolver never lists it.
+    /// - **Commit**: `COMMIT PREPARED '<name>'` (unless already done: the proof row is
+    ///   visible), then the commit handler, the `COMMIT` row, the index entry and the proof
+    ///   row removed, in one transaction. A crash between the two leaves the proof: the next
+    ///   commit (a redelivery, or the in-doubt resolver) runs only the second step.
+    /// - **Abort**: `ROLLBACK PREPARED '<name>'`, which undoes the prepare's business change;
+    ///   then the `ABORT` row and the index entry removed. The abort handler is **not**
+    ///   called for a prepared branch: the database already undid what the prepare did. An
+    ///   abort after a `COMMIT PREPARED` (proof visible) is a violation.
+    ///
+    /// Duplicates, an abort before its prepare (null abort, the late prepare refused), a
+    /// commit without a prepare, a reused gid: the rules, from the rows, as on sled. A commit
+    /// or abort whose rows are already written (after a restart too) is a repeat answered
+    /// from them: `COMMIT/ROLLBACK PREPARED` of a name that no longer exists is never sent,
+    /// since the name is looked up, under the lock, in `pg_prepared_xacts` first.
+    async fn two_phase_locked(
+        &self,
+        client: &mut Client,
+        op: Op,
+        ctx: &BranchContext,
+        payload: &[u8],
+        handler: Option<&HandlerCall<PgStore>>,
+        delivery: &Delivery,
+    ) -> Verdict {
+        match self
+            .two_phase_steps(client, op, ctx, payload, handler, delivery)
+            .await
+        {
+            Ok(reply) => verdict(op, ctx, reply),
+            Err(e) => retry(op, ctx, e),
+        }
+    }
+
+    async fn two_phase_steps(
+        &self,
+        client: &mut Client,
+        op: Op,
+        ctx: &BranchContext,
+        payload: &[u8],
+        handler: Option<&HandlerCall<PgStore>>,
+        delivery: &Delivery,
+    ) -> Result<rules::Reply, String> {
+        let what = |e| pg_error(format!("delivering {op}"), e).to_string();
+        let marker = client
+            .query_opt(
+                "SELECT log_id FROM treaty_barrier_swept WHERE gid = $1",
+                &[&ctx.gid],
+            )
+            .await
+            .map_err(what)?;
+        if let Some(m) = marker {
+            // A swept gid has nothing open here (the sweep checks): nothing to do but answer.
+            let plan = rules::plan_swept(m.get(0), delivery);
+            crate::metrics::barrier_decided(plan.rule);
+            return Ok(plan.settle(None).reply);
+        }
+        let held = self.held(client, ctx).await.map_err(|e| e.to_string())?;
+        let rows = branch_rows(&*client, ctx, op)
+            .await
+            .map_err(|e| e.to_string())?;
+        let plan = rules::plan(&rows.iter().map(recorded).collect::<Vec<_>>(), delivery);
+        crate::metrics::barrier_decided(plan.rule);
+        if let Business::Skip = plan.business {
+            let settled = plan.settle(None);
+            let tx = client.transaction().await.map_err(what)?;
+            write_rows(&tx, ctx, &settled.writes)
+                .await
+                .map_err(|e| e.to_string())?;
+            change_index(&tx, ctx, payload, settled.in_doubt, "")
+                .await
+                .map_err(|e| e.to_string())?;
+            tx.commit().await.map_err(what)?;
+            return Ok(settled.reply);
+        }
+        let call = handler.expect("the rules run business code only if registered");
+        match op {
+            Op::Prepare => self.prepare(client, ctx, payload, call, &plan).await,
+            Op::Commit => {
+                let xact = match held {
+                    Held::Prepared(xact) => {
+                        client
+                            .batch_execute(&format!("COMMIT PREPARED '{xact}'"))
+                            .await
+                            .map_err(|e| {
+                                pg_error(format!("COMMIT PREPARED '{xact}'"), e).to_string()
+                            })?;
+                        xact
+                    }
+                    Held::Committed(xact) => xact,
+                    Held::None => {
+                        return Err(format!(
+                            "the branch is recorded PREPARED but its prepared transaction {} \
+                             does not exist (was it ended by hand?)",
+                            self.xact_name(ctx)
+                        ))
+                    }
+                };
+                let tx = client.transaction().await.map_err(what)?;
+                let tx = match run_handler(call, ctx, tx, payload).await {
+                    Ok(tx) => tx,
+                    Err((tx, stopped)) => {
+                        let _ = tx.rollback().await;
+                        return Ok(match stopped {
+                            Stopped::Refused(reason) => plan.settle(Some(&reason)).reply,
+                            Stopped::Retry(msg) => rules::Reply::Retry(msg),
+                        });
+                    }
+                };
+                self.decided(tx, ctx, &plan, &xact).await
+            }
+            Op::Abort => {
+                let xact = match held {
+                    Held::Prepared(xact) => {
+                        client
+                            .batch_execute(&format!("ROLLBACK PREPARED '{xact}'"))
+                            .await
+                            .map_err(|e| {
+                                pg_error(format!("ROLLBACK PREPARED '{xact}'"), e).to_string()
+                            })?;
+                        xact
+                    }
+                    Held::Committed(xact) => {
+                        return Ok(rules::Reply::Violation(format!(
+                            "abort of a branch whose prepared transaction {xact} was committed"
+                        )))
+                    }
+                    Held::None => {
+                        return Err(format!(
+                            "the branch is recorded PREPARED but its prepared transaction {} \
+                             does not exist (was it ended by hand?)",
+                            self.xact_name(ctx)
+                        ))
+                    }
+                };
+                let tx = client.transaction().await.map_err(what)?;
+                self.decided(tx, ctx, &plan, &xact).await
+            }
+            Op::Execute | Op::Compensate => unreachable!("saga deliveries run in one transaction"),
+        }
+    }
+
+    /// The second step of a commit or abort: its rows, the index entry and the proof row
+    /// removed, in `tx` (which holds the commit handler's changes).
+    async fn decided(
+        &self,
+        tx: Transaction<'_>,
+        ctx: &BranchContext,
+        plan: &rules::Plan,
+        xact: &str,
+    ) -> Result<rules::Reply, String> {
+        let what = |e| pg_error("recording the decision", e).to_string();
+        let settled = plan.settle(None);
+        write_rows(&tx, ctx, &settled.writes)
+            .await
+            .map_err(|e| e.to_string())?;
+        change_index(&tx, ctx, &[], settled.in_doubt, "")
+            .await
+            .map_err(|e| e.to_string())?;
+        tx.execute("DELETE FROM treaty_barrier_xact WHERE xact = $1", &[&xact])
+            .await
+            .map_err(what)?;
+        tx.commit().await.map_err(what)?;
+        Ok(settled.reply)
+    }
+
+    /// A prepare whose business code runs (see [`Inner::two_phase_locked`]).
+    async fn prepare(
+        &self,
+        client: &mut Client,
+        ctx: &BranchContext,
+        payload: &[u8],
+        call: &HandlerCall<PgStore>,
+        plan: &rules::Plan,
+    ) -> Result<rules::Reply, String> {
+        let what = |e| pg_error("preparing", e).to_string();
+        let xact = self.xact_name(ctx);
+        let settled = plan.settle(None);
+        // 1. The PREPARED row and the index entry naming the prepared transaction.
+        let tx = client.transaction().await.map_err(what)?;
+        write_rows(&tx, ctx, &settled.writes)
+            .await
+            .map_err(|e| e.to_string())?;
+        change_index(&tx, ctx, payload, settled.in_doubt, &xact)
+            .await
+            .map_err(|e| e.to_string())?;
+        tx.commit().await.map_err(what)?;
+        // 2. The business change, held in a prepared transaction.
+        let tx = client.transaction().await.map_err(what)?;
+        let stopped = match run_handler(call, ctx, tx, payload).await {
+            Ok(tx) => {
+                let prepared = async {
+                    tx.execute(
+                        "INSERT INTO treaty_barrier_xact (xact) VALUES ($1)",
+                        &[&xact],
+                    )
+                    .await?;
+                    tx.batch_execute(&format!("PREPARE TRANSACTION '{xact}'"))
+                        .await
+                    // `tx` is dropped here; its ROLLBACK finds no transaction (PostgreSQL
+                    // logs a warning): the prepared one belongs to no session now.
+                }
+                .await;
+                match prepared {
+                    Ok(()) => return Ok(settled.reply),
+                    Err(e) => Stopped::Retry(
+                        pg_error(format!("PREPARE TRANSACTION '{xact}'"), e).to_string(),
+                    ),
+                }
+            }
+            Err((tx, stopped)) => {
+                let _ = tx.rollback().await;
+                stopped
+            }
+        };
+        // Nothing was prepared: undo step 1 (and record a refusal with it).
+        match stopped {
+            Stopped::Refused(reason) => {
+                let refused = plan.settle(Some(&reason));
+                self.forget_prepare_then(client, ctx, &refused.writes)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(refused.reply)
+            }
+            Stopped::Retry(msg) => {
+                if let Err(e) = self.forget_prepare(client, ctx).await {
+                    tracing::warn!(gid = %ctx.gid, branch_id = ctx.branch_id, "{e}; the next delivery removes it");
+                }
+                Err(msg)
+            }
+        }
+    }
+
+    /// The names of the prepared transactions of this store in `pg_prepared_xacts`.
+    async fn prepared_transactions(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() \
+                 AND starts_with(gid, $1) ORDER BY gid",
+                &[&self.xact_prefix()],
+            )
+            .await
+            .map_err(|e| pg_error("listing prepared transactions", e))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 }
 

@@ -34,6 +34,59 @@
 //! that another transaction holds answers RETRY rather than holding a pooled connection for
 //! ever.
 //!
+//! # 2PC: PostgreSQL's prepared transactions
+//!
+//! A 2PC prepare is a PostgreSQL prepared transaction, so the prepare's change stays
+//! invisible (and its row locks held) until the decision, survives a crash of the
+//! participant and of the server, and is listed in `pg_prepared_xacts`. Its name is
+//! `treaty-<store id>-<hex SHA-256 of (log id, gid, branch)>` (108 bytes; PostgreSQL allows
+//! under 200): deterministic, unique across the databases of a server (the store id), and
+//! recognisable by its prefix ([`PgStore::prepared_transactions`]). [`PgStore::connect`]
+//! refuses a server with `max_prepared_transactions = 0` (PostgreSQL's default), saying how
+//! to set it. A 2PC delivery holds its gid's advisory lock at session level for all its steps
+//! (a prepared transaction does not keep session locks, so `PREPARE TRANSACTION` is allowed).
+//!
+//! - **Prepare**: the `PREPARED` row and the open-branch entry (with the name) commit first;
+//!   then the handler runs on a new transaction, which also inserts a proof row
+//!   (`treaty_barrier_xact`) and ends with `PREPARE TRANSACTION '<name>'`, durable on return;
+//!   then PREPARED is answered. A refusal, a retry, a panic or a failed `PREPARE` roll back
+//!   and remove what the first step wrote (a refusal records `REFUSED` in that step).
+//! - **Commit**: `COMMIT PREPARED '<name>'`, then the commit handler, the `COMMIT` row, the
+//!   entry and the proof removed, in one transaction.
+//! - **Abort**: `ROLLBACK PREPARED '<name>'` (the database undoes the prepare's change: the
+//!   abort handler is **not** called for a prepared branch), then the `ABORT` row and the
+//!   entry removed.
+//!
+//! Where the branch stands is read under the lock from three facts: the entry, the name in
+//! `pg_prepared_xacts`, the proof row. Each case:
+//!
+//! - *Duplicate prepare* (before or after the decision, after a restart): the `PREPARED` row
+//!   answers; no business code, nothing prepared again.
+//! - *Commit or abort of a branch already decided* (a duplicate, a redelivery after a restart
+//!   of either side): the `COMMIT`/`ABORT` row answers DONE. `COMMIT/ROLLBACK PREPARED` is
+//!   sent only for a name found in `pg_prepared_xacts`, so an unknown name is never an error
+//!   to interpret: the rows say what happened.
+//! - *Commit of a branch never prepared* (no row): a violation (RETRY, logged), as on sled.
+//! - *Abort before its prepare*: a null abort, `REFUSED` recorded for the prepare, so the late
+//!   prepare is refused and prepares nothing (no hanging).
+//! - *Crash after the first step of a prepare, before `PREPARE TRANSACTION`*: the entry names a
+//!   transaction that does not exist and there is no proof: nothing was prepared. The next
+//!   delivery of the branch removes the entry and its `PREPARED` row, then plans from what is
+//!   left (a redelivered prepare runs again); the resolver does not list it.
+//! - *Crash after `COMMIT PREPARED`, before its rows*: the proof row is visible (it committed
+//!   with the prepare's change), so the branch is listed in doubt; the next commit (the
+//!   coordinator's retry, or the resolver's replay) runs only the second step. An abort then
+//!   is a violation.
+//! - *Crash after `ROLLBACK PREPARED`, before its rows*: as a prepare that never happened; the
+//!   abort's redelivery records a null abort (`REFUSED`, `ABORT`): nothing applied either way.
+//! - *Participant restart with prepared branches*: their entries and `pg_prepared_xacts` list
+//!   them ([`BarrierStore::in_doubt`]); the in-doubt resolver asks the coordinator that drove
+//!   each and replays its outcome through the barrier, as on sled.
+//! - *PostgreSQL restart or crash*: prepared transactions survive it; the pool reconnects.
+//!
+//! A reader (`rows`) may see the `PREPARED` row of a prepare whose `PREPARE TRANSACTION` is
+//! in flight, or that a crash interrupted (until the next delivery removes it).
+//!
 //! # Where handlers run
 //!
 //! A handler's future is not `Send` (see [`crate::store`]): each delivery runs on a blocking

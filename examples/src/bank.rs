@@ -510,8 +510,12 @@ impl PgInstance {
             .await
             .map_err(|e| StoreError::new("creating the accounts table", e))?;
         for (name, opening) in accounts {
+            // Only if absent, and without touching an existing row: a prepared transaction
+            // left by a crash may hold it, and even `ON CONFLICT DO NOTHING` would wait for
+            // that transaction, which only this service (once started) can get resolved.
             conn.execute(
-                "INSERT INTO bank_accounts (name, balance) VALUES ($1, $2) \
+                "INSERT INTO bank_accounts (name, balance) SELECT $1, $2 \
+                 WHERE NOT EXISTS (SELECT 1 FROM bank_accounts WHERE name = $1) \
                  ON CONFLICT (name) DO NOTHING",
                 &[name, opening],
             )

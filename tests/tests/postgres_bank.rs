@@ -159,3 +159,58 @@ async fn transfers_between_banks_on_postgres_by_2pc_and_saga() {
 
     assert_eq!(bank.prepared().await, 0, "no prepared transaction left");
 }
+
+/// Prepared on PostgreSQL, then everything crashes before the commit: `treatyd` right after
+/// its decision is durable (failpoint), both account services (SIGKILL) and the PostgreSQL
+/// server (SIGKILL). The prepared transactions survive; once all restart, the coordinator's
+/// commit lands and nothing stays prepared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2pc_transfer_prepared_on_postgres_commits_after_everything_crashed() {
+    let Some(mut bank) = bank_on_postgres().await else {
+        return;
+    };
+    bank._treatyd
+        .restart_with(&[("FAILPOINTS", "treaty::after_decision_durable=return")])
+        .expect("treatyd with the failpoint");
+    bank.client = Client::connect(bank._treatyd.uri()).await.expect("connect");
+    let gid = "pg-crash-after-decision";
+    let result = bank
+        .client
+        .two_phase()
+        .gid(gid)
+        .branch(Branch::new(bank.a.uri(), "debit").payload(payload("alice", 40)))
+        .branch(Branch::new(bank.b.uri(), "credit").payload(payload("bob", 40)))
+        .submit_and_wait(WAIT)
+        .await;
+    assert!(result.is_err(), "treatyd died mid-call: {result:?}");
+    wait_until(
+        "treatyd to exit at the failpoint",
+        Duration::from_secs(10),
+        || {
+            let exited = bank._treatyd.proc.exited().is_some();
+            async move { exited.then_some(()) }
+        },
+    )
+    .await;
+    // Prepared, not committed: PostgreSQL holds both branches, invisible to readers.
+    assert_eq!(bank.balances().await, (100, 0, 50, 0));
+    assert_eq!(bank.prepared().await, 2);
+
+    bank.a.kill();
+    bank.b.kill();
+    bank._server.kill();
+    bank._server.restart().expect("PostgreSQL restarts");
+    assert_eq!(
+        bank.prepared().await,
+        2,
+        "prepared transactions survive a crash"
+    );
+    bank.a.restart().expect("a restarts");
+    bank.b.restart().expect("b restarts");
+    bank._treatyd.restart().expect("treatyd restarts");
+    bank.client = Client::connect(bank._treatyd.uri()).await.expect("connect");
+
+    assert_eq!(bank.ended(gid).await, TxState::Committed);
+    assert_eq!(bank.balances().await, (60, 0, 90, 0));
+    assert_eq!(bank.prepared().await, 0, "no prepared transaction left");
+}

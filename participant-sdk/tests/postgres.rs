@@ -18,7 +18,7 @@ use treaty_sdk::postgres::PgStore;
 use treaty_sdk::store::conformance::{self, Harness};
 use treaty_sdk::{
     refuse, Answer, BarrierStore, BranchContext, HandlerError, HandlerResult, Op, Participant,
-    TwoPhase, TwoPhaseHandler, Txn,
+    Swept, TwoPhase, TwoPhaseHandler, Txn,
 };
 
 /// A fresh database per store, on one server.
@@ -491,4 +491,19 @@ async fn after_a_restart_the_coordinators_outcome_resolves_prepared_branches() {
         rows(&store, "a").await,
         [(Op::Abort, Answer::Done), (Op::Prepare, Answer::Prepared)]
     );
+}
+
+/// The sweep never takes the rows of a gid with a branch still prepared here, whatever it is
+/// told: the prepared transaction would be left with no row to answer its commit from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_leaves_a_gid_with_a_prepared_branch_alone() {
+    let Some(d) = db("sweep") else { return };
+    let (store, p) = participant(&d.url, None).await;
+    assert_eq!(prepare(&p, "open", b"7").await, pb::PrepareResult::Prepared);
+    let rows = store.rows("open").await.unwrap();
+    let marker = Swept::new("open".into(), "log-1".into(), 1);
+    assert!(!store.sweep_gid(rows, marker).await.unwrap());
+    assert!(store.swept("open").await.unwrap().is_none());
+    assert_eq!(commit(&p, "open").await, Ok(()));
+    assert_eq!(marks(&store).await, ["commit/open", "prepare/open"]);
 }

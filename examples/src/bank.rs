@@ -1,7 +1,10 @@
-//! The bank: accounts in a participant's sled tree, moved by 2PC or by saga.
+//! The bank: accounts in a participant's own store, moved by 2PC or by saga.
 //!
-//! Keys: `acct/<name>` → balance, `held/<name>` → amount prepared for debit but not yet
-//! committed (both i64 big-endian). Payloads are JSON `{"account": "alice", "amount": 10}`.
+//! On sled ([`Instance`], the default), keys `acct/<name>` → balance, `held/<name>` → amount
+//! prepared for debit but not yet committed (both i64 big-endian). On PostgreSQL
+//! ([`PgInstance`]), the table `bank_accounts (name, balance, held)`. The handlers are written
+//! once, over a small `Ledger` trait (read and write one amount) that each store's
+//! transaction implements. Payloads are JSON `{"account": "alice", "amount": 10}`.
 //!
 //! 2PC (`debit`, `credit`): a debit's prepare moves the amount from balance to held (so it can
 //! neither be spent twice nor be missing at commit); commit drops the hold; abort returns it.
@@ -16,10 +19,11 @@ use crate::proto;
 use serde::{Deserialize, Serialize};
 use sled::transaction::TransactionalTree;
 use std::path::Path;
+use treaty_sdk::postgres::PgStore;
 use treaty_sdk::sled::SledStore;
 use treaty_sdk::{
-    decode_json, refuse, BranchContext, HandlerError, HandlerResult, Participant, ParticipantError,
-    Saga, StoreError, TwoPhase, Txn,
+    decode_json, refuse, BarrierRow, BarrierStore, BranchContext, HandlerError, HandlerResult,
+    Participant, ParticipantBuilder, ParticipantError, Saga, StoreError, TwoPhase, Txn,
 };
 
 /// A transfer leg, the payload of every bank handler: which account, how much.
@@ -48,8 +52,33 @@ impl Leg {
 
 type TxResult<T> = Result<T, HandlerError>;
 
-/// The handle every bank handler receives: the delivery's sled transaction.
-type Tx<'t> = Txn<'t, SledStore>;
+/// Which amount of an account: its balance, or what prepared debits hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Column {
+    /// `acct/<name>` on sled, `bank_accounts.balance` on PostgreSQL.
+    Balance,
+    /// `held/<name>` on sled, `bank_accounts.held` on PostgreSQL.
+    Held,
+}
+
+impl Column {
+    fn prefix(self) -> &'static str {
+        match self {
+            Column::Balance => "acct",
+            Column::Held => "held",
+        }
+    }
+}
+
+/// What the bank's handlers need of a delivery's transaction: read and write one amount of
+/// one account. The business rules (below) are written once over it; each store gives it in
+/// its own terms (sled keys, PostgreSQL rows), on the transaction the barrier commits with.
+trait Ledger {
+    /// The amount, `None` when the account (or, on sled, its held amount) is absent.
+    async fn read(&mut self, column: Column, account: &str) -> TxResult<Option<i64>>;
+    /// Sets the amount.
+    async fn write(&mut self, column: Column, account: &str, value: i64) -> HandlerResult;
+}
 
 fn key(prefix: &str, account: &str) -> Vec<u8> {
     format!("{prefix}/{account}").into_bytes()
@@ -70,17 +99,57 @@ fn decode_i64(k: &[u8], v: &[u8]) -> Result<i64, sled::Error> {
     Ok(i64::from_be_bytes(bytes))
 }
 
-fn read(tree: &TransactionalTree, k: &[u8]) -> TxResult<Option<i64>> {
-    match tree.get(k)? {
-        None => Ok(None),
-        // A storage error: answered RETRY by the SDK, and logged.
-        Some(v) => decode_i64(k, &v).map(Some).map_err(HandlerError::retry),
+impl Ledger for Txn<'_, SledStore> {
+    async fn read(&mut self, column: Column, account: &str) -> TxResult<Option<i64>> {
+        let tree: &TransactionalTree = self;
+        let k = key(column.prefix(), account);
+        match tree.get(&k)? {
+            None => Ok(None),
+            // A storage error: answered RETRY by the SDK, and logged.
+            Some(v) => decode_i64(&k, &v).map(Some).map_err(HandlerError::retry),
+        }
+    }
+
+    async fn write(&mut self, column: Column, account: &str, value: i64) -> HandlerResult {
+        let tree: &TransactionalTree = self;
+        tree.insert(key(column.prefix(), account), &value.to_be_bytes())?;
+        Ok(())
     }
 }
 
-fn write(tree: &TransactionalTree, k: &[u8], v: i64) -> HandlerResult {
-    tree.insert(k, &v.to_be_bytes())?;
-    Ok(())
+impl Ledger for Txn<'_, PgStore> {
+    async fn read(&mut self, column: Column, account: &str) -> TxResult<Option<i64>> {
+        // FOR UPDATE: the row stays locked until the delivery's transaction ends (for a
+        // prepare, until the decision), so two debits cannot both spend the same money.
+        let row = self
+            .query_opt(
+                "SELECT balance, held FROM bank_accounts WHERE name = $1 FOR UPDATE",
+                &[&account],
+            )
+            .await
+            .map_err(HandlerError::retry)?;
+        Ok(row.map(|r| match column {
+            Column::Balance => r.get(0),
+            Column::Held => r.get(1),
+        }))
+    }
+
+    async fn write(&mut self, column: Column, account: &str, value: i64) -> HandlerResult {
+        let sql = match column {
+            Column::Balance => "UPDATE bank_accounts SET balance = $2 WHERE name = $1",
+            Column::Held => "UPDATE bank_accounts SET held = $2 WHERE name = $1",
+        };
+        let n = self
+            .execute(sql, &[&account, &value])
+            .await
+            .map_err(HandlerError::retry)?;
+        if n != 1 {
+            return Err(HandlerError::retry(format!(
+                "no account {account:?} to update"
+            )));
+        }
+        Ok(())
+    }
 }
 
 fn leg(payload: &[u8]) -> TxResult<Leg> {
@@ -95,20 +164,24 @@ fn leg(payload: &[u8]) -> TxResult<Leg> {
 }
 
 /// Balance of an existing account, or a refusal naming it.
-fn balance(tree: &TransactionalTree, account: &str) -> TxResult<i64> {
-    read(tree, &key("acct", account))?.ok_or_else(|| refuse(format!("no account {account:?}")))
+async fn balance(l: &mut impl Ledger, account: &str) -> TxResult<i64> {
+    l.read(Column::Balance, account)
+        .await?
+        .ok_or_else(|| refuse(format!("no account {account:?}")))
 }
 
-/// Adds `delta` to the value at `prefix/account` (absent counts as 0). An overflow is a
+/// Adds `delta` to one amount of `account` (absent counts as 0). An overflow is a
 /// refusal: from prepare/execute a business "no", from a phase-two operation a RETRY that
 /// makes the transaction visible as stuck rather than silently wrong.
-fn add(tree: &TransactionalTree, prefix: &str, account: &str, delta: i64) -> HandlerResult {
-    let k = key(prefix, account);
-    let v = read(tree, &k)?.unwrap_or(0);
-    let sum = v
-        .checked_add(delta)
-        .ok_or_else(|| refuse(format!("{prefix}/{account} would overflow: {v} + {delta}")))?;
-    write(tree, &k, sum)
+async fn add(l: &mut impl Ledger, column: Column, account: &str, delta: i64) -> HandlerResult {
+    let v = l.read(column, account).await?.unwrap_or(0);
+    let sum = v.checked_add(delta).ok_or_else(|| {
+        refuse(format!(
+            "{}/{account} would overflow: {v} + {delta}",
+            column.prefix()
+        ))
+    })?;
+    l.write(column, account, sum).await
 }
 
 /// Refuses when the account does not have `amount`, saying what it has: the refusal reaches
@@ -123,34 +196,62 @@ fn check_funds(l: &Leg, balance: i64) -> HandlerResult {
     Ok(())
 }
 
-async fn debit_prepare(_: &BranchContext, tx: &mut Tx<'_>, payload: &[u8]) -> HandlerResult {
-    let tree: &TransactionalTree = tx;
+// The handlers, once for every store whose transaction is a `Ledger`. On PostgreSQL a 2PC
+// prepare is a prepared transaction: its hold stays invisible (and its row locked) until the
+// decision, and an abort is its rollback, so `debit_abort` is only called on sled.
+
+async fn debit_prepare<S: BarrierStore>(
+    _: &BranchContext,
+    tx: &mut Txn<'_, S>,
+    payload: &[u8],
+) -> HandlerResult
+where
+    for<'t> Txn<'t, S>: Ledger,
+{
     let l = leg(payload)?;
-    let b = balance(tree, &l.account)?;
+    let b = balance(tx, &l.account).await?;
     check_funds(&l, b)?;
     // Reserve, do not just check: commit must be certain to succeed, and the held money can
     // not be spent by another transaction in between.
-    write(tree, &key("acct", &l.account), b - l.amount)?;
-    add(tree, "held", &l.account, l.amount)
+    tx.write(Column::Balance, &l.account, b - l.amount).await?;
+    add(tx, Column::Held, &l.account, l.amount).await
 }
 
-async fn debit_commit(_: &BranchContext, tx: &mut Tx<'_>, payload: &[u8]) -> HandlerResult {
-    let tree: &TransactionalTree = tx;
+async fn debit_commit<S: BarrierStore>(
+    _: &BranchContext,
+    tx: &mut Txn<'_, S>,
+    payload: &[u8],
+) -> HandlerResult
+where
+    for<'t> Txn<'t, S>: Ledger,
+{
     let l = leg(payload)?;
-    add(tree, "held", &l.account, -l.amount)
+    add(tx, Column::Held, &l.account, -l.amount).await
 }
 
-async fn debit_abort(_: &BranchContext, tx: &mut Tx<'_>, payload: &[u8]) -> HandlerResult {
-    let tree: &TransactionalTree = tx;
+async fn debit_abort<S: BarrierStore>(
+    _: &BranchContext,
+    tx: &mut Txn<'_, S>,
+    payload: &[u8],
+) -> HandlerResult
+where
+    for<'t> Txn<'t, S>: Ledger,
+{
     let l = leg(payload)?;
-    add(tree, "held", &l.account, -l.amount)?;
-    add(tree, "acct", &l.account, l.amount)
+    add(tx, Column::Held, &l.account, -l.amount).await?;
+    add(tx, Column::Balance, &l.account, l.amount).await
 }
 
-async fn credit_prepare(_: &BranchContext, tx: &mut Tx<'_>, payload: &[u8]) -> HandlerResult {
-    let tree: &TransactionalTree = tx;
+async fn credit_prepare<S: BarrierStore>(
+    _: &BranchContext,
+    tx: &mut Txn<'_, S>,
+    payload: &[u8],
+) -> HandlerResult
+where
+    for<'t> Txn<'t, S>: Ledger,
+{
     let l = leg(payload)?;
-    let b = balance(tree, &l.account)?;
+    let b = balance(tx, &l.account).await?;
     // Nothing is written: the credit must stay invisible before the decision. The overflow
     // check is only a best effort (other credits may commit in between), hence `add` checks
     // again at commit.
@@ -163,44 +264,112 @@ async fn credit_prepare(_: &BranchContext, tx: &mut Tx<'_>, payload: &[u8]) -> H
     Ok(())
 }
 
-async fn credit_commit(_: &BranchContext, tx: &mut Tx<'_>, payload: &[u8]) -> HandlerResult {
-    let tree: &TransactionalTree = tx;
+async fn credit_commit<S: BarrierStore>(
+    _: &BranchContext,
+    tx: &mut Txn<'_, S>,
+    payload: &[u8],
+) -> HandlerResult
+where
+    for<'t> Txn<'t, S>: Ledger,
+{
     let l = leg(payload)?;
-    add(tree, "acct", &l.account, l.amount)
+    add(tx, Column::Balance, &l.account, l.amount).await
 }
 
-async fn credit_abort(_: &BranchContext, _: &mut Tx<'_>, _: &[u8]) -> HandlerResult {
+async fn credit_abort<S: BarrierStore>(
+    _: &BranchContext,
+    _: &mut Txn<'_, S>,
+    _: &[u8],
+) -> HandlerResult {
     // Prepare changed nothing, so there is nothing to release.
     Ok(())
 }
 
-async fn saga_debit(_: &BranchContext, tx: &mut Tx<'_>, payload: &[u8]) -> HandlerResult {
-    let tree: &TransactionalTree = tx;
+async fn saga_debit<S: BarrierStore>(
+    _: &BranchContext,
+    tx: &mut Txn<'_, S>,
+    payload: &[u8],
+) -> HandlerResult
+where
+    for<'t> Txn<'t, S>: Ledger,
+{
     let l = leg(payload)?;
-    let b = balance(tree, &l.account)?;
+    let b = balance(tx, &l.account).await?;
     check_funds(&l, b)?;
-    write(tree, &key("acct", &l.account), b - l.amount)
+    tx.write(Column::Balance, &l.account, b - l.amount).await
 }
 
-async fn saga_debit_undo(_: &BranchContext, tx: &mut Tx<'_>, payload: &[u8]) -> HandlerResult {
-    let tree: &TransactionalTree = tx;
+async fn saga_debit_undo<S: BarrierStore>(
+    _: &BranchContext,
+    tx: &mut Txn<'_, S>,
+    payload: &[u8],
+) -> HandlerResult
+where
+    for<'t> Txn<'t, S>: Ledger,
+{
     let l = leg(payload)?;
-    add(tree, "acct", &l.account, l.amount)
+    add(tx, Column::Balance, &l.account, l.amount).await
 }
 
-async fn saga_credit(_: &BranchContext, tx: &mut Tx<'_>, payload: &[u8]) -> HandlerResult {
-    let tree: &TransactionalTree = tx;
+async fn saga_credit<S: BarrierStore>(
+    _: &BranchContext,
+    tx: &mut Txn<'_, S>,
+    payload: &[u8],
+) -> HandlerResult
+where
+    for<'t> Txn<'t, S>: Ledger,
+{
     let l = leg(payload)?;
-    balance(tree, &l.account)?;
-    add(tree, "acct", &l.account, l.amount)
+    balance(tx, &l.account).await?;
+    add(tx, Column::Balance, &l.account, l.amount).await
 }
 
-async fn saga_credit_undo(_: &BranchContext, tx: &mut Tx<'_>, payload: &[u8]) -> HandlerResult {
-    let tree: &TransactionalTree = tx;
+async fn saga_credit_undo<S: BarrierStore>(
+    _: &BranchContext,
+    tx: &mut Txn<'_, S>,
+    payload: &[u8],
+) -> HandlerResult
+where
+    for<'t> Txn<'t, S>: Ledger,
+{
     let l = leg(payload)?;
     // No isolation in a saga: the credited money may have been spent meanwhile, so this may
     // take the balance below zero. A compensation must succeed, so it does.
-    add(tree, "acct", &l.account, -l.amount)
+    add(tx, Column::Balance, &l.account, -l.amount).await
+}
+
+/// Registers every bank handler on `b`: 2PC `debit` / `credit`, saga `saga-debit` /
+/// `saga-credit`, the same code on every store.
+fn with_handlers<S: BarrierStore>(b: ParticipantBuilder<S>) -> ParticipantBuilder<S>
+where
+    for<'t> Txn<'t, S>: Ledger,
+{
+    b.two_phase(
+        "debit",
+        TwoPhase::<S>::new()
+            .prepare(debit_prepare::<S>)
+            .commit(debit_commit::<S>)
+            .abort(debit_abort::<S>),
+    )
+    .two_phase(
+        "credit",
+        TwoPhase::<S>::new()
+            .prepare(credit_prepare::<S>)
+            .commit(credit_commit::<S>)
+            .abort(credit_abort::<S>),
+    )
+    .saga(
+        "saga-debit",
+        Saga::<S>::new()
+            .execute(saga_debit::<S>)
+            .compensate(saga_debit_undo::<S>),
+    )
+    .saga(
+        "saga-credit",
+        Saga::<S>::new()
+            .execute(saga_credit::<S>)
+            .compensate(saga_credit_undo::<S>),
+    )
 }
 
 /// The sled tree (inside the instance's db) that holds accounts and barrier rows.
@@ -277,35 +446,8 @@ impl Instance {
                 )
                 .map_err(|e| StoreError::new("creating the opening balances", e))?;
         }
-        let participant = Participant::builder(store)
-            .coordinator(coordinator)
-            .two_phase(
-                "debit",
-                TwoPhase::<SledStore>::new()
-                    .prepare(debit_prepare)
-                    .commit(debit_commit)
-                    .abort(debit_abort),
-            )
-            .two_phase(
-                "credit",
-                TwoPhase::<SledStore>::new()
-                    .prepare(credit_prepare)
-                    .commit(credit_commit)
-                    .abort(credit_abort),
-            )
-            .saga(
-                "saga-debit",
-                Saga::<SledStore>::new()
-                    .execute(saga_debit)
-                    .compensate(saga_debit_undo),
-            )
-            .saga(
-                "saga-credit",
-                Saga::<SledStore>::new()
-                    .execute(saga_credit)
-                    .compensate(saga_credit_undo),
-            )
-            .build()?;
+        let participant =
+            with_handlers(Participant::builder(store).coordinator(coordinator)).build()?;
         // Opening balances must survive a crash like everything else.
         db.flush()
             .map_err(|e| StoreError::new("flushing the opening balances", e))?;
@@ -324,16 +466,112 @@ impl Instance {
     /// The `Bank` inspection service of this instance.
     pub fn bank_service(&self) -> proto::bank_server::BankServer<BankService> {
         proto::bank_server::BankServer::new(BankService {
-            tree: self.tree.clone(),
-            store: self.participant.store().clone(),
+            source: Source::Sled {
+                tree: self.tree.clone(),
+                store: self.participant.store().clone(),
+            },
         })
     }
 }
 
+/// The accounts table of an instance on PostgreSQL (`held`: what prepared debits hold; on
+/// PostgreSQL a prepared debit's hold is visible only once committed, since the prepare is a
+/// prepared transaction).
+const PG_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS bank_accounts (\
+    name text COLLATE \"C\" PRIMARY KEY, \
+    balance bigint NOT NULL, \
+    held bigint NOT NULL DEFAULT 0)";
+
+/// One bank instance whose accounts live in PostgreSQL (table `bank_accounts`, next to the
+/// SDK's barrier tables): the same handlers as [`Instance`], on a [`PgStore`].
+pub struct PgInstance {
+    /// The instance's store (its pool reads balances).
+    pub store: PgStore,
+    /// The participant to serve.
+    pub participant: Participant<PgStore>,
+}
+
+impl PgInstance {
+    /// Connects to `url`, creates the accounts table and the missing `accounts` with their
+    /// opening balances (existing accounts keep theirs), and builds the participant, which
+    /// asks `coordinator` about branches left in doubt.
+    pub async fn open(
+        url: &str,
+        coordinator: &str,
+        accounts: &[(String, i64)],
+    ) -> Result<PgInstance, ParticipantError> {
+        let store = PgStore::connect(url).await?;
+        let conn = store
+            .pool()
+            .get()
+            .await
+            .map_err(|e| StoreError::new("connecting to create the accounts table", e))?;
+        conn.batch_execute(PG_SCHEMA)
+            .await
+            .map_err(|e| StoreError::new("creating the accounts table", e))?;
+        for (name, opening) in accounts {
+            // Only if absent, and without touching an existing row: a prepared transaction
+            // left by a crash may hold it, and even `ON CONFLICT DO NOTHING` would wait for
+            // that transaction, which only this service (once started) can get resolved.
+            conn.execute(
+                "INSERT INTO bank_accounts (name, balance) SELECT $1, $2 \
+                 WHERE NOT EXISTS (SELECT 1 FROM bank_accounts WHERE name = $1) \
+                 ON CONFLICT (name) DO NOTHING",
+                &[name, opening],
+            )
+            .await
+            .map_err(|e| StoreError::new("creating the opening balances", e))?;
+        }
+        let participant =
+            with_handlers(Participant::builder(store.clone()).coordinator(coordinator)).build()?;
+        Ok(PgInstance { store, participant })
+    }
+
+    /// Every account of this instance, by name.
+    pub async fn accounts(&self) -> Result<Vec<AccountState>, StoreError> {
+        pg_accounts(&self.store).await
+    }
+
+    /// The `Bank` inspection service of this instance.
+    pub fn bank_service(&self) -> proto::bank_server::BankServer<BankService> {
+        proto::bank_server::BankServer::new(BankService {
+            source: Source::Pg(self.store.clone()),
+        })
+    }
+}
+
+async fn pg_accounts(store: &PgStore) -> Result<Vec<AccountState>, StoreError> {
+    let conn = store
+        .pool()
+        .get()
+        .await
+        .map_err(|e| StoreError::new("connecting to read balances", e))?;
+    let rows = conn
+        .query(
+            "SELECT name, balance, held FROM bank_accounts ORDER BY name",
+            &[],
+        )
+        .await
+        .map_err(|e| StoreError::new("reading balances", e))?;
+    Ok(rows
+        .iter()
+        .map(|r| AccountState {
+            name: r.get(0),
+            balance: r.get(1),
+            held: r.get(2),
+        })
+        .collect())
+}
+
 /// Serves `Balances` and `BarrierRows` for one instance (read-only).
 pub struct BankService {
-    tree: sled::Tree,
-    store: SledStore,
+    source: Source,
+}
+
+/// Where an instance keeps its accounts.
+enum Source {
+    Sled { tree: sled::Tree, store: SledStore },
+    Pg(PgStore),
 }
 
 fn internal(what: &str, e: impl std::fmt::Display) -> tonic::Status {
@@ -346,11 +584,18 @@ impl proto::bank_server::Bank for BankService {
         &self,
         _: tonic::Request<proto::BalancesRequest>,
     ) -> Result<tonic::Response<proto::BalancesResponse>, tonic::Status> {
-        let tree = self.tree.clone();
-        let accounts = tokio::task::spawn_blocking(move || accounts(&tree))
-            .await
-            .map_err(|e| internal("reading balances", e))?
-            .map_err(|e| internal("reading balances", e))?;
+        let accounts = match &self.source {
+            Source::Sled { tree, .. } => {
+                let tree = tree.clone();
+                tokio::task::spawn_blocking(move || accounts(&tree))
+                    .await
+                    .map_err(|e| internal("reading balances", e))?
+                    .map_err(|e| internal("reading balances", e))?
+            }
+            Source::Pg(store) => pg_accounts(store)
+                .await
+                .map_err(|e| internal("reading balances", e))?,
+        };
         Ok(tonic::Response::new(proto::BalancesResponse {
             accounts: accounts
                 .into_iter()
@@ -373,16 +618,22 @@ impl proto::bank_server::Bank for BankService {
         /// Rows per streamed page: about 200 KiB, far below the 4 MiB message limit.
         const PAGE: usize = 4096;
         let gid = req.into_inner().gid;
-        let store = self.store.clone();
-        let rows = tokio::task::spawn_blocking(move || {
-            if gid.is_empty() {
-                store.try_all_rows()
-            } else {
-                store.try_rows(&gid)
+        let rows: Vec<BarrierRow> = match &self.source {
+            Source::Sled { store, .. } => {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || {
+                    if gid.is_empty() {
+                        store.try_all_rows()
+                    } else {
+                        store.try_rows(&gid)
+                    }
+                })
+                .await
+                .map_err(|e| internal("reading barrier rows", e))?
             }
-        })
-        .await
-        .map_err(|e| internal("reading barrier rows", e))?
+            Source::Pg(store) if gid.is_empty() => store.all_rows().await,
+            Source::Pg(store) => store.rows(&gid).await,
+        }
         .map_err(|e| internal("reading barrier rows", e))?;
         let pages: Vec<_> = rows
             .chunks(PAGE)

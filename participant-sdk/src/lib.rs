@@ -15,6 +15,9 @@
 //! - [`sled`]: [`SledStore`], the embedded default store (one value: database, tree and
 //!   group-commit fsync); its module docs give the storage layout and how async handlers
 //!   run inside sled's synchronous transactions.
+//! - `postgres` (cargo feature `postgres`): `PgStore`, the barrier store for business data in
+//!   PostgreSQL; handlers get the delivery's `tokio_postgres::Transaction`, and a 2PC prepare
+//!   is a PostgreSQL prepared transaction.
 //! - [`barrier`]: what every store shares: operations, answers, rows, and the rules. The
 //!   decisions are one pure function, [`barrier::rules::plan`], shared with the
 //!   coordinator's simulation. A duplicate repeats the first answer, a compensation that
@@ -131,6 +134,8 @@ pub mod client;
 mod error;
 pub mod metrics;
 pub mod participant;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod retention;
 pub mod sled;
 pub mod store;

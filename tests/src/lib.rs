@@ -531,9 +531,30 @@ pub struct BankAccount {
     bin: PathBuf,
     coordinator: String,
     accounts: String,
+    /// `--store`: a PostgreSQL URL instead of sled in `data_dir`.
+    store: Option<String>,
 }
 
 impl BankAccount {
+    /// Start on 127.0.0.1:0 with its accounts and barrier rows in the PostgreSQL database at
+    /// `url` (`bank-account --store <url>`), with `accounts` like `alice=100`.
+    pub fn start_on_postgres(
+        url: &str,
+        coordinator: &str,
+        accounts: &str,
+    ) -> Result<BankAccount, String> {
+        let mut b = BankAccount {
+            bin: bank_account_bin(),
+            proc: Proc::none("bank-account"),
+            data_dir: PathBuf::new(),
+            coordinator: coordinator.to_string(),
+            accounts: accounts.to_string(),
+            store: Some(url.to_string()),
+        };
+        b.proc = b.spawn(SocketAddr::from(([127, 0, 0, 1], 0)), &[])?;
+        Ok(b)
+    }
+
     /// Start on 127.0.0.1:0 with `accounts` like `alice=100,bob=50`.
     pub fn start(
         data_dir: &Path,
@@ -556,6 +577,7 @@ impl BankAccount {
             data_dir: data_dir.to_path_buf(),
             coordinator: coordinator.to_string(),
             accounts: accounts.to_string(),
+            store: None,
         };
         b.proc = b.spawn(SocketAddr::from(([127, 0, 0, 1], 0)), &[])?;
         Ok(b)
@@ -565,13 +587,15 @@ impl BankAccount {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("--listen")
             .arg(addr.to_string())
-            .arg("--data-dir")
-            .arg(&self.data_dir)
             .arg("--coordinator")
             .arg(&self.coordinator)
             .arg("--accounts")
             .arg(&self.accounts)
             .env("RUST_LOG", "warn");
+        match &self.store {
+            Some(url) => cmd.arg("--store").arg(url),
+            None => cmd.arg("--data-dir").arg(&self.data_dir),
+        };
         for (k, v) in extra_env {
             cmd.env(k, v);
         }

@@ -441,6 +441,7 @@ async fn a_deadline_years_away_neither_panics_nor_freezes_a_shard() {
         stuck: false,
         seq: 1,
         reason: None,
+        trace_parent: None,
     };
     log.put_sync(rec, true).expect("put");
     h.rt.recover().await.expect("recover");
@@ -480,6 +481,7 @@ async fn stuck_transactions_are_listed_retried_and_resolved_by_hand() {
                     stuck: false,
                     seq: 1,
                     reason: None,
+                    trace_parent: None,
                 },
                 false,
             )
@@ -587,6 +589,7 @@ async fn the_server_syncs_the_log_before_recovering() {
         stuck: false,
         seq: 1,
         reason: None,
+        trace_parent: None,
     };
     rec.branches = vec![];
     log.put_sync(rec, false).expect("put");

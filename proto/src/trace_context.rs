@@ -116,7 +116,11 @@ mod tests {
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
         );
         assert_eq!(md.get(TRACESTATE).unwrap(), "vendor=x1");
-        assert_eq!(md.get("authorization").unwrap(), "Bearer t", "others untouched");
+        assert_eq!(
+            md.get("authorization").unwrap(),
+            "Bearer t",
+            "others untouched"
+        );
 
         let back = extract(&md);
         let sc = back.span().span_context().clone();

@@ -75,6 +75,7 @@ pub fn to_proto(rec: &TxRecord) -> pb::LogRecord {
         stuck: rec.stuck,
         seq: rec.seq,
         reason: rec.reason.clone(),
+        trace_parent: rec.trace_parent.clone(),
     }
 }
 
@@ -119,6 +120,11 @@ pub fn from_proto(msg: pb::LogRecord) -> Result<TxRecord, DecodeError> {
         stuck: msg.stuck,
         seq: msg.seq,
         reason: msg.reason,
+        // Tracing only: a value this coordinator did not write is dropped, never an error
+        // that could keep a transaction from being recovered.
+        trace_parent: msg
+            .trace_parent
+            .filter(|t| t.len() <= crate::engine::TRACE_PARENT_BYTES_MAX),
     })
 }
 
@@ -233,6 +239,7 @@ mod tests {
             stuck: true,
             seq: 9,
             reason: Some("step 0 (debit at http://127.0.0.1:7801) failed: no such account".into()),
+            trace_parent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
         }
     }
 
@@ -296,6 +303,7 @@ mod tests {
             },
             stuck: rng.gen(),
             seq: random_u64(rng),
+            trace_parent: rng.gen_bool(0.5).then(|| random_string(rng, 55)),
             reason: rng.gen_bool(0.5).then(|| random_string(rng, 30)),
         }
     }

@@ -47,6 +47,7 @@ use crate::engine::{
 use crate::log::{ListFilter, LogError, LogFuture, LogStore};
 use crate::mapping;
 use crate::metrics::{CallResult, Metrics};
+use crate::otel;
 use futures::{FutureExt, StreamExt};
 use participants::Pool;
 use rand::Rng;
@@ -280,6 +281,9 @@ struct Entry {
     finishing: bool,
     /// The stuck flag as last seen, to log the moment a transaction becomes stuck.
     was_stuck: bool,
+    /// The transaction's trace span (`Span::none()` unless `Config::traces`), parent of its
+    /// branch-call spans; it ends when the transaction leaves the shard.
+    span: tracing::Span,
 }
 
 /// A timer: the event to deliver, and for a deadline the time it is really due (a timer is
@@ -1096,7 +1100,7 @@ impl Shard {
             Msg::Admitted { begin, found } => self.on_admitted(rt, gid, begin, found),
             Msg::Recover(tx) => {
                 if !self.txs.contains_key(&gid) {
-                    self.insert(rt, &gid, *tx, 0);
+                    self.insert(rt, &gid, *tx, 0, true);
                     self.feed(rt, &gid, Event::Recovered);
                 }
             }
@@ -1275,7 +1279,7 @@ impl Shard {
                 Some(why) => Err(BeginError::Overloaded(why)),
                 None => {
                     rt.metrics.begun(mode);
-                    self.insert(rt, &gid, *tx, bytes);
+                    self.insert(rt, &gid, *tx, bytes, false);
                     if let Some(e) = self.txs.get_mut(&gid) {
                         e.begun.push((reply, Started::New));
                     }
@@ -1292,8 +1296,9 @@ impl Shard {
         let _ = reply.send(answer);
     }
 
-    fn insert(&mut self, rt: &Inner, gid: &str, tx: Tx, bytes: usize) {
+    fn insert(&mut self, rt: &Inner, gid: &str, tx: Tx, bytes: usize, recovered: bool) {
         rt.live.fetch_add(1, Ordering::AcqRel);
+        let span = otel::transaction_span(rt.config.traces, tx.record(), recovered);
         let was_stuck = tx.record().stuck;
         if was_stuck {
             rt.metrics.stuck(true);
@@ -1310,6 +1315,7 @@ impl Shard {
                 bytes,
                 finishing: false,
                 was_stuck,
+                span,
             },
         );
     }
@@ -1483,6 +1489,7 @@ impl Shard {
         if e.finishing && durable {
             if let Some(e) = self.remove(rt, gid) {
                 let outcome = e.tx.decided();
+                otel::record_outcome(&e.span, outcome);
                 rt.metrics.finished(e.tx.record().mode, outcome);
                 for w in e.waiters {
                     let _ = w.send(outcome);
@@ -1505,11 +1512,15 @@ impl Shard {
         let client = rt.pool.client(&rec.branches[branch as usize].def.endpoint);
         let timeout = rt.config.call_timeout;
         let Some(me) = self.me.upgrade() else { return };
+        // One span per attempt; `Span::none()` (free) unless traces are on.
+        let span = otel::branch_call_span(&e.span, rec, branch, op, attempt);
         let gid = gid.to_string();
         let metrics = Arc::clone(&rt.metrics);
         tokio::spawn(async move {
             let started = Instant::now();
-            let reply = participants::call(client, timeout, op, req).await;
+            let reply = participants::call(client, timeout, op, req, &span).await;
+            otel::record_reply(&span, &reply);
+            drop(span);
             metrics.call(op, CallResult::of(&reply), started.elapsed());
             if matches!(op, Op::Prepare | Op::Execute) {
                 crash_point!("treaty::after_some_phase_one_replies");

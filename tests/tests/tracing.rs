@@ -4,8 +4,10 @@
 //! answers RETRY must give one trace: every span (client, treatyd, participants, a handler's
 //! own span) carries the client's trace id, treatyd's branch-call spans name the gid and
 //! branch, the retried step shows one span per attempt, and each participant delivery is a
-//! child of the treatyd call that carried it. Nothing sleeps: the collector is polled with a
-//! bound.
+//! child of the treatyd call that carried it. Then a saga whose step cannot succeed yet is
+//! cut off by a crash of treatyd: the restarted treatyd resumes it in the same trace (the
+//! client's `traceparent` is kept in the log record). Nothing sleeps: the collector (and
+//! every other condition) is polled with a bound.
 
 use opentelemetry::trace::TraceContextExt;
 use opentelemetry_otlp::WithExportConfig;
@@ -17,6 +19,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::Instrument;
@@ -29,6 +32,10 @@ use treaty_sdk::{Branch, Client, HandlerError, Outcome, Participant, Saga, Step,
 use treaty_tests::{wait_until, Treatyd};
 
 const WAIT: Duration = Duration::from_secs(30);
+
+/// The `gated` step answers RETRY until this is set; its attempts are counted.
+static GATE_OPEN: AtomicBool = AtomicBool::new(false);
+static GATED_ATTEMPTS: AtomicU32 = AtomicU32::new(0);
 
 /// The fake collector: keeps every export request.
 #[derive(Clone, Default)]
@@ -187,6 +194,18 @@ async fn start_participant(dir: &std::path::Path) -> String {
                 })
                 .compensate(async |_, _, _| Ok(())),
         )
+        .saga(
+            "gated",
+            Saga::<SledStore>::new()
+                .execute(async |_, _, _| {
+                    GATED_ATTEMPTS.fetch_add(1, Ordering::SeqCst);
+                    if !GATE_OPEN.load(Ordering::SeqCst) {
+                        return Err(HandlerError::retry("not yet"));
+                    }
+                    Ok(())
+                })
+                .compensate(async |_, _, _| Ok(())),
+        )
         .build()
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -210,6 +229,8 @@ async fn one_trace_follows_a_transaction_from_the_client_through_treatyd_to_ever
             "treatyd-test",
             "--initial-backoff-ms",
             "1",
+            "--max-backoff-ms",
+            "20",
         ],
         &[],
     )
@@ -379,4 +400,65 @@ async fn one_trace_follows_a_transaction_from_the_client_through_treatyd_to_ever
         assert!(delivery.name.starts_with("treaty.handle"), "{w:?}");
         assert_eq!(delivery.attr("treaty.gid"), w.attr("gid"));
     }
+
+    recovered_transaction_continues_its_trace(&mut treatyd, &client, &a, &collector).await;
+}
+
+/// A saga step that cannot succeed yet; treatyd is killed (SIGKILL: nothing flushed) while
+/// it retries, and restarted. The recovered transaction's span (and the calls after the
+/// restart, and their deliveries) must be in the trace of the client span that submitted it,
+/// which only the `traceparent` stored in the log record can tell the new process.
+async fn recovered_transaction_continues_its_trace(
+    treatyd: &mut Treatyd,
+    client: &Client,
+    participant: &str,
+    collector: &Collector,
+) {
+    treatyd.restart().expect("treatyd again");
+    let root = tracing::info_span!(target: "bank", "bank.later");
+    let trace_id = root.context().span().span_context().trace_id().to_bytes();
+    let root_id = root.context().span().span_context().span_id().to_bytes();
+    client
+        .saga()
+        .gid("traced-recovered")
+        .step(Step::new(participant, "gated"))
+        .submit()
+        .instrument(root.clone())
+        .await
+        .expect("submitted");
+    drop(root);
+    wait_until("the gated step to be tried", WAIT, || {
+        std::future::ready((GATED_ATTEMPTS.load(Ordering::SeqCst) > 0).then_some(()))
+    })
+    .await;
+    treatyd.kill();
+    GATE_OPEN.store(true, Ordering::SeqCst);
+    treatyd.restart().expect("treatyd after the crash");
+    wait_until("the recovered saga to commit", WAIT, || async {
+        let answer = client.outcome("traced-recovered").await.ok()?;
+        (answer.outcome == Outcome::Committed).then_some(())
+    })
+    .await;
+    // SIGTERM: the transaction leaves (its span ends) and the exporter flushes.
+    assert!(
+        treatyd.proc.terminate(WAIT).is_some_and(|s| s.success()),
+        "treatyd exits cleanly on SIGTERM"
+    );
+
+    let recovered = wait_until("the recovered transaction's span", WAIT, || {
+        std::future::ready(collector.spans().into_iter().find(|s| {
+            s.attr("treaty.gid") == Some("traced-recovered")
+                && s.attr("treaty.recovered") == Some("true")
+                && s.attr("treaty.outcome") == Some("committed")
+        }))
+    })
+    .await;
+    assert_eq!(recovered.trace_id, trace_id.to_vec(), "{recovered:?}");
+    assert_eq!(recovered.parent_span_id, root_id.to_vec(), "{recovered:?}");
+    let last_call = collector
+        .spans()
+        .into_iter()
+        .find(|s| s.parent_span_id == recovered.span_id && s.attr("treaty.result") == Some("ok"))
+        .expect("the successful call after the restart, under the recovered span");
+    assert_eq!(last_call.trace_id, trace_id.to_vec());
 }

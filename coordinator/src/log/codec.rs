@@ -330,6 +330,24 @@ mod tests {
     }
 
     #[test]
+    fn a_record_without_a_trace_parent_decodes_as_none_and_an_oversized_one_is_dropped() {
+        // What a treatyd from before traces wrote (or one without --otlp-endpoint): field 13
+        // absent.
+        let mut old = to_proto(&sample());
+        old.trace_parent = None;
+        let rec = decode(&old.encode_to_vec()).expect("old record");
+        assert_eq!(rec.trace_parent, None);
+        assert_eq!(rec.reason, sample().reason, "the rest decodes unchanged");
+        // Not something this coordinator writes: dropped, the record still recovers.
+        let mut odd = to_proto(&sample());
+        odd.trace_parent = Some("x".repeat(crate::engine::TRACE_PARENT_BYTES_MAX + 1));
+        assert_eq!(
+            decode(&odd.encode_to_vec()).expect("record").trace_parent,
+            None
+        );
+    }
+
+    #[test]
     fn many_random_records_round_trip() {
         let seed = 0x7e47_1a2b;
         let mut rng = StdRng::seed_from_u64(seed);

@@ -218,7 +218,8 @@ enum Msg {
     /// The log's answer to the admission read of a parked `Begin` (see [`Shard::on_begin`]).
     Admitted {
         begin: PendingBegin,
-        found: Result<Found, LogError>,
+        /// Boxed: a record is the largest thing a message carries, and rare here.
+        found: Box<Result<Found, LogError>>,
     },
     /// Resume a transaction read from the log.
     Recover(Box<Tx>),
@@ -951,7 +952,7 @@ impl Shard {
     /// Handles `msg` now, or after the admission read of its gid if one is in flight.
     fn dispatch(&mut self, rt: &Inner, gid: String, msg: Msg) {
         if let Msg::Admitted { begin, found } = msg {
-            return self.on_admitted(rt, gid, begin, found);
+            return self.on_admitted(rt, gid, begin, *found);
         }
         let Some(queue) = self.admitting.get_mut(&gid) else {
             return self.on_msg(rt, gid, msg);
@@ -1097,7 +1098,7 @@ impl Shard {
                 )),
             },
             Msg::Begin(begin) => self.on_begin(rt, gid, begin),
-            Msg::Admitted { begin, found } => self.on_admitted(rt, gid, begin, found),
+            Msg::Admitted { begin, found } => self.on_admitted(rt, gid, begin, *found),
             Msg::Recover(tx) => {
                 if !self.txs.contains_key(&gid) {
                     self.insert(rt, &gid, *tx, 0, true);
@@ -1236,7 +1237,13 @@ impl Shard {
             // A closed inbox means the shard stopped: the `Begin` is answered by its reply
             // channel closing, as every call is at a fail-stop.
             let _ = me
-                .send((gid, Box::new(Msg::Admitted { begin, found })))
+                .send((
+                    gid,
+                    Box::new(Msg::Admitted {
+                        begin,
+                        found: Box::new(found),
+                    }),
+                ))
                 .await;
         });
     }

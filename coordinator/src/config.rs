@@ -77,6 +77,11 @@ pub struct Config {
     pub limits: Limits,
     /// TLS and authentication files (all unset: plaintext, every caller trusted).
     pub security: Security,
+    /// Make OpenTelemetry spans (a transaction span, one span per branch call) and carry W3C
+    /// trace context from `Begin` to every branch call (see [`crate::otel`]). `treatyd`
+    /// turns it on with `--otlp-endpoint`; an embedder whose `tracing` subscriber has an
+    /// OpenTelemetry layer sets it. Off: no span, no metadata, nothing stored.
+    pub traces: bool,
 }
 
 impl Default for Config {
@@ -100,6 +105,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             limits: Limits::default(),
             security: Security::default(),
+            traces: false,
         }
     }
 }

@@ -15,6 +15,8 @@
 //!   token sent to participants.
 //! - [`metrics`]: every Prometheus metric, defined once; [`admin`]: the admin HTTP listener
 //!   (`/metrics`, `/healthz`, `/readyz`) as an axum `Router` others can extend.
+//! - [`otel`]: OpenTelemetry traces: the OTLP exporter and the transaction and branch-call
+//!   spans (W3C trace context from `Begin` to every branch call).
 //! - [`settings`]: `treatyd`'s settings, each defined once (flag, environment variable, TOML
 //!   key, default, help).
 //! - [`server::run`]: the entry point: a listener, a log store, a [`config::Config`] and a
@@ -40,6 +42,7 @@ pub mod engine;
 pub mod log;
 pub mod mapping;
 pub mod metrics;
+pub mod otel;
 pub mod runtime;
 pub mod security;
 pub mod server;

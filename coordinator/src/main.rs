@@ -5,7 +5,11 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
 use treaty_coordinator::log::sled::{SledLog, SledLogOptions};
+use treaty_coordinator::otel::{self, Exporter};
 use treaty_coordinator::settings::{Daemon, LoadError, LogFormat};
 
 // glibc malloc showed up at the top of treatyd's profile (free-list consolidation under
@@ -13,17 +17,27 @@ use treaty_coordinator::settings::{Daemon, LoadError, LogFormat};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn init_tracing(format: LogFormat, level: &str) -> Result<(), String> {
+/// Logs to stderr filtered by `--log-level`; with an exporter, Treaty's spans (and only
+/// those, whatever the log level) go to it too.
+fn init_tracing(format: LogFormat, level: &str, exporter: Option<&Exporter>) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .map_err(|e| format!("invalid --log-level {level:?}: {e}"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-    Ok(())
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Human => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    let spans = exporter.map(|e| {
+        e.layer().with_filter(
+            tracing_subscriber::filter::Targets::new()
+                .with_target(otel::SPAN_TARGET, tracing::Level::INFO),
+        )
+    });
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(spans)
+        .try_init()
+        .map_err(|e| format!("cannot set up logging: {e}"))
 }
 
 async fn shutdown_signal() {
@@ -54,16 +68,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = init_tracing(settings.log_format, &settings.log_level) {
-        eprintln!("treatyd: {e}");
-        return ExitCode::from(2);
-    }
-    // TLS and token files are settings too: one that cannot be read or used is refused
-    // before the log is opened or the port bound (server::run reads them again to serve).
-    if let Err(e) = check_security_files(&settings.config.security) {
-        eprintln!("treatyd: {e}\nSee `treatyd --help` for every option.");
-        return ExitCode::from(2);
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -74,7 +78,38 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(settings)) {
+    // The OTLP exporter's gRPC channel runs on the runtime, so it is built inside it.
+    let exporter = match &settings.otlp_endpoint {
+        None => None,
+        Some(endpoint) => {
+            let _entered = runtime.enter();
+            match Exporter::install(endpoint, &settings.otlp_service_name) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    eprintln!("treatyd: {e}\nSee `treatyd --help` for every option.");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    };
+    if let Err(e) = init_tracing(settings.log_format, &settings.log_level, exporter.as_ref()) {
+        eprintln!("treatyd: {e}");
+        return ExitCode::from(2);
+    }
+    // TLS and token files are settings too: one that cannot be read or used is refused
+    // before the log is opened or the port bound (server::run reads them again to serve).
+    if let Err(e) = check_security_files(&settings.config.security) {
+        eprintln!("treatyd: {e}\nSee `treatyd --help` for every option.");
+        return ExitCode::from(2);
+    }
+    let served = runtime.block_on(serve(settings));
+    // Spans still queued leave now, while the runtime that drives the exporter still runs.
+    if let Some(exporter) = exporter {
+        if let Err(e) = exporter.shutdown() {
+            eprintln!("treatyd: {e}");
+        }
+    }
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("treatyd: {e}");

@@ -35,7 +35,7 @@ const OPS: [Op; 5] = [
     Op::Compensate,
 ];
 
-fn mode_label(m: Mode) -> &'static str {
+pub(crate) fn mode_label(m: Mode) -> &'static str {
     match m {
         Mode::TwoPhase => "2pc",
         Mode::Saga => "saga",
@@ -49,7 +49,7 @@ fn mode_index(m: Mode) -> usize {
     }
 }
 
-fn op_label(op: Op) -> &'static str {
+pub(crate) fn op_label(op: Op) -> &'static str {
     match op {
         Op::Prepare => "prepare",
         Op::Commit => "commit",
@@ -99,7 +99,7 @@ impl CallResult {
         CallResult::Error,
     ];
 
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             CallResult::Ok => "ok",
             CallResult::Refused => "refused",

@@ -59,6 +59,10 @@ pub struct Daemon {
     pub log_level: String,
     /// sled's page cache.
     pub cache_bytes: u64,
+    /// Where to export traces (OTLP over gRPC); `None`: no exporter, no spans.
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of exported spans.
+    pub otlp_service_name: String,
     pub config: Config,
 }
 
@@ -71,6 +75,8 @@ impl Default for Daemon {
             log_format: LogFormat::Human,
             log_level: "info".into(),
             cache_bytes: SledLogOptions::default().cache_capacity_bytes,
+            otlp_endpoint: None,
+            otlp_service_name: crate::otel::SERVICE_NAME_DEFAULT.into(),
             config: Config::default(),
         }
     }
@@ -351,6 +357,40 @@ pub const SETTINGS: &[Setting] = &[
     ),
     plain!("cache-bytes", "BYTES", "sled page cache size.", cache_bytes),
     Setting {
+        flag: "otlp-endpoint",
+        value_name: "URL",
+        help: "Export OpenTelemetry traces over OTLP/gRPC to this collector (e.g. \
+               http://127.0.0.1:4317; plaintext http:// only): a span per transaction and per \
+               branch call, continuing the client's trace (W3C traceparent) and passed on to \
+               participants. Empty: no traces, nothing exported.",
+        get: |d| d.otlp_endpoint.clone().unwrap_or_default(),
+        set: |d, v| {
+            let v = v.trim();
+            if v.is_empty() {
+                d.otlp_endpoint = None;
+            } else {
+                crate::otel::check_endpoint(v)?;
+                d.otlp_endpoint = Some(v.to_string());
+            }
+            // Spans are made exactly when they are exported.
+            d.config.traces = d.otlp_endpoint.is_some();
+            Ok(())
+        },
+    },
+    Setting {
+        flag: "otlp-service-name",
+        value_name: "NAME",
+        help: "service.name of the spans exported with --otlp-endpoint.",
+        get: |d| d.otlp_service_name.clone(),
+        set: |d, v| {
+            if v.trim().is_empty() {
+                return Err("must not be empty".into());
+            }
+            d.otlp_service_name = v.trim().to_string();
+            Ok(())
+        },
+    },
+    Setting {
         flag: "advertise-url",
         value_name: "URL",
         help: "gRPC URI participants use to ask this coordinator about outcomes, sent with \
@@ -624,6 +664,8 @@ mod tests {
                     "tombstone-retention-secs" => "7776001".into(),
                     "max-wait-ms" => "300001".into(),
                     "max-backoff-ms" => "30001".into(),
+                    "otlp-endpoint" => "http://127.0.0.1:4317".into(),
+                    "otlp-service-name" => "treatyd-eu-1".into(),
                     // Paths are only read when serving; load() checks that they go together.
                     f if SETTINGS_PATHS.contains(&f) => format!("/etc/treaty/{f}.pem"),
                     _ => (s.default_value().parse::<u64>().unwrap() + 1).to_string(),
@@ -690,6 +732,11 @@ mod tests {
         );
         let err = load(&["--log-level", "[[["], &[]).unwrap_err();
         assert!(err.starts_with("--log-level"), "{err}");
+        let err = load(&["--otlp-endpoint", "https://c:4317"], &[]).unwrap_err();
+        assert!(
+            err.starts_with("--otlp-endpoint \"https://c:4317\": https:// is not supported"),
+            "{err}"
+        );
         // A combination is checked once every source is applied.
         let err = load(&["--call-timeout-ms", "0"], &[]).unwrap_err();
         assert_eq!(err, "call-timeout must be greater than zero");
@@ -720,6 +767,21 @@ mod tests {
             }
         }
         assert!(help.contains("--config <FILE>") && help.contains("[env: TREATY_CONFIG]"));
+    }
+
+    #[test]
+    fn spans_are_made_exactly_when_an_otlp_endpoint_is_set() {
+        assert!(!load(&[], &[]).unwrap().config.traces);
+        let d = load(&[], &[("TREATY_OTLP_ENDPOINT", "http://127.0.0.1:4317")]).unwrap();
+        assert!(d.config.traces);
+        assert_eq!(d.otlp_service_name, "treatyd");
+        // A flag that empties it wins over the environment, and turns spans off again.
+        let d = load(
+            &["--otlp-endpoint", ""],
+            &[("TREATY_OTLP_ENDPOINT", "http://127.0.0.1:4317")],
+        )
+        .unwrap();
+        assert!(!d.config.traces && d.otlp_endpoint.is_none());
     }
 
     #[test]

@@ -448,6 +448,7 @@ async fn a_deadline_years_away_neither_panics_nor_freezes_a_shard() {
         stuck: false,
         seq: 1,
         reason: None,
+        trace_parent: None,
     };
     log.put_sync(rec, true).expect("put");
     h.rt.recover().await.expect("recover");
@@ -487,6 +488,7 @@ async fn stuck_transactions_are_listed_retried_and_resolved_by_hand() {
                     stuck: false,
                     seq: 1,
                     reason: None,
+                    trace_parent: None,
                 },
                 false,
             )
@@ -594,6 +596,7 @@ async fn the_server_syncs_the_log_before_recovering() {
         stuck: false,
         seq: 1,
         reason: None,
+        trace_parent: None,
     };
     rec.branches = vec![];
     log.put_sync(rec, false).expect("put");

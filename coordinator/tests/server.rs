@@ -217,6 +217,7 @@ async fn a_logged_undecided_two_phase_transaction_is_aborted_at_startup() {
             }],
             deadline_unix_ms: u64::MAX / 2,
             retry: RetryPolicy::default(),
+            trace_parent: None,
         },
         1,
     );

@@ -1331,6 +1331,7 @@ impl Sim {
                 branches,
                 deadline_unix_ms: self.wall() + d.deadline_in_ms,
                 retry: d.retry,
+                trace_parent: None,
             },
             self.wall(),
         );

@@ -20,10 +20,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::FutureExt;
+use opentelemetry::trace::TraceContextExt;
 use sha2::{Digest, Sha256};
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use treaty_proto::v1 as pb;
 use treaty_proto::v1::coordinator_client::CoordinatorClient;
 use treaty_proto::v1::participant_server::{Participant as ParticipantService, ParticipantServer};
@@ -1094,8 +1097,25 @@ impl<S: BarrierStore> Participant<S> {
                 ));
             }
         }
+        let parent = treaty_proto::trace_context::extract(req.metadata());
         let req = req.into_inner();
         check_request(&req)?;
+        // The handler runs in this span, a child of the coordinator's branch-call span, so
+        // spans a handler opens join the transaction's trace.
+        let span = tracing::info_span!(
+            "treaty.handle",
+            otel.name = handle_name(op),
+            otel.kind = "server",
+            treaty.gid = %req.gid,
+            treaty.branch = req.branch_id,
+            treaty.op = op.as_str(),
+            treaty.attempt = req.attempt,
+            treaty.handler = %req.handler,
+        );
+        if parent.span().span_context().is_valid() {
+            // Fails only without an OpenTelemetry layer, when the span goes nowhere anyway.
+            let _ = span.set_parent(parent);
+        }
         let ctx = BranchContext {
             gid: req.gid,
             branch_id: req.branch_id,
@@ -1105,7 +1125,18 @@ impl<S: BarrierStore> Participant<S> {
             log_id: req.log_id,
             outcome_endpoint: req.outcome_endpoint,
         };
-        Ok(self.apply(op, ctx, req.payload).await)
+        Ok(self.apply(op, ctx, req.payload).instrument(span).await)
+    }
+}
+
+/// The name of a delivery's span, by operation.
+fn handle_name(op: Op) -> &'static str {
+    match op {
+        Op::Prepare => "treaty.handle prepare",
+        Op::Commit => "treaty.handle commit",
+        Op::Abort => "treaty.handle abort",
+        Op::Execute => "treaty.handle execute",
+        Op::Compensate => "treaty.handle compensate",
     }
 }
 

@@ -222,6 +222,9 @@ impl<'t, S: BarrierStore> DerefMut for Txn<'t, S> {
 pub struct HandlerCall<S: BarrierStore> {
     op: Op,
     handler: Registered<S>,
+    /// The delivery's span (current when the call was made): the handler's future runs in
+    /// it wherever the store polls it, so the handler's own spans join the trace.
+    span: tracing::Span,
 }
 
 /// A handler's future, as a store runs it: not `Send` (see the module docs).
@@ -229,7 +232,11 @@ pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = HandlerResult> + 'a>>;
 
 impl<S: BarrierStore> HandlerCall<S> {
     pub(crate) fn new(op: Op, handler: Registered<S>) -> Option<HandlerCall<S>> {
-        handler.serves(op).then_some(HandlerCall { op, handler })
+        handler.serves(op).then(|| HandlerCall {
+            op,
+            handler,
+            span: tracing::Span::current(),
+        })
     }
 
     /// The operation this call runs.
@@ -245,7 +252,12 @@ impl<S: BarrierStore> HandlerCall<S> {
         tx: &'a mut Txn<'t, S>,
         payload: &'a [u8],
     ) -> HandlerFuture<'a> {
-        self.handler.call(self.op, ctx, tx, payload)
+        use tracing::Instrument;
+        Box::pin(
+            self.handler
+                .call(self.op, ctx, tx, payload)
+                .instrument(self.span.clone()),
+        )
     }
 }
 

@@ -7,10 +7,13 @@
 //! - [`v1::LogRecord`]: the coordinator's durable record of one transaction.
 //! - [`limits`]: the size limits participants enforce, shared with the coordinator's
 //!   configuration checks.
+//! - [`trace_context`]: W3C trace context (`traceparent`) in gRPC metadata, shared by the
+//!   client, `treatyd` and participants.
 //!
 //! `bytes` fields are [`bytes::Bytes`], so payloads are shared, not copied.
 
 pub mod limits;
+pub mod trace_context;
 
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]

@@ -98,8 +98,16 @@ impl Coordinator for CoordinatorService {
         // Then, before any work: a runaway caller costs the others nothing.
         self.begins
             .admit(&CallerId::of(&req), tokio::time::Instant::now())?;
-        let begin = validate::begin(req.into_inner(), self.rt.config())
+        // The client's span, continued by the transaction's spans (only when making traces).
+        let trace_parent = self
+            .rt
+            .config()
+            .traces
+            .then(|| treaty_proto::trace_context::traceparent(req.metadata()))
+            .flatten();
+        let mut begin = validate::begin(req.into_inner(), self.rt.config())
             .map_err(|e| Status::invalid_argument(e.0))?;
+        begin.trace_parent = trace_parent;
         let begun = self.rt.begin(begin).await.map_err(begin_status)?;
         Ok(Response::new(pb::BeginResponse {
             gid: begun.gid,

@@ -201,6 +201,7 @@ pub fn begin(req: pb::BeginRequest, config: &Config) -> Result<BeginRequest, Inv
         deadline,
         retry,
         wait,
+        trace_parent: None,
     })
 }
 

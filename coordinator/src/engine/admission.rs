@@ -95,6 +95,7 @@ mod tests {
                 branches: def(b"a"),
                 deadline_unix_ms: 10,
                 retry: RetryPolicy::default(),
+                trace_parent: None,
             },
             1,
         )

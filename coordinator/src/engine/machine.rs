@@ -256,6 +256,8 @@ pub struct NewTx {
     pub branches: Vec<super::types::BranchDef>,
     pub deadline_unix_ms: u64,
     pub retry: RetryPolicy,
+    /// See [`TxRecord::trace_parent`].
+    pub trace_parent: Option<String>,
 }
 
 impl Tx {
@@ -291,6 +293,7 @@ impl Tx {
             stuck: false,
             seq: 0,
             reason: None,
+            trace_parent: def.trace_parent,
         };
         Tx::with_record(rec, 0)
     }

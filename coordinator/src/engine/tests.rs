@@ -28,6 +28,7 @@ fn new_tx(mode: Mode, n: usize) -> Tx {
                 max_backoff_ms: 1_000,
                 stuck_after_attempts: 3,
             },
+            trace_parent: None,
         },
         0,
     )

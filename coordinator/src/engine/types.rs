@@ -228,7 +228,16 @@ pub struct TxRecord {
     /// changed after; at most [`REASON_BYTES_MAX`] bytes. `None` while nothing went wrong,
     /// and for records written before reasons were recorded.
     pub reason: Option<String>,
+    /// The W3C `traceparent` of the client's span that submitted the transaction (when the
+    /// coordinator makes traces), so that its spans, also after a restart, join the client's
+    /// trace. Carried, never read, by the engine; not part of the definition (a resubmission
+    /// from another trace is the same transaction). Canonical form, 55 ASCII characters.
+    pub trace_parent: Option<String>,
 }
+
+/// Bound on [`TxRecord::trace_parent`] when a record is read back: a longer value is not a
+/// `traceparent` this coordinator wrote, and is dropped rather than trusted.
+pub const TRACE_PARENT_BYTES_MAX: usize = 128;
 
 /// Bound on [`TxRecord::reason`]: it quotes a participant's message, which the coordinator
 /// does not control, and it is stored and shown with every copy of the record.

@@ -75,6 +75,7 @@ pub fn to_proto(rec: &TxRecord) -> pb::LogRecord {
         stuck: rec.stuck,
         seq: rec.seq,
         reason: rec.reason.clone(),
+        trace_parent: rec.trace_parent.clone(),
     }
 }
 
@@ -119,6 +120,11 @@ pub fn from_proto(msg: pb::LogRecord) -> Result<TxRecord, DecodeError> {
         stuck: msg.stuck,
         seq: msg.seq,
         reason: msg.reason,
+        // Tracing only: a value this coordinator did not write is dropped, never an error
+        // that could keep a transaction from being recovered.
+        trace_parent: msg
+            .trace_parent
+            .filter(|t| t.len() <= crate::engine::TRACE_PARENT_BYTES_MAX),
     })
 }
 
@@ -233,6 +239,7 @@ mod tests {
             stuck: true,
             seq: 9,
             reason: Some("step 0 (debit at http://127.0.0.1:7801) failed: no such account".into()),
+            trace_parent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
         }
     }
 
@@ -296,6 +303,7 @@ mod tests {
             },
             stuck: rng.gen(),
             seq: random_u64(rng),
+            trace_parent: rng.gen_bool(0.5).then(|| random_string(rng, 55)),
             reason: rng.gen_bool(0.5).then(|| random_string(rng, 30)),
         }
     }
@@ -319,6 +327,24 @@ mod tests {
         let mut rec = sample();
         rec.reason = Some(String::new());
         assert_eq!(decode(&encode(&rec)), Ok(rec));
+    }
+
+    #[test]
+    fn a_record_without_a_trace_parent_decodes_as_none_and_an_oversized_one_is_dropped() {
+        // What a treatyd from before traces wrote (or one without --otlp-endpoint): field 13
+        // absent.
+        let mut old = to_proto(&sample());
+        old.trace_parent = None;
+        let rec = decode(&old.encode_to_vec()).expect("old record");
+        assert_eq!(rec.trace_parent, None);
+        assert_eq!(rec.reason, sample().reason, "the rest decodes unchanged");
+        // Not something this coordinator writes: dropped, the record still recovers.
+        let mut odd = to_proto(&sample());
+        odd.trace_parent = Some("x".repeat(crate::engine::TRACE_PARENT_BYTES_MAX + 1));
+        assert_eq!(
+            decode(&odd.encode_to_vec()).expect("record").trace_parent,
+            None
+        );
     }
 
     #[test]

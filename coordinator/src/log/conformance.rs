@@ -82,6 +82,7 @@ pub fn record(gid: &str, phase: Phase, updated_unix_ms: u64) -> TxRecord {
         stuck: false,
         seq: 1,
         reason: None,
+        trace_parent: None,
     }
 }
 

@@ -489,6 +489,7 @@ mod tests {
             stuck: false,
             seq: 1,
             reason: None,
+            trace_parent: None,
         }
     }
 

@@ -47,6 +47,7 @@ use crate::engine::{
 use crate::log::{ListFilter, LogError, LogFuture, LogStore};
 use crate::mapping;
 use crate::metrics::{CallResult, Metrics};
+use crate::otel;
 use futures::{FutureExt, StreamExt};
 use participants::Pool;
 use rand::Rng;
@@ -236,7 +237,8 @@ enum Msg {
     /// The log's answer to the admission read of a parked `Begin` (see [`Shard::on_begin`]).
     Admitted {
         begin: PendingBegin,
-        found: Result<Found, LogError>,
+        /// Boxed: a record is the largest thing a message carries, and rare here.
+        found: Box<Result<Found, LogError>>,
     },
     /// Resume a transaction read from the log.
     Recover(Box<Tx>),
@@ -299,6 +301,9 @@ struct Entry {
     finishing: bool,
     /// The stuck flag as last seen, to log the moment a transaction becomes stuck.
     was_stuck: bool,
+    /// The transaction's trace span (`Span::none()` unless `Config::traces`), parent of its
+    /// branch-call spans; it ends when the transaction leaves the shard.
+    span: tracing::Span,
 }
 
 /// A timer: the event to deliver, and for a deadline the time it is really due (a timer is
@@ -998,7 +1003,7 @@ impl Shard {
     /// Handles `msg` now, or after the admission read of its gid if one is in flight.
     fn dispatch(&mut self, rt: &Inner, gid: String, msg: Msg) {
         if let Msg::Admitted { begin, found } = msg {
-            return self.on_admitted(rt, gid, begin, found);
+            return self.on_admitted(rt, gid, begin, *found);
         }
         let Some(queue) = self.admitting.get_mut(&gid) else {
             return self.on_msg(rt, gid, msg);
@@ -1144,10 +1149,10 @@ impl Shard {
                 )),
             },
             Msg::Begin(begin) => self.on_begin(rt, gid, begin),
-            Msg::Admitted { begin, found } => self.on_admitted(rt, gid, begin, found),
+            Msg::Admitted { begin, found } => self.on_admitted(rt, gid, begin, *found),
             Msg::Recover(tx) => {
                 if !self.txs.contains_key(&gid) {
-                    self.insert(rt, &gid, *tx, 0);
+                    self.insert(rt, &gid, *tx, 0, true);
                     self.feed(rt, &gid, Event::Recovered);
                 }
             }
@@ -1283,7 +1288,13 @@ impl Shard {
             // A closed inbox means the shard stopped: the `Begin` is answered by its reply
             // channel closing, as every call is at a fail-stop.
             let _ = me
-                .send((gid, Box::new(Msg::Admitted { begin, found })))
+                .send((
+                    gid,
+                    Box::new(Msg::Admitted {
+                        begin,
+                        found: Box::new(found),
+                    }),
+                ))
                 .await;
         });
     }
@@ -1326,7 +1337,7 @@ impl Shard {
                 Some(why) => Err(BeginError::Overloaded(why)),
                 None => {
                     rt.metrics.begun(mode);
-                    self.insert(rt, &gid, *tx, bytes);
+                    self.insert(rt, &gid, *tx, bytes, false);
                     if let Some(e) = self.txs.get_mut(&gid) {
                         e.begun.push((reply, Started::New));
                     }
@@ -1343,8 +1354,9 @@ impl Shard {
         let _ = reply.send(answer);
     }
 
-    fn insert(&mut self, rt: &Inner, gid: &str, tx: Tx, bytes: usize) {
+    fn insert(&mut self, rt: &Inner, gid: &str, tx: Tx, bytes: usize, recovered: bool) {
         rt.live.fetch_add(1, Ordering::AcqRel);
+        let span = otel::transaction_span(rt.config.traces, tx.record(), recovered);
         let was_stuck = tx.record().stuck;
         if was_stuck {
             rt.metrics.stuck(true);
@@ -1361,6 +1373,7 @@ impl Shard {
                 bytes,
                 finishing: false,
                 was_stuck,
+                span,
             },
         );
     }
@@ -1534,6 +1547,7 @@ impl Shard {
         if e.finishing && durable {
             if let Some(e) = self.remove(rt, gid) {
                 let outcome = e.tx.decided();
+                otel::record_outcome(&e.span, outcome);
                 rt.metrics.finished(e.tx.record().mode, outcome);
                 for w in e.waiters {
                     let _ = w.send(outcome);
@@ -1556,11 +1570,15 @@ impl Shard {
         let client = rt.pool.client(&rec.branches[branch as usize].def.endpoint);
         let timeout = rt.config.call_timeout;
         let Some(me) = self.me.upgrade() else { return };
+        // One span per attempt; `Span::none()` (free) unless traces are on.
+        let span = otel::branch_call_span(&e.span, rec, branch, op, attempt);
         let gid = gid.to_string();
         let metrics = Arc::clone(&rt.metrics);
         tokio::spawn(async move {
             let started = Instant::now();
-            let reply = participants::call(client, timeout, op, req).await;
+            let reply = participants::call(client, timeout, op, req, &span).await;
+            otel::record_reply(&span, &reply);
+            drop(span);
             metrics.call(op, CallResult::of(&reply), started.elapsed());
             if matches!(op, Op::Prepare | Op::Execute) {
                 crash_point!("treaty::after_some_phase_one_replies");

@@ -116,6 +116,7 @@ pub async fn call(
     call_timeout: Duration,
     op: Op,
     req: BranchRequest,
+    span: &tracing::Span,
 ) -> Reply {
     {
         let Target { mut client, token } = match target {
@@ -126,6 +127,8 @@ pub async fn call(
         if let Some(token) = token {
             req.metadata_mut().insert(AUTHORIZATION, token);
         }
+        // The participant continues the trace from this call's span (nothing when off).
+        crate::otel::inject(span, req.metadata_mut());
         let call = async {
             match op {
                 Op::Prepare => client

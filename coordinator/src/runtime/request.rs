@@ -22,6 +22,9 @@ pub struct BeginRequest {
     pub deadline: Option<Duration>,
     pub retry: RetryOverrides,
     pub wait: Wait,
+    /// The client's W3C `traceparent`, kept with the transaction when the coordinator makes
+    /// traces ([`crate::config::Config::traces`]); `None` otherwise.
+    pub trace_parent: Option<String>,
 }
 
 /// The parts of a retry policy the client set; each `None` takes the [`Config`] value.
@@ -71,6 +74,7 @@ impl BeginRequest {
             deadline: None,
             retry: RetryOverrides::default(),
             wait: Wait::No,
+            trace_parent: None,
         }
     }
 
@@ -90,6 +94,7 @@ impl BeginRequest {
             branches: self.branches,
             deadline_unix_ms: now_ms.saturating_add(deadline.as_millis() as u64),
             retry: self.retry.over(config),
+            trace_parent: self.trace_parent,
         };
         (def, wait)
     }

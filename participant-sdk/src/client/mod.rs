@@ -14,6 +14,10 @@
 //! answer for the same log (checked by its log identity before it is used), so `Begin` may be
 //! resubmitted there with the same gid and `watch` resumes there.
 //!
+//! **Traces**: every call carries the caller's current `tracing` span as W3C trace context
+//! (`traceparent` metadata) when the process has a `tracing-opentelemetry` layer, so the
+//! coordinator's spans for a transaction join the trace of the span around `submit`.
+//!
 //! The SDK chooses the gid (a UUIDv7) before sending when the caller gives none, so a call
 //! that fails after sending can still name the transaction in
 //! [`ClientError::OutcomeUnknown`]; resubmitting with that gid is safe (`Begin` is idempotent
@@ -104,7 +108,17 @@ type InterceptorFn =
     dyn Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync;
 
 impl Interceptor for SharedInterceptor {
-    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        // Runs in the caller's task as the call starts: the caller's current span is the
+        // parent of everything the coordinator does for this call (nothing is added without
+        // an OpenTelemetry layer or outside a span).
+        treaty_proto::trace_context::inject(
+            &tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current()),
+            request.metadata_mut(),
+        );
         match &self.0 {
             Some(f) => f(request),
             None => Ok(request),

@@ -64,6 +64,7 @@ fn record(gid: String, payload: &Bytes) -> TxRecord {
         stuck: false,
         seq: 1,
         reason: None,
+        trace_parent: None,
     }
 }
 

@@ -1,0 +1,379 @@
+//! The web dashboard on the admin listener: one static page (HTML, CSS and JavaScript built
+//! into the binary with `include_str!`: no build step) and the JSON API it polls.
+//!
+//! - `GET /` redirects to `GET /dashboard/`: the page, `app.js`, `style.css` (no data in them,
+//!   so they are served to anyone; the page asks for a token).
+//! - `GET /api/summary`: live, stuck, begun, committed and aborted counts (read).
+//! - `GET /api/transactions?states=&mode=&stuck=&min_age_ms=&page_size=&page_token=`: the
+//!   `List` of the gRPC API, stuck ones first (read).
+//! - `GET /api/transactions/{gid}`: `Get` (read).
+//! - `POST /api/transactions/{gid}/retry`: `Retry` (operate).
+//! - `POST /api/transactions/{gid}/resolve` with `{"branch_id", "operator", "reason"}`:
+//!   `Resolve` (operate).
+//!
+//! Every API route calls the same [`CoordinatorService`] method the gRPC API serves (its
+//! validation, filters, role check and answers), in-process, with the request's
+//! `Authorization: Bearer` header as its metadata. An error comes back as JSON
+//! `{"error", "code"}` with the HTTP status of its gRPC code (401 unauthenticated, 403
+//! permission denied, 400, 404, 409, 429, 503), and is counted in
+//! `treaty_requests_rejected_total` like a refused gRPC call.
+
+use super::AdminState;
+use crate::security::{Role, AUTHORIZATION};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tonic::{Code, Request, Status};
+use treaty_proto::v1 as pb;
+use treaty_proto::v1::coordinator_server::Coordinator;
+
+const INDEX_HTML: &str = include_str!("dashboard/index.html");
+const APP_JS: &str = include_str!("dashboard/app.js");
+const STYLE_CSS: &str = include_str!("dashboard/style.css");
+
+/// The dashboard's routes, merged into [`super::router`].
+pub fn routes() -> Router<AdminState> {
+    Router::new()
+        .route("/", get(|| async { Redirect::to("/dashboard/") }))
+        .route("/dashboard", get(|| async { Redirect::to("/dashboard/") }))
+        .route("/dashboard/", get(|| asset("text/html; charset=utf-8", INDEX_HTML)))
+        .route(
+            "/dashboard/app.js",
+            get(|| asset("text/javascript; charset=utf-8", APP_JS)),
+        )
+        .route(
+            "/dashboard/style.css",
+            get(|| asset("text/css; charset=utf-8", STYLE_CSS)),
+        )
+        .route("/api/summary", get(summary))
+        .route("/api/transactions", get(list))
+        .route("/api/transactions/{gid}", get(show))
+        .route("/api/transactions/{gid}/retry", post(retry))
+        .route("/api/transactions/{gid}/resolve", post(resolve))
+}
+
+async fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            // The page renders data with textContent only; this forbids inline scripts and
+            // any other origin, so an injected tag could not run even if one slipped in.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// A gRPC error as the dashboard's API answers it.
+struct ApiError(Status);
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    code: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = self.0.code();
+        let status = match code {
+            Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Code::PermissionDenied => StatusCode::FORBIDDEN,
+            Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
+            Code::NotFound => StatusCode::NOT_FOUND,
+            Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+            Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let mut resp = (
+            status,
+            Json(ErrorBody {
+                error: self.0.message(),
+                code: crate::metrics::code_label(code),
+            }),
+        )
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}
+
+/// Runs one API call: builds the gRPC request with the caller's credentials, and counts an
+/// error answer in `treaty_requests_rejected_total`.
+async fn call<Q, A, F, Fut>(s: &AdminState, headers: &HeaderMap, msg: Q, f: F) -> Result<A, ApiError>
+where
+    F: FnOnce(crate::api::CoordinatorService, Request<Q>) -> Fut,
+    Fut: std::future::Future<Output = Result<A, Status>>,
+{
+    let answer = async {
+        let mut req = Request::new(msg);
+        if let Some(value) = headers.get(header::AUTHORIZATION) {
+            let value = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| {
+                    Status::unauthenticated("the Authorization header must be `Bearer <token>`")
+                })?;
+            req.metadata_mut().insert(AUTHORIZATION, value);
+        }
+        f(s.api.clone(), req).await
+    }
+    .await;
+    answer.map_err(|status| {
+        s.runtime.metrics().rejected(status.code());
+        ApiError(status)
+    })
+}
+
+#[derive(Serialize)]
+struct Summary {
+    #[serde(flatten)]
+    counts: crate::metrics::Counts,
+    ready: bool,
+}
+
+async fn summary(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<Summary>, ApiError> {
+    call(&s, &headers, (), |api, req| async move {
+        api.authorize(&req, Role::Read, "Summary")
+    })
+    .await?;
+    s.runtime.refresh_metrics();
+    Ok(Json(Summary {
+        counts: s.runtime.metrics().counts(),
+        ready: s.is_ready(),
+    }))
+}
+
+/// The list filters, as query parameters (`states` is comma-separated).
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ListQuery {
+    states: String,
+    mode: String,
+    stuck: bool,
+    min_age_ms: u64,
+    page_size: u32,
+    page_token: String,
+}
+
+#[derive(Serialize)]
+struct ListAnswer {
+    transactions: Vec<TxView>,
+    next_page_token: String,
+}
+
+async fn list(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<ListAnswer>, ApiError> {
+    let mut states = Vec::new();
+    for name in q.states.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let upper = format!("TX_STATE_{}", name.to_ascii_uppercase());
+        let state = pb::TxState::from_str_name(&upper).ok_or_else(|| {
+            ApiError(Status::invalid_argument(format!(
+                "states: unknown state {name:?}; states are active, committing, aborting, \
+                 compensating, committed, aborted"
+            )))
+        })?;
+        states.push(state as i32);
+    }
+    let mode = match q.mode.as_str() {
+        "" => pb::Mode::Unspecified,
+        "2pc" => pb::Mode::TwoPhase,
+        "saga" => pb::Mode::Saga,
+        other => {
+            return Err(ApiError(Status::invalid_argument(format!(
+                "mode: unknown mode {other:?}; modes are 2pc and saga"
+            ))))
+        }
+    };
+    let req = pb::ListRequest {
+        states,
+        mode: mode as i32,
+        stuck_only: q.stuck,
+        min_age_ms: q.min_age_ms,
+        page_size: q.page_size,
+        page_token: q.page_token,
+    };
+    let page = call(&s, &headers, req, |api, req| async move {
+        api.list(req).await.map(|r| r.into_inner())
+    })
+    .await?;
+    Ok(Json(ListAnswer {
+        transactions: page.transactions.iter().map(TxView::from).collect(),
+        next_page_token: page.next_page_token,
+    }))
+}
+
+async fn show(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(gid): Path<String>,
+) -> Result<Json<TxView>, ApiError> {
+    let t = call(&s, &headers, pb::GetRequest { gid }, |api, req| async move {
+        api.get(req).await.map(|r| r.into_inner())
+    })
+    .await?;
+    Ok(Json(TxView::from(&t)))
+}
+
+#[derive(Serialize)]
+struct Retried {
+    /// Branches whose waiting call was sent now (0: nothing was waiting, e.g. finished).
+    retried: u32,
+}
+
+async fn retry(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(gid): Path<String>,
+) -> Result<Json<Retried>, ApiError> {
+    let r = call(&s, &headers, pb::RetryRequest { gid }, |api, req| async move {
+        api.retry(req).await.map(|r| r.into_inner())
+    })
+    .await?;
+    Ok(Json(Retried { retried: r.retried }))
+}
+
+#[derive(Deserialize)]
+struct ResolveBody {
+    branch_id: u32,
+    operator: String,
+    reason: String,
+}
+
+async fn resolve(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(gid): Path<String>,
+    body: Result<Json<ResolveBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<TxView>, ApiError> {
+    let Json(b) = body.map_err(|e| {
+        ApiError(Status::invalid_argument(format!(
+            "expected a JSON body {{\"branch_id\", \"operator\", \"reason\"}}: {}",
+            e.body_text()
+        )))
+    })?;
+    let req = pb::ResolveRequest {
+        gid,
+        branch_id: b.branch_id,
+        operator: b.operator,
+        reason: b.reason,
+    };
+    let t = call(&s, &headers, req, |api, req| async move {
+        api.resolve(req).await.map(|r| r.into_inner())
+    })
+    .await?;
+    Ok(Json(TxView::from(&t)))
+}
+
+/// A transaction as the dashboard shows it: the gRPC answer with its enums as lowercase
+/// names (the proto's own names without their prefix), times in unix ms.
+#[derive(Serialize, Debug)]
+struct TxView {
+    gid: String,
+    /// `2pc` or `saga`.
+    mode: &'static str,
+    state: String,
+    outcome: String,
+    stuck: bool,
+    reason: String,
+    created_unix_ms: u64,
+    updated_unix_ms: u64,
+    deadline_unix_ms: u64,
+    branches: Vec<BranchView>,
+}
+
+#[derive(Serialize, Debug)]
+struct BranchView {
+    branch_id: u32,
+    endpoint: String,
+    handler: String,
+    state: String,
+    attempts: u32,
+    last_error: String,
+    resolution: Option<ResolutionView>,
+}
+
+#[derive(Serialize, Debug)]
+struct ResolutionView {
+    operator: String,
+    unix_ms: u64,
+    reason: String,
+}
+
+/// `TX_STATE_IN_DOUBT` → `in_doubt`; an unknown number → `unknown`.
+fn enum_name(name: Option<&str>, prefix: &str) -> String {
+    name.and_then(|n| n.strip_prefix(prefix))
+        .unwrap_or("UNKNOWN")
+        .to_ascii_lowercase()
+}
+
+impl From<&pb::Transaction> for TxView {
+    fn from(t: &pb::Transaction) -> TxView {
+        TxView {
+            gid: t.gid.clone(),
+            mode: match t.mode() {
+                pb::Mode::TwoPhase => "2pc",
+                pb::Mode::Saga => "saga",
+                pb::Mode::Unspecified => "unknown",
+            },
+            state: enum_name(
+                pb::TxState::try_from(t.state).ok().map(|s| s.as_str_name()),
+                "TX_STATE_",
+            ),
+            outcome: enum_name(
+                pb::Outcome::try_from(t.outcome).ok().map(|s| s.as_str_name()),
+                "OUTCOME_",
+            ),
+            stuck: t.stuck,
+            reason: t.reason.clone(),
+            created_unix_ms: t.created_unix_ms,
+            updated_unix_ms: t.updated_unix_ms,
+            deadline_unix_ms: t.deadline_unix_ms,
+            branches: t
+                .branches
+                .iter()
+                .map(|b| BranchView {
+                    branch_id: b.branch_id,
+                    endpoint: b.endpoint.clone(),
+                    handler: b.handler.clone(),
+                    state: enum_name(
+                        pb::BranchState::try_from(b.state)
+                            .ok()
+                            .map(|s| s.as_str_name()),
+                        "BRANCH_STATE_",
+                    ),
+                    attempts: b.attempts,
+                    last_error: b.last_error.clone(),
+                    resolution: b.resolution.as_ref().map(|r| ResolutionView {
+                        operator: r.operator.clone(),
+                        unix_ms: r.unix_ms,
+                        reason: r.reason.clone(),
+                    }),
+                })
+                .collect(),
+        }
+    }
+}

@@ -377,3 +377,145 @@ impl From<&pb::Transaction> for TxView {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{router, AdminState};
+    use crate::api::CoordinatorService;
+    use crate::config::Config;
+    use crate::log::memory::MemoryLog;
+    use crate::runtime::Runtime;
+    use crate::security::Auth;
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use std::sync::Arc;
+    use tower::ServiceExt;
+
+    fn state(auth: Option<&str>) -> AdminState {
+        let rt = Runtime::new(Arc::new(MemoryLog::new()), Config::default());
+        let mut api = CoordinatorService::new(rt.clone());
+        if let Some(tokens) = auth {
+            api = api.with_auth(Auth::parse(tokens, "test tokens").expect("tokens"));
+        }
+        AdminState::new(rt).with_api(api)
+    }
+
+    async fn send(
+        s: &AdminState,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> (StatusCode, serde_json::Value) {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if !body.is_empty() {
+            req = req.header("content-type", "application/json");
+        }
+        let resp = router(s.clone())
+            .oneshot(req.body(Body::from(body.to_string())).expect("request"))
+            .await
+            .expect("infallible");
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (status, json)
+    }
+
+    const TOKENS: &str = "reader-1 = read\nops-1 = read, operate\n";
+
+    /// With a token file: no token is 401, a read token reads but cannot retry or resolve
+    /// (403, naming the role), an operate token can; each refusal is a JSON error counted
+    /// in treaty_requests_rejected_total like a refused gRPC call.
+    #[tokio::test]
+    async fn reads_need_read_and_actions_need_operate() {
+        let s = state(Some(TOKENS));
+        let (status, body) = send(&s, "GET", "/api/transactions", None, "").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(body["code"], "unauthenticated");
+        let (status, _) = send(&s, "GET", "/api/summary", Some("wrong"), "").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+        let (status, body) = send(&s, "GET", "/api/summary", Some("reader-1"), "").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["live"], 0);
+        let (status, body) = send(&s, "GET", "/api/transactions", Some("reader-1"), "").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["transactions"], serde_json::json!([]));
+
+        let (status, body) = send(&s, "POST", "/api/transactions/g1/retry", Some("reader-1"), "").await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("`operate` role"),
+            "{body}"
+        );
+        let resolve = r#"{"branch_id": 0, "operator": "me", "reason": "why"}"#;
+        let (status, _) = send(&s, "POST", "/api/transactions/g1/resolve", Some("reader-1"), resolve).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+
+        // Operate passes the role check: the answer is the API's own (no such gid).
+        let (status, body) = send(&s, "POST", "/api/transactions/g1/retry", Some("ops-1"), "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("no transaction"), "{body}");
+
+        let metrics = s.runtime.metrics().encode();
+        for line in [
+            "treaty_requests_rejected_total{reason=\"unauthenticated\"} 2",
+            "treaty_requests_rejected_total{reason=\"permission_denied\"} 2",
+            "treaty_requests_rejected_total{reason=\"not_found\"} 1",
+        ] {
+            assert!(metrics.contains(line), "{line} in {metrics}");
+        }
+    }
+
+    /// Bad input gets the API's own validation message, as a 400.
+    #[tokio::test]
+    async fn bad_filters_and_bodies_are_400_with_the_reason() {
+        let s = state(None);
+        for (method, path, body, says) in [
+            ("GET", "/api/transactions?states=done", "", "unknown state"),
+            ("GET", "/api/transactions?mode=3pc", "", "unknown mode"),
+            ("GET", "/api/transactions/bad%20gid", "", "gid"),
+            ("POST", "/api/transactions/g/resolve", "{}", "expected a JSON body"),
+            (
+                "POST",
+                "/api/transactions/g/resolve",
+                r#"{"branch_id": 0, "operator": " ", "reason": "r"}"#,
+                "operator: required",
+            ),
+        ] {
+            let (status, json) = send(&s, method, path, None, body).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {json}");
+            assert!(
+                json["error"].as_str().unwrap_or_default().contains(says),
+                "{path}: {json}"
+            );
+        }
+    }
+
+    /// The page and its assets are served without a token (they hold no data), with a
+    /// content security policy that forbids inline scripts; the app renders data as text.
+    #[tokio::test]
+    async fn the_page_is_served_with_a_strict_content_security_policy() {
+        let s = state(Some(TOKENS));
+        for path in ["/dashboard/", "/dashboard/app.js", "/dashboard/style.css"] {
+            let resp = router(s.clone())
+                .oneshot(Request::get(path).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "{path}");
+            let csp = resp.headers()["content-security-policy"].to_str().unwrap();
+            assert!(csp.contains("default-src 'self'"), "{path}: {csp}");
+        }
+        let resp = router(s)
+            .oneshot(Request::get("/").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.headers()["location"], "/dashboard/");
+        assert!(!super::APP_JS.contains("innerHTML"), "data is set as text only");
+    }
+}

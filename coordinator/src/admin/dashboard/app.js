@@ -1,5 +1,5 @@
 // Treaty dashboard: polls the admin listener's JSON API (/api/...) and renders it.
-// Everything shown is set with textContent (never innerHTML): gids, handlers, endpoints and
+// Everything shown is set with textContent (never parsed as HTML): gids, handlers, endpoints and
 // error messages come from clients and participants and are shown as text, never as markup.
 "use strict";
 

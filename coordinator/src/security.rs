@@ -345,7 +345,10 @@ impl Security {
                 let mut roots = rustls::RootCertStore::empty();
                 for c in ders("tls-client-ca", ca)? {
                     roots.add(c).map_err(|e| {
-                        format!("tls-client-ca: {}: unusable CA certificate: {e}", ca.display())
+                        format!(
+                            "tls-client-ca: {}: unusable CA certificate: {e}",
+                            ca.display()
+                        )
                     })?;
                 }
                 let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(

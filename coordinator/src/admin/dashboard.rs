@@ -5,7 +5,8 @@
 //!   so they are served to anyone; the page asks for a token).
 //! - `GET /api/summary`: live, stuck, begun, committed and aborted counts (read).
 //! - `GET /api/transactions?states=&mode=&stuck=&min_age_ms=&page_size=&page_token=`: the
-//!   `List` of the gRPC API, stuck ones first (read).
+//!   `List` of the gRPC API, newest first, then stuck ones moved to the top of the page as
+//!   `treaty list` does (read).
 //! - `GET /api/transactions/{gid}`: `Get` (read).
 //! - `POST /api/transactions/{gid}/retry`: `Retry` (operate).
 //! - `POST /api/transactions/{gid}/resolve` with `{"branch_id", "operator", "reason"}`:
@@ -39,7 +40,10 @@ pub fn routes() -> Router<AdminState> {
     Router::new()
         .route("/", get(|| async { Redirect::to("/dashboard/") }))
         .route("/dashboard", get(|| async { Redirect::to("/dashboard/") }))
-        .route("/dashboard/", get(|| asset("text/html; charset=utf-8", INDEX_HTML)))
+        .route(
+            "/dashboard/",
+            get(|| asset("text/html; charset=utf-8", INDEX_HTML)),
+        )
         .route(
             "/dashboard/app.js",
             get(|| asset("text/javascript; charset=utf-8", APP_JS)),
@@ -116,7 +120,12 @@ impl IntoResponse for ApiError {
 
 /// Runs one API call: builds the gRPC request with the caller's credentials, and counts an
 /// error answer in `treaty_requests_rejected_total`.
-async fn call<Q, A, F, Fut>(s: &AdminState, headers: &HeaderMap, msg: Q, f: F) -> Result<A, ApiError>
+async fn call<Q, A, F, Fut>(
+    s: &AdminState,
+    headers: &HeaderMap,
+    msg: Q,
+    f: F,
+) -> Result<A, ApiError>
 where
     F: FnOnce(crate::api::CoordinatorService, Request<Q>) -> Fut,
     Fut: std::future::Future<Output = Result<A, Status>>,
@@ -220,8 +229,11 @@ async fn list(
         api.list(req).await.map(|r| r.into_inner())
     })
     .await?;
+    // Stuck ones first, then newest first (the order `treaty list` prints), within a page.
+    let mut transactions: Vec<TxView> = page.transactions.iter().map(TxView::from).collect();
+    transactions.sort_by_key(|t| !t.stuck);
     Ok(Json(ListAnswer {
-        transactions: page.transactions.iter().map(TxView::from).collect(),
+        transactions,
         next_page_token: page.next_page_token,
     }))
 }
@@ -231,9 +243,12 @@ async fn show(
     headers: HeaderMap,
     Path(gid): Path<String>,
 ) -> Result<Json<TxView>, ApiError> {
-    let t = call(&s, &headers, pb::GetRequest { gid }, |api, req| async move {
-        api.get(req).await.map(|r| r.into_inner())
-    })
+    let t = call(
+        &s,
+        &headers,
+        pb::GetRequest { gid },
+        |api, req| async move { api.get(req).await.map(|r| r.into_inner()) },
+    )
     .await?;
     Ok(Json(TxView::from(&t)))
 }
@@ -249,9 +264,12 @@ async fn retry(
     headers: HeaderMap,
     Path(gid): Path<String>,
 ) -> Result<Json<Retried>, ApiError> {
-    let r = call(&s, &headers, pb::RetryRequest { gid }, |api, req| async move {
-        api.retry(req).await.map(|r| r.into_inner())
-    })
+    let r = call(
+        &s,
+        &headers,
+        pb::RetryRequest { gid },
+        |api, req| async move { api.retry(req).await.map(|r| r.into_inner()) },
+    )
     .await?;
     Ok(Json(Retried { retried: r.retried }))
 }
@@ -344,7 +362,9 @@ impl From<&pb::Transaction> for TxView {
                 "TX_STATE_",
             ),
             outcome: enum_name(
-                pb::Outcome::try_from(t.outcome).ok().map(|s| s.as_str_name()),
+                pb::Outcome::try_from(t.outcome)
+                    .ok()
+                    .map(|s| s.as_str_name()),
                 "OUTCOME_",
             ),
             stuck: t.stuck,
@@ -447,20 +467,38 @@ mod tests {
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["transactions"], serde_json::json!([]));
 
-        let (status, body) = send(&s, "POST", "/api/transactions/g1/retry", Some("reader-1"), "").await;
+        let (status, body) = send(
+            &s,
+            "POST",
+            "/api/transactions/g1/retry",
+            Some("reader-1"),
+            "",
+        )
+        .await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
         assert!(
             body["error"].as_str().unwrap().contains("`operate` role"),
             "{body}"
         );
         let resolve = r#"{"branch_id": 0, "operator": "me", "reason": "why"}"#;
-        let (status, _) = send(&s, "POST", "/api/transactions/g1/resolve", Some("reader-1"), resolve).await;
+        let (status, _) = send(
+            &s,
+            "POST",
+            "/api/transactions/g1/resolve",
+            Some("reader-1"),
+            resolve,
+        )
+        .await;
         assert_eq!(status, StatusCode::FORBIDDEN);
 
         // Operate passes the role check: the answer is the API's own (no such gid).
-        let (status, body) = send(&s, "POST", "/api/transactions/g1/retry", Some("ops-1"), "").await;
+        let (status, body) =
+            send(&s, "POST", "/api/transactions/g1/retry", Some("ops-1"), "").await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
-        assert!(body["error"].as_str().unwrap().contains("no transaction"), "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("no transaction"),
+            "{body}"
+        );
 
         let metrics = s.runtime.metrics().encode();
         for line in [
@@ -480,7 +518,12 @@ mod tests {
             ("GET", "/api/transactions?states=done", "", "unknown state"),
             ("GET", "/api/transactions?mode=3pc", "", "unknown mode"),
             ("GET", "/api/transactions/bad%20gid", "", "gid"),
-            ("POST", "/api/transactions/g/resolve", "{}", "expected a JSON body"),
+            (
+                "POST",
+                "/api/transactions/g/resolve",
+                "{}",
+                "expected a JSON body",
+            ),
             (
                 "POST",
                 "/api/transactions/g/resolve",
@@ -516,6 +559,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(resp.headers()["location"], "/dashboard/");
-        assert!(!super::APP_JS.contains("innerHTML"), "data is set as text only");
+        assert!(
+            !super::APP_JS.contains("innerHTML"),
+            "data is set as text only"
+        );
     }
 }

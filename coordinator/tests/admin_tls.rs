@@ -115,11 +115,9 @@ fn https_get(
             )
             .unwrap(),
     };
-    let conn = rustls::ClientConnection::new(
-        Arc::new(config),
-        ServerName::try_from("localhost").unwrap(),
-    )
-    .unwrap();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap())
+            .unwrap();
     let tcp = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut tls = rustls::StreamOwned::new(conn, tcp);
@@ -176,7 +174,10 @@ async fn the_admin_listener_serves_tls_with_the_api_certificate() {
         .unwrap();
     assert!(page.contains("Treaty dashboard"), "{page}");
     let plain = blocking(move || http_get(addr, "/healthz")).await;
-    assert!(!plain.contains("200 OK"), "plaintext is not served: {plain}");
+    assert!(
+        !plain.contains("200 OK"),
+        "plaintext is not served: {plain}"
+    );
 }
 
 #[tokio::test]
@@ -195,7 +196,11 @@ async fn with_a_client_ca_the_admin_listener_requires_a_client_certificate() {
         anonymous.as_ref().map_or(true, |t| !t.contains("200 OK")),
         "no client certificate, no answer: {anonymous:?}"
     );
-    let (ca, cert, key) = (pki.ca.clone(), pki.client_cert.clone(), pki.client_key.clone());
+    let (ca, cert, key) = (
+        pki.ca.clone(),
+        pki.client_cert.clone(),
+        pki.client_key.clone(),
+    );
     let got = blocking(move || https_get(addr, "/healthz", &ca, Some((&cert, &key))))
         .await
         .expect("mTLS GET /healthz");

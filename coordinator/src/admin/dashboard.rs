@@ -510,6 +510,100 @@ mod tests {
         }
     }
 
+    /// A stuck 2PC (its only participant is not there) as the page reads it: listed with
+    /// lowercase names, stuck; an operator resolves its branch and it finishes aborted.
+    #[tokio::test]
+    async fn an_operator_resolves_a_stuck_transaction_through_the_api() {
+        use crate::engine::{BranchDef, Mode};
+        use crate::runtime::{BeginRequest, RetryOverrides};
+        let s = state(Some(TOKENS));
+        let begin = BeginRequest {
+            gid: Some("stuck-1".into()),
+            deadline: Some(std::time::Duration::from_millis(100)),
+            retry: RetryOverrides {
+                initial_backoff_ms: Some(10),
+                max_backoff_ms: Some(50),
+                stuck_after_attempts: Some(1),
+            },
+            ..BeginRequest::new(
+                Mode::TwoPhase,
+                vec![BranchDef {
+                    endpoint: "http://127.0.0.1:1".into(),
+                    handler: "debit".into(),
+                    payload: bytes::Bytes::new(),
+                    compensation_payload: bytes::Bytes::new(),
+                }],
+            )
+        };
+        s.runtime.begin(begin).await.expect("begun");
+        let bound = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let listed = loop {
+            let (status, body) = send(
+                &s,
+                "GET",
+                "/api/transactions?stuck=true",
+                Some("reader-1"),
+                "",
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            if body["transactions"]
+                .as_array()
+                .is_some_and(|t| !t.is_empty())
+            {
+                break body["transactions"][0].clone();
+            }
+            assert!(std::time::Instant::now() < bound, "never stuck: {body}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        assert_eq!(listed["gid"], "stuck-1");
+        assert_eq!(listed["mode"], "2pc");
+        assert_eq!(listed["state"], "aborting");
+        assert_eq!(listed["stuck"], true);
+        assert_eq!(listed["branches"][0]["handler"], "debit");
+        assert!(
+            listed["reason"]
+                .as_str()
+                .unwrap()
+                .contains("deadline passed"),
+            "{listed}"
+        );
+        let (_, summary) = send(&s, "GET", "/api/summary", Some("reader-1"), "").await;
+        assert_eq!(summary["stuck"], 1, "{summary}");
+
+        let body = r#"{"branch_id": 0, "operator": "ops@example", "reason": "gone, OPS-1"}"#;
+        let (status, t) = send(
+            &s,
+            "POST",
+            "/api/transactions/stuck-1/resolve",
+            Some("ops-1"),
+            body,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{t}");
+        assert_eq!(t["branches"][0]["resolution"]["operator"], "ops@example");
+        let t = loop {
+            let (_, t) = send(&s, "GET", "/api/transactions/stuck-1", Some("reader-1"), "").await;
+            if t["state"] == "aborted" {
+                break t;
+            }
+            assert!(std::time::Instant::now() < bound, "never finished: {t}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        assert_eq!(t["outcome"], "aborted");
+        assert_eq!(t["branches"][0]["resolution"]["reason"], "gone, OPS-1");
+        // Nothing is outstanding any more: a second resolve is a conflict.
+        let (status, _) = send(
+            &s,
+            "POST",
+            "/api/transactions/stuck-1/resolve",
+            Some("ops-1"),
+            body,
+        )
+        .await;
+        assert_eq!(status, StatusCode::CONFLICT);
+    }
+
     /// Bad input gets the API's own validation message, as a 400.
     #[tokio::test]
     async fn bad_filters_and_bodies_are_400_with_the_reason() {

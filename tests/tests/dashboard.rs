@@ -180,7 +180,7 @@ async fn an_operator_retries_a_stuck_transaction_from_the_dashboard() {
             // Long waits between automatic retries once stuck, so the click is what sends
             // the abort after the participant is back.
             "--initial-backoff-ms",
-            "2000",
+            "5000",
             "--max-backoff-ms",
             "600000",
         ],

@@ -331,6 +331,16 @@ async fn an_operator_retries_a_stuck_transaction_from_the_dashboard() {
     })
     .await;
     assert!(client.get(&stuck).await.unwrap().stuck, "nothing changed");
+    // The transaction's page, refusal shown, beside the list's screenshot.
+    let shot = page.screenshot().await.expect("screenshot");
+    let tx_path = path.with_file_name(format!(
+        "{}-transaction.png",
+        path.file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("dashboard")
+    ));
+    std::fs::write(&tx_path, &shot).expect("save the screenshot");
+    eprintln!("transaction page screenshot: {}", tx_path.display());
 
     // The operator: heal bob's instance, retry, and watch it finish.
     use_token(&page, "ops").await;

@@ -8,11 +8,11 @@
 //!   `List` of the gRPC API, newest first, then stuck ones moved to the top of the page as
 //!   `treaty list` does (read).
 //! - `GET /api/transactions/{gid}`: `Get` (read).
-//! - `POST /api/transactions/{gid}/retry`: `Retry` (operate).
+//! - `POST /api/transactions/{gid}/retry` with `{}`: `Retry` (operate).
 //! - `POST /api/transactions/{gid}/resolve` with `{"branch_id", "operator", "reason"}`:
 //!   `Resolve` (operate).
 //!
-//! Every API route calls the same [`CoordinatorService`] method the gRPC API serves (its
+//! Every API route calls the same [`crate::api::CoordinatorService`] method the gRPC API serves (its
 //! validation, filters, role check and answers), in-process, with the request's
 //! `Authorization: Bearer` header as its metadata. An error comes back as JSON
 //! `{"error", "code"}` with the HTTP status of its gRPC code (401 unauthenticated, 403
@@ -263,7 +263,17 @@ async fn retry(
     State(s): State<AdminState>,
     headers: HeaderMap,
     Path(gid): Path<String>,
+    body: Result<Json<serde_json::Value>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Retried>, ApiError> {
+    // A JSON body (`{}`), like resolve's: another site's page cannot send one without a
+    // CORS preflight, which this listener never grants, so it cannot make an operator's
+    // browser retry (what a bearer token already prevents, for a treatyd without one).
+    if let Err(e) = body {
+        return Err(ApiError(Status::invalid_argument(format!(
+            "retry needs a JSON body (`{{}}`, Content-Type: application/json): {}",
+            e.body_text()
+        ))));
+    }
     let r = call(
         &s,
         &headers,
@@ -472,7 +482,7 @@ mod tests {
             "POST",
             "/api/transactions/g1/retry",
             Some("reader-1"),
-            "",
+            "{}",
         )
         .await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
@@ -492,8 +502,14 @@ mod tests {
         assert_eq!(status, StatusCode::FORBIDDEN);
 
         // Operate passes the role check: the answer is the API's own (no such gid).
-        let (status, body) =
-            send(&s, "POST", "/api/transactions/g1/retry", Some("ops-1"), "").await;
+        let (status, body) = send(
+            &s,
+            "POST",
+            "/api/transactions/g1/retry",
+            Some("ops-1"),
+            "{}",
+        )
+        .await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
         assert!(
             body["error"].as_str().unwrap().contains("no transaction"),
@@ -618,6 +634,8 @@ mod tests {
                 "{}",
                 "expected a JSON body",
             ),
+            // No JSON body: what a cross-site form post would send.
+            ("POST", "/api/transactions/g/retry", "", "needs a JSON body"),
             (
                 "POST",
                 "/api/transactions/g/resolve",

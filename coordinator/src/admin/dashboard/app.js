@@ -219,7 +219,11 @@ async function refreshTx() {
 
 async function retry() {
   try {
-    const r = await api("/api/transactions/" + encodeURIComponent(current.gid) + "/retry", { method: "POST" });
+    const r = await api("/api/transactions/" + encodeURIComponent(current.gid) + "/retry", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: "{}",
+    });
     showMessage(r.retried > 0
       ? "Retry sent now to " + r.retried + " branch" + (r.retried === 1 ? "" : "es") + "."
       : "Nothing was waiting to be retried.", false);

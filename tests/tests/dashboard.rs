@@ -42,7 +42,8 @@ fn tools() -> Result<(PathBuf, PathBuf), String> {
     Ok((driver, browser))
 }
 
-/// A `chromedriver` process on a free local port, killed on drop.
+/// A `chromedriver` process on a free local port, in a process group of its own that is
+/// killed on drop (with the browsers it started, even when the test fails midway).
 struct ChromeDriver {
     child: Child,
     addr: SocketAddr,
@@ -53,8 +54,10 @@ impl ChromeDriver {
         let addr = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port");
+        use std::os::unix::process::CommandExt;
         let child = Command::new(bin)
             .arg(format!("--port={}", addr.port()))
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -74,6 +77,11 @@ impl ChromeDriver {
 
 impl Drop for ChromeDriver {
     fn drop(&mut self) {
+        // The group's id is chromedriver's pid (process_group(0)).
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

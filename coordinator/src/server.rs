@@ -109,7 +109,10 @@ async fn serve(
     let config_tls = config.security.serves_tls();
     let authenticated = auth.is_some();
     // The admin listener serves TLS with the same files (mTLS too) when the API does.
-    let admin_tls = config.security.admin_tls().map_err(ServeError::Config)?;
+    let admin_tls = match extras.admin_listener {
+        Some(_) => config.security.admin_tls().map_err(ServeError::Config)?,
+        None => None,
+    };
     let grace = config.shutdown_grace;
     let gc_interval = config.gc_interval;
     let max_message_bytes = config.limits.max_tx_bytes.saturating_add(64 << 10);

@@ -6,9 +6,19 @@
 //! - `GET /readyz`: `200 SERVING` only while the runtime takes transactions (recovered, not
 //!   failed, not shutting down); `503 NOT_SERVING` otherwise (readiness).
 //!
-//! [`router`] returns a plain axum `Router` over [`AdminState`], so more pages (the dashboard)
-//! are mounted with `router(state).merge(...)` or `.route(...)` on the same listener.
+//! - The web dashboard and its JSON API under `/api/` ([`dashboard`]): reads need the `read`
+//!   role, retry and resolve `operate`, when treatyd has a token file (`--auth-tokens`).
+//!   `/healthz` and `/readyz` stay open for probes; `/metrics` stays open too: it holds only
+//!   aggregate counts (no gid, endpoint, payload or error text), and scrapers are commonly set
+//!   up without credentials; restrict it by binding the listener to a private address, or
+//!   with mTLS (`--tls-client-ca`, which applies to the admin listener as to the API).
+//!
+//! [`router`] returns a plain axum `Router` over [`AdminState`], so more pages are mounted
+//! with `router(state).merge(...)` or `.route(...)` on the same listener.
 
+pub mod dashboard;
+
+use crate::api::CoordinatorService;
 use crate::metrics::CONTENT_TYPE;
 use crate::runtime::Runtime;
 use axum::extract::State;
@@ -25,15 +35,25 @@ pub struct AdminState {
     pub runtime: Runtime,
     /// Set by the server once recovery is done and it serves; cleared when it stops.
     pub ready: Arc<AtomicBool>,
+    /// The Coordinator API the dashboard calls in-process (its checks, its role checks).
+    pub api: CoordinatorService,
 }
 
 impl AdminState {
     /// State for `runtime`, not ready until [`AdminState::ready`] is set.
     pub fn new(runtime: Runtime) -> AdminState {
         AdminState {
+            api: CoordinatorService::new(runtime.clone()),
             runtime,
             ready: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// The dashboard's API goes through `api` (the server passes the service it serves, with
+    /// its token file) instead of an unauthenticated one.
+    pub fn with_api(mut self, api: CoordinatorService) -> AdminState {
+        self.api = api;
+        self
     }
 
     /// Ready: recovered, serving, not failed, not shutting down.
@@ -42,9 +62,10 @@ impl AdminState {
     }
 }
 
-/// The admin routes: `/metrics`, `/healthz`, `/readyz`.
+/// The admin routes: `/metrics`, `/healthz`, `/readyz`, and the dashboard.
 pub fn router(state: AdminState) -> Router {
     Router::new()
+        .merge(dashboard::routes())
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

@@ -134,6 +134,21 @@ impl CallResult {
     }
 }
 
+/// Totals of [`Metrics`] for a summary ([`Metrics::counts`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    /// Transactions begun, both modes.
+    pub begun: u64,
+    /// Finished committed.
+    pub committed: u64,
+    /// Finished aborted (2PC) or compensated (saga).
+    pub aborted: u64,
+    /// Being driven now.
+    pub live: u64,
+    /// Live and flagged stuck.
+    pub stuck: u64,
+}
+
 /// Every metric of the coordinator. Created once per [`crate::runtime::Runtime`]; cheap to
 /// share (`Arc`).
 #[derive(Debug)]
@@ -310,6 +325,19 @@ impl Metrics {
             Outcome::Pending => return,
         };
         self.finished[mode_index(mode)][i].inc();
+    }
+
+    /// The counts the dashboard shows, read from the same counters `/metrics` exports (since
+    /// this process started; `live` as of the last [`crate::runtime::Runtime::refresh_metrics`]).
+    pub fn counts(&self) -> Counts {
+        let sum = |c: &[Counter]| c.iter().map(Counter::get).sum::<u64>();
+        Counts {
+            begun: sum(&self.begun),
+            committed: self.finished.iter().map(|f| f[0].get()).sum(),
+            aborted: self.finished.iter().map(|f| f[1].get()).sum(),
+            live: self.live.get().max(0) as u64,
+            stuck: self.stuck.get().max(0) as u64,
+        }
     }
 
     pub fn set_live(&self, n: usize) {

@@ -312,6 +312,62 @@ impl Security {
     }
 }
 
+impl Security {
+    /// The admin listener's TLS config (`crate::admin`): the API's certificate and key, and
+    /// with `tls_client_ca` a client certificate chained to it required, as on the API
+    /// (mTLS). HTTP/1.1 only (the admin router). `None` when the API serves plaintext.
+    pub fn admin_tls(&self) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, String> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let ders = |setting: &str, path: &Path| -> Result<Vec<CertificateDer<'static>>, String> {
+            let pem = certificates(setting, path)?.into_inner();
+            CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("{setting}: {} is not valid PEM: {e}", path.display()))
+        };
+        let chain = ders("tls-cert", cert)?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+            format!(
+                "tls-key: {} holds no usable private key (expected PEM `BEGIN PRIVATE KEY`): {e}",
+                key.display()
+            )
+        })?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("admin TLS: {e}"))?;
+        let builder = match &self.tls_client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in ders("tls-client-ca", ca)? {
+                    roots.add(c).map_err(|e| {
+                        format!(
+                            "tls-client-ca: {}: unusable CA certificate: {e}",
+                            ca.display()
+                        )
+                    })?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    std::sync::Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| format!("tls-client-ca: {}: {e}", ca.display()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder
+            .with_single_cert(chain, key)
+            .map_err(|e| format!("tls-cert/tls-key: cannot serve the admin listener: {e}"))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Some(std::sync::Arc::new(config)))
+    }
+}
+
 fn read_text(setting: &str, path: &Path) -> Result<String, String> {
     std::fs::read_to_string(path)
         .map_err(|e| format!("{setting}: cannot read {}: {e}", path.display()))

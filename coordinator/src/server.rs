@@ -107,6 +107,12 @@ async fn serve(
         })?;
     }
     let config_tls = config.security.serves_tls();
+    let authenticated = auth.is_some();
+    // The admin listener serves TLS with the same files (mTLS too) when the API does.
+    let admin_tls = match extras.admin_listener {
+        Some(_) => config.security.admin_tls().map_err(ServeError::Config)?,
+        None => None,
+    };
     let grace = config.shutdown_grace;
     let gc_interval = config.gc_interval;
     let max_message_bytes = config.limits.max_tx_bytes.saturating_add(64 << 10);
@@ -117,24 +123,26 @@ async fn serve(
     let rt = Runtime::with_mutations(log, config, extras.mutations);
     #[cfg(not(feature = "mutations"))]
     let rt = Runtime::new(log, config);
+    let service = match auth {
+        Some(auth) => CoordinatorService::new(rt.clone()).with_auth(auth),
+        None => CoordinatorService::new(rt.clone()),
+    };
     // Up before recovery, so liveness answers while a long recovery runs (not ready yet).
-    let admin_state = AdminState::new(rt.clone());
-    let _admin = extras
-        .admin_listener
-        .map(|l| AdminServer::start(l, admin_state.clone()));
+    // The dashboard calls the same service, so its token file and checks apply there too.
+    let admin_state = AdminState::new(rt.clone()).with_api(service.clone());
+    let _admin = match extras.admin_listener {
+        Some(l) => Some(AdminServer::start(l, admin_state.clone(), admin_tls)?),
+        None => None,
+    };
     let resumed = rt.recover().await.map_err(ServeError::Recover)?;
     let addr = listener.local_addr().ok();
     tracing::info!(
         ?addr,
         resumed,
         tls = config_tls,
-        authenticated = auth.is_some(),
+        authenticated,
         "treaty coordinator serving"
     );
-    let service = match auth {
-        Some(auth) => CoordinatorService::new(rt.clone()).with_auth(auth),
-        None => CoordinatorService::new(rt.clone()),
-    };
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -242,24 +250,60 @@ struct AdminServer {
 }
 
 impl AdminServer {
-    fn start(listener: TcpListener, state: AdminState) -> AdminServer {
+    fn start(
+        listener: TcpListener,
+        state: AdminState,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<AdminServer, ServeError> {
         let addr = listener.local_addr().ok();
-        tracing::info!(?addr, "admin listener serving /metrics, /healthz, /readyz");
+        tracing::info!(
+            ?addr,
+            tls = tls.is_some(),
+            "admin listener serving /metrics, /healthz, /readyz and the dashboard"
+        );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let served = axum::serve(listener, admin::router(state))
-                .with_graceful_shutdown(async {
+        let router = admin::router(state);
+        let task = match tls {
+            None => tokio::spawn(async move {
+                let served = axum::serve(listener, router)
+                    .with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    })
+                    .await;
+                if let Err(e) = served {
+                    tracing::warn!(error = %e, "admin listener failed");
+                }
+            }),
+            Some(tls) => {
+                let std_listener = listener.into_std().map_err(|e| {
+                    ServeError::Config(format!("admin listener: cannot take the socket: {e}"))
+                })?;
+                let server = axum_server::from_tcp_rustls(
+                    std_listener,
+                    axum_server::tls_rustls::RustlsConfig::from_config(tls),
+                )
+                .map_err(|e| ServeError::Config(format!("admin listener: {e}")))?;
+                let handle = axum_server::Handle::new();
+                let stopper = handle.clone();
+                tokio::spawn(async move {
                     let _ = stopped.await;
+                    stopper.shutdown();
+                });
+                tokio::spawn(async move {
+                    let served = server
+                        .handle(handle)
+                        .serve(router.into_make_service())
+                        .await;
+                    if let Err(e) = served {
+                        tracing::warn!(error = %e, "admin listener (TLS) failed");
+                    }
                 })
-                .await;
-            if let Err(e) = served {
-                tracing::warn!(error = %e, "admin listener failed");
             }
-        });
-        AdminServer {
+        };
+        Ok(AdminServer {
             stop: Some(stop),
             task,
-        }
+        })
     }
 }
 

@@ -183,7 +183,7 @@ pub const SETTINGS: &[Setting] = &[
         flag: "admin-listen",
         value_name: "ADDR",
         help: "Address to serve the admin HTTP routes on: /metrics (Prometheus), /healthz, \
-               /readyz. Empty: off.",
+               /readyz and the web dashboard (/dashboard/, its API under /api/). Empty: off.",
         get: |d| d.admin_listen.map(|a| a.to_string()).unwrap_or_default(),
         set: |d, v| {
             d.admin_listen = if v.trim().is_empty() {
@@ -403,8 +403,8 @@ pub const SETTINGS: &[Setting] = &[
     },
     path!(
         "tls-cert",
-        "Certificate chain (PEM) to serve the Coordinator API over TLS with; needs --tls-key. \
-         Unset: plaintext.",
+        "Certificate chain (PEM) to serve the Coordinator API and the admin listener over \
+         TLS with; needs --tls-key. Unset: plaintext.",
         config.security.tls_cert
     ),
     path!(
@@ -414,7 +414,8 @@ pub const SETTINGS: &[Setting] = &[
     ),
     path!(
         "tls-client-ca",
-        "CA bundle (PEM): clients must present a certificate it signed (mTLS).",
+        "CA bundle (PEM): clients of the API and of the admin listener must present a \
+         certificate it signed (mTLS).",
         config.security.tls_client_ca
     ),
     path!(
@@ -437,7 +438,8 @@ pub const SETTINGS: &[Setting] = &[
     path!(
         "auth-tokens",
         "Token file: lines `TOKEN = submit, read, operate` (or `cert-sha256:FINGERPRINT = \
-         roles` for client certificates). Set, every API call must authenticate; unset, \
+         roles` for client certificates). Set, every API call must authenticate, and the \
+         dashboard's API needs a bearer token (read; operate for retry and resolve); unset, \
          every caller may do everything (trusted networks only).",
         config.security.auth_tokens
     ),

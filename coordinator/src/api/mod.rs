@@ -49,7 +49,9 @@ impl CoordinatorService {
         self
     }
 
-    fn authorize<T>(&self, req: &Request<T>, role: Role, method: &str) -> Result<(), Status> {
+    /// Whether `req` may do what needs `role` (always, without a token file); also used by
+    /// the dashboard's API ([`crate::admin::dashboard`]) for what is not a gRPC method.
+    pub fn authorize<T>(&self, req: &Request<T>, role: Role, method: &str) -> Result<(), Status> {
         match &self.auth {
             None => Ok(()),
             Some(auth) => auth.check(req, role, method).inspect_err(|s| {

@@ -185,10 +185,11 @@ async fn an_operator_retries_a_stuck_transaction_from_the_dashboard() {
             tokens.to_str().unwrap(),
             "--stuck-after-attempts",
             "1",
-            // Long waits between automatic retries once stuck, so the click is what sends
-            // the abort after the participant is back.
+            // No automatic retry within the test once a call failed (the first attempt of
+            // each call goes out at once): the click is what sends the abort after the
+            // participant is back, never a timer that happens to fire just before it.
             "--initial-backoff-ms",
-            "5000",
+            "600000",
             "--max-backoff-ms",
             "600000",
         ],

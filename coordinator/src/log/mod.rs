@@ -4,7 +4,8 @@
 //! [`treaty_proto::v1::LogRecord`] by [`codec`]. Two backends implement [`LogStore`]:
 //! [`sled::SledLog`] (the default; forced writes are fsynced and shared by group commit) and
 //! [`memory::MemoryLog`] (tests and simulation; models which writes are durable so a simulated
-//! crash can lose the rest).
+//! crash can lose the rest). [`postgres::PgLog`] keeps the log in a PostgreSQL database
+//! (`treatyd --store postgres://...`), group-committing forced writes.
 //!
 //! Every I/O method of [`LogStore`] is async and returns a `'static` [`LogFuture`], so a
 //! network-backed store never blocks a tokio worker. The contract every backend keeps (write
@@ -15,6 +16,7 @@
 pub mod codec;
 pub mod conformance;
 pub mod memory;
+pub mod postgres;
 pub mod sled;
 
 use crate::engine::types::{Mode, Phase, Tombstone, TxRecord};

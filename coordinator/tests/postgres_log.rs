@@ -125,3 +125,43 @@ async fn a_bad_url_or_an_unreachable_database_is_an_error_not_a_panic() {
         "{err}"
     );
 }
+
+/// Group commit: forced writes issued together by many tasks share PostgreSQL commits, and
+/// every one of them is durable (read back by a new store, as after a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_forced_puts_share_commits() {
+    const N: usize = 64;
+    let Some(server) = server() else { return };
+    let url = server.create_database("group_commit").expect("create database");
+    let log = Arc::new(
+        PgLog::open(&url, PgLogOptions::default())
+            .await
+            .expect("open"),
+    );
+    let before = log.stats();
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let log = Arc::clone(&log);
+            tokio::spawn(async move {
+                log.put(record(&format!("g{i:03}"), Phase::Committing, 1), true)
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task").expect("forced put");
+    }
+    let after = log.stats();
+    let commits = after.flushes - before.flushes;
+    assert_eq!(after.forced_writes - before.forced_writes, N as u64);
+    assert!(
+        commits < N as u64 / 2,
+        "{N} concurrent forced puts took {commits} synchronous commits: no group commit"
+    );
+    drop(log);
+    let reopened = PgLog::open(&url, PgLogOptions::default())
+        .await
+        .expect("reopen");
+    let active = reopened.scan_active(None, 1000).await.expect("scan");
+    assert_eq!(active.len(), N, "every acknowledged forced put is stored");
+}

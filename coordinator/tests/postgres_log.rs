@@ -132,7 +132,9 @@ async fn a_bad_url_or_an_unreachable_database_is_an_error_not_a_panic() {
 async fn concurrent_forced_puts_share_commits() {
     const N: usize = 64;
     let Some(server) = server() else { return };
-    let url = server.create_database("group_commit").expect("create database");
+    let url = server
+        .create_database("group_commit")
+        .expect("create database");
     let log = Arc::new(
         PgLog::open(&url, PgLogOptions::default())
             .await

@@ -249,6 +249,16 @@ pub trait LogStore: Send + Sync + 'static {
     /// Counters since open.
     fn stats(&self) -> LogStats;
 
+    /// Whether a runtime that failed over this log may be replaced in the same process by a
+    /// new one recovered from the log, once the log answers a `sync` again (see
+    /// `server::Ended::Replace`): true when the data lives in another process that outlives
+    /// the failure (PostgreSQL), and the store makes sure no write issued before the failure
+    /// can still land after it answers again. False (the default) for a local disk, whose
+    /// failed flush leaves durability unknown until the process restarts.
+    fn recovers_in_process(&self) -> bool {
+        false
+    }
+
     /// Tell `observer` of every flush (for metrics: records per flush, failed flushes). A
     /// backend without flushes of its own ignores it.
     fn observe_flushes(&self, observer: std::sync::Arc<dyn treaty_durable::FlushObserver>) {

@@ -285,6 +285,9 @@ struct Conn {
     client: Client,
     stmts: Stmts,
     task: tokio::task::JoinHandle<()>,
+    /// The server process serving this connection: its pid and start time (as text), so a
+    /// later connection can make sure it has ended (see [`Worker::conn`]).
+    backend: (i32, String),
 }
 
 impl Drop for Conn {
@@ -356,10 +359,18 @@ async fn connect(
             get_tomb: prep("SELECT tomb FROM treaty_tombstones WHERE gid = $1").await?,
             touch: prep("UPDATE treaty_meta SET synced_ms = $1").await?,
         };
+        let row = client
+            .query_one(
+                "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .map_err(|e| db_err(format!("reading our backend at {target}"), e))?;
         Ok(Conn {
             client,
             stmts,
             task,
+            backend: (row.get(0), row.get(1)),
         })
     };
     match tokio::time::timeout(timeout, attempt).await {
@@ -486,6 +497,7 @@ impl PgLog {
             retry_at: None,
             backoff: RECONNECT_BACKOFF_MIN,
             counters: Arc::clone(&counters),
+            last_backend: None,
         };
         tokio::spawn(worker.run(rx));
         Ok(PgLog {
@@ -561,12 +573,57 @@ struct Worker {
     retry_at: Option<Instant>,
     backoff: Duration,
     counters: Arc<Counters>,
+    /// The backend of the last connection, until a new connection has seen it end.
+    last_backend: Option<(i32, String)>,
+}
+
+/// Makes sure the server process of an earlier connection has ended, terminating it if it
+/// still runs. A batch whose connection was dropped (a timeout, a lost network) may still be
+/// in that process, or in its socket buffer, and would commit when it gets to it: after
+/// this returns, whatever it did is final, so what we read next will not change behind us.
+async fn end_backend(
+    c: &Client,
+    (pid, started): &(i32, String),
+    timeout: Duration,
+    target: &str,
+) -> Result<(), LogError> {
+    let wait = async {
+        loop {
+            // Only that process: a pid reused after a server restart has another start time.
+            let alive = c
+                .query_opt(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE pid = $1 AND backend_start::text = $2",
+                    &[pid, started],
+                )
+                .await
+                .map_err(|e| {
+                    db_err(
+                        format!("ending our previous connection's backend at {target}"),
+                        e,
+                    )
+                })?;
+            if alive.is_none() {
+                return Ok(());
+            }
+            // Bounded by the timeout below; a terminated backend ends within milliseconds.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    match tokio::time::timeout(timeout, wait).await {
+        Ok(r) => r,
+        Err(_) => Err(timed_out(format!(
+            "waiting for our previous connection's backend (pid {pid}) at {target} to end"
+        ))),
+    }
 }
 
 /// What one step of a batch does.
 enum Step {
-    Writes(Vec<Op>),
-    Reads(Vec<Op>),
+    /// Writes and reads between two retention operations: one round trip (see
+    /// [`write_batch`]).
+    Mixed { writes: Vec<Op>, reads: Vec<Op> },
+    /// A retention operation, alone, in its place.
     One(Op),
 }
 
@@ -605,9 +662,19 @@ impl Worker {
                     });
                 }
             }
-            match connect(&self.cfg, &self.target, self.opts.op_timeout).await {
+            let connected = match connect(&self.cfg, &self.target, self.opts.op_timeout).await {
+                Ok(c) => match &self.last_backend {
+                    Some(old) => end_backend(&c.client, old, self.opts.op_timeout, &self.target)
+                        .await
+                        .map(|()| c),
+                    None => Ok(c),
+                },
+                Err(e) => Err(e),
+            };
+            match connected {
                 Ok(c) => {
                     tracing::info!(target = %self.target, "PostgreSQL log connected");
+                    self.last_backend = Some(c.backend.clone());
                     self.conn = Some(c);
                     self.retry_at = None;
                     self.backoff = RECONNECT_BACKOFF_MIN;
@@ -641,9 +708,16 @@ impl Worker {
             }
         };
         let outcome = match step {
-            Step::Writes(ops) => {
-                let r = run_with_timeout(timeout, &target, write_batch(conn, ops, dirty, &target))
-                    .await;
+            Step::Mixed { writes, reads } if writes.is_empty() => {
+                run_with_timeout(timeout, &target, read_batch(conn, reads, &target)).await
+            }
+            Step::Mixed { writes, reads } => {
+                let r = run_with_timeout(
+                    timeout,
+                    &target,
+                    write_batch(conn, writes, reads, dirty, &target),
+                )
+                .await;
                 match r {
                     Ok(Some(durable)) => {
                         if durable {
@@ -657,9 +731,6 @@ impl Worker {
                     Ok(None) => Ok(()),
                     Err(e) => Err(e),
                 }
-            }
-            Step::Reads(ops) => {
-                run_with_timeout(timeout, &target, read_batch(conn, ops, &target)).await
             }
             Step::One(op) => {
                 let r = run_with_timeout(timeout, &target, retention(conn, op, &target)).await;
@@ -684,21 +755,39 @@ impl Worker {
 impl Step {
     fn into_ops(self) -> Vec<Op> {
         match self {
-            Step::Writes(v) | Step::Reads(v) => v,
+            Step::Mixed { mut writes, reads } => {
+                writes.extend(reads);
+                writes
+            }
             Step::One(op) => vec![op],
         }
     }
 }
 
-/// Cuts a batch into steps, in call order: runs of writes, runs of reads, retention alone.
+/// Cuts a batch into steps: retention operations alone, in their place; the writes and
+/// reads between them together. Reads of one step run after its writes, so each read sees
+/// every write issued before it and perhaps some issued after it, of its gid or another:
+/// the contract allows a read to see a later write, never an earlier one only.
 fn steps(ops: Vec<Op>) -> Vec<Step> {
     let mut out: Vec<Step> = Vec::new();
     for op in ops {
-        match (out.last_mut(), op.is_write(), op.is_read()) {
-            (Some(Step::Writes(v)), true, _) | (Some(Step::Reads(v)), _, true) => v.push(op),
-            (_, true, _) => out.push(Step::Writes(vec![op])),
-            (_, _, true) => out.push(Step::Reads(vec![op])),
-            _ => out.push(Step::One(op)),
+        let (is_write, is_read) = (op.is_write(), op.is_read());
+        if !is_write && !is_read {
+            out.push(Step::One(op));
+            continue;
+        }
+        if !matches!(out.last(), Some(Step::Mixed { .. })) {
+            out.push(Step::Mixed {
+                writes: Vec::new(),
+                reads: Vec::new(),
+            });
+        }
+        if let Some(Step::Mixed { writes, reads }) = out.last_mut() {
+            if is_write {
+                writes.push(op);
+            } else {
+                reads.push(op);
+            }
         }
     }
     out
@@ -720,11 +809,18 @@ async fn run_with_timeout<T>(
     }
 }
 
-/// One transaction for a run of puts and syncs. Answers every op; returns whether the commit
-/// was synchronous (`Some(true)`), asynchronous (`Some(false)`), or nothing was committed.
+/// One transaction for the puts and syncs of a step, with the step's reads pipelined after
+/// its upsert (inside the transaction, so they see its writes): one round trip for all.
+/// Answers every op; returns whether the commit was synchronous (`Some(true)`), asynchronous
+/// (`Some(false)`), or nothing was committed.
+///
+/// A read answered from inside the transaction may have seen a write whose commit then
+/// failed: the contract allows that (a read may see a write whose forced `put` failed), and
+/// the caller stops on the failed write.
 async fn write_batch(
     conn: &Conn,
     ops: Vec<Op>,
+    reads: Vec<Op>,
     dirty: bool,
     target: &str,
 ) -> Result<Option<bool>, LogError> {
@@ -750,7 +846,7 @@ async fn write_batch(
     let c = &conn.client;
     let result = if rows.is_empty() && !(durable && dirty) {
         // Only syncs, and nothing committed asynchronously since the last synchronous commit.
-        Ok(None)
+        read_batch(conn, reads, target).await.map(|()| None)
     } else {
         let begin = if durable {
             "BEGIN"
@@ -766,8 +862,9 @@ async fn write_batch(
         let stuck: Vec<bool> = rows.iter().map(|r| r.stuck).collect();
         let created: Vec<i64> = rows.iter().map(|r| r.created_ms).collect();
         let updated: Vec<i64> = rows.iter().map(|r| r.updated_ms).collect();
-        // Pipelined: the four requests go out back to back, one round trip in all.
-        let (b, put, touch, commit) = futures::join!(
+        // Pipelined: the requests go out back to back (tokio-postgres sends each when first
+        // polled, and `join!` polls in order), one round trip in all.
+        let (b, put, touch, read, commit) = futures::join!(
             c.batch_execute(begin),
             async {
                 if rows.is_empty() {
@@ -790,22 +887,27 @@ async fn write_batch(
                     Ok(0)
                 }
             },
+            read_batch(conn, reads, target),
             c.batch_execute("COMMIT"),
         );
         // COMMIT of a transaction in which a statement failed is a ROLLBACK that reports
         // success: every part must have succeeded.
-        b.and(put)
-            .and(touch)
-            .and(commit)
-            .map(|_| Some(durable))
-            .map_err(|e| {
-                let what = if durable {
-                    "committing (forced) a batch of log records"
-                } else {
-                    "committing a batch of log records"
-                };
-                db_err(format!("{what} at {target}"), e)
-            })
+        let what = if durable {
+            "committing (forced) a batch of log records"
+        } else {
+            "committing a batch of log records"
+        };
+        match b.and(put).and(touch).and(commit) {
+            Err(e) => Err(db_err(format!("{what} at {target}"), e)),
+            Ok(_) => match read {
+                // A read that failed in the transaction rolled it back.
+                Err(e) => Err(LogError::Io {
+                    doing: format!("{what} at {target}: a read in its transaction failed: {e}"),
+                    source: std::io::Error::other("the batch was rolled back"),
+                }),
+                Ok(()) => Ok(Some(durable)),
+            },
+        }
     };
     let msg = result.as_ref().err().map(|e| e.to_string());
     for op in ops {
@@ -1210,5 +1312,12 @@ impl LogStore for PgLog {
             forced_writes: self.counters.forced_writes.load(Ordering::Relaxed),
             flushes: self.counters.flushes.load(Ordering::Relaxed),
         }
+    }
+
+    /// The records live in the database, which outlives a lost connection; and the writer
+    /// task answers again only once the backend of the lost connection has ended, so no
+    /// write issued before the failure can land after a new runtime has read the log.
+    fn recovers_in_process(&self) -> bool {
+        true
     }
 }

@@ -31,8 +31,10 @@
 //! Every call sends one operation down a channel to a single task that owns the connection.
 //! The channel is the call order: a read issued after a `put` is answered after that `put`
 //! committed (the contract's "issued at call time"), and writes of one gid apply in order.
-//! The task takes everything queued (up to [`BATCH_OPS_MAX`]) and runs it in call order,
-//! consecutive writes as one transaction, consecutive reads pipelined.
+//! The task takes everything queued (up to [`BATCH_OPS_MAX`]) and runs it as one round trip:
+//! the writes as one transaction, the reads pipelined after its upsert (a read may see a
+//! write issued after it, never miss one issued before it); retention operations, rare,
+//! run alone in their place.
 //!
 //! # Group commit and durability
 //!
@@ -55,7 +57,12 @@
 //! batch with [`LogError::Io`]; the connection is dropped and the next batch reconnects,
 //! after a backoff that doubles from 100 ms up to 5 s while the database stays unreachable
 //! (operations arriving meanwhile fail at once). A failed `COMMIT` leaves the outcome
-//! unknown: the caller treats it as the contract says for a failed forced write. Nothing in
+//! unknown: the caller treats it as the contract says for a failed forced write (the
+//! runtime fail-stops). Before a new connection answers anything, the server process of the
+//! lost one is terminated and waited for: a batch still in it (or in its socket buffer)
+//! would otherwise commit later, behind a coordinator that has already read the log again.
+//! With that, [`LogStore::recovers_in_process`] holds: `treatyd` replaces its failed
+//! runtime by one recovered from the database without restarting (`server.rs`). Nothing in
 //! this module panics on a database error.
 
 use super::codec;
@@ -696,13 +703,8 @@ impl Worker {
         let conn = match self.conn().await {
             Ok(c) => c,
             Err(e) => {
-                let msg = e.to_string();
-                let err = move || LogError::Io {
-                    doing: msg.clone(),
-                    source: std::io::Error::from(std::io::ErrorKind::NotConnected),
-                };
                 for op in step.into_ops() {
-                    op.fail(&err);
+                    op.fail(&|| copy(&e));
                 }
                 return;
             }
@@ -909,20 +911,37 @@ async fn write_batch(
             },
         }
     };
-    let msg = result.as_ref().err().map(|e| e.to_string());
     for op in ops {
-        match (op, &msg) {
-            (Op::Put { done, .. } | Op::Sync { done }, None) => drop(done.send(Ok(()))),
-            (op, Some(m)) => op.fail(&|| LogError::Io {
-                doing: m.clone(),
-                source: std::io::Error::other(
-                    "the batch was not committed, or its outcome is unknown",
-                ),
-            }),
-            (_, None) => {}
+        match (op, &result) {
+            (Op::Put { done, .. } | Op::Sync { done }, Ok(_)) => drop(done.send(Ok(()))),
+            // Not committed, or its outcome is unknown.
+            (op, Err(e)) => op.fail(&|| copy(e)),
+            (_, Ok(_)) => {}
         }
     }
     result
+}
+
+/// The same error again, for every operation of a failed batch (`LogError` is not `Clone`:
+/// its I/O source is not).
+fn copy(e: &LogError) -> LogError {
+    match e {
+        LogError::Io { doing, source } => LogError::Io {
+            doing: doing.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        LogError::Corrupt { path, gid, reason } => LogError::Corrupt {
+            path: path.clone(),
+            gid: gid.clone(),
+            reason: reason.clone(),
+        },
+        LogError::Locked { path, holder } => LogError::Locked {
+            path: path.clone(),
+            holder: holder.clone(),
+        },
+        LogError::Closed => LogError::Closed,
+        LogError::Stopped(why) => LogError::Stopped(why.clone()),
+    }
 }
 
 fn decode(target: &str, gid: &str, bytes: &[u8]) -> Result<TxRecord, LogError> {
@@ -1052,10 +1071,7 @@ fn split<R, T>(
     match r {
         Ok(v) => (f(v), Ok(())),
         Err(e) => {
-            let again = LogError::Io {
-                doing: e.to_string(),
-                source: std::io::Error::other("read failed"),
-            };
+            let again = copy(&e);
             (Err(e), Err(again))
         }
     }
@@ -1123,10 +1139,7 @@ async fn retention(conn: &Conn, op: Op, target: &str) -> Result<(), LogError> {
             done,
         } => {
             let r = collect_ended(conn, before_ms, now_ms, max, target).await;
-            let db = r.as_ref().err().map(|e| LogError::Io {
-                doing: e.to_string(),
-                source: std::io::Error::other("retention failed"),
-            });
+            let db = r.as_ref().err().map(copy);
             let _ = done.send(r);
             db.map_or(Ok(()), Err)
         }
@@ -1146,10 +1159,7 @@ async fn retention(conn: &Conn, op: Op, target: &str) -> Result<(), LogError> {
                 .await
                 .map(|n| n as usize)
                 .map_err(|e| db_err(format!("deleting old tombstones at {target}"), e));
-            let db = r.as_ref().err().map(|e| LogError::Io {
-                doing: e.to_string(),
-                source: std::io::Error::other("retention failed"),
-            });
+            let db = r.as_ref().err().map(copy);
             let _ = done.send(r);
             db.map_or(Ok(()), Err)
         }

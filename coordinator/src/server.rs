@@ -137,6 +137,7 @@ async fn serve(
         gc_interval,
         max_message_bytes,
     };
+    let mut replaced = false;
     loop {
         let clone = |l: &std::net::TcpListener, what: &str| {
             l.try_clone()
@@ -148,12 +149,24 @@ async fn serve(
             Some(l) => Some(clone(l, "admin")?),
             None => None,
         };
-        match serve_once(&incarnation, grpc, admin, &mut stopping.clone()).await? {
-            Ended::Done(r) => return r,
-            Ended::Replace => {
+        match serve_once(&incarnation, grpc, admin, &mut stopping.clone()).await {
+            Ok(Ended::Done(r)) => return r,
+            Ok(Ended::Replace) => {
                 tracing::info!("the log answers again: recovering from it with a new runtime");
             }
+            // The log failed again while a replacement recovered from it: wait once more
+            // (the port keeps its backlog meanwhile) rather than exit.
+            Err(ServeError::Recover(e)) if replaced && incarnation.log.recovers_in_process() => {
+                tracing::warn!(error = %e, "recovery from the log failed; waiting for the log again");
+                let mut stop = stopping.clone();
+                tokio::select! {
+                    () = wait_for_log(incarnation.log.as_ref()) => {}
+                    _ = stop.wait_for(|stop| *stop) => return Err(ServeError::Recover(e)),
+                }
+            }
+            Err(e) => return Err(e),
         }
+        replaced = true;
     }
 }
 
@@ -267,6 +280,23 @@ async fn serve_once(
         })
     };
 
+    // A log in another process can go away while nothing is written: probe it, so that
+    // health and readiness follow it (a failed probe is a failed sync: fail-stop, then
+    // `Ended::Replace` once it answers again).
+    let probe = log.recovers_in_process().then(|| {
+        let (rt, log) = (rt.clone(), Arc::clone(&log));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LOG_PROBE_INTERVAL);
+            loop {
+                tick.tick().await;
+                if let Err(e) = log.sync().await {
+                    rt.fail_stop(format!("the log does not answer: {e}"));
+                    return;
+                }
+            }
+        })
+    });
+    let _probe = AbortOnDrop(probe);
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = builder
@@ -345,6 +375,20 @@ async fn serve_once(
         "stopped; unfinished transactions resume at next start"
     );
     Ok(Ended::Done(Ok(())))
+}
+
+/// How often a log that [`LogStore::recovers_in_process`] is probed with a `sync`.
+const LOG_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Aborts its task (if any) when dropped, on every way out of an incarnation.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.abort();
+        }
+    }
 }
 
 /// Returns once `log` makes every write durable again (a `sync` succeeds), trying with a

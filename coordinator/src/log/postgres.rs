@@ -847,8 +847,14 @@ async fn write_batch(
     }
     let c = &conn.client;
     let result = if rows.is_empty() && !(durable && dirty) {
-        // Only syncs, and nothing committed asynchronously since the last synchronous commit.
-        read_batch(conn, reads, target).await.map(|()| None)
+        // Only syncs, and nothing committed asynchronously since the last synchronous commit:
+        // nothing to flush, but a sync still says the database answers (treatyd probes with
+        // it while it serves).
+        let (ping, read) =
+            futures::join!(c.batch_execute("SELECT 1"), read_batch(conn, reads, target));
+        ping.map_err(|e| db_err(format!("reaching PostgreSQL at {target}"), e))
+            .and(read)
+            .map(|()| None)
     } else {
         let begin = if durable {
             "BEGIN"

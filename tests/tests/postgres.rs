@@ -104,10 +104,7 @@ async fn an_outage_of_the_database_is_unavailable_and_treatyd_resumes_when_it_re
         .await
         .expect("connect");
     let err = raw
-        .get(pb::GetRequest {
-            gid: gid.clone(),
-            ..Default::default()
-        })
+        .get(pb::GetRequest { gid: gid.clone() })
         .await
         .expect_err("no answer while the database is down");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");

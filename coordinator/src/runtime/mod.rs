@@ -513,6 +513,12 @@ impl Runtime {
         }
     }
 
+    /// Stops the runtime as a failed log write would (fail-stop), for a failure seen from
+    /// outside, e.g. a log that no longer answers (`server.rs` probes a PostgreSQL log).
+    pub fn fail_stop(&self, why: String) {
+        self.inner.fatal.stop(why);
+    }
+
     /// Whether the runtime has failed and stopped.
     pub fn is_failed(&self) -> bool {
         self.inner.fatal.is_stopped()

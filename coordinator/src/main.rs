@@ -5,7 +5,9 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use treaty_coordinator::log::postgres::{PgLog, PgLogOptions};
 use treaty_coordinator::log::sled::{SledLog, SledLogOptions};
+use treaty_coordinator::log::LogStore;
 use treaty_coordinator::settings::{Daemon, LoadError, LogFormat};
 
 // glibc malloc showed up at the top of treatyd's profile (free-list consolidation under
@@ -89,10 +91,19 @@ async fn serve(mut s: Daemon) -> Result<(), String> {
     let mutations = test_mutations()?;
     #[cfg(not(feature = "mutations"))]
     no_test_mutations()?;
-    let opts = SledLogOptions {
-        cache_capacity_bytes: s.cache_bytes,
+    let log: Arc<dyn LogStore> = match &s.store {
+        Some(url) => Arc::new(
+            PgLog::open(url, PgLogOptions::default())
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+        None => {
+            let opts = SledLogOptions {
+                cache_capacity_bytes: s.cache_bytes,
+            };
+            Arc::new(SledLog::open(&s.data_dir, opts).map_err(|e| e.to_string())?)
+        }
     };
-    let log = SledLog::open(&s.data_dir, opts).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(s.listen)
         .await
         .map_err(|e| bind_error("--listen", s.listen, e))?;
@@ -126,14 +137,9 @@ async fn serve(mut s: Daemon) -> Result<(), String> {
         #[cfg(feature = "mutations")]
         mutations,
     };
-    let served = treaty_coordinator::server::run_with(
-        listener,
-        Arc::new(log),
-        s.config,
-        extras,
-        shutdown_signal(),
-    )
-    .await;
+    let served =
+        treaty_coordinator::server::run_with(listener, log, s.config, extras, shutdown_signal())
+            .await;
     served.map_err(|e| e.to_string())
 }
 

@@ -96,7 +96,7 @@ async fn serve(
     // Every TLS and token file is read now: a bad one stops the start with its name, before
     // the log is touched or a request is taken.
     let server_tls = config.security.server_tls().map_err(ServeError::Config)?;
-    let auth = config.security.auth().map_err(ServeError::Config)?;
+    config.security.auth().map_err(ServeError::Config)?;
     config.security.outbound().map_err(ServeError::Config)?;
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = server_tls {
@@ -110,18 +110,119 @@ async fn serve(
     let grace = config.shutdown_grace;
     let gc_interval = config.gc_interval;
     let max_message_bytes = config.limits.max_tx_bytes.saturating_add(64 << 10);
+    // Each incarnation serves on a clone of the same sockets, so the port stays bound (and
+    // connections wait in its backlog) while a failed runtime is replaced (see `Ended`).
+    let listener = listener
+        .into_std()
+        .map_err(|e| ServeError::Config(format!("cannot take over the gRPC listener: {e}")))?;
+    let admin_listener = match extras.admin_listener {
+        Some(l) => Some(l.into_std().map_err(|e| {
+            ServeError::Config(format!("cannot take over the admin listener: {e}"))
+        })?),
+        None => None,
+    };
+    let (stop_all, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_all.send(true);
+    });
+    let incarnation = Incarnation {
+        log,
+        config,
+        #[cfg(feature = "mutations")]
+        mutations: extras.mutations,
+        builder,
+        config_tls,
+        grace,
+        gc_interval,
+        max_message_bytes,
+    };
+    loop {
+        let clone = |l: &std::net::TcpListener, what: &str| {
+            l.try_clone()
+                .and_then(TcpListener::from_std)
+                .map_err(|e| ServeError::Config(format!("cannot reuse the {what} listener: {e}")))
+        };
+        let grpc = clone(&listener, "gRPC")?;
+        let admin = match &admin_listener {
+            Some(l) => Some(clone(l, "admin")?),
+            None => None,
+        };
+        match serve_once(&incarnation, grpc, admin, &mut stopping.clone()).await? {
+            Ended::Done(r) => return r,
+            Ended::Replace => {
+                tracing::info!("the log answers again: recovering from it with a new runtime");
+            }
+        }
+    }
+}
+
+/// How one incarnation of the coordinator ended.
+enum Ended {
+    /// For good: shut down, or failed over a log that only a restart can recover from.
+    Done(Result<(), ServeError>),
+    /// Its runtime failed over a log whose data lives elsewhere and is safe
+    /// ([`LogStore::recovers_in_process`], PostgreSQL), and the log answers again: serve
+    /// again with a new runtime recovered from the log.
+    ///
+    /// Why a new runtime rather than carrying on with the old one: a write whose commit
+    /// failed (the connection was lost mid-commit) has an unknown outcome, and the runtime's
+    /// memory may hold a decision the database never got, or miss one it did. The only state
+    /// that can be vouched for is the database's, so the failed runtime is dropped whole
+    /// (fail-stop, as for sled) and a new one recovers from the database exactly as a
+    /// restarted process would, only without the restart: the log store has made sure that
+    /// no write of the old connection can still land (it waits for its old backend to end
+    /// before it answers again), so recovery reads final records. Meanwhile the old server
+    /// keeps answering: every Coordinator call UNAVAILABLE, health NOT_SERVING, /readyz 503.
+    Replace,
+}
+
+/// What every incarnation of [`serve`] is built from.
+struct Incarnation {
+    log: Arc<dyn LogStore>,
+    config: Config,
+    #[cfg(feature = "mutations")]
+    mutations: Mutations,
+    builder: tonic::transport::Server,
+    config_tls: bool,
+    grace: std::time::Duration,
+    gc_interval: std::time::Duration,
+    max_message_bytes: usize,
+}
+
+/// One incarnation: a runtime over the log, recovered from it, serving until shutdown or
+/// until it fails (see [`Ended`]).
+async fn serve_once(
+    inc: &Incarnation,
+    listener: TcpListener,
+    admin_listener: Option<TcpListener>,
+    stopping: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<Ended, ServeError> {
+    let log = Arc::clone(&inc.log);
+    let config = inc.config.clone();
+    let builder = inc.builder.clone();
+    // Read at start already (a bad file stopped it there); read again for this incarnation.
+    let auth = config.security.auth().map_err(ServeError::Config)?;
+    let (config_tls, grace, gc_interval, max_message_bytes) = (
+        inc.config_tls,
+        inc.grace,
+        inc.gc_interval,
+        inc.max_message_bytes,
+    );
+    let shutdown = async move {
+        let _ = stopping.wait_for(|stop| *stop).await;
+    };
+    tokio::pin!(shutdown);
     // What a killed process left in the page cache may not be on disk: make it durable
     // before recovery acts on it (a record read back must be one a crash would keep).
     log.sync().await.map_err(ServeError::Recover)?;
     #[cfg(feature = "mutations")]
-    let rt = Runtime::with_mutations(log, config, extras.mutations);
+    let rt = Runtime::with_mutations(Arc::clone(&log), config, inc.mutations);
     #[cfg(not(feature = "mutations"))]
-    let rt = Runtime::new(log, config);
+    let rt = Runtime::new(Arc::clone(&log), config);
     // Up before recovery, so liveness answers while a long recovery runs (not ready yet).
     let admin_state = AdminState::new(rt.clone());
-    let _admin = extras
-        .admin_listener
-        .map(|l| AdminServer::start(l, admin_state.clone()));
+    let _admin = admin_listener.map(|l| AdminServer::start(l, admin_state.clone()));
     let resumed = rt.recover().await.map_err(ServeError::Recover)?;
     let addr = listener.local_addr().ok();
     tracing::info!(
@@ -189,7 +290,7 @@ async fn serve(
         res = &mut server => {
             gc.abort();
             return match res {
-                Ok(r) => r.map_err(ServeError::from),
+                Ok(r) => r.map(|()| Ended::Done(Ok(()))).map_err(ServeError::from),
                 Err(e) => Err(ServeError::Config(format!("server task failed: {e}"))),
             };
         }
@@ -200,10 +301,22 @@ async fn serve(
                 .set_not_serving::<CoordinatorServer<CoordinatorService>>()
                 .await;
             gc.abort();
+            if !log.recovers_in_process() {
+                server.abort();
+                return Err(ServeError::Failed(why));
+            }
+            // The data is safe in the database: keep answering (UNAVAILABLE, NOT_SERVING)
+            // until it answers again, then serve anew (see `Ended::Replace`).
+            admin_state.ready.store(false, Ordering::Release);
+            tracing::warn!(reason = %why, "the log failed: answering UNAVAILABLE until it answers again, then recovering from it without a restart");
+            let back = tokio::select! {
+                () = wait_for_log(log.as_ref()) => true,
+                () = &mut shutdown => false,
+            };
             server.abort();
-            return Err(ServeError::Failed(why));
+            return Ok(if back { Ended::Replace } else { Ended::Done(Err(ServeError::Failed(why))) });
         }
-        _ = shutdown => {}
+        _ = &mut shutdown => {}
     }
     admin_state.ready.store(false, Ordering::Release);
     tracing::info!(
@@ -231,7 +344,21 @@ async fn serve(
         unfinished = rt.live(),
         "stopped; unfinished transactions resume at next start"
     );
-    Ok(())
+    Ok(Ended::Done(Ok(())))
+}
+
+/// Returns once `log` makes every write durable again (a `sync` succeeds), trying with a
+/// backoff that doubles from 100 ms to 2 s.
+async fn wait_for_log(log: &dyn LogStore) {
+    let mut backoff = std::time::Duration::from_millis(100);
+    loop {
+        match log.sync().await {
+            Ok(()) => return,
+            Err(e) => tracing::debug!(error = %e, ?backoff, "the log is still unavailable"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+    }
 }
 
 /// The admin HTTP server's task, stopped when dropped (on every way out of [`serve`], after

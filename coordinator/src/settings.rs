@@ -55,6 +55,8 @@ pub struct Daemon {
     /// Where to serve the admin HTTP routes (metrics, health); `None`: not at all.
     pub admin_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
+    /// The PostgreSQL log (`postgres://...`) instead of sled in `data_dir`; `None`: sled.
+    pub store: Option<String>,
     pub log_format: LogFormat,
     pub log_level: String,
     /// sled's page cache.
@@ -68,6 +70,7 @@ impl Default for Daemon {
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
             admin_listen: None,
             data_dir: PathBuf::from("./treaty-data"),
+            store: None,
             log_format: LogFormat::Human,
             log_level: "info".into(),
             cache_bytes: SledLogOptions::default().cache_capacity_bytes,
@@ -198,6 +201,25 @@ pub const SETTINGS: &[Setting] = &[
                 return Err("must not be empty".into());
             }
             d.data_dir = PathBuf::from(v);
+            Ok(())
+        },
+    },
+    Setting {
+        flag: "store",
+        value_name: "URL",
+        help: "Keep the transaction log in PostgreSQL at this URL \
+               (postgres://USER[:PASSWORD]@HOST:PORT/DATABASE; tables are created on first \
+               use; no TLS) instead of sled in --data-dir. Coordinators of one database share \
+               one log identity. Empty: sled. Not together with --data-dir.",
+        get: |d| d.store.clone().unwrap_or_default(),
+        set: |d, v| {
+            let v = v.trim();
+            d.store = if v.is_empty() {
+                None
+            } else {
+                crate::log::postgres::parse_url(v)?;
+                Some(v.to_string())
+            };
             Ok(())
         },
     },
@@ -496,6 +518,13 @@ impl Daemon {
             }
         }
         d.config.validate().map_err(LoadError::Invalid)?;
+        if d.store.is_some() && d.data_dir != Daemon::default().data_dir {
+            return Err(LoadError::Invalid(
+                "--store and --data-dir both given: the log lives either in PostgreSQL \
+                 (--store) or in sled (--data-dir); drop one"
+                    .into(),
+            ));
+        }
         Ok(d)
     }
 
@@ -609,8 +638,10 @@ mod tests {
     #[test]
     fn every_setting_reads_the_same_from_each_source() {
         // Each setting, set to a non-default value that passes validation, from each source.
+        // `store` excludes `data-dir`: it has its own test below.
         let values: Vec<(&Setting, String)> = SETTINGS
             .iter()
+            .filter(|s| s.flag != "store")
             .map(|s| {
                 let v = match s.flag {
                     "listen" => "127.0.0.1:9".to_string(),
@@ -652,6 +683,37 @@ mod tests {
             assert_eq!(&(s.get)(&from_flags), v, "{}", s.flag);
             assert_ne!((s.get)(&from_flags), s.default_value(), "{}", s.flag);
         }
+    }
+
+    #[test]
+    fn store_takes_a_postgres_url_from_each_source_and_excludes_data_dir() {
+        let url = "postgres://treaty@127.0.0.1:5432/treaty";
+        assert_eq!(
+            load(&["--store", url], &[]).unwrap().store.as_deref(),
+            Some(url)
+        );
+        assert_eq!(
+            load(&[], &[("TREATY_STORE", url)])
+                .unwrap()
+                .store
+                .as_deref(),
+            Some(url)
+        );
+        let (_dir, path) = file(&format!("store = {url:?}\n"));
+        assert_eq!(
+            load(&["--config", &path], &[]).unwrap().store.as_deref(),
+            Some(url)
+        );
+        assert_eq!(load(&[], &[]).unwrap().store, None, "sled by default");
+        let err = load(&["--store", "mysql://x/y"], &[]).unwrap_err();
+        assert!(
+            err.starts_with("--store \"mysql://x/y\": ") && err.contains("not a PostgreSQL URL"),
+            "{err}"
+        );
+        let err = load(&["--store", "postgres://u@h:notaport/db"], &[]).unwrap_err();
+        assert!(err.contains("bad PostgreSQL URL"), "{err}");
+        let err = load(&["--store", url, "--data-dir", "/tmp/x"], &[]).unwrap_err();
+        assert!(err.contains("--store and --data-dir both given"), "{err}");
     }
 
     #[test]

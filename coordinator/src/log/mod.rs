@@ -4,7 +4,8 @@
 //! [`treaty_proto::v1::LogRecord`] by [`codec`]. Two backends implement [`LogStore`]:
 //! [`sled::SledLog`] (the default; forced writes are fsynced and shared by group commit) and
 //! [`memory::MemoryLog`] (tests and simulation; models which writes are durable so a simulated
-//! crash can lose the rest).
+//! crash can lose the rest). [`postgres::PgLog`] keeps the log in a PostgreSQL database
+//! (`treatyd --store postgres://...`), group-committing forced writes.
 //!
 //! Every I/O method of [`LogStore`] is async and returns a `'static` [`LogFuture`], so a
 //! network-backed store never blocks a tokio worker. The contract every backend keeps (write
@@ -15,6 +16,7 @@
 pub mod codec;
 pub mod conformance;
 pub mod memory;
+pub mod postgres;
 pub mod sled;
 
 use crate::engine::types::{Mode, Phase, Tombstone, TxRecord};
@@ -246,6 +248,16 @@ pub trait LogStore: Send + Sync + 'static {
 
     /// Counters since open.
     fn stats(&self) -> LogStats;
+
+    /// Whether a runtime that failed over this log may be replaced in the same process by a
+    /// new one recovered from the log, once the log answers a `sync` again (see
+    /// `server::Ended::Replace`): true when the data lives in another process that outlives
+    /// the failure (PostgreSQL), and the store makes sure no write issued before the failure
+    /// can still land after it answers again. False (the default) for a local disk, whose
+    /// failed flush leaves durability unknown until the process restarts.
+    fn recovers_in_process(&self) -> bool {
+        false
+    }
 
     /// Tell `observer` of every flush (for metrics: records per flush, failed flushes). A
     /// backend without flushes of its own ignores it.

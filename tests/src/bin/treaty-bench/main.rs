@@ -121,6 +121,11 @@ struct DaemonArgs {
     /// file system as the build, deleted at the end].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Keep treatyd's log in PostgreSQL instead of sled: start a private PostgreSQL server
+    /// (treaty-pg-harness: initdb into a temporary directory, fsync and synchronous_commit
+    /// on) and run treatyd with `--store` on a database of it.
+    #[arg(long, conflicts_with = "data_dir")]
+    postgres: bool,
     /// Extra flag for treatyd (repeatable), e.g. `--treatyd-arg=--cache-bytes=16777216`.
     #[arg(long = "treatyd-arg", value_name = "ARG", allow_hyphen_values = true)]
     treatyd_args: Vec<String>,
@@ -247,6 +252,8 @@ struct Workspace {
     _tmp: tempfile::TempDir,
     bin: PathBuf,
     data_dir: PathBuf,
+    /// With `--postgres`: the server (stopped on drop) and the URL treatyd's log uses.
+    postgres: Option<(treaty_pg_harness::PgServer, String)>,
 }
 
 fn workspace(d: &DaemonArgs) -> Result<Workspace, String> {
@@ -268,20 +275,32 @@ fn workspace(d: &DaemonArgs) -> Result<Workspace, String> {
         .data_dir
         .clone()
         .unwrap_or_else(|| tmp.path().join("data"));
+    let postgres = if d.postgres {
+        let server = treaty_pg_harness::PgServer::start_with(Default::default())
+            .map_err(|e| format!("--postgres: cannot start PostgreSQL: {e}"))?;
+        let url = server
+            .create_database("treaty_bench")
+            .map_err(|e| format!("--postgres: {e}"))?;
+        Some((server, url))
+    } else {
+        None
+    };
     Ok(Workspace {
         _tmp: tmp,
         bin,
         data_dir,
+        postgres,
     })
 }
 
 fn start_treatyd(ws: &Workspace, extra: &[String]) -> Result<Proc, String> {
     let mut cmd = Command::new(&ws.bin);
-    cmd.arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--data-dir")
-        .arg(&ws.data_dir)
-        .arg("--log-format")
+    cmd.arg("--listen").arg("127.0.0.1:0");
+    match &ws.postgres {
+        Some((_, url)) => cmd.arg("--store").arg(url),
+        None => cmd.arg("--data-dir").arg(&ws.data_dir),
+    };
+    cmd.arg("--log-format")
         .arg("json")
         .arg("--log-level")
         .arg(TREATYD_LOG_LEVEL)
@@ -505,6 +524,7 @@ async fn run(a: RunArgs) -> Result<(), String> {
     let command = reproduce(&a);
     let report = serde_json::json!({
         "mode": a.mode.name(),
+        "log": if a.daemon.postgres { "postgres" } else { "sled" },
         "branches": a.branches,
         "concurrency": a.concurrency,
         "payload_bytes": a.payload_bytes,
@@ -608,6 +628,9 @@ fn reproduce(a: &RunArgs) -> String {
     if let Some(c) = &a.coordinator {
         s.push_str(&format!(" --coordinator {c}"));
     }
+    if a.daemon.postgres {
+        s.push_str(" --postgres");
+    }
     for t in &a.daemon.treatyd_args {
         s.push_str(&format!(" --treatyd-arg={t}"));
     }
@@ -620,8 +643,9 @@ fn reproduce(a: &RunArgs) -> String {
 fn print_run(r: &serde_json::Value) {
     let f = |k: &str| r[k].to_string();
     println!(
-        "treaty-bench: {} with {} branches, {} in flight, {} cores",
+        "treaty-bench: {} on a {} log with {} branches, {} in flight, {} cores",
         r["mode"].as_str().unwrap_or("?"),
+        r["log"].as_str().unwrap_or("?"),
         f("branches"),
         f("concurrency"),
         f("cores")

@@ -1,0 +1,1333 @@
+//! [`PgLog`]: a [`LogStore`] in a PostgreSQL database, so that the log outlives the machine a
+//! coordinator runs on and several coordinators can share one log identity.
+//!
+//! # Why tokio-postgres (and not sqlx)
+//!
+//! Group commit wants *pipelining*: `BEGIN`, one upsert carrying a whole batch of records and
+//! `COMMIT` sent back to back on one connection and answered in one round trip. tokio-postgres
+//! pipelines any requests in flight on one `Client`, needs no database at compile time (sqlx's
+//! checked queries do, or an offline cache to keep in sync), and is small: it pulls in no
+//! runtime-agnostic layer, no connection pool and no migration framework we would not use.
+//! TLS to the database is not supported yet (`NoTls`): run the database on a trusted network.
+//!
+//! # Layout (schema version [`SCHEMA_VERSION`])
+//!
+//! - `treaty_meta`: one row: the schema version, the log identity (`log_id`, a UUID created
+//!   with the log) and when it was created. Every coordinator of one database reads the same
+//!   row, so they all answer with one log identity.
+//! - `treaty_tx`: one row per gid: `rec` holds the record encoded by [`codec`] (the bytes the
+//!   sled log stores), beside it the columns the queries need: `phase`, `mode`, `active`
+//!   (non-terminal), `stuck`, `created_ms`, `updated_ms`. Partial indexes on `gid` for
+//!   active and stuck records, and on `(updated_ms, gid)` for terminal ones (retention).
+//! - `treaty_tombstones`: gid -> encoded [`Tombstone`], `collected_ms` indexed for its own
+//!   retention.
+//!
+//! `gid` columns use the `"C"` collation, so their order is byte order, as in sled.
+//! [`PgLog::open`] creates the tables when they are missing, under an advisory lock so that
+//! coordinators starting together do not race, and refuses a database whose schema is newer.
+//!
+//! # One writer task, in call order
+//!
+//! Every call sends one operation down a channel to a single task that owns the connection.
+//! The channel is the call order: a read issued after a `put` is answered after that `put`
+//! committed (the contract's "issued at call time"), and writes of one gid apply in order.
+//! The task takes everything queued (up to [`BATCH_OPS_MAX`]) and runs it as one round trip:
+//! the writes as one transaction, the reads pipelined after its upsert (a read may see a
+//! write issued after it, never miss one issued before it); retention operations, rare,
+//! run alone in their place.
+//!
+//! # Group commit and durability
+//!
+//! A run of writes is one PostgreSQL transaction: `BEGIN`, one `INSERT .. ON CONFLICT` of every
+//! record of the run (the latest write of each gid: the earlier ones of the same run are never
+//! visible to anyone, since reads wait for the commit), `COMMIT`, pipelined. When a forced
+//! write or a `sync` is in the run, the commit is synchronous (`synchronous_commit` as the
+//! server has it, `on` by default: the WAL is flushed before `COMMIT` returns) and is counted
+//! in [`LogStats::flushes`]; else the run commits with `synchronous_commit = off`, which
+//! PostgreSQL makes durable with the next synchronous commit: WAL is flushed in order, so a
+//! synchronous commit makes every earlier commit durable too, which is exactly what the
+//! contract asks of a forced write. `sync` with nothing to write commits a one-row update of
+//! `treaty_meta` synchronously when anything was committed asynchronously since the last
+//! synchronous commit (and once after open, for what an earlier process left).
+//!
+//! # Errors
+//!
+//! A lost connection, a statement that fails, or a batch that does not finish within
+//! [`PgLogOptions::op_timeout`] (a paused or unreachable server) fails every operation of the
+//! batch with [`LogError::Io`]; the connection is dropped and the next batch reconnects,
+//! after a backoff that doubles from 100 ms up to 5 s while the database stays unreachable
+//! (operations arriving meanwhile fail at once). A failed `COMMIT` leaves the outcome
+//! unknown: the caller treats it as the contract says for a failed forced write (the
+//! runtime fail-stops). Before a new connection answers anything, the server process of the
+//! lost one is terminated and waited for: a batch still in it (or in its socket buffer)
+//! would otherwise commit later, behind a coordinator that has already read the log again.
+//! With that, [`LogStore::recovers_in_process`] holds: `treatyd` replaces its failed
+//! runtime by one recovered from the database without restarting (`server.rs`). Nothing in
+//! this module panics on a database error.
+
+use super::codec;
+use super::{ListFilter, ListPage, LogError, LogFuture, LogStats, LogStore};
+use crate::engine::types::{Mode, Phase, Tombstone, TxRecord};
+use futures::future::FutureExt;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::{Client, NoTls, Statement};
+
+/// The schema this build writes and reads. A database with a newer one is refused.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Most operations one batch takes from the queue: bounds one transaction's size.
+pub const BATCH_OPS_MAX: usize = 1024;
+
+/// The advisory lock key under which the schema is created (`'treaty'` in ASCII).
+const SCHEMA_LOCK_KEY: i64 = 0x7472_6561_7479;
+
+/// The first and the largest wait before reconnecting to an unreachable database.
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How [`LogStore::collect_ended`] bounds its scan, as the sled log does: records that cannot
+/// be decoded are skipped but still examined.
+const COLLECT_SCANNED_PER_DELETE_MAX: usize = 4;
+const COLLECT_SCANNED_EXTRA: usize = 64;
+
+/// Options of [`PgLog::open`].
+#[derive(Clone, Debug)]
+pub struct PgLogOptions {
+    /// The longest a batch (or a connection attempt) may take before it fails and the
+    /// connection is dropped. Default 10 s.
+    pub op_timeout: Duration,
+}
+
+impl Default for PgLogOptions {
+    fn default() -> Self {
+        PgLogOptions {
+            op_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The PostgreSQL-backed log. See the module documentation.
+pub struct PgLog {
+    log_id: String,
+    ops: mpsc::UnboundedSender<Op>,
+    counters: Arc<Counters>,
+    /// `host:port/dbname`, for errors (never the password).
+    target: String,
+}
+
+#[derive(Default)]
+struct Counters {
+    writes: AtomicU64,
+    forced_writes: AtomicU64,
+    flushes: AtomicU64,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, LogError>>;
+
+/// One call, queued for the writer task.
+enum Op {
+    Put {
+        row: Row,
+        forced: bool,
+        done: Reply<()>,
+    },
+    Sync {
+        done: Reply<()>,
+    },
+    Get {
+        gid: String,
+        done: Reply<Option<TxRecord>>,
+    },
+    GetTomb {
+        gid: String,
+        done: Reply<Option<Tombstone>>,
+    },
+    ScanActive {
+        after: Option<String>,
+        limit: usize,
+        done: Reply<Vec<TxRecord>>,
+    },
+    List {
+        filter: ListFilter,
+        cursor: Option<String>,
+        limit: usize,
+        done: Reply<ListPage>,
+    },
+    CollectEnded {
+        before_ms: u64,
+        now_ms: u64,
+        max: usize,
+        done: Reply<usize>,
+    },
+    CollectTombs {
+        before_ms: u64,
+        max: usize,
+        done: Reply<usize>,
+    },
+}
+
+impl Op {
+    fn is_write(&self) -> bool {
+        matches!(self, Op::Put { .. } | Op::Sync { .. })
+    }
+
+    fn is_read(&self) -> bool {
+        matches!(
+            self,
+            Op::Get { .. } | Op::GetTomb { .. } | Op::ScanActive { .. } | Op::List { .. }
+        )
+    }
+
+    /// Answers the operation with `err` (the batch it was in failed).
+    fn fail(self, err: &dyn Fn() -> LogError) {
+        match self {
+            Op::Put { done, .. } | Op::Sync { done } => drop(done.send(Err(err()))),
+            Op::Get { done, .. } => drop(done.send(Err(err()))),
+            Op::GetTomb { done, .. } => drop(done.send(Err(err()))),
+            Op::ScanActive { done, .. } => drop(done.send(Err(err()))),
+            Op::List { done, .. } => drop(done.send(Err(err()))),
+            Op::CollectEnded { done, .. } | Op::CollectTombs { done, .. } => {
+                drop(done.send(Err(err())))
+            }
+        }
+    }
+}
+
+/// A record as stored: its bytes and the indexed columns.
+struct Row {
+    gid: String,
+    bytes: Vec<u8>,
+    phase: i16,
+    mode: i16,
+    active: bool,
+    stuck: bool,
+    created_ms: i64,
+    updated_ms: i64,
+}
+
+impl Row {
+    fn of(rec: &TxRecord) -> Row {
+        Row {
+            gid: rec.gid.clone(),
+            bytes: codec::encode(rec),
+            phase: phase_code(rec.phase),
+            mode: mode_code(rec.mode),
+            active: !rec.phase.is_terminal(),
+            // A terminal record is never listed as stuck, whatever its flag says.
+            stuck: rec.stuck && !rec.phase.is_terminal(),
+            created_ms: ms(rec.created_unix_ms),
+            updated_ms: ms(rec.updated_unix_ms),
+        }
+    }
+}
+
+fn phase_code(p: Phase) -> i16 {
+    match p {
+        Phase::Active => 0,
+        Phase::Committing => 1,
+        Phase::Aborting => 2,
+        Phase::Compensating => 3,
+        Phase::Committed => 4,
+        Phase::Aborted => 5,
+    }
+}
+
+fn mode_code(m: Mode) -> i16 {
+    match m {
+        Mode::TwoPhase => 0,
+        Mode::Saga => 1,
+    }
+}
+
+/// Unix ms as PostgreSQL's `bigint`; times past year 292 million are clamped.
+fn ms(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The schema of [`SCHEMA_VERSION`], created in one transaction.
+const SCHEMA: &str = r#"
+CREATE TABLE treaty_tx (
+    gid text COLLATE "C" PRIMARY KEY,
+    rec bytea NOT NULL,
+    phase smallint NOT NULL,
+    mode smallint NOT NULL,
+    active boolean NOT NULL,
+    stuck boolean NOT NULL,
+    created_ms bigint NOT NULL,
+    updated_ms bigint NOT NULL
+);
+CREATE INDEX treaty_tx_active ON treaty_tx (gid) WHERE active;
+CREATE INDEX treaty_tx_stuck ON treaty_tx (gid) WHERE stuck;
+CREATE INDEX treaty_tx_ended ON treaty_tx (updated_ms, gid) WHERE NOT active;
+CREATE TABLE treaty_tombstones (
+    gid text COLLATE "C" PRIMARY KEY,
+    tomb bytea NOT NULL,
+    collected_ms bigint NOT NULL
+);
+CREATE INDEX treaty_tombstones_by_time ON treaty_tombstones (collected_ms, gid);
+"#;
+
+const PUT_SQL: &str = "INSERT INTO treaty_tx \
+    (gid, rec, phase, mode, active, stuck, created_ms, updated_ms) \
+    SELECT * FROM unnest($1::text[], $2::bytea[], $3::int2[], $4::int2[], $5::bool[], \
+    $6::bool[], $7::int8[], $8::int8[]) \
+    ON CONFLICT (gid) DO UPDATE SET rec = excluded.rec, phase = excluded.phase, \
+    mode = excluded.mode, active = excluded.active, stuck = excluded.stuck, \
+    created_ms = excluded.created_ms, updated_ms = excluded.updated_ms";
+
+/// The statements of the hot path, prepared once per connection.
+struct Stmts {
+    put: Statement,
+    get: Statement,
+    get_tomb: Statement,
+    touch: Statement,
+}
+
+/// A live connection: the client and the task driving its socket (aborted on drop).
+struct Conn {
+    client: Client,
+    stmts: Stmts,
+    task: tokio::task::JoinHandle<()>,
+    /// The server process serving this connection: its pid and start time (as text), so a
+    /// later connection can make sure it has ended (see [`Worker::conn`]).
+    backend: (i32, String),
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `host:port/dbname` of a connection config, for messages (never the password).
+fn describe(cfg: &tokio_postgres::Config) -> String {
+    let host = cfg
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(s) => s.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    let db = cfg.get_dbname().or(cfg.get_user()).unwrap_or("postgres");
+    format!("{host}:{port}/{db}")
+}
+
+/// Parses a `postgres://` URL (or a `key=value` connection string): the error says what is
+/// wrong, for `--store`.
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(format!(
+            "{url:?} is not a PostgreSQL URL; write postgres://USER@HOST:PORT/DATABASE"
+        ));
+    }
+    url.parse::<tokio_postgres::Config>()
+        .map_err(|e| format!("bad PostgreSQL URL: {e}"))
+}
+
+fn db_err(doing: String, e: tokio_postgres::Error) -> LogError {
+    LogError::Io {
+        doing,
+        source: std::io::Error::other(e),
+    }
+}
+
+async fn connect(
+    cfg: &tokio_postgres::Config,
+    target: &str,
+    timeout: Duration,
+) -> Result<Conn, LogError> {
+    let attempt = async {
+        let (client, connection) = cfg
+            .connect(NoTls)
+            .await
+            .map_err(|e| db_err(format!("connecting to PostgreSQL at {target}"), e))?;
+        let task = tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "PostgreSQL log connection closed");
+            }
+        });
+        let prep = |sql: &'static str| {
+            let c = &client;
+            async move {
+                c.prepare(sql)
+                    .await
+                    .map_err(|e| db_err(format!("preparing a log statement at {target}"), e))
+            }
+        };
+        let stmts = Stmts {
+            put: prep(PUT_SQL).await?,
+            get: prep("SELECT rec FROM treaty_tx WHERE gid = $1").await?,
+            get_tomb: prep("SELECT tomb FROM treaty_tombstones WHERE gid = $1").await?,
+            touch: prep("UPDATE treaty_meta SET synced_ms = $1").await?,
+        };
+        let row = client
+            .query_one(
+                "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .map_err(|e| db_err(format!("reading our backend at {target}"), e))?;
+        Ok(Conn {
+            client,
+            stmts,
+            task,
+            backend: (row.get(0), row.get(1)),
+        })
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(timed_out(format!(
+            "connecting to PostgreSQL at {target} (no answer within {timeout:?})"
+        ))),
+    }
+}
+
+fn timed_out(doing: String) -> LogError {
+    LogError::Io {
+        doing,
+        source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+    }
+}
+
+/// Creates the schema if missing and returns the log identity (creating it with the schema).
+async fn migrate(client: &mut Client, target: &str) -> Result<String, LogError> {
+    let err = |what: &str| {
+        let doing = format!("{what} at {target}");
+        move |e| db_err(doing, e)
+    };
+    let tx = client
+        .transaction()
+        .await
+        .map_err(err("starting the schema check"))?;
+    // Coordinators starting together on an empty database would race on CREATE TABLE.
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
+        .await
+        .map_err(err("taking the schema lock"))?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS treaty_meta (\
+            one boolean PRIMARY KEY DEFAULT true CHECK (one), \
+            schema_version integer NOT NULL, \
+            log_id text NOT NULL, \
+            created_ms bigint NOT NULL, \
+            synced_ms bigint NOT NULL DEFAULT 0)",
+    )
+    .await
+    .map_err(err("creating treaty_meta"))?;
+    let row = tx
+        .query_opt("SELECT schema_version, log_id FROM treaty_meta", &[])
+        .await
+        .map_err(err("reading treaty_meta"))?;
+    let log_id = match row {
+        Some(row) => {
+            let version: i32 = row.get(0);
+            let log_id: String = row.get(1);
+            if version > SCHEMA_VERSION {
+                return Err(LogError::Corrupt {
+                    path: target.to_string(),
+                    gid: "<schema>".into(),
+                    reason: format!(
+                        "the database holds a Treaty log of schema version {version}, this \
+                         treatyd knows up to {SCHEMA_VERSION}; run a newer treatyd"
+                    ),
+                });
+            }
+            if uuid::Uuid::parse_str(&log_id).is_err() {
+                return Err(LogError::Corrupt {
+                    path: target.to_string(),
+                    gid: "<log identity>".into(),
+                    reason: format!("treaty_meta.log_id {log_id:?} is not a UUID"),
+                });
+            }
+            log_id
+        }
+        None => {
+            tx.batch_execute(SCHEMA)
+                .await
+                .map_err(err("creating the log tables"))?;
+            let id = uuid::Uuid::new_v4().to_string();
+            let now = ms(crate::runtime::now_ms());
+            tx.execute(
+                "INSERT INTO treaty_meta (schema_version, log_id, created_ms) VALUES ($1, $2, $3)",
+                &[&SCHEMA_VERSION, &id, &now],
+            )
+            .await
+            .map_err(err("writing the log identity"))?;
+            id
+        }
+    };
+    // A synchronous commit (the server's default): the identity is durable before use.
+    tx.commit().await.map_err(err("committing the schema"))?;
+    Ok(log_id)
+}
+
+impl PgLog {
+    /// Connects to the database at `url`, creates the log's tables if missing, reads (or
+    /// creates) the log identity and starts the writer task. Needs a tokio runtime.
+    ///
+    /// Fails with [`LogError::Io`] when the database cannot be reached or refuses us, and
+    /// [`LogError::Corrupt`] when it holds a log of a newer schema.
+    pub async fn open(url: &str, opts: PgLogOptions) -> Result<PgLog, LogError> {
+        let cfg = parse_url(url).map_err(|e| LogError::Io {
+            doing: "opening the PostgreSQL log".into(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        })?;
+        let target = describe(&cfg);
+        let mut conn = connect_for_migration(&cfg, &target, opts.op_timeout).await?;
+        let log_id =
+            match tokio::time::timeout(opts.op_timeout, migrate(&mut conn.0, &target)).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(timed_out(format!(
+                        "creating or checking the log tables at {target} (no answer within {:?})",
+                        opts.op_timeout
+                    )))
+                }
+            };
+        drop(conn);
+        let conn = connect(&cfg, &target, opts.op_timeout).await?;
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let worker = Worker {
+            cfg,
+            target: target.clone(),
+            opts,
+            conn: Some(conn),
+            // Whatever an earlier process committed asynchronously is made durable by the
+            // first sync (the runtime syncs before recovery reads anything).
+            dirty: true,
+            retry_at: None,
+            backoff: RECONNECT_BACKOFF_MIN,
+            counters: Arc::clone(&counters),
+            last_backend: None,
+        };
+        tokio::spawn(worker.run(rx));
+        Ok(PgLog {
+            log_id,
+            ops: tx,
+            counters,
+            target,
+        })
+    }
+
+    /// Sends `op` to the writer task and returns the future of its answer.
+    fn send<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> Op) -> LogFuture<T> {
+        let (done, answer) = oneshot::channel();
+        if self.ops.send(make(done)).is_err() {
+            return futures::future::ready(Err(LogError::Closed)).boxed();
+        }
+        let target = self.target.clone();
+        async move {
+            // A dropped answer: its batch timed out (the worker gave up on it), or the worker
+            // is gone. Either way the outcome is unknown.
+            answer.await.unwrap_or_else(|_| {
+                Err(timed_out(format!(
+                    "waiting for PostgreSQL at {target} (the batch timed out)"
+                )))
+            })
+        }
+        .boxed()
+    }
+}
+
+/// The migration's own connection (it needs `&mut Client` for a transaction), dropped after.
+struct MigrationConn(Client, tokio::task::JoinHandle<()>);
+
+impl Drop for MigrationConn {
+    fn drop(&mut self) {
+        self.1.abort();
+    }
+}
+
+async fn connect_for_migration(
+    cfg: &tokio_postgres::Config,
+    target: &str,
+    timeout: Duration,
+) -> Result<MigrationConn, LogError> {
+    let attempt = async {
+        let (client, connection) = cfg
+            .connect(NoTls)
+            .await
+            .map_err(|e| db_err(format!("connecting to PostgreSQL at {target}"), e))?;
+        let task = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(MigrationConn(client, task))
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(timed_out(format!(
+            "connecting to PostgreSQL at {target} (no answer within {timeout:?})"
+        ))),
+    }
+}
+
+/// The task that owns the connection and runs every operation in call order.
+struct Worker {
+    cfg: tokio_postgres::Config,
+    target: String,
+    opts: PgLogOptions,
+    conn: Option<Conn>,
+    /// Something was committed with `synchronous_commit = off` since the last synchronous
+    /// commit.
+    dirty: bool,
+    /// While the database is unreachable: no new attempt before this instant.
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    counters: Arc<Counters>,
+    /// The backend of the last connection, until a new connection has seen it end.
+    last_backend: Option<(i32, String)>,
+}
+
+/// Makes sure the server process of an earlier connection has ended, terminating it if it
+/// still runs. A batch whose connection was dropped (a timeout, a lost network) may still be
+/// in that process, or in its socket buffer, and would commit when it gets to it: after
+/// this returns, whatever it did is final, so what we read next will not change behind us.
+async fn end_backend(
+    c: &Client,
+    (pid, started): &(i32, String),
+    timeout: Duration,
+    target: &str,
+) -> Result<(), LogError> {
+    let wait = async {
+        loop {
+            // Only that process: a pid reused after a server restart has another start time.
+            let alive = c
+                .query_opt(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE pid = $1 AND backend_start::text = $2",
+                    &[pid, started],
+                )
+                .await
+                .map_err(|e| {
+                    db_err(
+                        format!("ending our previous connection's backend at {target}"),
+                        e,
+                    )
+                })?;
+            if alive.is_none() {
+                return Ok(());
+            }
+            // Bounded by the timeout below; a terminated backend ends within milliseconds.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    match tokio::time::timeout(timeout, wait).await {
+        Ok(r) => r,
+        Err(_) => Err(timed_out(format!(
+            "waiting for our previous connection's backend (pid {pid}) at {target} to end"
+        ))),
+    }
+}
+
+/// What one step of a batch does.
+enum Step {
+    /// Writes and reads between two retention operations: one round trip (see
+    /// [`write_batch`]).
+    Mixed { writes: Vec<Op>, reads: Vec<Op> },
+    /// A retention operation, alone, in its place.
+    One(Op),
+}
+
+impl Worker {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Op>) {
+        while let Some(first) = rx.recv().await {
+            let mut ops = vec![first];
+            while ops.len() < BATCH_OPS_MAX {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            for step in steps(ops) {
+                self.step(step).await;
+            }
+        }
+    }
+
+    /// A connection, reconnecting (bounded by the backoff) when there is none.
+    async fn conn(&mut self) -> Result<&Conn, LogError> {
+        if self.conn.as_ref().is_some_and(|c| c.client.is_closed()) {
+            self.conn = None;
+        }
+        if self.conn.is_none() {
+            if let Some(at) = self.retry_at {
+                if Instant::now() < at {
+                    return Err(LogError::Io {
+                        doing: format!(
+                            "reaching PostgreSQL at {} (unreachable; the next attempt is in \
+                             {:?})",
+                            self.target,
+                            at.saturating_duration_since(Instant::now())
+                        ),
+                        source: std::io::Error::from(std::io::ErrorKind::NotConnected),
+                    });
+                }
+            }
+            let connected = match connect(&self.cfg, &self.target, self.opts.op_timeout).await {
+                Ok(c) => match &self.last_backend {
+                    Some(old) => end_backend(&c.client, old, self.opts.op_timeout, &self.target)
+                        .await
+                        .map(|()| c),
+                    None => Ok(c),
+                },
+                Err(e) => Err(e),
+            };
+            match connected {
+                Ok(c) => {
+                    tracing::info!(target = %self.target, "PostgreSQL log connected");
+                    self.last_backend = Some(c.backend.clone());
+                    self.conn = Some(c);
+                    self.retry_at = None;
+                    self.backoff = RECONNECT_BACKOFF_MIN;
+                }
+                Err(e) => {
+                    self.retry_at = Some(Instant::now() + self.backoff);
+                    self.backoff = (self.backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                    return Err(e);
+                }
+            }
+        }
+        self.conn.as_ref().ok_or(LogError::Closed)
+    }
+
+    async fn step(&mut self, step: Step) {
+        let timeout = self.opts.op_timeout;
+        let target = self.target.clone();
+        let dirty = self.dirty;
+        let conn = match self.conn().await {
+            Ok(c) => c,
+            Err(e) => {
+                for op in step.into_ops() {
+                    op.fail(&|| copy(&e));
+                }
+                return;
+            }
+        };
+        let outcome = match step {
+            Step::Mixed { writes, reads } if writes.is_empty() => {
+                run_with_timeout(timeout, &target, read_batch(conn, reads, &target)).await
+            }
+            Step::Mixed { writes, reads } => {
+                let r = run_with_timeout(
+                    timeout,
+                    &target,
+                    write_batch(conn, writes, reads, dirty, &target),
+                )
+                .await;
+                match r {
+                    Ok(Some(durable)) => {
+                        if durable {
+                            self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+                            self.dirty = false;
+                        } else {
+                            self.dirty = true;
+                        }
+                        Ok(())
+                    }
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+            Step::One(op) => {
+                let r = run_with_timeout(timeout, &target, retention(conn, op, &target)).await;
+                if r.is_ok() {
+                    // Retention commits asynchronously: the next forced write or sync makes
+                    // it durable.
+                    self.dirty = true;
+                }
+                r
+            }
+        };
+        if let Err(e) = outcome {
+            // The ops were answered; what is left is whether the connection is still usable.
+            // After a timeout or a lost connection it is not (a statement may still be
+            // running on it): drop it, the next step reconnects.
+            tracing::warn!(error = %e, "PostgreSQL log batch failed; reconnecting");
+            self.conn = None;
+        }
+    }
+}
+
+impl Step {
+    fn into_ops(self) -> Vec<Op> {
+        match self {
+            Step::Mixed { mut writes, reads } => {
+                writes.extend(reads);
+                writes
+            }
+            Step::One(op) => vec![op],
+        }
+    }
+}
+
+/// Cuts a batch into steps: retention operations alone, in their place; the writes and
+/// reads between them together. Reads of one step run after its writes, so each read sees
+/// every write issued before it and perhaps some issued after it, of its gid or another:
+/// the contract allows a read to see a later write, never an earlier one only.
+fn steps(ops: Vec<Op>) -> Vec<Step> {
+    let mut out: Vec<Step> = Vec::new();
+    for op in ops {
+        let (is_write, is_read) = (op.is_write(), op.is_read());
+        if !is_write && !is_read {
+            out.push(Step::One(op));
+            continue;
+        }
+        if !matches!(out.last(), Some(Step::Mixed { .. })) {
+            out.push(Step::Mixed {
+                writes: Vec::new(),
+                reads: Vec::new(),
+            });
+        }
+        if let Some(Step::Mixed { writes, reads }) = out.last_mut() {
+            if is_write {
+                writes.push(op);
+            } else {
+                reads.push(op);
+            }
+        }
+    }
+    out
+}
+
+/// Runs `fut` (which answers its own ops) within `timeout`. On timeout its ops are dropped
+/// unanswered, which their callers see as a timeout error; the returned error makes the
+/// worker drop the connection.
+async fn run_with_timeout<T>(
+    timeout: Duration,
+    target: &str,
+    fut: impl std::future::Future<Output = Result<T, LogError>>,
+) -> Result<T, LogError> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(timed_out(format!(
+            "waiting for PostgreSQL at {target} (no answer within {timeout:?})"
+        ))),
+    }
+}
+
+/// One transaction for the puts and syncs of a step, with the step's reads pipelined after
+/// its upsert (inside the transaction, so they see its writes): one round trip for all.
+/// Answers every op; returns whether the commit was synchronous (`Some(true)`), asynchronous
+/// (`Some(false)`), or nothing was committed.
+///
+/// A read answered from inside the transaction may have seen a write whose commit then
+/// failed: the contract allows that (a read may see a write whose forced `put` failed), and
+/// the caller stops on the failed write.
+async fn write_batch(
+    conn: &Conn,
+    ops: Vec<Op>,
+    reads: Vec<Op>,
+    dirty: bool,
+    target: &str,
+) -> Result<Option<bool>, LogError> {
+    let mut durable = false;
+    let mut latest: HashMap<&str, usize> = HashMap::new();
+    let mut rows: Vec<&Row> = Vec::new();
+    for op in &ops {
+        match op {
+            Op::Put { row, forced, .. } => {
+                durable |= *forced;
+                match latest.get(row.gid.as_str()) {
+                    Some(&i) => rows[i] = row,
+                    None => {
+                        latest.insert(&row.gid, rows.len());
+                        rows.push(row);
+                    }
+                }
+            }
+            Op::Sync { .. } => durable = true,
+            _ => {}
+        }
+    }
+    let c = &conn.client;
+    let result = if rows.is_empty() && !(durable && dirty) {
+        // Only syncs, and nothing committed asynchronously since the last synchronous commit.
+        read_batch(conn, reads, target).await.map(|()| None)
+    } else {
+        let begin = if durable {
+            "BEGIN"
+        } else {
+            "BEGIN; SET LOCAL synchronous_commit = off"
+        };
+        let now = ms(crate::runtime::now_ms());
+        let gids: Vec<&str> = rows.iter().map(|r| r.gid.as_str()).collect();
+        let bytes: Vec<&[u8]> = rows.iter().map(|r| r.bytes.as_slice()).collect();
+        let phases: Vec<i16> = rows.iter().map(|r| r.phase).collect();
+        let modes: Vec<i16> = rows.iter().map(|r| r.mode).collect();
+        let active: Vec<bool> = rows.iter().map(|r| r.active).collect();
+        let stuck: Vec<bool> = rows.iter().map(|r| r.stuck).collect();
+        let created: Vec<i64> = rows.iter().map(|r| r.created_ms).collect();
+        let updated: Vec<i64> = rows.iter().map(|r| r.updated_ms).collect();
+        // Pipelined: the requests go out back to back (tokio-postgres sends each when first
+        // polled, and `join!` polls in order), one round trip in all.
+        let (b, put, touch, read, commit) = futures::join!(
+            c.batch_execute(begin),
+            async {
+                if rows.is_empty() {
+                    return Ok(0);
+                }
+                c.execute(
+                    &conn.stmts.put,
+                    &[
+                        &gids, &bytes, &phases, &modes, &active, &stuck, &created, &updated,
+                    ],
+                )
+                .await
+            },
+            async {
+                // A sync with nothing to write still needs a write for its commit to flush
+                // the WAL that earlier asynchronous commits left.
+                if rows.is_empty() {
+                    c.execute(&conn.stmts.touch, &[&now]).await
+                } else {
+                    Ok(0)
+                }
+            },
+            read_batch(conn, reads, target),
+            c.batch_execute("COMMIT"),
+        );
+        // COMMIT of a transaction in which a statement failed is a ROLLBACK that reports
+        // success: every part must have succeeded.
+        let what = if durable {
+            "committing (forced) a batch of log records"
+        } else {
+            "committing a batch of log records"
+        };
+        match b.and(put).and(touch).and(commit) {
+            Err(e) => Err(db_err(format!("{what} at {target}"), e)),
+            Ok(_) => match read {
+                // A read that failed in the transaction rolled it back.
+                Err(e) => Err(LogError::Io {
+                    doing: format!("{what} at {target}: a read in its transaction failed: {e}"),
+                    source: std::io::Error::other("the batch was rolled back"),
+                }),
+                Ok(()) => Ok(Some(durable)),
+            },
+        }
+    };
+    for op in ops {
+        match (op, &result) {
+            (Op::Put { done, .. } | Op::Sync { done }, Ok(_)) => drop(done.send(Ok(()))),
+            // Not committed, or its outcome is unknown.
+            (op, Err(e)) => op.fail(&|| copy(e)),
+            (_, Ok(_)) => {}
+        }
+    }
+    result
+}
+
+/// The same error again, for every operation of a failed batch (`LogError` is not `Clone`:
+/// its I/O source is not).
+fn copy(e: &LogError) -> LogError {
+    match e {
+        LogError::Io { doing, source } => LogError::Io {
+            doing: doing.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        LogError::Corrupt { path, gid, reason } => LogError::Corrupt {
+            path: path.clone(),
+            gid: gid.clone(),
+            reason: reason.clone(),
+        },
+        LogError::Locked { path, holder } => LogError::Locked {
+            path: path.clone(),
+            holder: holder.clone(),
+        },
+        LogError::Closed => LogError::Closed,
+        LogError::Stopped(why) => LogError::Stopped(why.clone()),
+    }
+}
+
+fn decode(target: &str, gid: &str, bytes: &[u8]) -> Result<TxRecord, LogError> {
+    let rec = codec::decode(bytes).map_err(|e| corrupt(target, gid, e.to_string()))?;
+    if rec.gid != gid {
+        return Err(corrupt(
+            target,
+            gid,
+            format!("the record stored under this gid names gid {:?}", rec.gid),
+        ));
+    }
+    Ok(rec)
+}
+
+fn corrupt(target: &str, gid: &str, reason: String) -> LogError {
+    LogError::Corrupt {
+        path: format!("postgres {target}"),
+        gid: gid.into(),
+        reason,
+    }
+}
+
+/// A run of reads, pipelined. Answers every op; the error (if any) is the first failure
+/// that means the connection may be gone.
+async fn read_batch(conn: &Conn, ops: Vec<Op>, target: &str) -> Result<(), LogError> {
+    let reads = ops.into_iter().map(|op| read(conn, op, target));
+    let results = futures::future::join_all(reads).await;
+    results.into_iter().find(|r| r.is_err()).unwrap_or(Ok(()))
+}
+
+/// One read; answers its op. Returns an error only when the database failed (not when a
+/// record did not decode), for the worker to drop a broken connection.
+async fn read(conn: &Conn, op: Op, target: &str) -> Result<(), LogError> {
+    let c = &conn.client;
+    let failed = |doing: String| move |e| db_err(doing, e);
+    match op {
+        Op::Get { gid, done } => {
+            let r = c
+                .query_opt(&conn.stmts.get, &[&gid])
+                .await
+                .map_err(failed(format!("reading gid {gid:?} at {target}")));
+            let (answer, db) = split(r, |row| {
+                row.map(|row| decode(target, &gid, row.get(0))).transpose()
+            });
+            let _ = done.send(answer);
+            db
+        }
+        Op::GetTomb { gid, done } => {
+            let r = c
+                .query_opt(&conn.stmts.get_tomb, &[&gid])
+                .await
+                .map_err(failed(format!(
+                    "reading the tombstone of gid {gid:?} at {target}"
+                )));
+            let (answer, db) = split(r, |row| {
+                row.map(|row| {
+                    codec::decode_tombstone(row.get(0))
+                        .map_err(|e| corrupt(target, &gid, format!("tombstone: {e}")))
+                })
+                .transpose()
+            });
+            let _ = done.send(answer);
+            db
+        }
+        Op::ScanActive { after, limit, done } => {
+            let lim = ms(limit as u64);
+            let r = match &after {
+                Some(a) => {
+                    c.query(
+                        "SELECT gid, rec FROM treaty_tx WHERE active AND gid > $1 \
+                         ORDER BY gid LIMIT $2",
+                        &[a, &lim],
+                    )
+                    .await
+                }
+                None => {
+                    c.query(
+                        "SELECT gid, rec FROM treaty_tx WHERE active ORDER BY gid LIMIT $1",
+                        &[&lim],
+                    )
+                    .await
+                }
+            }
+            .map_err(failed(format!("scanning active records at {target}")));
+            let (answer, db) = split(r, |rows| {
+                rows.iter()
+                    .map(|row| decode(target, row.get(0), row.get(1)))
+                    .collect()
+            });
+            let _ = done.send(answer);
+            db
+        }
+        Op::List {
+            filter,
+            cursor,
+            limit,
+            done,
+        } => {
+            let r = list(c, &filter, cursor.as_deref(), limit)
+                .await
+                .map_err(failed(format!("listing records at {target}")));
+            let (answer, db) = split(r, |rows| {
+                let entries = rows.iter().map(|row| {
+                    let gid: String = row.get(0);
+                    let bytes: Option<&[u8]> = row.get(1);
+                    let rec = bytes.map(|b| decode(target, &gid, b)).transpose()?;
+                    Ok((gid, rec))
+                });
+                super::list_page(entries, &filter, limit)
+            });
+            let _ = done.send(answer);
+            db
+        }
+        other => {
+            other.fail(&|| LogError::Closed);
+            Ok(())
+        }
+    }
+}
+
+/// Turns a query result into the op's answer (through `f`) and the worker's verdict on the
+/// connection: only a database error says anything about the connection.
+fn split<R, T>(
+    r: Result<R, LogError>,
+    f: impl FnOnce(R) -> Result<T, LogError>,
+) -> (Result<T, LogError>, Result<(), LogError>) {
+    match r {
+        Ok(v) => (f(v), Ok(())),
+        Err(e) => {
+            let again = copy(&e);
+            (Err(e), Err(again))
+        }
+    }
+}
+
+/// The entries `list` examines: at most `limit * LIST_SCANNED_PER_RESULT_MAX + 1` gids below
+/// the cursor, in descending order, from the smallest index that holds every match (as the
+/// sled log does); the record only for those that match the filter's columns, so that the
+/// entries examined but not matching cost their gid only. [`super::list_page`] then pages
+/// them exactly as every backend does.
+async fn list(
+    c: &Client,
+    filter: &ListFilter,
+    cursor: Option<&str>,
+    limit: usize,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let only_live = !filter.phases.is_empty() && filter.phases.iter().all(|p| !p.is_terminal());
+    let index = if filter.stuck_only {
+        " AND stuck"
+    } else if only_live {
+        " AND active"
+    } else {
+        ""
+    };
+    let below = if cursor.is_some() {
+        " AND gid < $6"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "SELECT gid, CASE WHEN (cardinality($1::int2[]) = 0 OR phase = ANY($1)) \
+         AND ($2::int2 IS NULL OR mode = $2) AND (NOT $3 OR stuck) \
+         AND ($4::int8 IS NULL OR created_ms <= $4) THEN rec END \
+         FROM treaty_tx WHERE true{index}{below} ORDER BY gid DESC LIMIT $5"
+    );
+    let phases: Vec<i16> = filter.phases.iter().map(|p| phase_code(*p)).collect();
+    let mode = filter.mode.map(mode_code);
+    let created = filter.created_before_unix_ms.map(ms);
+    let scan = ms(limit
+        .max(1)
+        .saturating_mul(super::LIST_SCANNED_PER_RESULT_MAX)
+        .saturating_add(1) as u64);
+    match cursor {
+        Some(cur) => {
+            c.query(
+                &sql,
+                &[&phases, &mode, &filter.stuck_only, &created, &scan, &cur],
+            )
+            .await
+        }
+        None => {
+            c.query(&sql, &[&phases, &mode, &filter.stuck_only, &created, &scan])
+                .await
+        }
+    }
+}
+
+/// A retention operation; answers its op.
+async fn retention(conn: &Conn, op: Op, target: &str) -> Result<(), LogError> {
+    match op {
+        Op::CollectEnded {
+            before_ms,
+            now_ms,
+            max,
+            done,
+        } => {
+            let r = collect_ended(conn, before_ms, now_ms, max, target).await;
+            let db = r.as_ref().err().map(copy);
+            let _ = done.send(r);
+            db.map_or(Ok(()), Err)
+        }
+        Op::CollectTombs {
+            before_ms,
+            max,
+            done,
+        } => {
+            let r = conn
+                .client
+                .execute(
+                    "DELETE FROM treaty_tombstones WHERE gid IN (SELECT gid FROM \
+                     treaty_tombstones WHERE collected_ms < $1 ORDER BY collected_ms, gid \
+                     LIMIT $2)",
+                    &[&ms(before_ms), &ms(max as u64)],
+                )
+                .await
+                .map(|n| n as usize)
+                .map_err(|e| db_err(format!("deleting old tombstones at {target}"), e));
+            let db = r.as_ref().err().map(copy);
+            let _ = done.send(r);
+            db.map_or(Ok(()), Err)
+        }
+        other => {
+            other.fail(&|| LogError::Closed);
+            Ok(())
+        }
+    }
+}
+
+/// Replaces up to `max` old terminal records by tombstones in one transaction. A record is
+/// deleted only if its bytes are still the ones examined (a rewrite since wins).
+async fn collect_ended(
+    conn: &Conn,
+    before_ms: u64,
+    now_ms: u64,
+    max: usize,
+    target: &str,
+) -> Result<usize, LogError> {
+    let c = &conn.client;
+    let err = |doing: &str| {
+        let doing = format!("{doing} at {target}");
+        move |e| db_err(doing, e)
+    };
+    let scan = max
+        .saturating_mul(COLLECT_SCANNED_PER_DELETE_MAX)
+        .saturating_add(COLLECT_SCANNED_EXTRA);
+    let rows = c
+        .query(
+            "SELECT gid, rec FROM treaty_tx WHERE NOT active AND updated_ms < $1 \
+             ORDER BY updated_ms, gid LIMIT $2",
+            &[&ms(before_ms), &ms(scan as u64)],
+        )
+        .await
+        .map_err(err("scanning ended records"))?;
+    let mut tombs: Vec<(String, Vec<u8>, Vec<u8>)> = Vec::new();
+    for row in &rows {
+        if tombs.len() >= max {
+            break;
+        }
+        let gid: String = row.get(0);
+        let bytes: Vec<u8> = row.get(1);
+        match decode(target, &gid, &bytes) {
+            Ok(rec) if rec.phase.is_terminal() => {
+                let tomb = codec::encode_tombstone(&rec.tombstone(now_ms));
+                tombs.push((gid, bytes, tomb));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // One damaged record must not stop retention for good: leave it for an
+                // operator (`get` reports it) and go on.
+                tracing::error!(gid = %gid, error = %e, "retention skips a record that cannot be decoded; it is kept for inspection");
+            }
+        }
+    }
+    if tombs.is_empty() {
+        return Ok(0);
+    }
+    let gids: Vec<&str> = tombs.iter().map(|t| t.0.as_str()).collect();
+    let recs: Vec<&[u8]> = tombs.iter().map(|t| t.1.as_slice()).collect();
+    let encoded: Vec<&[u8]> = tombs.iter().map(|t| t.2.as_slice()).collect();
+    let now = ms(now_ms);
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&gids, &recs, &encoded, &now];
+    // One statement: delete the records still as examined, and write the tombstones of
+    // exactly those; unforced (durable with the next forced write or sync).
+    let (b, n, commit) = futures::join!(
+        c.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
+        c.query_one(
+            "WITH gone AS (DELETE FROM treaty_tx t USING unnest($1::text[], $2::bytea[], \
+             $3::bytea[]) AS v(gid, rec, tomb) WHERE t.gid = v.gid AND t.rec = v.rec \
+             RETURNING v.gid, v.tomb), \
+             put AS (INSERT INTO treaty_tombstones (gid, tomb, collected_ms) \
+             SELECT gid, tomb, $4 FROM gone ON CONFLICT (gid) DO UPDATE SET \
+             tomb = excluded.tomb, collected_ms = excluded.collected_ms RETURNING 1) \
+             SELECT count(*) FROM put",
+            &params,
+        ),
+        c.batch_execute("COMMIT"),
+    );
+    b.map_err(err("collecting ended records"))?;
+    let n: i64 = n.map_err(err("collecting ended records"))?.get(0);
+    commit.map_err(err("committing the collection of ended records"))?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+impl LogStore for PgLog {
+    fn log_id(&self) -> &str {
+        &self.log_id
+    }
+
+    fn put(&self, rec: TxRecord, forced: bool) -> LogFuture<()> {
+        if rec.gid.is_empty() {
+            // The codec refuses to read such a record back; refuse to write it.
+            return futures::future::ready(Err(LogError::Io {
+                doing: format!(
+                    "writing a record with an empty gid to the log at {}",
+                    self.target
+                ),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            }))
+            .boxed();
+        }
+        self.counters.writes.fetch_add(1, Ordering::Relaxed);
+        if forced {
+            self.counters.forced_writes.fetch_add(1, Ordering::Relaxed);
+        }
+        let row = Row::of(&rec);
+        self.send(|done| Op::Put { row, forced, done })
+    }
+
+    fn get(&self, gid: &str) -> LogFuture<Option<TxRecord>> {
+        let gid = gid.to_string();
+        self.send(|done| Op::Get { gid, done })
+    }
+
+    fn scan_active(&self, after_gid: Option<&str>, limit: usize) -> LogFuture<Vec<TxRecord>> {
+        let after = after_gid.map(str::to_string);
+        self.send(|done| Op::ScanActive { after, limit, done })
+    }
+
+    fn list(&self, filter: &ListFilter, cursor: Option<&str>, limit: usize) -> LogFuture<ListPage> {
+        let (filter, cursor) = (filter.clone(), cursor.map(str::to_string));
+        self.send(|done| Op::List {
+            filter,
+            cursor,
+            limit,
+            done,
+        })
+    }
+
+    fn collect_ended(&self, before_unix_ms: u64, now_unix_ms: u64, max: usize) -> LogFuture<usize> {
+        self.send(|done| Op::CollectEnded {
+            before_ms: before_unix_ms,
+            now_ms: now_unix_ms,
+            max,
+            done,
+        })
+    }
+
+    fn get_tombstone(&self, gid: &str) -> LogFuture<Option<Tombstone>> {
+        let gid = gid.to_string();
+        self.send(|done| Op::GetTomb { gid, done })
+    }
+
+    fn collect_tombstones(&self, before_unix_ms: u64, max: usize) -> LogFuture<usize> {
+        self.send(|done| Op::CollectTombs {
+            before_ms: before_unix_ms,
+            max,
+            done,
+        })
+    }
+
+    fn sync(&self) -> LogFuture<()> {
+        self.send(|done| Op::Sync { done })
+    }
+
+    fn stats(&self) -> LogStats {
+        LogStats {
+            writes: self.counters.writes.load(Ordering::Relaxed),
+            forced_writes: self.counters.forced_writes.load(Ordering::Relaxed),
+            flushes: self.counters.flushes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The records live in the database, which outlives a lost connection; and the writer
+    /// task answers again only once the backend of the lost connection has ended, so no
+    /// write issued before the failure can land after a new runtime has read the log.
+    fn recovers_in_process(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,169 @@
+//! The PostgreSQL log store against a private PostgreSQL server (`treaty-pg-harness`): the
+//! log store contract (`conformance::check_all`), group commit, and what an unreachable
+//! database does to the store.
+//!
+//! Each test starts its own server; without PostgreSQL installed they skip with a message
+//! outside CI and fail in CI (`CI=true`).
+
+use futures::future::{BoxFuture, FutureExt};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use treaty_coordinator::engine::types::Phase;
+use treaty_coordinator::log::conformance::{self, record};
+use treaty_coordinator::log::postgres::{PgLog, PgLogOptions};
+use treaty_coordinator::log::LogStore;
+use treaty_pg_harness::{PgOptions, PgServer};
+
+/// Logs on one server: a fresh log is a new database; a reopen is a new store (a new
+/// connection and writer task) on the same database, as a restarted coordinator would open.
+struct Backend {
+    server: PgServer,
+    next: AtomicUsize,
+    /// The URL of each log, by identity.
+    urls: std::collections::HashMap<String, String>,
+}
+
+impl conformance::Backend for Backend {
+    fn name(&self) -> &str {
+        "postgres"
+    }
+
+    fn open_fresh(&mut self) -> BoxFuture<'_, Arc<dyn LogStore>> {
+        async move {
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            let url = self
+                .server
+                .create_database(&format!("conformance_{n}"))
+                .expect("create database");
+            let log = PgLog::open(&url, PgLogOptions::default())
+                .await
+                .expect("open the PostgreSQL log");
+            self.urls.insert(log.log_id().to_string(), url);
+            Arc::new(log) as Arc<dyn LogStore>
+        }
+        .boxed()
+    }
+
+    fn reopen(&mut self, log: Arc<dyn LogStore>) -> BoxFuture<'_, Option<Arc<dyn LogStore>>> {
+        async move {
+            let url = self.urls[log.log_id()].clone();
+            drop(log);
+            let log = PgLog::open(&url, PgLogOptions::default())
+                .await
+                .expect("reopen the PostgreSQL log");
+            Some(Arc::new(log) as Arc<dyn LogStore>)
+        }
+        .boxed()
+    }
+
+    /// Not injected: PostgreSQL has no switch to fail its WAL flush. A failed commit is
+    /// tested below by cutting the connection instead.
+    fn fail_syncs(&mut self, _log: &Arc<dyn LogStore>, _failing: bool) -> bool {
+        false
+    }
+}
+
+fn server() -> Option<PgServer> {
+    PgServer::start_for_test(PgOptions::default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conforms_to_the_log_store_contract() {
+    let Some(server) = server() else { return };
+    let mut backend = Backend {
+        server,
+        next: AtomicUsize::new(0),
+        urls: Default::default(),
+    };
+    conformance::check_all(&mut backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_store_of_one_database_shares_the_log_identity() {
+    let Some(server) = server() else { return };
+    let url = server.create_database("shared").expect("create database");
+    let (a, b) = tokio::join!(
+        PgLog::open(&url, PgLogOptions::default()),
+        PgLog::open(&url, PgLogOptions::default())
+    );
+    let (a, b) = (a.expect("open a"), b.expect("open b"));
+    assert_eq!(a.log_id(), b.log_id(), "two coordinators, one log identity");
+    a.put(record("x", Phase::Active, 1), true)
+        .await
+        .expect("put");
+    assert_eq!(
+        b.get("x").await.expect("get"),
+        Some(record("x", Phase::Active, 1)),
+        "a forced write of one store is read by the other"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_url_or_an_unreachable_database_is_an_error_not_a_panic() {
+    let err = PgLog::open("mysql://x", PgLogOptions::default())
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("not a PostgreSQL URL"), "{err}");
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let err = PgLog::open(
+        &format!("postgres://treaty@127.0.0.1:{port}/none"),
+        PgLogOptions::default(),
+    )
+    .await
+    .err()
+    .expect("unreachable");
+    assert!(
+        err.to_string().contains(&format!(
+            "connecting to PostgreSQL at 127.0.0.1:{port}/none"
+        )),
+        "{err}"
+    );
+}
+
+/// Group commit: forced writes issued together by many tasks share PostgreSQL commits, and
+/// every one of them is durable (read back by a new store, as after a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_forced_puts_share_commits() {
+    const N: usize = 64;
+    let Some(server) = server() else { return };
+    let url = server
+        .create_database("group_commit")
+        .expect("create database");
+    let log = Arc::new(
+        PgLog::open(&url, PgLogOptions::default())
+            .await
+            .expect("open"),
+    );
+    let before = log.stats();
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let log = Arc::clone(&log);
+            tokio::spawn(async move {
+                log.put(record(&format!("g{i:03}"), Phase::Committing, 1), true)
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task").expect("forced put");
+    }
+    let after = log.stats();
+    let commits = after.flushes - before.flushes;
+    assert_eq!(after.forced_writes - before.forced_writes, N as u64);
+    assert!(
+        commits < N as u64 / 2,
+        "{N} concurrent forced puts took {commits} synchronous commits: no group commit"
+    );
+    drop(log);
+    let reopened = PgLog::open(&url, PgLogOptions::default())
+        .await
+        .expect("reopen");
+    let active = reopened.scan_active(None, 1000).await.expect("scan");
+    assert_eq!(active.len(), N, "every acknowledged forced put is stored");
+}

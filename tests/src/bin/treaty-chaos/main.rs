@@ -287,7 +287,6 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
         "[chaos {:6.1}s] coordinator states read; reading the banks and checking",
         t0.elapsed().as_secs_f64()
     );
-    let (rows, balances) = rt.block_on(read_banks(&cluster.bank_uris))?;
     // PostgreSQL mode: every prepared transaction must have been committed or rolled back.
     let mut prepared_left = 0;
     if let Some(url) = &cluster.log_db {
@@ -307,16 +306,27 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
             Err(e) => harness_problems.push(format!("cannot read pg_prepared_xacts: {e}")),
         }
     }
-    let mut verdict = check::check(
-        &records,
-        &reuses,
-        &cluster.openings,
-        &Observed {
-            finals,
-            rows,
-            balances,
-        },
-    );
+    let banks = rt.block_on(read_banks(&cluster.bank_uris));
+    let mut verdict = match banks {
+        Ok((rows, balances)) => check::check(
+            &records,
+            &reuses,
+            &cluster.openings,
+            &Observed {
+                finals,
+                rows,
+                balances,
+            },
+        ),
+        // On sled a bank that cannot be read is the harness's failure (as before); on
+        // PostgreSQL it is a finding too: a bank stuck behind locks a leaked prepared
+        // transaction holds cannot answer, and that must be reported, not hang the run.
+        Err(e) if cluster.log_db.is_some() => {
+            harness_problems.push(format!("the banks could not be read: {e}"));
+            check::Verdict::default()
+        }
+        Err(e) => return Err(e),
+    };
     for p in harness_problems {
         verdict
             .violations
@@ -495,19 +505,27 @@ async fn read_banks(
     let mut balances = Vec::new();
     for uri in uris {
         let mut tries = 0;
+        let started = Instant::now();
         loop {
             let read = async {
                 let r = treaty_tests::bank::barrier_rows(uri, "").await?;
                 let b = treaty_tests::bank::balances(uri).await?;
                 Ok::<_, String>((r, b))
             };
-            match read.await {
+            // Bounded: a bank that hangs (e.g. every pooled connection waiting on a lock)
+            // must not hang the runner.
+            let read = tokio::time::timeout(Duration::from_secs(5), read)
+                .await
+                .unwrap_or_else(|_| Err(format!("{uri}: no answer within 5 s")));
+            match read {
                 Ok((r, b)) => {
                     rows.push(r);
                     balances.push(b);
                     break;
                 }
-                Err(e) if tries >= 50 => return Err(format!("cannot read bank {uri}: {e}")),
+                Err(e) if tries >= 50 || started.elapsed() >= Duration::from_secs(20) => {
+                    return Err(format!("cannot read bank {uri}: {e}"))
+                }
                 Err(_) => {
                     tries += 1;
                     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -336,6 +336,7 @@ fn a_campaign_on_postgres_with_server_kills_finds_nothing() {
         "aborted",
         "coordinator_kills",
         "pg_kills",
+        "pg_pauses",
     ] {
         assert!(count(&run, field) > 0, "{field} is 0: {}", run.summary);
     }
@@ -380,10 +381,10 @@ fn a_bank_whose_abort_leaves_a_prepared_transaction_is_caught() {
             "--pg-fsync-off",
             "--abort-keeps-prepared-mutant",
             "--drain-secs",
-            "40",
+            "20",
         ],
         &[("TREATY_CHAOS_SECS", "10"), ("TREATY_SEED", "101")],
-        Duration::from_secs(240),
+        Duration::from_secs(360),
     );
     assert!(count(&run, "pg_prepared_left") > 0, "{}", run.summary);
     assert!(violations(&run) > 0, "{}", run.stdout);

@@ -572,7 +572,8 @@ fn at(t0: Instant) -> String {
 /// restart it after up to 0.8 s; restart treatyd with the next failpoint armed, wait (up to
 /// 5 s) for it to die there, restart it clean; cut a proxy's connections; black-hole a proxy
 /// for 0.3 to 3 s; delay a proxy's traffic by 20 to 1200 ms for 0.5 to 3 s. With extra modes
-/// on ([`Options`]), three steps in ten do one of the modes' actions instead, chosen evenly:
+/// on ([`Options`]), three steps in ten do one of the modes' actions instead, chosen evenly
+/// (in the PostgreSQL mode, in turn):
 /// restart treatyd with a failing fsync or fdatasync-ENOSPC after 5 to 40 good ones (it must
 /// exit with a failure status: fail-stop; then it is restarted clean and must recover),
 /// restart it with 1 to 5 EMFILE in a row on a directory listing (it must keep running),
@@ -593,6 +594,7 @@ pub fn nemesis(
     // (proxy, when to restore it)
     let mut faulted: Vec<(usize, Instant)> = Vec::new();
     let mut next_failpoint = 0;
+    let mut next_extra = 0;
     let n = cluster.proxies.len();
     let mut extras = Vec::new();
     if cluster.opts.sync_faults {
@@ -626,7 +628,14 @@ pub fn nemesis(
                 break;
             }
             if !extras.is_empty() && rng.gen_bool(0.3) {
-                let what = extras[rng.gen_range(0..extras.len())];
+                // PostgreSQL mode: its actions in turn (a server kill first), so that a short
+                // campaign is sure to do each; the other modes keep their random choice.
+                let what = if cluster.pg.is_some() {
+                    next_extra += 1;
+                    extras[(next_extra - 1) % extras.len()]
+                } else {
+                    extras[rng.gen_range(0..extras.len())]
+                };
                 extra(cluster, what, &mut rng, t0, &mut counts)?;
                 continue;
             }

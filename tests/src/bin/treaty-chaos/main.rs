@@ -185,7 +185,7 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
         power_cut: cli.all || cli.power_cut,
         treatyd_failpoints: cli.treatyd_failpoints.clone(),
         skip_fdatasync_mutant: cli.skip_fdatasync_mutant,
-        postgres: cli.postgres.then(|| cluster::PgMode {
+        postgres: cli.postgres.then_some(cluster::PgMode {
             fsync: !cli.pg_fsync_off,
             coordinators: cli.coordinators,
         }),

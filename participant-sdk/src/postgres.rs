@@ -1194,6 +1194,13 @@ impl Inner {
             }
             Op::Abort => {
                 let xact = match held {
+                    // The deliberate bug: the abort is recorded but the prepared transaction
+                    // is left in `pg_prepared_xacts` (its change never applies, so money and
+                    // atomicity still hold: only a check of the server's prepared
+                    // transactions catches it).
+                    #[cfg(feature = "mutation-abort-keeps-prepared")]
+                    Held::Prepared(xact) => xact,
+                    #[cfg(not(feature = "mutation-abort-keeps-prepared"))]
                     Held::Prepared(xact) => {
                         client
                             .batch_execute(&format!("ROLLBACK PREPARED '{xact}'"))

@@ -482,15 +482,15 @@ impl Treatyd {
 
     fn spawn(&self, addr: SocketAddr, extra_env: &[(&str, &str)]) -> Result<Proc, String> {
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("--listen")
-            .arg(addr.to_string())
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(&self.args)
-            .env(
-                "TREATY_LOG_LEVEL",
-                std::env::var("TREATY_TEST_LOG").unwrap_or("warn".into()),
-            );
+        cmd.arg("--listen").arg(addr.to_string());
+        // `--store` (a PostgreSQL log) excludes `--data-dir`.
+        if !self.args.iter().any(|a| a == "--store") {
+            cmd.arg("--data-dir").arg(&self.data_dir);
+        }
+        cmd.args(&self.args).env(
+            "TREATY_LOG_LEVEL",
+            std::env::var("TREATY_TEST_LOG").unwrap_or("warn".into()),
+        );
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -543,8 +543,18 @@ impl BankAccount {
         coordinator: &str,
         accounts: &str,
     ) -> Result<BankAccount, String> {
+        BankAccount::start_on_postgres_from(bank_account_bin(), url, coordinator, accounts)
+    }
+
+    /// [`BankAccount::start_on_postgres`] with the binary at `bin` (every restart uses it too).
+    pub fn start_on_postgres_from(
+        bin: PathBuf,
+        url: &str,
+        coordinator: &str,
+        accounts: &str,
+    ) -> Result<BankAccount, String> {
         let mut b = BankAccount {
-            bin: bank_account_bin(),
+            bin,
             proc: Proc::none("bank-account"),
             data_dir: PathBuf::new(),
             coordinator: coordinator.to_string(),

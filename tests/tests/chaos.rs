@@ -5,8 +5,8 @@
 //! violation that check alone catches: the bite tests. A long campaign is the same binary with
 //! `TREATY_CHAOS_SECS` and `--all`.
 //!
-//! The power-cut tests need FUSE: in CI (`CI=true`) a missing FUSE fails them, elsewhere they
-//! say why and skip.
+//! The power-cut tests need FUSE, the PostgreSQL tests the PostgreSQL server binaries: in CI
+//! (`CI=true`) a missing one fails them, elsewhere they say why and skip.
 //!
 //! The runner is started as the leader of its own process group; every process it starts
 //! (treatyd, bank instances) inherits the group, so the guard below can SIGKILL all of them
@@ -60,6 +60,9 @@ fn chaos_with(args: &[&str], env: &[(&str, &str)], bound: Duration) -> Run {
             "failpoints mutation-skip-fdatasync",
         );
         treaty_tests::bank_account_bin_with("failpoints mutation-skip-fdatasync");
+    }
+    if args.contains(&"--abort-keeps-prepared-mutant") {
+        treaty_tests::bank_account_bin_with("mutation-abort-keeps-prepared");
     }
     let work = tempfile::tempdir().expect("temp dir");
     let mut cmd = Command::new(bin);
@@ -294,6 +297,96 @@ fn a_sled_sync_that_skips_fdatasync_is_caught_by_power_cuts() {
         &[("TREATY_CHAOS_SECS", "15"), ("TREATY_SEED", "91")],
         Duration::from_secs(170),
     );
+    assert!(violations(&run) > 0, "{}", run.stdout);
+    assert_ne!(run.code, 0, "{}", run.stdout);
+}
+
+/// Whether this machine has the PostgreSQL server binaries; in CI it must (a failure panics).
+fn postgres_available(test: &str) -> bool {
+    match treaty_pg_harness::find_bin_dir() {
+        Ok(_) => true,
+        Err(e) if std::env::var("CI").map(|v| v != "true").unwrap_or(true) => {
+            eprintln!("SKIPPED {test}: {e}");
+            false
+        }
+        Err(e) => panic!("{test}: PostgreSQL is missing (CI never skips this): {e}"),
+    }
+}
+
+/// The PostgreSQL mode: treatyd's log and every bank on the runner's own PostgreSQL server
+/// (fsync on), while the nemesis also SIGKILLs and restarts the server, pauses it, and pauses
+/// treatyd. Nothing may be found, and no prepared transaction may be left on the server.
+#[test]
+fn a_campaign_on_postgres_with_server_kills_finds_nothing() {
+    if !postgres_available("a_campaign_on_postgres_with_server_kills_finds_nothing") {
+        return;
+    }
+    let run = chaos_with(
+        &["--postgres"],
+        &[("TREATY_CHAOS_SECS", "25"), ("TREATY_SEED", "2026")],
+        Duration::from_secs(240),
+    );
+    assert_eq!(violations(&run), 0, "{}", run.stdout);
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    assert_eq!(run.summary["modes"]["postgres"], true, "{}", run.summary);
+    assert_eq!(count(&run, "pg_prepared_left"), 0, "{}", run.summary);
+    for field in [
+        "transactions",
+        "committed",
+        "aborted",
+        "coordinator_kills",
+        "pg_kills",
+        "pg_pauses",
+    ] {
+        assert!(count(&run, field) > 0, "{field} is 0: {}", run.summary);
+    }
+}
+
+/// More than one coordinator on the one log is refused with a clear reason (status 2), before
+/// anything starts, until the PostgreSQL log has ownership of records.
+#[test]
+fn a_postgres_campaign_with_two_coordinators_is_refused() {
+    let bin = treaty_tests::binary("treaty-tests", "treaty-chaos", "");
+    let work = tempfile::tempdir().expect("temp dir");
+    let (code, _out, err) = treaty_tests::run_to_end(
+        {
+            let mut c = Command::new(bin);
+            c.args(["--postgres", "--coordinators", "2", "--work-dir"])
+                .arg(work.path())
+                .env("TREATY_CHAOS_SECS", "1");
+            c
+        },
+        Duration::from_secs(60),
+    )
+    .expect("run treaty-chaos");
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--coordinators 2") && err.contains("not built yet"),
+        "{err}"
+    );
+}
+
+/// The PostgreSQL mode's prepared-transaction check bites: bank-account built with a PgStore
+/// whose abort records ABORT but leaves the branch's PostgreSQL prepared transaction in
+/// place. Its change never applies, so money and atomicity hold; only the check of
+/// `pg_prepared_xacts` sees the leak.
+#[test]
+fn a_bank_whose_abort_leaves_a_prepared_transaction_is_caught() {
+    if !postgres_available("a_bank_whose_abort_leaves_a_prepared_transaction_is_caught") {
+        return;
+    }
+    let run = chaos_with(
+        &[
+            "--postgres",
+            "--pg-fsync-off",
+            "--abort-keeps-prepared-mutant",
+            "--drain-secs",
+            "20",
+        ],
+        &[("TREATY_CHAOS_SECS", "10"), ("TREATY_SEED", "101")],
+        Duration::from_secs(360),
+    );
+    assert!(count(&run, "pg_prepared_left") > 0, "{}", run.summary);
     assert!(violations(&run) > 0, "{}", run.stdout);
     assert_ne!(run.code, 0, "{}", run.stdout);
 }

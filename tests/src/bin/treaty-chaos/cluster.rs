@@ -15,7 +15,25 @@
 //! failpoint that must make them fail-stop, or with a burst of transient EMFILE they must
 //! ride out), retention (treatyd collects finished records after a second), and power cuts
 //! (treatyd's and bank 0's data directories on treaty-lazyfs mounts; both are SIGKILLed and
-//! lose every unsynced write).
+//! lose every unsynced write), and PostgreSQL ([`PgMode`]).
+//!
+//! # The PostgreSQL mode
+//!
+//! ```text
+//!  workers ──▶ treatyd --store postgres://…/treaty_log ──▶ proxy i ──▶ bank-account i
+//!                                   │                                  --store postgres://…/bank_i
+//!                                   └────────── one PostgreSQL server (ours) ──┘
+//! ```
+//!
+//! The runner starts its own PostgreSQL server (treaty-pg-harness: initdb into the run's
+//! directory, a free port, fsync on unless `--pg-fsync-off`), one database for the
+//! coordinator's log and one per bank instance. The nemesis adds: SIGKILL of the whole server
+//! (postmaster and backends at once) and its restart after up to 1.5 s, a pause of the whole
+//! server (SIGSTOP, then SIGCONT after 0.3 to 3 s), and a pause of treatyd (SIGSTOP/SIGCONT).
+//! After a server kill, every process that exited meanwhile (a coordinator that fail-stopped
+//! on a lost log write) is started again and counted. The cluster is built for N coordinators
+//! on the one log database (`--coordinators`), but only N = 1 runs today: two coordinators
+//! would both recover the same records until the store has ownership (leases and fencing).
 
 use super::workload::Account;
 use rand::rngs::StdRng;
@@ -43,7 +61,26 @@ pub struct Options {
     /// Run treatyd and bank-account built with `mutation-skip-fdatasync` (a broken SledSync
     /// the power-cut mode must catch).
     pub skip_fdatasync_mutant: bool,
+    /// Run on PostgreSQL (the log and every bank), with the PostgreSQL nemeses.
+    pub postgres: Option<PgMode>,
+    /// Run bank-account built with `mutation-abort-keeps-prepared` (an abort that leaves its
+    /// prepared transaction in PostgreSQL), which the PostgreSQL mode's check must catch.
+    pub abort_keeps_prepared_mutant: bool,
 }
+
+/// The PostgreSQL mode's settings.
+#[derive(Clone, Debug)]
+pub struct PgMode {
+    /// The server's `fsync` (on by default; off only for speed: the nemesis kills processes,
+    /// not the machine).
+    pub fsync: bool,
+    /// Coordinators on the one log database. Only 1 is accepted until the PostgreSQL log
+    /// has ownership of records (leases, fencing); [`Cluster::start`] refuses more.
+    pub coordinators: usize,
+}
+
+/// The name of the coordinator's log database in the PostgreSQL mode.
+pub const PG_LOG_DB: &str = "treaty_log";
 
 /// The bank instance whose data directory is on a lazyfs mount in the power-cut mode.
 const POWER_CUT_BANK: usize = 0;
@@ -83,6 +120,13 @@ pub struct Cluster {
     pub accounts: Vec<Account>,
     pub openings: BTreeMap<Account, i64>,
     pub opts: Options,
+    /// PostgreSQL mode: the URLs of the bank databases (bank `i` on `bank_{i}`).
+    pub bank_dbs: Vec<String>,
+    /// PostgreSQL mode: the URL of the coordinator's log database.
+    pub log_db: Option<String>,
+    /// PostgreSQL mode: the server. Declared after the processes that use it, so that they
+    /// are killed (dropped) before it stops.
+    pub pg: Option<Mutex<treaty_pg_harness::PgServer>>,
     /// Power-cut mode: treatyd's mount, then bank 0's. Declared last so that the processes
     /// using them are killed (dropped) before they are unmounted.
     mounts: Vec<LazyFs>,
@@ -105,7 +149,32 @@ impl Cluster {
         // failpoints) would otherwise swap a different treatyd in under the runner.
         let bin = dir.join("bin");
         let copy = |from: PathBuf| treaty_tests::private_copy(&from, &bin);
-        let (treatyd_bin, bank_bin) = if opts.skip_fdatasync_mutant {
+        if let Some(m) = &opts.postgres {
+            if m.coordinators != 1 {
+                return Err(format!(
+                    "--coordinators {}: only 1 coordinator per PostgreSQL log is supported; \
+                     multi-coordinator ownership of records (leases and fencing) is not built \
+                     yet, and two coordinators would both recover the same records",
+                    m.coordinators
+                ));
+            }
+            if opts.power_cut || opts.sync_faults || opts.skip_fdatasync_mutant {
+                return Err(
+                    "--postgres cannot be combined with --power-cut, --sync-faults or \
+                     --skip-fdatasync-mutant (they fault sled's files, which this mode does \
+                     not use)"
+                        .into(),
+                );
+            }
+        } else if opts.abort_keeps_prepared_mutant {
+            return Err("--abort-keeps-prepared-mutant needs --postgres".into());
+        }
+        let (treatyd_bin, bank_bin) = if opts.abort_keeps_prepared_mutant {
+            (
+                treaty_tests::treatyd_bin(),
+                treaty_tests::bank_account_bin_with("mutation-abort-keeps-prepared"),
+            )
+        } else if opts.skip_fdatasync_mutant {
             (
                 treaty_tests::binary(
                     "treaty-coordinator",
@@ -144,9 +213,33 @@ impl Cluster {
                 );
             }
         }
+        // PostgreSQL mode: our own server, the log's database and one per bank.
+        let mut pg = None;
+        let mut log_db = None;
+        let mut bank_dbs = Vec::new();
+        if let Some(m) = &opts.postgres {
+            let server = treaty_pg_harness::PgServer::start_with(treaty_pg_harness::PgOptions {
+                fsync: m.fsync,
+                ..Default::default()
+            })
+            .map_err(|e| format!("PostgreSQL mode: cannot start PostgreSQL: {e}"))?;
+            let db = |name: &str| {
+                server
+                    .create_database(name)
+                    .map_err(|e| format!("PostgreSQL mode: {e}"))
+            };
+            log_db = Some(db(PG_LOG_DB)?);
+            for i in 0..instances {
+                bank_dbs.push(db(&format!("bank_{i}"))?);
+            }
+            pg = Some(server);
+        }
         let mut args: Vec<&str> = TREATYD_ARGS.to_vec();
         if opts.retention {
             args.extend(["--retention-secs", "1", "--gc-interval-secs", "1"]);
+        }
+        if let Some(url) = &log_db {
+            args.extend(["--store", url]);
         }
         let env: Vec<(&str, &str)> = opts
             .treatyd_failpoints
@@ -168,12 +261,17 @@ impl Cluster {
                 .map(|n| format!("{n}={opening}"))
                 .collect::<Vec<_>>()
                 .join(",");
-            let bank = BankAccount::start_from(
-                bank_bin.clone(),
-                &dir.join(format!("bank{i}")),
-                &treatyd_uri,
-                &spec,
-            )?;
+            let bank = match bank_dbs.get(i) {
+                Some(url) => {
+                    BankAccount::start_on_postgres_from(bank_bin.clone(), url, &treatyd_uri, &spec)?
+                }
+                None => BankAccount::start_from(
+                    bank_bin.clone(),
+                    &dir.join(format!("bank{i}")),
+                    &treatyd_uri,
+                    &spec,
+                )?,
+            };
             let proxy = rt
                 .block_on(Proxy::start(bank.proc.addr))
                 .map_err(|e| format!("cannot start the proxy for bank {i}: {e}"))?;
@@ -195,6 +293,9 @@ impl Cluster {
             accounts,
             openings,
             opts: opts.clone(),
+            bank_dbs,
+            log_db,
+            pg: pg.map(Mutex::new),
             mounts,
         })
     }
@@ -208,6 +309,12 @@ impl Cluster {
     pub fn heal(&self) -> Result<(), String> {
         for p in &self.proxies {
             p.pass();
+        }
+        if let Some(pg) = &self.pg {
+            let mut pg = lock(pg);
+            pg.pause(false);
+            pg.restart()
+                .map_err(|e| format!("cannot restart PostgreSQL: {e}"))?;
         }
         let mut t = lock(&self.treatyd);
         if t.proc.exited().is_some() || t.proc.pid() == 0 {
@@ -246,6 +353,14 @@ pub struct FaultCounts {
     pub power_cuts: u64,
     /// Unsynced bytes the power cuts dropped.
     pub power_cut_bytes: u64,
+    /// PostgreSQL mode: SIGKILLs (and restarts) of the whole server.
+    pub pg_kills: u64,
+    /// PostgreSQL mode: pauses (SIGSTOP, SIGCONT) of the whole server.
+    pub pg_pauses: u64,
+    /// PostgreSQL mode: pauses (SIGSTOP, SIGCONT) of treatyd.
+    pub coordinator_pauses: u64,
+    /// PostgreSQL mode: processes found exited after a server kill (and started again).
+    pub exited_after_pg_kill: u64,
     /// Things that went wrong in a way only the nemesis can see (e.g. a process that did
     /// not fail-stop on a failed fsync); reported as violations.
     pub problems: Vec<String>,
@@ -278,6 +393,9 @@ enum Extra {
     TreatydEmfileBurst,
     BankSyncFailure,
     PowerCut,
+    PgKill,
+    PgPause,
+    CoordinatorPause,
 }
 
 /// Do one extra action.
@@ -380,6 +498,64 @@ fn extra(
             t.restart()?;
             b.restart()?;
         }
+        Extra::PgKill => {
+            let Some(pg) = &cluster.pg else {
+                return Ok(());
+            };
+            let down = Duration::from_millis(rng.gen_range(0..1500));
+            {
+                let mut pg = lock(pg);
+                eprintln!("[chaos {}] SIGKILL PostgreSQL (down {down:?})", at(t0));
+                pg.kill();
+                counts.pg_kills += 1;
+                std::thread::sleep(down);
+                pg.restart()
+                    .map_err(|e| format!("cannot restart PostgreSQL: {e}"))?;
+            }
+            // A process may have stopped on a lost write (treatyd fail-stops on a failed
+            // forced write of its log); the campaign continues with it started again.
+            let mut t = lock(&cluster.treatyd);
+            if t.proc.exited().is_some() {
+                eprintln!("[chaos {}] treatyd exited meanwhile; restart", at(t0));
+                counts.exited_after_pg_kill += 1;
+                t.restart()?;
+            }
+            drop(t);
+            for (i, b) in cluster.banks.iter().enumerate() {
+                let mut b = lock(b);
+                if b.proc.exited().is_some() {
+                    eprintln!("[chaos {}] bank {i} exited meanwhile; restart", at(t0));
+                    counts.exited_after_pg_kill += 1;
+                    b.restart()?;
+                }
+            }
+        }
+        Extra::PgPause => {
+            let Some(pg) = &cluster.pg else {
+                return Ok(());
+            };
+            let lasts = Duration::from_millis(rng.gen_range(300..3000));
+            let pg = lock(pg);
+            eprintln!("[chaos {}] SIGSTOP PostgreSQL for {lasts:?}", at(t0));
+            pg.pause(true);
+            counts.pg_pauses += 1;
+            std::thread::sleep(lasts);
+            pg.pause(false);
+        }
+        Extra::CoordinatorPause => {
+            let lasts = Duration::from_millis(rng.gen_range(300..3000));
+            let mut t = lock(&cluster.treatyd);
+            // Never signal pid 0 (our own process group): only a running treatyd.
+            if t.proc.pid() == 0 || t.proc.exited().is_some() {
+                return Ok(());
+            }
+            let pid = nix::unistd::Pid::from_raw(t.proc.pid() as i32);
+            eprintln!("[chaos {}] SIGSTOP treatyd for {lasts:?}", at(t0));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP);
+            counts.coordinator_pauses += 1;
+            std::thread::sleep(lasts);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+        }
     }
     Ok(())
 }
@@ -396,12 +572,16 @@ fn at(t0: Instant) -> String {
 /// restart it after up to 0.8 s; restart treatyd with the next failpoint armed, wait (up to
 /// 5 s) for it to die there, restart it clean; cut a proxy's connections; black-hole a proxy
 /// for 0.3 to 3 s; delay a proxy's traffic by 20 to 1200 ms for 0.5 to 3 s. With extra modes
-/// on ([`Options`]), three steps in ten do one of the modes' actions instead, chosen evenly:
+/// on ([`Options`]), three steps in ten do one of the modes' actions instead, chosen evenly
+/// (in the PostgreSQL mode, in turn):
 /// restart treatyd with a failing fsync or fdatasync-ENOSPC after 5 to 40 good ones (it must
 /// exit with a failure status: fail-stop; then it is restarted clean and must recover),
 /// restart it with 1 to 5 EMFILE in a row on a directory listing (it must keep running),
 /// restart a bank instance with a failing fsync (it must fail-stop too), or cut the power:
-/// SIGKILL treatyd and bank 0, drop every unsynced write on both mounts, restart both.
+/// SIGKILL treatyd and bank 0, drop every unsynced write on both mounts, restart both; in
+/// the PostgreSQL mode: SIGKILL the PostgreSQL server and restart it after up to 1.5 s
+/// (then restart whatever exited meanwhile), pause it for 0.3 to 3 s, or pause treatyd for
+/// 0.3 to 3 s.
 pub fn nemesis(
     cluster: &Cluster,
     seed: u64,
@@ -414,6 +594,7 @@ pub fn nemesis(
     // (proxy, when to restore it)
     let mut faulted: Vec<(usize, Instant)> = Vec::new();
     let mut next_failpoint = 0;
+    let mut next_extra = 0;
     let n = cluster.proxies.len();
     let mut extras = Vec::new();
     if cluster.opts.sync_faults {
@@ -425,6 +606,9 @@ pub fn nemesis(
     }
     if cluster.opts.power_cut {
         extras.push(Extra::PowerCut);
+    }
+    if cluster.pg.is_some() {
+        extras.extend([Extra::PgKill, Extra::PgPause, Extra::CoordinatorPause]);
     }
     let result = (|| -> Result<(), String> {
         while Instant::now() < until && !abort.load(Ordering::Acquire) {
@@ -444,7 +628,14 @@ pub fn nemesis(
                 break;
             }
             if !extras.is_empty() && rng.gen_bool(0.3) {
-                let what = extras[rng.gen_range(0..extras.len())];
+                // PostgreSQL mode: its actions in turn (a server kill first), so that a short
+                // campaign is sure to do each; the other modes keep their random choice.
+                let what = if cluster.pg.is_some() {
+                    next_extra += 1;
+                    extras[(next_extra - 1) % extras.len()]
+                } else {
+                    extras[rng.gen_range(0..extras.len())]
+                };
                 extra(cluster, what, &mut rng, t0, &mut counts)?;
                 continue;
             }

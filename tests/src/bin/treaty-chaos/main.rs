@@ -3,12 +3,16 @@
 //! a seeded nemesis SIGKILLs participants and the coordinator (also at each named failpoint)
 //! and cuts, black-holes and delays connections. Then the faults stop, every transaction must
 //! end, and the bank is checked (see `check.rs` for the invariants). Extra modes:
-//! `--sync-faults`, `--retention`, `--power-cut`; `--all` runs every one of them at once.
+//! `--sync-faults`, `--retention`, `--power-cut`; `--all` runs every one of them at once;
+//! `--postgres` runs the coordinator's log and every bank on a PostgreSQL server of its own,
+//! which the nemesis kills and pauses too.
 //!
 //! ```text
 //! TREATY_SEED=42 TREATY_CHAOS_SECS=600 cargo run --release -p treaty-tests --bin treaty-chaos
 //! # the long campaign: every mode and nemesis together
 //! TREATY_CHAOS_SECS=1800 cargo run --release -p treaty-tests --bin treaty-chaos -- --all
+//! # on PostgreSQL (needs the PostgreSQL server binaries: initdb, postgres)
+//! TREATY_CHAOS_SECS=600 cargo run --release -p treaty-tests --bin treaty-chaos -- --postgres
 //! ```
 //!
 //! This file: the command line, the run (start, load + faults, drain, check), the summary.
@@ -48,7 +52,15 @@ use workload::{Record, Reuse, Submitted, Told};
 /// records after 1 s; finished gids are resubmitted with the same body, which must get the
 /// logged outcome, and with another, which must be refused), `--power-cut` (treatyd's and
 /// bank 0's data on treaty-lazyfs FUSE mounts; both are SIGKILLed and lose every unsynced
-/// write; needs fuse3 and root).
+/// write; needs fuse3 and root), `--postgres` (see below).
+///
+/// `--postgres`: the runner starts its own PostgreSQL server (initdb into the work
+/// directory; fsync on unless `--pg-fsync-off`), treatyd logs to its database `treaty_log`
+/// (`--store`), bank instance i keeps its accounts in `bank_<i>` (2PC prepares are PostgreSQL
+/// prepared transactions). The nemesis also SIGKILLs and restarts the whole server, pauses it
+/// (SIGSTOP/SIGCONT), and pauses treatyd. The checker also requires that no prepared
+/// transaction is left in `pg_prepared_xacts` at the end. Not combinable with the sled-file
+/// modes (`--sync-faults`, `--power-cut`); `--all` does not include it.
 ///
 /// The seed is printed first; `TREATY_SEED=<n>` replays the same fault schedule and the same
 /// transfers (timing, and so the interleaving, still varies). The last line of stdout is a
@@ -107,6 +119,23 @@ struct Cli {
     /// SledSync (`mutation-skip-fdatasync`), which the power-cut mode must catch.
     #[arg(long)]
     skip_fdatasync_mutant: bool,
+    /// Run the coordinator's log and every bank on a PostgreSQL server the runner starts
+    /// (needs initdb and postgres on PATH, in /usr/lib/postgresql/<v>/bin, or $TREATY_PG_BIN).
+    #[arg(long, env = "TREATY_CHAOS_POSTGRES")]
+    postgres: bool,
+    /// With --postgres: run the server with fsync off (faster; still safe against the
+    /// nemesis, which kills processes, not the machine) [default: fsync on].
+    #[arg(long, requires = "postgres")]
+    pg_fsync_off: bool,
+    /// With --postgres: coordinators sharing the one log database. Only 1 is accepted until
+    /// the PostgreSQL log has ownership of records (leases, fencing).
+    #[arg(long, default_value_t = 1, requires = "postgres")]
+    coordinators: usize,
+    /// Checker tests only: run bank-account built with the deliberately broken PgStore
+    /// (`mutation-abort-keeps-prepared`: an abort leaves its prepared transaction in
+    /// PostgreSQL), which --postgres must catch.
+    #[arg(long, requires = "postgres")]
+    abort_keeps_prepared_mutant: bool,
     /// Directory to put the run's data directories in (a fresh subdirectory, removed at the
     /// end unless a violation was found) [default: the system temp dir].
     #[arg(long, value_name = "DIR")]
@@ -156,6 +185,11 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
         power_cut: cli.all || cli.power_cut,
         treatyd_failpoints: cli.treatyd_failpoints.clone(),
         skip_fdatasync_mutant: cli.skip_fdatasync_mutant,
+        postgres: cli.postgres.then_some(cluster::PgMode {
+            fsync: !cli.pg_fsync_off,
+            coordinators: cli.coordinators,
+        }),
+        abort_keeps_prepared_mutant: cli.abort_keeps_prepared_mutant,
     };
     eprintln!("treaty-chaos: modes {opts:?}");
     let cluster = Cluster::start(
@@ -173,6 +207,12 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
         cluster.endpoints(),
         dir.path().display()
     );
+    if let Some(log) = &cluster.log_db {
+        eprintln!(
+            "treaty-chaos: PostgreSQL log {log} ; bank databases {:?}",
+            cluster.bank_dbs
+        );
+    }
     let client = rt
         .block_on(Client::connect(cluster.treatyd_uri.clone()))
         .map_err(|e| format!("cannot connect to treatyd: {e}"))?;
@@ -247,17 +287,46 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
         "[chaos {:6.1}s] coordinator states read; reading the banks and checking",
         t0.elapsed().as_secs_f64()
     );
-    let (rows, balances) = rt.block_on(read_banks(&cluster.bank_uris))?;
-    let mut verdict = check::check(
-        &records,
-        &reuses,
-        &cluster.openings,
-        &Observed {
-            finals,
-            rows,
-            balances,
-        },
-    );
+    // PostgreSQL mode: every prepared transaction must have been committed or rolled back.
+    let mut prepared_left = 0;
+    if let Some(url) = &cluster.log_db {
+        match rt.block_on(prepared_left_over(
+            url,
+            Duration::from_secs(PREPARED_BOUND_SECS),
+        )) {
+            Ok(left) => {
+                prepared_left = left.len();
+                for (gid, db) in left {
+                    harness_problems.push(format!(
+                        "prepared transaction {gid} left in pg_prepared_xacts of database \
+                         {db} {PREPARED_BOUND_SECS} s after every transaction ended"
+                    ));
+                }
+            }
+            Err(e) => harness_problems.push(format!("cannot read pg_prepared_xacts: {e}")),
+        }
+    }
+    let banks = rt.block_on(read_banks(&cluster.bank_uris));
+    let mut verdict = match banks {
+        Ok((rows, balances)) => check::check(
+            &records,
+            &reuses,
+            &cluster.openings,
+            &Observed {
+                finals,
+                rows,
+                balances,
+            },
+        ),
+        // On sled a bank that cannot be read is the harness's failure (as before); on
+        // PostgreSQL it is a finding too: a bank stuck behind locks a leaked prepared
+        // transaction holds cannot answer, and that must be reported, not hang the run.
+        Err(e) if cluster.log_db.is_some() => {
+            harness_problems.push(format!("the banks could not be read: {e}"));
+            check::Verdict::default()
+        }
+        Err(e) => return Err(e),
+    };
     for p in harness_problems {
         verdict
             .violations
@@ -304,6 +373,11 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
         "emfile_bursts": faults.emfile_bursts,
         "power_cuts": faults.power_cuts,
         "power_cut_bytes_lost": faults.power_cut_bytes,
+        "pg_kills": faults.pg_kills,
+        "pg_pauses": faults.pg_pauses,
+        "coordinator_pauses": faults.coordinator_pauses,
+        "exited_after_pg_kill": faults.exited_after_pg_kill,
+        "pg_prepared_left": prepared_left,
         "reuse_same_body": verdict.reuse_same,
         "reuse_other_body_refused": verdict.reuse_refused,
         "reuse_unanswered": verdict.reuse_unanswered,
@@ -311,6 +385,9 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
             "sync_faults": opts.sync_faults,
             "retention": opts.retention,
             "power_cut": opts.power_cut,
+            "postgres": opts.postgres.is_some(),
+            "pg_fsync": opts.postgres.as_ref().map(|m| m.fsync),
+            "coordinators": opts.postgres.as_ref().map_or(1, |m| m.coordinators),
         },
         "chaos_secs": cli.secs,
         "elapsed_secs": (t0.elapsed().as_secs_f64() * 10.0).round() / 10.0,
@@ -428,19 +505,27 @@ async fn read_banks(
     let mut balances = Vec::new();
     for uri in uris {
         let mut tries = 0;
+        let started = Instant::now();
         loop {
             let read = async {
                 let r = treaty_tests::bank::barrier_rows(uri, "").await?;
                 let b = treaty_tests::bank::balances(uri).await?;
                 Ok::<_, String>((r, b))
             };
-            match read.await {
+            // Bounded: a bank that hangs (e.g. every pooled connection waiting on a lock)
+            // must not hang the runner.
+            let read = tokio::time::timeout(Duration::from_secs(5), read)
+                .await
+                .unwrap_or_else(|_| Err(format!("{uri}: no answer within 5 s")));
+            match read {
                 Ok((r, b)) => {
                     rows.push(r);
                     balances.push(b);
                     break;
                 }
-                Err(e) if tries >= 50 => return Err(format!("cannot read bank {uri}: {e}")),
+                Err(e) if tries >= 50 || started.elapsed() >= Duration::from_secs(20) => {
+                    return Err(format!("cannot read bank {uri}: {e}"))
+                }
                 Err(_) => {
                     tries += 1;
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -449,4 +534,42 @@ async fn read_banks(
         }
     }
     Ok((rows, balances))
+}
+
+/// How long, after every transaction is terminal, prepared transactions may take to go.
+const PREPARED_BOUND_SECS: u64 = 30;
+
+/// The prepared transactions (name, database) still in the server's `pg_prepared_xacts`
+/// (every database) once `bound` has passed, polling until none is left; empty when none.
+/// A participant's last `COMMIT PREPARED` may land just after the coordinator's record ends,
+/// hence the bounded wait; one still there after it is left for good.
+async fn prepared_left_over(url: &str, bound: Duration) -> Result<Vec<(String, String)>, String> {
+    let start = Instant::now();
+    loop {
+        let read = async {
+            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| format!("connect to {url}: {e}"))?;
+            let conn = tokio::spawn(conn);
+            let rows = client
+                .query(
+                    "SELECT gid, database::text FROM pg_prepared_xacts ORDER BY gid",
+                    &[],
+                )
+                .await
+                .map_err(|e| format!("SELECT FROM pg_prepared_xacts: {e}"))?;
+            drop(client);
+            let _ = conn.await;
+            Ok::<_, String>(
+                rows.iter()
+                    .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        match read.await {
+            Ok(left) if left.is_empty() || start.elapsed() >= bound => return Ok(left),
+            Err(e) if start.elapsed() >= bound => return Err(e),
+            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
 }

@@ -313,37 +313,6 @@ fn postgres_available(test: &str) -> bool {
     }
 }
 
-/// The PostgreSQL mode: treatyd's log and every bank on the runner's own PostgreSQL server
-/// (fsync on), while the nemesis also SIGKILLs and restarts the server, pauses it, and pauses
-/// treatyd. Nothing may be found, and no prepared transaction may be left on the server.
-#[test]
-fn a_campaign_on_postgres_with_server_kills_finds_nothing() {
-    if !postgres_available("a_campaign_on_postgres_with_server_kills_finds_nothing") {
-        return;
-    }
-    let run = chaos_with(
-        &["--postgres"],
-        &[("TREATY_CHAOS_SECS", "25"), ("TREATY_SEED", "2026")],
-        Duration::from_secs(240),
-    );
-    assert_eq!(violations(&run), 0, "{}", run.stdout);
-    assert_eq!(run.code, 0, "{}", run.stdout);
-    assert_eq!(run.summary["modes"]["postgres"], true, "{}", run.summary);
-    assert_eq!(count(&run, "pg_prepared_left"), 0, "{}", run.summary);
-    for field in [
-        "transactions",
-        "committed",
-        "aborted",
-        "coordinator_kills",
-        "pg_kills",
-        "pg_pauses",
-    ] {
-        assert!(count(&run, field) > 0, "{field} is 0: {}", run.summary);
-    }
-}
-
-/// More than one coordinator on the one log is refused with a clear reason (status 2), before
-/// anything starts, until the PostgreSQL log has ownership of records.
 #[test]
 fn a_postgres_campaign_with_two_coordinators_is_refused() {
     let bin = treaty_tests::binary("treaty-tests", "treaty-chaos", "");

@@ -469,9 +469,11 @@ async fn mtls_identities_carry_roles_and_refusals_are_counted() {
 
     // Each refusal is counted by its status: one PERMISSION_DENIED, one UNAUTHENTICATED.
     let admin = treatyd.proc.admin_addr(WAIT).expect("admin address");
+    // The admin listener serves TLS with the API's certificate and, with --tls-client-ca,
+    // wants a client certificate too.
     let scrape = || {
-        let (status, body) = treaty_tests::http_get(admin, "/metrics").expect("GET /metrics");
-        assert_eq!(status, 200, "{body}");
+        let body = https_get(admin, "/metrics", &pki).expect("GET /metrics");
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
         body
     };
     let count = |body: &str, reason: &str| {
@@ -514,4 +516,51 @@ fn treatyd_refuses_to_start_with_a_missing_certificate_naming_it() {
         !dir.path().join("data").exists(),
         "refused before the log was created"
     );
+}
+
+/// `GET path` over TLS from the admin listener at `addr`, trusting the test CA and presenting
+/// the listed client certificate; the whole response (status line, headers, body).
+fn https_get(addr: std::net::SocketAddr, path: &str, pki: &Pki) -> Result<String, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&pki.ca).map_err(|e| e.to_string())? {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let certs = CertificateDer::pem_file_iter(&pki.client_cert)
+        .map_err(|e| e.to_string())?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let key = PrivateKeyDer::from_pem_file(&pki.client_key).map_err(|e| e.to_string())?;
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+    let tcp = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    write!(
+        tls,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    match tls.read_to_end(&mut out) {
+        Ok(_) => Ok(String::from_utf8_lossy(&out).into_owned()),
+        // A peer that closes without close_notify after a full answer is fine here.
+        Err(e) if !out.is_empty() && e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Ok(String::from_utf8_lossy(&out).into_owned())
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }

@@ -334,28 +334,3 @@ fn a_postgres_campaign_with_two_coordinators_is_refused() {
         "{err}"
     );
 }
-
-/// The PostgreSQL mode's prepared-transaction check bites: bank-account built with a PgStore
-/// whose abort records ABORT but leaves the branch's PostgreSQL prepared transaction in
-/// place. Its change never applies, so money and atomicity hold; only the check of
-/// `pg_prepared_xacts` sees the leak.
-#[test]
-fn a_bank_whose_abort_leaves_a_prepared_transaction_is_caught() {
-    if !postgres_available("a_bank_whose_abort_leaves_a_prepared_transaction_is_caught") {
-        return;
-    }
-    let run = chaos_with(
-        &[
-            "--postgres",
-            "--pg-fsync-off",
-            "--abort-keeps-prepared-mutant",
-            "--drain-secs",
-            "20",
-        ],
-        &[("TREATY_CHAOS_SECS", "10"), ("TREATY_SEED", "101")],
-        Duration::from_secs(360),
-    );
-    assert!(count(&run, "pg_prepared_left") > 0, "{}", run.summary);
-    assert!(violations(&run) > 0, "{}", run.stdout);
-    assert_ne!(run.code, 0, "{}", run.stdout);
-}

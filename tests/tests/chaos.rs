@@ -301,18 +301,6 @@ fn a_sled_sync_that_skips_fdatasync_is_caught_by_power_cuts() {
     assert_ne!(run.code, 0, "{}", run.stdout);
 }
 
-/// Whether this machine has the PostgreSQL server binaries; in CI it must (a failure panics).
-fn postgres_available(test: &str) -> bool {
-    match treaty_pg_harness::find_bin_dir() {
-        Ok(_) => true,
-        Err(e) if std::env::var("CI").map(|v| v != "true").unwrap_or(true) => {
-            eprintln!("SKIPPED {test}: {e}");
-            false
-        }
-        Err(e) => panic!("{test}: PostgreSQL is missing (CI never skips this): {e}"),
-    }
-}
-
 #[test]
 fn a_postgres_campaign_with_two_coordinators_is_refused() {
     let bin = treaty_tests::binary("treaty-tests", "treaty-chaos", "");

@@ -123,20 +123,19 @@ fn main() -> ExitCode {
 async fn serve(mut s: Daemon) -> Result<(), String> {
     // Before the log and the port: a bad TREATY_TEST_MUTATIONS is a configuration error.
     #[cfg(feature = "mutations")]
-    let mutations = test_mutations()?;
+    let (mutations, skip_fence) = test_mutations()?;
     #[cfg(not(feature = "mutations"))]
     no_test_mutations()?;
-    let log: Arc<dyn LogStore> = match &s.store {
-        Some(url) => Arc::new(
-            PgLog::open(url, PgLogOptions::default())
-                .await
-                .map_err(|e| e.to_string())?,
-        ),
+    // The sled log first: its lock says at once when another treatyd runs on the directory.
+    let sled: Option<Arc<dyn LogStore>> = match &s.store {
+        Some(_) => None,
         None => {
             let opts = SledLogOptions {
                 cache_capacity_bytes: s.cache_bytes,
             };
-            Arc::new(SledLog::open(&s.data_dir, opts).map_err(|e| e.to_string())?)
+            Some(Arc::new(
+                SledLog::open(&s.data_dir, opts).map_err(|e| e.to_string())?,
+            ))
         }
     };
     let listener = tokio::net::TcpListener::bind(s.listen)
@@ -154,6 +153,26 @@ async fn serve(mut s: Daemon) -> Result<(), String> {
             s.config.advertise_url = Some(format!("{scheme}://{addr}"));
         }
     }
+    // A PostgreSQL log after the port, so that this coordinator's row in the database
+    // names the URL it is reached at.
+    let log: Arc<dyn LogStore> = match (sled, &s.store) {
+        (Some(sled), _) => sled,
+        (None, url) => {
+            let url = url.as_deref().unwrap_or_default();
+            let opts = PgLogOptions {
+                lease: s.lease,
+                name: s
+                    .config
+                    .advertise_url
+                    .clone()
+                    .unwrap_or_else(|| format!("{} (pid {})", s.listen, std::process::id())),
+                #[cfg(feature = "mutations")]
+                skip_fence,
+                ..PgLogOptions::default()
+            };
+            Arc::new(PgLog::open(url, opts).await.map_err(|e| e.to_string())?)
+        }
+    };
     let admin_listener = match s.admin_listen {
         None => None,
         Some(addr) => {
@@ -216,9 +235,13 @@ fn no_test_mutations() -> Result<(), String> {
 /// `decide_before_durable`, `compensate_forward`, `ignore_tombstones`), for tests
 /// proving the chaos checker catches a broken coordinator. Only in test builds (feature
 /// `mutations`): the release build users run has none of this code.
+///
+/// `skip_fence` (the second value) makes the PostgreSQL log write without its ownership
+/// checks, as a coordinator without fencing would.
 #[cfg(feature = "mutations")]
-fn test_mutations() -> Result<treaty_coordinator::engine::Mutations, String> {
+fn test_mutations() -> Result<(treaty_coordinator::engine::Mutations, bool), String> {
     let mut m = treaty_coordinator::engine::Mutations::default();
+    let mut skip_fence = false;
     let names = std::env::var("TREATY_TEST_MUTATIONS").unwrap_or_default();
     for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
         match name {
@@ -228,20 +251,22 @@ fn test_mutations() -> Result<treaty_coordinator::engine::Mutations, String> {
             "decide_before_durable" => m.decide_before_durable = true,
             "compensate_forward" => m.compensate_forward = true,
             "ignore_tombstones" => m.ignore_tombstones = true,
+            "skip_fence" => skip_fence = true,
             other => {
                 return Err(format!(
                     "TREATY_TEST_MUTATIONS: unknown mutation {other:?}; known: \
                      commit_before_durable, skip_one_compensation, forget_branch_on_recovery, \
-                     decide_before_durable, compensate_forward, ignore_tombstones"
+                     decide_before_durable, compensate_forward, ignore_tombstones, skip_fence"
                 ))
             }
         }
     }
-    if m != treaty_coordinator::engine::Mutations::default() {
+    if m != treaty_coordinator::engine::Mutations::default() || skip_fence {
         tracing::warn!(
             ?m,
+            skip_fence,
             "deliberate engine bugs are ON (TREATY_TEST_MUTATIONS): test use only"
         );
     }
-    Ok(m)
+    Ok((m, skip_fence))
 }

@@ -158,6 +158,7 @@ pub struct Metrics {
     finished: [[Counter; 2]; 2],
     live: Gauge,
     stuck: Gauge,
+    claimed: Counter,
     calls: [[Histogram; CallResult::ALL.len()]; OPS.len()],
     retries: [Counter; OPS.len()],
     forced_write: Histogram,
@@ -215,6 +216,13 @@ impl Metrics {
             "Live transactions flagged stuck: a phase-two call has failed stuck-after-attempts \
              times. Retry or Resolve them.",
             stuck.clone(),
+        );
+        let claimed = Counter::default();
+        r.register(
+            "treaty_transactions_claimed",
+            "Transactions this coordinator took over from a coordinator of the shared \
+             PostgreSQL log whose lease ran out or that left (recovery included).",
+            claimed.clone(),
         );
 
         // 0.5 ms to about 16 s: a local no-op call up to past the default call timeout.
@@ -289,6 +297,7 @@ impl Metrics {
             finished,
             live,
             stuck,
+            claimed,
             calls,
             retries,
             forced_write,
@@ -359,6 +368,11 @@ impl Metrics {
             .position(|c| *c == result)
             .unwrap_or(CallResult::ALL.len() - 1);
         self.calls[op_index(op)][r].observe(took.as_secs_f64());
+    }
+
+    /// `n` transactions claimed from gone owners of a shared log.
+    pub fn taken_over(&self, n: usize) {
+        self.claimed.inc_by(n as u64);
     }
 
     pub fn retry_scheduled(&self, op: Op) {

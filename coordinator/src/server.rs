@@ -155,7 +155,7 @@ async fn serve(
             Some(l) => Some(clone(l, "admin")?),
             None => None,
         };
-        match serve_once(&incarnation, grpc, admin, &mut stopping.clone()).await {
+        match serve_once(&incarnation, grpc, admin, &mut stopping.clone(), replaced).await {
             Ok(Ended::Done(r)) => return r,
             Ok(Ended::Replace) => {
                 tracing::info!("the log answers again: recovering from it with a new runtime");
@@ -218,6 +218,7 @@ async fn serve_once(
     listener: TcpListener,
     admin_listener: Option<TcpListener>,
     stopping: &mut tokio::sync::watch::Receiver<bool>,
+    replacing: bool,
 ) -> Result<Ended, ServeError> {
     let log = Arc::clone(&inc.log);
     let config = inc.config.clone();
@@ -234,6 +235,11 @@ async fn serve_once(
         let _ = stopping.wait_for(|stop| *stop).await;
     };
     tokio::pin!(shutdown);
+    // A new runtime over a shared log is a new owner: what the failed one owned is given
+    // up, and claimed back by the recovery below (or by another coordinator).
+    if replacing {
+        log.rejoin().await.map_err(ServeError::Recover)?;
+    }
     // What a killed process left in the page cache may not be on disk: make it durable
     // before recovery acts on it (a record read back must be one a crash would keep).
     log.sync().await.map_err(ServeError::Recover)?;
@@ -314,6 +320,31 @@ async fn serve_once(
         })
     });
     let _probe = AbortOnDrop(probe);
+    // Several coordinators share the log: keep taking over the transactions of those whose
+    // lease ran out (recovery above took what was orphaned at start).
+    let takeover = log.is_shared().then(|| {
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TAKEOVER_INTERVAL);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match rt.take_over().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::warn!(
+                        transactions = n,
+                        "took over transactions of a coordinator that is gone"
+                    ),
+                    Err(LogError::Fenced(why)) => {
+                        rt.fail_stop(format!("fenced: {why}"));
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "claiming orphaned transactions failed"),
+                }
+            }
+        })
+    });
+    let _takeover = AbortOnDrop(takeover);
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = builder
@@ -387,12 +418,20 @@ async fn serve_once(
     });
     gc.abort();
     log_result.map_err(ServeError::Shutdown)?;
+    // Unfinished transactions are for the other coordinators of a shared log now.
+    if let Err(e) = log.leave().await {
+        tracing::warn!(error = %e, "could not give up ownership; others take over after the lease");
+    }
     tracing::info!(
         unfinished = rt.live(),
         "stopped; unfinished transactions resume at next start"
     );
     Ok(Ended::Done(Ok(())))
 }
+
+/// How often a coordinator of a shared log claims what gone coordinators owned: a dead
+/// coordinator's transactions resume within its lease plus this.
+const TAKEOVER_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How often a log that [`LogStore::recovers_in_process`] is probed with a `sync`.
 const LOG_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -414,7 +453,9 @@ async fn wait_for_log(log: &dyn LogStore) {
     let mut backoff = std::time::Duration::from_millis(100);
     loop {
         match log.sync().await {
-            Ok(()) => return,
+            // Fenced: the database answers, and refuses this owner; the next runtime joins
+            // again as a new one.
+            Ok(()) | Err(LogError::Fenced(_)) => return,
             Err(e) => tracing::debug!(error = %e, ?backoff, "the log is still unavailable"),
         }
         tokio::time::sleep(backoff).await;

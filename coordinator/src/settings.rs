@@ -61,6 +61,9 @@ pub struct Daemon {
     pub log_level: String,
     /// sled's page cache.
     pub cache_bytes: u64,
+    /// With `store`: how long this coordinator's ownership of its transactions outlives its
+    /// last renewal, before another coordinator of the database takes them over.
+    pub lease: Duration,
     /// Where to export traces (OTLP over gRPC); `None`: no exporter, no spans.
     pub otlp_endpoint: Option<String>,
     /// The `service.name` of exported spans.
@@ -78,6 +81,7 @@ impl Default for Daemon {
             log_format: LogFormat::Human,
             log_level: "info".into(),
             cache_bytes: SledLogOptions::default().cache_capacity_bytes,
+            lease: crate::log::postgres::DEFAULT_LEASE,
             otlp_endpoint: None,
             otlp_service_name: crate::otel::SERVICE_NAME_DEFAULT.into(),
             config: Config::default(),
@@ -226,6 +230,22 @@ pub const SETTINGS: &[Setting] = &[
                 crate::log::postgres::parse_url(v)?;
                 Some(v.to_string())
             };
+            Ok(())
+        },
+    },
+    Setting {
+        flag: "lease-ms",
+        value_name: "MS",
+        help: "With --store: how long a coordinator owns its transactions after its last \
+               lease renewal (renewed every third of it). When it dies or is cut off, another \
+               coordinator of the database takes them over after this. At least 300.",
+        get: |d| d.lease.as_millis().to_string(),
+        set: |d, v| {
+            let ms = parse::<u64>(v)?;
+            if ms < 300 {
+                return Err("must be at least 300 (ms)".into());
+            }
+            d.lease = Duration::from_millis(ms);
             Ok(())
         },
     },

@@ -63,7 +63,9 @@ impl CoordinatorService {
 
 fn log_status(e: LogError) -> Status {
     match e {
-        LogError::Closed | LogError::Stopped(_) => Status::unavailable(e.to_string()),
+        LogError::Closed | LogError::Stopped(_) | LogError::Fenced(_) => {
+            Status::unavailable(e.to_string())
+        }
         other => Status::internal(other.to_string()),
     }
 }

@@ -20,7 +20,7 @@ pub mod postgres;
 pub mod sled;
 
 use crate::engine::types::{Mode, Phase, Tombstone, TxRecord};
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt};
 
 /// Why a log operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +59,11 @@ pub enum LogError {
     /// restarted and recovers from what is on disk.
     #[error("the coordinator stopped after a failure and answers nothing until restarted: {0}")]
     Stopped(String),
+    /// A shared log refused a write: this coordinator no longer owns what it wrote (another
+    /// coordinator took its transactions over after its lease ran out, or owns the gid).
+    /// Nothing of the write landed; the coordinator must stop acting on what it remembers.
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 /// Counters a log exposes for benchmarks and metrics.
@@ -257,6 +262,40 @@ pub trait LogStore: Send + Sync + 'static {
     /// failed flush leaves durability unknown until the process restarts.
     fn recovers_in_process(&self) -> bool {
         false
+    }
+
+    /// Whether several coordinators share this log (PostgreSQL). Each non-terminal record
+    /// then has one owner, a live coordinator: only its owner writes it (a write to a record
+    /// another live coordinator owns fails with [`LogError::Fenced`], and so does every write
+    /// of a coordinator whose ownership was taken away). Recovery [`claim`](Self::claim)s
+    /// records instead of scanning them, and a running coordinator claims again and again,
+    /// to take over the transactions of a coordinator whose lease ran out.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// A shared log: make this coordinator the owner of up to `limit` non-terminal records
+    /// whose owner is gone (its lease ran out, or it left), and return them; a page shorter
+    /// than `limit` means none is left for now. A log with a single owner has nothing to
+    /// claim (recovery scans it with [`scan_active`](Self::scan_active)).
+    fn claim(&self, limit: usize) -> LogFuture<Vec<TxRecord>> {
+        let _ = limit;
+        futures::future::ready(Ok(Vec::new())).boxed()
+    }
+
+    /// A shared log: join again as a new owner, for a new runtime that replaces a failed one
+    /// in the same process (`server::Ended::Replace`). What the old runtime owned is given
+    /// up, for the new one (or another coordinator) to claim; a fence raised against the old
+    /// one no longer applies. Other logs: a `sync`.
+    fn rejoin(&self) -> LogFuture<()> {
+        self.sync()
+    }
+
+    /// A shared log: give up ownership at a clean shutdown, so that other coordinators take
+    /// the unfinished transactions over at once rather than after the lease. Nothing is
+    /// written after it. Other logs: nothing.
+    fn leave(&self) -> LogFuture<()> {
+        futures::future::ready(Ok(())).boxed()
     }
 
     /// Tell `observer` of every flush (for metrics: records per flush, failed flushes). A

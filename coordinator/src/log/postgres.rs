@@ -77,7 +77,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{Client, NoTls, Statement};
 
 /// The schema this build writes and reads. A database with a newer one is refused.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Most operations one batch takes from the queue: bounds one transaction's size.
 pub const BATCH_OPS_MAX: usize = 1024;
@@ -100,12 +100,31 @@ pub struct PgLogOptions {
     /// The longest a batch (or a connection attempt) may take before it fails and the
     /// connection is dropped. Default 10 s.
     pub op_timeout: Duration,
+    /// How long this coordinator's ownership outlives its last renewal (renewed every third
+    /// of it): after it, other coordinators of the database take its transactions over.
+    /// Default [`DEFAULT_LEASE`].
+    pub lease: Duration,
+    /// How this coordinator is named in `treaty_coordinators` (for operators): e.g. its
+    /// advertised URL. Default `pid N`.
+    pub name: String,
+    /// Test only (feature `mutations`): write without the ownership checks, as a coordinator
+    /// without fencing would, to prove the checks that catch it.
+    #[cfg(feature = "mutations")]
+    pub skip_fence: bool,
 }
+
+/// The default lease: a dead coordinator's transactions are taken over within about this
+/// long (plus one claim interval).
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
 
 impl Default for PgLogOptions {
     fn default() -> Self {
         PgLogOptions {
             op_timeout: Duration::from_secs(10),
+            lease: DEFAULT_LEASE,
+            name: format!("pid {}", std::process::id()),
+            #[cfg(feature = "mutations")]
+            skip_fence: false,
         }
     }
 }
@@ -115,6 +134,8 @@ pub struct PgLog {
     log_id: String,
     ops: mpsc::UnboundedSender<Op>,
     counters: Arc<Counters>,
+    /// This coordinator's current epoch (its row in `treaty_coordinators`), 0 before it joined.
+    epoch: Arc<std::sync::atomic::AtomicI64>,
     /// `host:port/dbname`, for errors (never the password).
     target: String,
 }
@@ -127,6 +148,24 @@ struct Counters {
 }
 
 type Reply<T> = oneshot::Sender<Result<T, LogError>>;
+
+/// Runs `body` in the transaction just begun on `c`: commits after it, rolls back when it
+/// fails (so that the connection is usable again).
+async fn in_tx<T>(
+    c: &Client,
+    body: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, tokio_postgres::Error> {
+    match body.await {
+        Ok(v) => {
+            c.batch_execute("COMMIT").await?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = c.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
 
 /// One call, queued for the writer task.
 enum Op {
@@ -168,11 +207,35 @@ enum Op {
         max: usize,
         done: Reply<usize>,
     },
+    /// Join as a new owner (see [`LogStore::rejoin`]); answers the new epoch.
+    Join {
+        done: Reply<i64>,
+    },
+    /// Renew this coordinator's lease.
+    Renew {
+        done: Reply<()>,
+    },
+    /// Take over records of gone owners (see [`LogStore::claim`]).
+    Claim {
+        limit: usize,
+        done: Reply<Vec<TxRecord>>,
+    },
+    /// Give up ownership (see [`LogStore::leave`]).
+    Leave {
+        done: Reply<()>,
+    },
 }
 
 impl Op {
     fn is_write(&self) -> bool {
         matches!(self, Op::Put { .. } | Op::Sync { .. })
+    }
+
+    fn is_membership(&self) -> bool {
+        matches!(
+            self,
+            Op::Join { .. } | Op::Renew { .. } | Op::Claim { .. } | Op::Leave { .. }
+        )
     }
 
     fn is_read(&self) -> bool {
@@ -193,6 +256,9 @@ impl Op {
             Op::CollectEnded { done, .. } | Op::CollectTombs { done, .. } => {
                 drop(done.send(Err(err())))
             }
+            Op::Join { done } => drop(done.send(Err(err()))),
+            Op::Renew { done } | Op::Leave { done } => drop(done.send(Err(err()))),
+            Op::Claim { done, .. } => drop(done.send(Err(err()))),
         }
     }
 }
@@ -271,17 +337,81 @@ CREATE TABLE treaty_tombstones (
 CREATE INDEX treaty_tombstones_by_time ON treaty_tombstones (collected_ms, gid);
 "#;
 
-const PUT_SQL: &str = "INSERT INTO treaty_tx \
-    (gid, rec, phase, mode, active, stuck, created_ms, updated_ms) \
-    SELECT * FROM unnest($1::text[], $2::bytea[], $3::int2[], $4::int2[], $5::bool[], \
-    $6::bool[], $7::int8[], $8::int8[]) \
-    ON CONFLICT (gid) DO UPDATE SET rec = excluded.rec, phase = excluded.phase, \
-    mode = excluded.mode, active = excluded.active, stuck = excluded.stuck, \
-    created_ms = excluded.created_ms, updated_ms = excluded.updated_ms";
+/// Schema version 1 to 2: ownership, for several coordinators on one database.
+///
+/// - `treaty_coordinators`: one row per coordinator *epoch* (a process, or a runtime that
+///   replaced a failed one): its name, whether it is `alive`, and until when its lease runs
+///   (database time, so the coordinators' clocks do not matter).
+/// - `treaty_tx.owner`: the epoch that owns the record (0: nobody, e.g. written by schema
+///   1); `owners`: every epoch that wrote or claimed it, in order (the audit the chaos
+///   checker reads: no epoch may come back after another took over).
+/// - `treaty_fence(epoch)`: the first statement of every write transaction. It locks the
+///   epoch's row `FOR SHARE` and raises `TRFEN` unless it is alive: a write either commits
+///   before another coordinator declares the epoch dead (which waits for the lock), and is
+///   seen by its claim, or is refused. That is the fence.
+const MIGRATE_TO_2: &str = r#"
+CREATE SEQUENCE treaty_epochs;
+CREATE TABLE treaty_coordinators (
+    epoch bigint PRIMARY KEY,
+    name text NOT NULL,
+    alive boolean NOT NULL,
+    lease_until timestamptz NOT NULL,
+    started_at timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE treaty_tx ADD COLUMN owner bigint NOT NULL DEFAULT 0,
+    ADD COLUMN owners bigint[] NOT NULL DEFAULT '{}';
+CREATE INDEX treaty_tx_owned ON treaty_tx (owner, gid) WHERE active;
+CREATE FUNCTION treaty_fence(e bigint) RETURNS void LANGUAGE plpgsql AS $f$
+BEGIN
+    PERFORM 1 FROM treaty_coordinators WHERE epoch = e AND alive FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'coordinator epoch % no longer owns its transactions: its lease ran out and another coordinator took them over, or it left', e
+            USING ERRCODE = 'TRFEN';
+    END IF;
+END
+$f$;
+"#;
+
+/// The SQLSTATE `treaty_fence` raises.
+const FENCED_SQLSTATE: &str = "TRFEN";
+
+/// The upsert of a batch, owned by `$9`: a record owned by another *live* epoch is left as
+/// it is (and its gid not returned), so that only its owner writes it.
+fn put_sql(fence: bool) -> String {
+    let owned = if fence {
+        "WHERE t.owner = excluded.owner OR NOT EXISTS (SELECT 1 FROM treaty_coordinators c \
+         WHERE c.epoch = t.owner AND c.alive)"
+    } else {
+        ""
+    };
+    format!(
+        "INSERT INTO treaty_tx AS t \
+         (gid, rec, phase, mode, active, stuck, created_ms, updated_ms, owner, owners) \
+         SELECT g, r, p, m, a, s, c, u, $9, ARRAY[$9::int8] FROM unnest($1::text[], \
+         $2::bytea[], $3::int2[], $4::int2[], $5::bool[], $6::bool[], $7::int8[], $8::int8[]) \
+         AS v(g, r, p, m, a, s, c, u) \
+         ON CONFLICT (gid) DO UPDATE SET rec = excluded.rec, phase = excluded.phase, \
+         mode = excluded.mode, active = excluded.active, stuck = excluded.stuck, \
+         created_ms = excluded.created_ms, updated_ms = excluded.updated_ms, \
+         owner = excluded.owner, owners = CASE WHEN t.owners[cardinality(t.owners)] = \
+         excluded.owner THEN t.owners ELSE t.owners || excluded.owner END {owned} \
+         RETURNING t.gid"
+    )
+}
+
+/// Claims up to `$2` non-terminal records whose owner is not alive for epoch `$1`, skipping
+/// rows another claimer holds; through the `(owner, gid)` index of active records.
+const CLAIM_SQL: &str = "WITH gone AS (SELECT epoch FROM treaty_coordinators WHERE NOT alive \
+    UNION ALL SELECT 0), \
+    mine AS (SELECT gid FROM treaty_tx WHERE active AND owner IN (SELECT epoch FROM gone) \
+    LIMIT $2 FOR UPDATE SKIP LOCKED) \
+    UPDATE treaty_tx t SET owner = $1::int8, owners = t.owners || $1::int8 FROM mine \
+    WHERE t.gid = mine.gid RETURNING t.gid, t.rec";
 
 /// The statements of the hot path, prepared once per connection.
 struct Stmts {
     put: Statement,
+    fence: Statement,
     get: Statement,
     get_tomb: Statement,
     touch: Statement,
@@ -341,6 +471,7 @@ async fn connect(
     cfg: &tokio_postgres::Config,
     target: &str,
     timeout: Duration,
+    fence: bool,
 ) -> Result<Conn, LogError> {
     let attempt = async {
         let (client, connection) = cfg
@@ -352,19 +483,21 @@ async fn connect(
                 tracing::warn!(error = %e, "PostgreSQL log connection closed");
             }
         });
-        let prep = |sql: &'static str| {
+        let prep = |sql: String| {
             let c = &client;
             async move {
-                c.prepare(sql)
+                c.prepare(&sql)
                     .await
                     .map_err(|e| db_err(format!("preparing a log statement at {target}"), e))
             }
         };
+        let prep_str = |sql: &'static str| prep(sql.to_string());
         let stmts = Stmts {
-            put: prep(PUT_SQL).await?,
-            get: prep("SELECT rec FROM treaty_tx WHERE gid = $1").await?,
-            get_tomb: prep("SELECT tomb FROM treaty_tombstones WHERE gid = $1").await?,
-            touch: prep("UPDATE treaty_meta SET synced_ms = $1").await?,
+            put: prep(put_sql(fence)).await?,
+            fence: prep_str("SELECT treaty_fence($1)").await?,
+            get: prep_str("SELECT rec FROM treaty_tx WHERE gid = $1").await?,
+            get_tomb: prep_str("SELECT tomb FROM treaty_tombstones WHERE gid = $1").await?,
+            touch: prep_str("UPDATE treaty_meta SET synced_ms = $1").await?,
         };
         let row = client
             .query_one(
@@ -426,6 +559,18 @@ async fn migrate(client: &mut Client, target: &str) -> Result<String, LogError> 
     let log_id = match row {
         Some(row) => {
             let version: i32 = row.get(0);
+            if version < 2 {
+                tx.batch_execute(MIGRATE_TO_2)
+                    .await
+                    .map_err(err("upgrading the log tables to schema 2"))?;
+                tx.execute(
+                    "UPDATE treaty_meta SET schema_version = $1",
+                    &[&SCHEMA_VERSION],
+                )
+                .await
+                .map_err(err("recording the schema version"))?;
+                tracing::info!(target = %target, "PostgreSQL log upgraded to schema 2 (ownership)");
+            }
             let log_id: String = row.get(1);
             if version > SCHEMA_VERSION {
                 return Err(LogError::Corrupt {
@@ -450,6 +595,9 @@ async fn migrate(client: &mut Client, target: &str) -> Result<String, LogError> 
             tx.batch_execute(SCHEMA)
                 .await
                 .map_err(err("creating the log tables"))?;
+            tx.batch_execute(MIGRATE_TO_2)
+                .await
+                .map_err(err("creating the ownership tables"))?;
             let id = uuid::Uuid::new_v4().to_string();
             let now = ms(crate::runtime::now_ms());
             tx.execute(
@@ -490,8 +638,14 @@ impl PgLog {
                 }
             };
         drop(conn);
-        let conn = connect(&cfg, &target, opts.op_timeout).await?;
+        #[cfg(feature = "mutations")]
+        let fence = !opts.skip_fence;
+        #[cfg(not(feature = "mutations"))]
+        let fence = true;
+        let conn = connect(&cfg, &target, opts.op_timeout, fence).await?;
         let counters = Arc::new(Counters::default());
+        let epoch = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let lease = opts.lease;
         let (tx, rx) = mpsc::unbounded_channel();
         let worker = Worker {
             cfg,
@@ -505,14 +659,30 @@ impl PgLog {
             backoff: RECONNECT_BACKOFF_MIN,
             counters: Arc::clone(&counters),
             last_backend: None,
+            epoch: Arc::clone(&epoch),
+            fenced: None,
         };
         tokio::spawn(worker.run(rx));
-        Ok(PgLog {
+        tokio::spawn(renew_lease(tx.downgrade(), lease));
+        let log = PgLog {
             log_id,
             ops: tx,
             counters,
+            epoch,
             target,
-        })
+        };
+        log.join().await?;
+        Ok(log)
+    }
+
+    /// This coordinator's epoch: its row in `treaty_coordinators`, and the owner of what it
+    /// writes. A new one after each [`LogStore::rejoin`].
+    pub fn epoch(&self) -> i64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    async fn join(&self) -> Result<i64, LogError> {
+        self.send(|done| Op::Join { done }).await
     }
 
     /// Sends `op` to the writer task and returns the future of its answer.
@@ -532,6 +702,27 @@ impl PgLog {
             })
         }
         .boxed()
+    }
+}
+
+/// Renews the lease every third of it while the log is open. A renewal that finds the epoch
+/// dead fences the log (the worker remembers); one that fails on the network is retried at
+/// the next tick (the writes fail meanwhile anyway).
+async fn renew_lease(ops: mpsc::WeakUnboundedSender<Op>, lease: Duration) {
+    let mut tick = tokio::time::interval(lease / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(ops) = ops.upgrade() else { return };
+        let (done, answer) = oneshot::channel();
+        if ops.send(Op::Renew { done }).is_err() {
+            return;
+        }
+        drop(ops);
+        if let Ok(Err(e)) = answer.await {
+            tracing::debug!(error = %e, "lease renewal failed");
+        }
     }
 }
 
@@ -582,6 +773,11 @@ struct Worker {
     counters: Arc<Counters>,
     /// The backend of the last connection, until a new connection has seen it end.
     last_backend: Option<(i32, String)>,
+    /// This coordinator's epoch (0 before it joined), shared with [`PgLog::epoch`].
+    epoch: Arc<std::sync::atomic::AtomicI64>,
+    /// The database said this epoch is no longer alive (or it left): every write fails
+    /// with [`LogError::Fenced`] until it joins again.
+    fenced: Option<String>,
 }
 
 /// Makes sure the server process of an earlier connection has ended, terminating it if it
@@ -648,6 +844,189 @@ impl Worker {
                 self.step(step).await;
             }
         }
+        // Every `PgLog` handle is gone (a clean close): give up ownership, so that what
+        // is unfinished is taken over at once, not after the lease. Best effort: a process
+        // that dies without it is taken over after its lease.
+        if self.epoch() != 0 && self.fenced.is_none() {
+            let (done, _) = oneshot::channel();
+            self.step(Step::One(Op::Leave { done })).await;
+        }
+    }
+
+    fn epoch(&self) -> i64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Whether writes are fenced (always, but for the test-only `skip_fence` mutation).
+    fn fences(&self) -> bool {
+        #[cfg(feature = "mutations")]
+        let on = !self.opts.skip_fence;
+        #[cfg(not(feature = "mutations"))]
+        let on = true;
+        on
+    }
+
+    /// Joining, renewing, claiming and leaving (the ownership operations), alone in their
+    /// place; answers `op`.
+    async fn membership(&mut self, op: Op) -> Result<(), LogError> {
+        let timeout = self.opts.op_timeout;
+        let target = self.target.clone();
+        let epoch = self.epoch();
+        let lease = self.opts.lease.as_secs_f64();
+        let name = self.opts.name.clone();
+        let fenced = self.fenced.clone();
+        let conn = self.conn().await?;
+        let c = &conn.client;
+        let err = |doing: &str| {
+            let doing = format!("{doing} at {target}");
+            move |e| db_err(doing, e)
+        };
+        match op {
+            Op::Join { done } => {
+                let joined = run_with_timeout(timeout, &target, async {
+                    // The old epoch is given up in the same transaction: what it owned is
+                    // claimable the moment the new one exists.
+                    // Statements one after another (not pipelined: a statement that is not
+                    // prepared yet would run after a pipelined COMMIT). Rare, so cheap.
+                    c.batch_execute("BEGIN")
+                        .await
+                        .map_err(err("joining the coordinators"))?;
+                    let row = in_tx(c, async {
+                        c.execute(
+                            "UPDATE treaty_coordinators SET alive = false WHERE epoch = $1",
+                            &[&epoch],
+                        )
+                        .await?;
+                        c.query_one(
+                            "INSERT INTO treaty_coordinators (epoch, name, alive, lease_until) \
+                             VALUES (nextval('treaty_epochs'), $1, true, \
+                             now() + make_interval(secs => $2)) RETURNING epoch",
+                            &[&name, &lease],
+                        )
+                        .await
+                    })
+                    .await
+                    .map_err(err("joining the coordinators"))?;
+                    Ok(row.get::<_, i64>(0))
+                })
+                .await;
+                let db = joined.as_ref().err().map(copy);
+                if let Ok(new) = &joined {
+                    tracing::info!(epoch = new, previous = epoch, target = %target, "joined the coordinators of the PostgreSQL log");
+                    self.epoch.store(*new, Ordering::Release);
+                    self.fenced = None;
+                }
+                let _ = done.send(joined.map(|_| ()).map(|()| self.epoch()));
+                db.map_or(Ok(()), Err)
+            }
+            Op::Renew { done } => {
+                if let Some(why) = fenced {
+                    let _ = done.send(Err(LogError::Fenced(why)));
+                    return Ok(());
+                }
+                let r = run_with_timeout(timeout, &target, async {
+                    c.execute(
+                        "UPDATE treaty_coordinators SET lease_until = now() + \
+                         make_interval(secs => $2) WHERE epoch = $1 AND alive",
+                        &[&epoch, &lease],
+                    )
+                    .await
+                    .map_err(err("renewing the lease"))
+                })
+                .await;
+                let (answer, db) = match r {
+                    Ok(1) => (Ok(()), Ok(())),
+                    Ok(_) => {
+                        let why = format!(
+                            "coordinator epoch {epoch} was declared dead by another coordinator \
+                             (its lease ran out) and its transactions taken over"
+                        );
+                        tracing::error!(epoch, "{why}");
+                        self.fenced = Some(why.clone());
+                        (Err(LogError::Fenced(why)), Ok(()))
+                    }
+                    Err(e) => {
+                        let again = copy(&e);
+                        (Err(e), Err(again))
+                    }
+                };
+                let _ = done.send(answer);
+                db
+            }
+            Op::Claim { limit, done } => {
+                if let Some(why) = fenced {
+                    let _ = done.send(Err(LogError::Fenced(why)));
+                    return Ok(());
+                }
+                let lim = ms(limit as u64);
+                let r = run_with_timeout(timeout, &target, async {
+                    c.batch_execute("BEGIN")
+                        .await
+                        .map_err(err("claiming records"))?;
+                    let (expired, claimed) = in_tx(c, async {
+                        c.execute(&conn.stmts.fence, &[&epoch]).await?;
+                        let expired = c
+                            .query(
+                                "UPDATE treaty_coordinators SET alive = false \
+                                 WHERE alive AND lease_until < now() AND epoch <> $1 \
+                                 RETURNING epoch, name",
+                                &[&epoch],
+                            )
+                            .await?;
+                        let claimed = c.query(CLAIM_SQL, &[&epoch, &lim]).await?;
+                        c.execute(
+                            "DELETE FROM treaty_coordinators c WHERE NOT alive AND NOT EXISTS \
+                             (SELECT 1 FROM treaty_tx t WHERE t.active AND t.owner = c.epoch)",
+                            &[],
+                        )
+                        .await?;
+                        Ok((expired, claimed))
+                    })
+                    .await
+                    .map_err(|e| fenced_or(e, "claiming records", &target))?;
+                    for row in &expired {
+                        let (dead, name): (i64, String) = (row.get(0), row.get(1));
+                        tracing::warn!(epoch = dead, name = %name, "a coordinator's lease ran out: taking over its transactions");
+                    }
+                    claimed
+                        .iter()
+                        .map(|row| decode(&target, row.get(0), row.get(1)))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .await;
+                if let Err(LogError::Fenced(why)) = &r {
+                    self.fenced = Some(why.clone());
+                }
+                let db = match &r {
+                    Err(e @ LogError::Io { .. }) => Err(copy(e)),
+                    _ => Ok(()),
+                };
+                let _ = done.send(r);
+                db
+            }
+            Op::Leave { done } => {
+                let r = run_with_timeout(timeout, &target, async {
+                    c.execute(
+                        "UPDATE treaty_coordinators SET alive = false WHERE epoch = $1",
+                        &[&epoch],
+                    )
+                    .await
+                    .map_err(err("leaving the coordinators"))
+                })
+                .await;
+                let db = r.as_ref().err().map(copy);
+                if r.is_ok() {
+                    tracing::info!(epoch, "left the coordinators: unfinished transactions are for others to take over");
+                    self.fenced = Some(format!("coordinator epoch {epoch} left"));
+                }
+                let _ = done.send(r.map(|_| ()));
+                db.map_or(Ok(()), Err)
+            }
+            other => {
+                other.fail(&|| LogError::Closed);
+                Ok(())
+            }
+        }
     }
 
     /// A connection, reconnecting (bounded by the backoff) when there is none.
@@ -669,7 +1048,10 @@ impl Worker {
                     });
                 }
             }
-            let connected = match connect(&self.cfg, &self.target, self.opts.op_timeout).await {
+            let fence = self.fences();
+            let connected = match connect(&self.cfg, &self.target, self.opts.op_timeout, fence)
+                .await
+            {
                 Ok(c) => match &self.last_backend {
                     Some(old) => end_backend(&c.client, old, self.opts.op_timeout, &self.target)
                         .await
@@ -697,7 +1079,33 @@ impl Worker {
     }
 
     async fn step(&mut self, step: Step) {
+        let step = match step {
+            Step::One(op) if op.is_membership() => {
+                if let Err(e) = self.membership(op).await {
+                    tracing::warn!(error = %e, "PostgreSQL log ownership operation failed; reconnecting");
+                    self.conn = None;
+                }
+                return;
+            }
+            // Fenced: no write goes out (the database would refuse it anyway).
+            Step::Mixed { writes, reads } if self.fenced.is_some() && !writes.is_empty() => {
+                let why = self.fenced.clone().unwrap_or_default();
+                for op in writes {
+                    op.fail(&|| LogError::Fenced(why.clone()));
+                }
+                Step::Mixed {
+                    writes: Vec::new(),
+                    reads,
+                }
+            }
+            other => other,
+        };
+        if matches!(&step, Step::Mixed { writes, reads } if writes.is_empty() && reads.is_empty()) {
+            return;
+        }
         let timeout = self.opts.op_timeout;
+        let epoch = self.epoch();
+        let fence = self.fences();
         let target = self.target.clone();
         let dirty = self.dirty;
         let conn = match self.conn().await {
@@ -717,7 +1125,7 @@ impl Worker {
                 let r = run_with_timeout(
                     timeout,
                     &target,
-                    write_batch(conn, writes, reads, dirty, &target),
+                    write_batch(conn, writes, reads, dirty, (epoch, fence), &target),
                 )
                 .await;
                 match r {
@@ -731,6 +1139,13 @@ impl Worker {
                         Ok(())
                     }
                     Ok(None) => Ok(()),
+                    Err(LogError::Fenced(why)) => {
+                        // The batch was refused whole (nothing of it landed) and the
+                        // connection is fine: remember, so that nothing more is written.
+                        tracing::error!(epoch, reason = %why, "fenced: this coordinator no longer owns its transactions");
+                        self.fenced = Some(why);
+                        Ok(())
+                    }
                     Err(e) => Err(e),
                 }
             }
@@ -824,6 +1239,7 @@ async fn write_batch(
     ops: Vec<Op>,
     reads: Vec<Op>,
     dirty: bool,
+    (epoch, fence): (i64, bool),
     target: &str,
 ) -> Result<Option<bool>, LogError> {
     let mut durable = false;
@@ -872,16 +1288,23 @@ async fn write_batch(
         let updated: Vec<i64> = rows.iter().map(|r| r.updated_ms).collect();
         // Pipelined: the requests go out back to back (tokio-postgres sends each when first
         // polled, and `join!` polls in order), one round trip in all.
-        let (b, put, touch, read, commit) = futures::join!(
+        let (b, fenced, put, touch, read, commit) = futures::join!(
             c.batch_execute(begin),
             async {
-                if rows.is_empty() {
+                if rows.is_empty() || !fence {
                     return Ok(0);
                 }
-                c.execute(
+                // Prepared: its `Execute` must go out before the upsert's, in the pipeline.
+                c.execute(&conn.stmts.fence, &[&epoch]).await
+            },
+            async {
+                if rows.is_empty() {
+                    return Ok(Vec::new());
+                }
+                c.query(
                     &conn.stmts.put,
                     &[
-                        &gids, &bytes, &phases, &modes, &active, &stuck, &created, &updated,
+                        &gids, &bytes, &phases, &modes, &active, &stuck, &created, &updated, &epoch,
                     ],
                 )
                 .await
@@ -905,8 +1328,30 @@ async fn write_batch(
         } else {
             "committing a batch of log records"
         };
-        match b.and(put).and(touch).and(commit) {
-            Err(e) => Err(db_err(format!("{what} at {target}"), e)),
+        let landed = |put: Vec<tokio_postgres::Row>| {
+            let landed: std::collections::HashSet<String> =
+                put.iter().map(|r| r.get::<_, String>(0)).collect();
+            landed
+        };
+        match b
+            .and(fenced)
+            .and(put.map(landed))
+            .and_then(|landed| touch.and(commit).map(|_| landed))
+        {
+            Err(e) => Err(fenced_or(e, what, target)),
+            // A record another live coordinator owns was left as it is: this coordinator
+            // has no business writing it (it is fenced from it like from everything else).
+            Ok(landed) if landed.len() != rows.len() => {
+                let lost: Vec<&str> = gids
+                    .iter()
+                    .copied()
+                    .filter(|g| !landed.contains(*g))
+                    .collect();
+                Err(LogError::Fenced(format!(
+                    "{what} at {target}: gid(s) {lost:?} belong to another live coordinator; \
+                     epoch {epoch} may not write them"
+                )))
+            }
             Ok(_) => match read {
                 // A read that failed in the transaction rolled it back.
                 Err(e) => Err(LogError::Io {
@@ -928,6 +1373,17 @@ async fn write_batch(
     result
 }
 
+/// A database error as a [`LogError`]: [`LogError::Fenced`] when `treaty_fence` refused the
+/// transaction, else [`LogError::Io`].
+fn fenced_or(e: tokio_postgres::Error, doing: &str, target: &str) -> LogError {
+    match e.as_db_error() {
+        Some(db) if db.code().code() == FENCED_SQLSTATE => {
+            LogError::Fenced(format!("{doing} at {target}: {}", db.message()))
+        }
+        _ => db_err(format!("{doing} at {target}"), e),
+    }
+}
+
 /// The same error again, for every operation of a failed batch (`LogError` is not `Clone`:
 /// its I/O source is not).
 fn copy(e: &LogError) -> LogError {
@@ -947,6 +1403,7 @@ fn copy(e: &LogError) -> LogError {
         },
         LogError::Closed => LogError::Closed,
         LogError::Stopped(why) => LogError::Stopped(why.clone()),
+        LogError::Fenced(why) => LogError::Fenced(why.clone()),
     }
 }
 
@@ -1335,5 +1792,23 @@ impl LogStore for PgLog {
     /// write issued before the failure can land after a new runtime has read the log.
     fn recovers_in_process(&self) -> bool {
         true
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    fn claim(&self, limit: usize) -> LogFuture<Vec<TxRecord>> {
+        self.send(|done| Op::Claim { limit, done })
+    }
+
+    fn rejoin(&self) -> LogFuture<()> {
+        self.send(|done| Op::Join { done })
+            .map(|r| r.map(|_| ()))
+            .boxed()
+    }
+
+    fn leave(&self) -> LogFuture<()> {
+        self.send(|done| Op::Leave { done })
     }
 }

@@ -540,7 +540,15 @@ impl Runtime {
 
     /// Resume every non-terminal transaction in the log, reading it page by page (a shard's
     /// inbox full of recovered transactions makes recovery wait). Returns how many.
+    ///
+    /// On a log several coordinators share ([`LogStore::is_shared`]), only the transactions
+    /// nobody else owns: it claims them page by page. Called again and again while serving
+    /// ([`Runtime::take_over`]), that is how the transactions of a coordinator whose lease
+    /// ran out are finished by another.
     pub async fn recover(&self) -> Result<usize, LogError> {
+        if self.inner.log.is_shared() {
+            return self.take_over().await;
+        }
         let mut after: Option<String> = None;
         let mut n = 0;
         loop {
@@ -562,6 +570,30 @@ impl Runtime {
                 self.send(&gid, Msg::Recover(Box::new(tx))).await;
             }
             if !full {
+                return Ok(n);
+            }
+        }
+    }
+
+    /// Claim (see [`LogStore::claim`]) every transaction of the shared log whose owner is
+    /// gone, and drive each as recovery would. Returns how many.
+    pub async fn take_over(&self) -> Result<usize, LogError> {
+        let mut n = 0;
+        loop {
+            self.inner.fatal.check()?;
+            let page = self.inner.log.claim(RECOVERY_PAGE).await?;
+            self.inner.fatal.check()?;
+            let full = page.len() == RECOVERY_PAGE;
+            for rec in page {
+                n += 1;
+                let gid = rec.gid.clone();
+                let tx = self.inner.engine(Tx::recover(rec));
+                self.send(&gid, Msg::Recover(Box::new(tx))).await;
+            }
+            if !full {
+                if n > 0 {
+                    self.inner.metrics.taken_over(n);
+                }
                 return Ok(n);
             }
         }

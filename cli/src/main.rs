@@ -247,9 +247,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .await
                 .map_err(|e| Failure::from_client(e, &uri, Some(&gid)))?;
             if json {
-                view::print_json(&serde_json::json!({ "gid": gid, "retried": r.retried }));
+                view::print_json(
+                    &serde_json::json!({ "gid": gid, "retried": r.retried, "forwarded": r.forwarded }),
+                );
             } else {
-                println!("{gid}: {} waiting branch call(s) sent now", r.retried);
+                if r.forwarded {
+                    println!("{gid}: passed on to the coordinator that drives it");
+                } else {
+                    println!("{gid}: {} waiting branch call(s) sent now", r.retried);
+                }
             }
         }
         Cmd::Resolve {

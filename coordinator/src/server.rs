@@ -345,6 +345,8 @@ async fn serve_once(
         })
     });
     let _takeover = AbortOnDrop(takeover);
+    // `Retry` on another coordinator of a shared log, for a transaction this one drives.
+    log.on_nudge(nudge_handler(&rt));
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = builder
@@ -427,6 +429,25 @@ async fn serve_once(
         "stopped; unfinished transactions resume at next start"
     );
     Ok(Ended::Done(Ok(())))
+}
+
+/// What a shared log calls when another coordinator passes a `Retry` on: retry here. (The
+/// next incarnation sets its own, which lets this runtime go.)
+fn nudge_handler(rt: &Runtime) -> crate::log::NudgeHandler {
+    let rt = rt.clone();
+    Arc::new(move |gid: String| {
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            match rt.retry(&gid).await {
+                Ok(calls) => {
+                    tracing::info!(gid = %gid, ?calls, "retry passed on by another coordinator")
+                }
+                Err(e) => {
+                    tracing::debug!(gid = %gid, error = %e, "a retry passed on could not run")
+                }
+            }
+        });
+    })
 }
 
 /// How often a coordinator of a shared log claims what gone coordinators owned: a dead

@@ -257,6 +257,7 @@ async fn show(
 struct Retried {
     /// Branches whose waiting call was sent now (0: nothing was waiting, e.g. finished).
     retried: u32,
+    forwarded: bool,
 }
 
 async fn retry(
@@ -281,7 +282,10 @@ async fn retry(
         |api, req| async move { api.retry(req).await.map(|r| r.into_inner()) },
     )
     .await?;
-    Ok(Json(Retried { retried: r.retried }))
+    Ok(Json(Retried {
+        retried: r.retried,
+        forwarded: r.forwarded,
+    }))
 }
 
 #[derive(Deserialize)]

@@ -283,10 +283,21 @@ impl Coordinator for CoordinatorService {
         let gid = req.into_inner().gid;
         check_gid(&gid, &self.rt)?;
         match self.rt.retry(&gid).await.map_err(log_status)? {
-            Some(n) => Ok(Response::new(pb::RetryResponse { retried: n })),
-            // Not live: finished, so there is nothing to retry.
+            Some(n) => Ok(Response::new(pb::RetryResponse {
+                retried: n,
+                forwarded: false,
+            })),
+            // Not live here: finished, or (a shared log) driven by another coordinator, which
+            // is told to retry.
             None => match self.rt.get(&gid).await.map_err(log_status)? {
-                Some(_) => Ok(Response::new(pb::RetryResponse { retried: 0 })),
+                Some(s) => {
+                    let forwarded = !s.record.phase.is_terminal()
+                        && self.rt.log().nudge(&gid).await.map_err(log_status)?;
+                    Ok(Response::new(pb::RetryResponse {
+                        retried: 0,
+                        forwarded,
+                    }))
+                }
                 None => Err(Status::not_found(format!(
                     "no transaction with gid {gid:?}"
                 ))),

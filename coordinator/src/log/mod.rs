@@ -143,6 +143,9 @@ pub(crate) fn list_page(
     Ok(page)
 }
 
+/// What a shared log calls with the gid of a `Retry` another coordinator passed on.
+pub type NudgeHandler = std::sync::Arc<dyn Fn(String) + Send + Sync>;
+
 /// A log operation in flight. `'static` (it borrows neither the store nor the arguments),
 /// so a caller can move it into a task; see [`LogStore`] for when each one is issued.
 pub type LogFuture<T> = BoxFuture<'static, Result<T, LogError>>;
@@ -296,6 +299,20 @@ pub trait LogStore: Send + Sync + 'static {
     /// written after it. Other logs: nothing.
     fn leave(&self) -> LogFuture<()> {
         futures::future::ready(Ok(())).boxed()
+    }
+
+    /// A shared log: ask the live coordinator that owns `gid` (when it is non-terminal) to
+    /// retry its waiting calls now (`Retry` on a coordinator that does not drive it).
+    /// Whether such an owner was found and told. Other logs: `false`.
+    fn nudge(&self, gid: &str) -> LogFuture<bool> {
+        let _ = gid;
+        futures::future::ready(Ok(false)).boxed()
+    }
+
+    /// A shared log: call `handler` with the gid of every [`nudge`](Self::nudge) aimed at
+    /// this coordinator (the latest handler wins). Other logs: ignored.
+    fn on_nudge(&self, handler: NudgeHandler) {
+        let _ = handler;
     }
 
     /// Tell `observer` of every flush (for metrics: records per flush, failed flushes). A

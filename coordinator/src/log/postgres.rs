@@ -136,6 +136,7 @@ pub struct PgLog {
     counters: Arc<Counters>,
     /// This coordinator's current epoch (its row in `treaty_coordinators`), 0 before it joined.
     epoch: Arc<std::sync::atomic::AtomicI64>,
+    nudges: Arc<Nudges>,
     /// `host:port/dbname`, for errors (never the password).
     target: String,
 }
@@ -224,6 +225,11 @@ enum Op {
     Leave {
         done: Reply<()>,
     },
+    /// Tell the owner of a gid to retry (see [`LogStore::nudge`]).
+    Nudge {
+        gid: String,
+        done: Reply<bool>,
+    },
 }
 
 impl Op {
@@ -241,7 +247,11 @@ impl Op {
     fn is_read(&self) -> bool {
         matches!(
             self,
-            Op::Get { .. } | Op::GetTomb { .. } | Op::ScanActive { .. } | Op::List { .. }
+            Op::Get { .. }
+                | Op::GetTomb { .. }
+                | Op::ScanActive { .. }
+                | Op::List { .. }
+                | Op::Nudge { .. }
         )
     }
 
@@ -259,6 +269,7 @@ impl Op {
             Op::Join { done } => drop(done.send(Err(err()))),
             Op::Renew { done } | Op::Leave { done } => drop(done.send(Err(err()))),
             Op::Claim { done, .. } => drop(done.send(Err(err()))),
+            Op::Nudge { done, .. } => drop(done.send(Err(err()))),
         }
     }
 }
@@ -372,6 +383,37 @@ END
 $f$;
 "#;
 
+/// The channel on which a coordinator passes a `Retry` on to the owner of the gid (payload
+/// `"<owner epoch> <gid>"`); every coordinator listens, each takes its own.
+const NUDGE_CHANNEL: &str = "treaty_retry";
+
+/// Where nudges for this coordinator go: the handler the runtime set, and the current epoch
+/// (a nudge for an older epoch of this process is not ours any more).
+#[derive(Default)]
+struct Nudges {
+    handler: std::sync::Mutex<Option<super::NudgeHandler>>,
+    epoch: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Nudges {
+    fn deliver(&self, payload: &str) {
+        let Some((epoch, gid)) = payload.split_once(' ') else {
+            return;
+        };
+        if epoch.parse::<i64>().ok() != Some(self.epoch.load(Ordering::Acquire)) {
+            return;
+        }
+        let handler = self
+            .handler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(h) = handler {
+            h(gid.to_string());
+        }
+    }
+}
+
 /// The SQLSTATE `treaty_fence` raises.
 const FENCED_SQLSTATE: &str = "TRFEN";
 
@@ -472,17 +514,35 @@ async fn connect(
     target: &str,
     timeout: Duration,
     fence: bool,
+    nudges: &Arc<Nudges>,
 ) -> Result<Conn, LogError> {
     let attempt = async {
-        let (client, connection) = cfg
+        let (client, mut connection) = cfg
             .connect(NoTls)
             .await
             .map_err(|e| db_err(format!("connecting to PostgreSQL at {target}"), e))?;
+        let nudges = Arc::clone(nudges);
         let task = tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(error = %e, "PostgreSQL log connection closed");
+            // Driving the connection this way (rather than awaiting it) also hands over
+            // what the server sends unasked: the nudges of `LISTEN treaty_retry`.
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(m) = futures::StreamExt::next(&mut messages).await {
+                match m {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        nudges.deliver(n.payload())
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "PostgreSQL log connection closed");
+                        return;
+                    }
+                }
             }
         });
+        client
+            .batch_execute(&format!("LISTEN {NUDGE_CHANNEL}"))
+            .await
+            .map_err(|e| db_err(format!("listening for retries at {target}"), e))?;
         let prep = |sql: String| {
             let c = &client;
             async move {
@@ -642,9 +702,13 @@ impl PgLog {
         let fence = !opts.skip_fence;
         #[cfg(not(feature = "mutations"))]
         let fence = true;
-        let conn = connect(&cfg, &target, opts.op_timeout, fence).await?;
-        let counters = Arc::new(Counters::default());
         let epoch = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let nudges = Arc::new(Nudges {
+            handler: std::sync::Mutex::new(None),
+            epoch: Arc::clone(&epoch),
+        });
+        let conn = connect(&cfg, &target, opts.op_timeout, fence, &nudges).await?;
+        let counters = Arc::new(Counters::default());
         let lease = opts.lease;
         let (tx, rx) = mpsc::unbounded_channel();
         let worker = Worker {
@@ -661,6 +725,7 @@ impl PgLog {
             last_backend: None,
             epoch: Arc::clone(&epoch),
             fenced: None,
+            nudges: Arc::clone(&nudges),
         };
         tokio::spawn(worker.run(rx));
         tokio::spawn(renew_lease(tx.downgrade(), lease));
@@ -669,6 +734,7 @@ impl PgLog {
             ops: tx,
             counters,
             epoch,
+            nudges,
             target,
         };
         log.join().await?;
@@ -778,6 +844,7 @@ struct Worker {
     /// The database said this epoch is no longer alive (or it left): every write fails
     /// with [`LogError::Fenced`] until it joins again.
     fenced: Option<String>,
+    nudges: Arc<Nudges>,
 }
 
 /// Makes sure the server process of an earlier connection has ended, terminating it if it
@@ -1049,8 +1116,14 @@ impl Worker {
                 }
             }
             let fence = self.fences();
-            let connected = match connect(&self.cfg, &self.target, self.opts.op_timeout, fence)
-                .await
+            let connected = match connect(
+                &self.cfg,
+                &self.target,
+                self.opts.op_timeout,
+                fence,
+                &self.nudges,
+            )
+            .await
             {
                 Ok(c) => match &self.last_backend {
                     Some(old) => end_backend(&c.client, old, self.opts.op_timeout, &self.target)
@@ -1497,6 +1570,22 @@ async fn read(conn: &Conn, op: Op, target: &str) -> Result<(), LogError> {
             let _ = done.send(answer);
             db
         }
+        Op::Nudge { gid, done } => {
+            let r = c
+                .query_opt(
+                    "SELECT pg_notify($2, t.owner::text || ' ' || t.gid) FROM treaty_tx t \
+                     WHERE t.gid = $1 AND t.active AND EXISTS (SELECT 1 FROM \
+                     treaty_coordinators c WHERE c.epoch = t.owner AND c.alive)",
+                    &[&gid, &NUDGE_CHANNEL],
+                )
+                .await
+                .map_err(failed(format!(
+                    "passing on a retry of gid {gid:?} at {target}"
+                )));
+            let (answer, db) = split(r, |row| Ok(row.is_some()));
+            let _ = done.send(answer);
+            db
+        }
         Op::List {
             filter,
             cursor,
@@ -1810,5 +1899,18 @@ impl LogStore for PgLog {
 
     fn leave(&self) -> LogFuture<()> {
         self.send(|done| Op::Leave { done })
+    }
+
+    fn nudge(&self, gid: &str) -> LogFuture<bool> {
+        let gid = gid.to_string();
+        self.send(|done| Op::Nudge { gid, done })
+    }
+
+    fn on_nudge(&self, handler: super::NudgeHandler) {
+        *self
+            .nudges
+            .handler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(handler);
     }
 }

@@ -94,10 +94,14 @@ const LOG_PROBE_GID: &str = "treaty-client-log-probe";
 /// the channel). Any answer the coordinator gave (a refusal, NOT_FOUND, ...) is its word and
 /// is returned as it is.
 fn fails_over(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-    )
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => true,
+        // The connection broke under the call (the coordinator died mid-call): tonic says
+        // UNKNOWN with the transport error as its source. A coordinator's own UNKNOWN
+        // answer has no source, and does not fail over.
+        tonic::Code::Unknown => std::error::Error::source(status).is_some(),
+        _ => false,
+    }
 }
 
 /// The caller's interceptor (or none), shared by every clone of the client.

@@ -171,6 +171,9 @@ pub struct OutcomeAnswer {
 pub struct RetryOutcome {
     /// Branch calls that were waiting and went out now.
     pub retried: u32,
+    /// Another coordinator of the shared log drives the transaction: the retry was passed
+    /// on to it (and `retried` is 0).
+    pub forwarded: bool,
 }
 
 /// What a submit recorded ([`SagaBuilder::submit`](super::SagaBuilder::submit),
@@ -420,7 +423,10 @@ impl From<pb::OutcomeResponse> for OutcomeAnswer {
 
 impl From<pb::RetryResponse> for RetryOutcome {
     fn from(r: pb::RetryResponse) -> Self {
-        RetryOutcome { retried: r.retried }
+        RetryOutcome {
+            retried: r.retried,
+            forwarded: r.forwarded,
+        }
     }
 }
 
@@ -654,8 +660,14 @@ mod tests {
             }
         );
         assert_eq!(
-            RetryOutcome::from(pb::RetryResponse { retried: 2 }),
-            RetryOutcome { retried: 2 }
+            RetryOutcome::from(pb::RetryResponse {
+                retried: 2,
+                forwarded: false
+            }),
+            RetryOutcome {
+                retried: 2,
+                forwarded: false
+            }
         );
         let by_hand = ManualResolution {
             branch_id: 1,

@@ -316,3 +316,60 @@ async fn retry_on_another_coordinator_is_passed_on_to_the_owner() {
     .await;
     assert_eq!(state, TxState::Committed);
 }
+
+/// The README's walkthrough, `examples/three-coordinators.sh`, runs as written: three
+/// coordinators on a private PostgreSQL, the one driving a transfer killed, another finishing
+/// it, the money moved once.
+#[test]
+fn the_three_coordinators_walkthrough_runs() {
+    use std::os::unix::process::CommandExt;
+    let root = treaty_tests::workspace_root();
+    let mut cmd = Command::new("bash");
+    cmd.arg(root.join("examples/three-coordinators.sh"))
+        .current_dir(&root)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        // Its own process group: on a timeout the whole of it is stopped (below).
+        .process_group(0);
+    let child = cmd.spawn().expect("run the walkthrough");
+    let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(600)) {
+        Ok(out) => out.expect("wait for the walkthrough"),
+        Err(_) => {
+            // SIGTERM lets the script's trap stop what it started; then make sure.
+            let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGTERM);
+            let _ = rx.recv_timeout(Duration::from_secs(15));
+            let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+            panic!("the walkthrough did not finish within 600 s");
+        }
+    };
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    if !out.status.success()
+        && stderr.contains("no PostgreSQL server binaries")
+        && std::env::var("CI").as_deref() != Ok("true")
+    {
+        eprintln!("skipped: {stderr}");
+        return;
+    }
+    assert!(
+        out.status.success(),
+        "the walkthrough failed ({:?}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("committed outcome=committed"),
+        "the transfer was finished:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("moved once, the total stayed 150"),
+        "{stdout}"
+    );
+}

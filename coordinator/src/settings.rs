@@ -781,6 +781,20 @@ mod tests {
     }
 
     #[test]
+    fn lease_ms_is_read_and_a_too_short_lease_is_refused() {
+        assert_eq!(
+            load(&["--lease-ms", "1500"], &[]).unwrap().lease,
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            load(&[], &[]).unwrap().lease,
+            crate::log::postgres::DEFAULT_LEASE
+        );
+        let err = load(&[], &[("TREATY_LEASE_MS", "100")]).unwrap_err();
+        assert!(err.contains("at least 300"), "{err}");
+    }
+
+    #[test]
     fn an_unknown_file_key_is_refused_by_name() {
         let (_dir, path) = file("call_timeout_ms = 5\nno_such_setting = 1\n");
         let err = load(&["--config", &path], &[]).unwrap_err();

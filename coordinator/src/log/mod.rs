@@ -214,6 +214,12 @@ pub type LogFuture<T> = BoxFuture<'static, Result<T, LogError>>;
 /// - A record that fails to decode is an error naming its gid ([`LogError::Corrupt`]) from
 ///   `get`, `scan_active` and `list`, never skipped; `collect_ended` skips it and keeps it.
 ///
+/// - *Ownership* (a shared log only, [`LogStore::is_shared`]): a write of a coordinator whose
+///   records were claimed by another, or of a record another live coordinator owns, fails
+///   with [`LogError::Fenced`] and lands nothing; so does every write and `sync` after it,
+///   until [`LogStore::rejoin`]. Checked by `coordinator/tests/postgres_owners.rs` (a
+///   single-owner backend has nothing to check).
+///
 /// The futures of a store never need a particular executor, except that a backend may
 /// require a tokio runtime to be current when a method is *called* (the sled log then reads
 /// on tokio's blocking pool; with no runtime it reads on the calling thread).

@@ -21,6 +21,9 @@
 //!   active and stuck records, and on `(updated_ms, gid)` for terminal ones (retention).
 //! - `treaty_tombstones`: gid -> encoded [`Tombstone`], `collected_ms` indexed for its own
 //!   retention.
+//! - Ownership (schema 2, see `MIGRATE_TO_2`): `treaty_coordinators` (one row per
+//!   coordinator epoch, with its lease), `treaty_tx.owner` and `treaty_tx.owners`, an index
+//!   on `(owner, gid)` of active records, and the function `treaty_fence`.
 //!
 //! `gid` columns use the `"C"` collation, so their order is byte order, as in sled.
 //! [`PgLog::open`] creates the tables when they are missing, under an advisory lock so that
@@ -64,6 +67,37 @@
 //! With that, [`LogStore::recovers_in_process`] holds: `treatyd` replaces its failed
 //! runtime by one recovered from the database without restarting (`server.rs`). Nothing in
 //! this module panics on a database error.
+//!
+//! # Several coordinators: epochs, leases, claims and the fence
+//!
+//! Every [`PgLog`] joins as a new *epoch* (a row of `treaty_coordinators`, numbered by a
+//! sequence) with a lease that runs until `now() + lease` in the *database's* clock, renewed
+//! every third of the lease. Every record it writes is owned by its epoch.
+//!
+//! - **Fence.** Each write transaction starts with `treaty_fence(epoch)`, pipelined before the
+//!   upsert: it takes the epoch's row `FOR SHARE` and raises `TRFEN` unless the epoch is
+//!   alive. Declaring an epoch dead is an `UPDATE` of that row, which waits for every write
+//!   holding it: so a write either commits first (and the claim that follows sees it) or
+//!   finds the epoch dead and lands nothing. The upsert also leaves alone a record another
+//!   live epoch owns. A refused write is [`LogError::Fenced`], and the store stays fenced
+//!   (every later write and sync fails at once) until [`LogStore::rejoin`]: the runtime
+//!   fail-stops and `treatyd` starts a new runtime under a new epoch, which owns nothing it
+//!   has not claimed.
+//! - **Claims** ([`LogStore::claim`], every 500 ms in `treatyd`, and at recovery): one
+//!   transaction declares dead every other epoch whose lease ran out, then takes up to a page
+//!   of active records owned by dead epochs (or by nobody) with `FOR UPDATE SKIP LOCKED`
+//!   through the `(owner, gid)` index, so claimers never block on or take the same record,
+//!   and forgets dead epochs that own nothing any more.
+//! - **Leaving** ([`LogStore::leave`], at a clean shutdown and when the last handle is
+//!   dropped) marks the epoch dead at once: its transactions are claimed without waiting for
+//!   the lease.
+//! - **Nudges**: `Retry` on a coordinator that does not own the transaction sends
+//!   `NOTIFY treaty_retry '<owner epoch> <gid>'`; every coordinator `LISTEN`s on its log
+//!   connection and retries the gids sent to its current epoch.
+//!
+//! `owners` keeps every epoch that wrote or claimed a record, in order: an epoch that
+//! appears again after another one would be a coordinator that wrote after losing the
+//! record, which the fence forbids (the chaos runner checks it).
 
 use super::codec;
 use super::{ListFilter, ListPage, LogError, LogFuture, LogStats, LogStore};

@@ -10,7 +10,7 @@
 //!
 //! Invariants kept here:
 //! - **Nothing is told from a record whose forced write has not completed.** A live
-//!   transaction is shown through [`Snapshot::of`], which hides a transaction whose `Begun`
+//!   transaction is shown through `Snapshot::of`, which hides a transaction whose `Begun`
 //!   is not durable and shows the phase from before a pending forced write; a transaction
 //!   leaves its shard (and is then read from the log) only once all its forced writes are
 //!   durable.

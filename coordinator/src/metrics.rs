@@ -495,6 +495,7 @@ mod tests {
         m.stuck(true);
         m.call(Op::Commit, CallResult::Timeout, Duration::from_millis(3));
         m.retry_scheduled(Op::Commit);
+        m.taken_over(3);
         m.forced_write(Duration::from_micros(700));
         treaty_durable::FlushObserver::flushed(&m, 4, true);
         treaty_durable::FlushObserver::flushed(&m, 1, false);
@@ -508,7 +509,7 @@ mod tests {
         let text = exercised().encode();
         assert!(text.ends_with("# EOF\n"), "OpenMetrics text: {text}");
         let types = types(&text);
-        assert_eq!(types.len(), 11, "every metric is registered: {types:?}");
+        assert_eq!(types.len(), 12, "every metric is registered: {types:?}");
         for (name, kind) in &types {
             assert!(name.starts_with("treaty_"), "{name}: prefix");
             assert!(

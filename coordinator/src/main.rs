@@ -161,6 +161,7 @@ async fn serve(mut s: Daemon) -> Result<(), String> {
             let url = url.as_deref().unwrap_or_default();
             let opts = PgLogOptions {
                 lease: s.lease,
+                tls_ca: s.store_ca.clone(),
                 name: s
                     .config
                     .advertise_url

@@ -61,6 +61,8 @@ pub struct Daemon {
     pub log_level: String,
     /// sled's page cache.
     pub cache_bytes: u64,
+    /// With `store` and `sslmode=require`: the CA of the database server's certificate.
+    pub store_ca: Option<PathBuf>,
     /// With `store`: how long this coordinator's ownership of its transactions outlives its
     /// last renewal, before another coordinator of the database takes them over.
     pub lease: Duration,
@@ -82,6 +84,7 @@ impl Default for Daemon {
             log_level: "info".into(),
             cache_bytes: SledLogOptions::default().cache_capacity_bytes,
             lease: crate::log::postgres::DEFAULT_LEASE,
+            store_ca: None,
             otlp_endpoint: None,
             otlp_service_name: crate::otel::SERVICE_NAME_DEFAULT.into(),
             config: Config::default(),
@@ -219,7 +222,7 @@ pub const SETTINGS: &[Setting] = &[
         value_name: "URL",
         help: "Keep the transaction log in PostgreSQL at this URL \
                (postgres://USER[:PASSWORD]@HOST:PORT/DATABASE; tables are created on first \
-               use; no TLS) instead of sled in --data-dir. Coordinators of one database share \
+               use; add ?sslmode=require and --store-ca for TLS) instead of sled in --data-dir. Coordinators of one database share \
                one log identity. Empty: sled. Not together with --data-dir.",
         get: |d| d.store.clone().unwrap_or_default(),
         set: |d, v| {
@@ -233,6 +236,13 @@ pub const SETTINGS: &[Setting] = &[
             Ok(())
         },
     },
+    path!(
+        "store-ca",
+        "With --store and sslmode=require in its URL: the CA (PEM) that signed the database \
+         server's certificate; the connection is TLS, the certificate and host name checked \
+         against it. Without sslmode=require the connection is plain TCP.",
+        store_ca
+    ),
     Setting {
         flag: "lease-ms",
         value_name: "MS",

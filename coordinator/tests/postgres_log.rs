@@ -167,3 +167,77 @@ async fn concurrent_forced_puts_share_commits() {
     let active = reopened.scan_active(None, 1000).await.expect("scan");
     assert_eq!(active.len(), N, "every acknowledged forced put is stored");
 }
+
+/// `sslmode=require` in the URL: the log connects over TLS, the server's certificate checked
+/// against `tls_ca` (`--store-ca`): without a CA it is refused with what to do, with another
+/// CA the handshake fails, with the right one the log works and its connection is TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sslmode_require_the_log_uses_tls_checked_against_the_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        let path = dir.path().join(format!("{name}.pem"));
+        std::fs::write(&path, cert.pem()).unwrap();
+        (Issuer::new(params, key), path)
+    };
+    let (issuer, ca_path) = ca("db-ca");
+    let (_, other_ca_path) = ca("other-ca");
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let Some(server) = PgServer::start_for_test(PgOptions {
+        tls: Some((cert.pem().into_bytes(), key.serialize_pem().into_bytes())),
+        ..PgOptions::default()
+    }) else {
+        return;
+    };
+    let plain = server.create_database("tls").expect("create database");
+    let url = format!("{plain}?sslmode=require");
+    let with_ca = |ca: &std::path::Path| PgLogOptions {
+        tls_ca: Some(ca.to_path_buf()),
+        ..PgLogOptions::default()
+    };
+
+    let err = PgLog::open(&url, PgLogOptions::default())
+        .await
+        .err()
+        .expect("no CA given");
+    assert!(err.to_string().contains("--store-ca"), "{err}");
+    let err = PgLog::open(&url, with_ca(&other_ca_path))
+        .await
+        .err()
+        .expect("a certificate from another CA is refused");
+    assert!(
+        err.to_string().contains("connecting to PostgreSQL"),
+        "{err}"
+    );
+
+    let log = PgLog::open(&url, with_ca(&ca_path))
+        .await
+        .expect("TLS with the right CA");
+    log.put(record("x", Phase::Active, 1), true)
+        .await
+        .expect("put over TLS");
+    assert_eq!(log.get("x").await.expect("get").map(|r| r.seq), Some(1));
+    let (client, conn) = tokio_postgres::connect(&plain, tokio_postgres::NoTls)
+        .await
+        .expect("a plain connection to look");
+    tokio::spawn(conn);
+    let tls: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.datname = 'tls' AND s.ssl",
+            &[],
+        )
+        .await
+        .expect("read pg_stat_ssl")
+        .get(0);
+    assert!(tls >= 1, "the log's connection is TLS");
+}

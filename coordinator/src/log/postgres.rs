@@ -8,7 +8,10 @@
 //! pipelines any requests in flight on one `Client`, needs no database at compile time (sqlx's
 //! checked queries do, or an offline cache to keep in sync), and is small: it pulls in no
 //! runtime-agnostic layer, no connection pool and no migration framework we would not use.
-//! TLS to the database is not supported yet (`NoTls`): run the database on a trusted network.
+//! TLS to the database (rustls, as for the API) when the URL says `sslmode=require`: the
+//! server's certificate is checked against [`PgLogOptions::tls_ca`] and its host name.
+//! Otherwise the connection is plain TCP (tokio-postgres' default `sslmode=prefer` is not
+//! attempted over TLS: an unverified TLS connection would only look safe).
 //!
 //! # Layout (schema version [`SCHEMA_VERSION`])
 //!
@@ -110,6 +113,97 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{Client, NoTls, Statement};
 
+/// How connections to the database are made: plain, or TLS checked against a CA.
+#[derive(Clone)]
+enum Tls {
+    Plain,
+    Rustls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+impl Tls {
+    /// TLS when `cfg` says `sslmode=require`, with `ca` (PEM) as the only trusted roots.
+    fn for_config(
+        cfg: &tokio_postgres::Config,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Tls, String> {
+        use rustls_pki_types::pem::PemObject;
+        if cfg.get_ssl_mode() != tokio_postgres::config::SslMode::Require {
+            return Ok(Tls::Plain);
+        }
+        let Some(ca) = ca else {
+            return Err(
+                "sslmode=require needs the CA that signed the database server's certificate: \
+                 give it with --store-ca FILE (PEM)"
+                    .into(),
+            );
+        };
+        let pem = std::fs::read(ca)
+            .map_err(|e| format!("--store-ca {}: cannot read: {e}", ca.display()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| format!("--store-ca {}: {e}", ca.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("--store-ca {}: {e}", ca.display()))?;
+        }
+        if roots.is_empty() {
+            return Err(format!("--store-ca {}: no certificate in it", ca.display()));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS to PostgreSQL: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(
+            config,
+        )))
+    }
+}
+
+/// Connects to the database (through `tls`) and drives the connection on a task, handing
+/// the notifications it receives to `nudges`.
+async fn open_conn(
+    cfg: &tokio_postgres::Config,
+    tls: &Tls,
+    nudges: Option<Arc<Nudges>>,
+) -> Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+    Ok(match tls {
+        Tls::Plain => {
+            let (client, connection) = cfg.connect(NoTls).await?;
+            (client, tokio::spawn(drive(connection, nudges)))
+        }
+        Tls::Rustls(tls) => {
+            let (client, connection) = cfg.connect(tls.clone()).await?;
+            (client, tokio::spawn(drive(connection, nudges)))
+        }
+    })
+}
+
+/// Drives a connection until it closes. Driving it this way (rather than awaiting it) also
+/// hands over what the server sends unasked: the nudges of `LISTEN treaty_retry`.
+async fn drive<S, T>(mut connection: tokio_postgres::Connection<S, T>, nudges: Option<Arc<Nudges>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    while let Some(m) = futures::StreamExt::next(&mut messages).await {
+        match m {
+            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                if let Some(nudges) = &nudges {
+                    nudges.deliver(n.payload());
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "PostgreSQL log connection closed");
+                return;
+            }
+        }
+    }
+}
+
 /// The schema this build writes and reads. A database with a newer one is refused.
 pub const SCHEMA_VERSION: i32 = 2;
 
@@ -141,6 +235,9 @@ pub struct PgLogOptions {
     /// How this coordinator is named in `treaty_coordinators` (for operators): e.g. its
     /// advertised URL. Default `pid N`.
     pub name: String,
+    /// With `sslmode=require` in the URL: the CA (PEM) that signed the database server's
+    /// certificate, the only roots trusted (`--store-ca`). Required then; unused otherwise.
+    pub tls_ca: Option<std::path::PathBuf>,
     /// Test only (feature `mutations`): write without the ownership checks, as a coordinator
     /// without fencing would, to prove the checks that catch it.
     #[cfg(feature = "mutations")]
@@ -157,6 +254,7 @@ impl Default for PgLogOptions {
             op_timeout: Duration::from_secs(10),
             lease: DEFAULT_LEASE,
             name: format!("pid {}", std::process::id()),
+            tls_ca: None,
             #[cfg(feature = "mutations")]
             skip_fence: false,
         }
@@ -545,34 +643,16 @@ fn db_err(doing: String, e: tokio_postgres::Error) -> LogError {
 
 async fn connect(
     cfg: &tokio_postgres::Config,
+    tls: &Tls,
     target: &str,
     timeout: Duration,
     fence: bool,
     nudges: &Arc<Nudges>,
 ) -> Result<Conn, LogError> {
     let attempt = async {
-        let (client, mut connection) = cfg
-            .connect(NoTls)
+        let (client, task) = open_conn(cfg, tls, Some(Arc::clone(nudges)))
             .await
             .map_err(|e| db_err(format!("connecting to PostgreSQL at {target}"), e))?;
-        let nudges = Arc::clone(nudges);
-        let task = tokio::spawn(async move {
-            // Driving the connection this way (rather than awaiting it) also hands over
-            // what the server sends unasked: the nudges of `LISTEN treaty_retry`.
-            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(m) = futures::StreamExt::next(&mut messages).await {
-                match m {
-                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                        nudges.deliver(n.payload())
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "PostgreSQL log connection closed");
-                        return;
-                    }
-                }
-            }
-        });
         client
             .batch_execute(&format!("LISTEN {NUDGE_CHANNEL}"))
             .await
@@ -720,7 +800,11 @@ impl PgLog {
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
         })?;
         let target = describe(&cfg);
-        let mut conn = connect_for_migration(&cfg, &target, opts.op_timeout).await?;
+        let tls = Tls::for_config(&cfg, opts.tls_ca.as_deref()).map_err(|e| LogError::Io {
+            doing: format!("setting up TLS to PostgreSQL at {target}"),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        })?;
+        let mut conn = connect_for_migration(&cfg, &tls, &target, opts.op_timeout).await?;
         let log_id =
             match tokio::time::timeout(opts.op_timeout, migrate(&mut conn.0, &target)).await {
                 Ok(r) => r?,
@@ -741,12 +825,13 @@ impl PgLog {
             handler: std::sync::Mutex::new(None),
             epoch: Arc::clone(&epoch),
         });
-        let conn = connect(&cfg, &target, opts.op_timeout, fence, &nudges).await?;
+        let conn = connect(&cfg, &tls, &target, opts.op_timeout, fence, &nudges).await?;
         let counters = Arc::new(Counters::default());
         let lease = opts.lease;
         let (tx, rx) = mpsc::unbounded_channel();
         let worker = Worker {
             cfg,
+            tls,
             target: target.clone(),
             opts,
             conn: Some(conn),
@@ -837,17 +922,14 @@ impl Drop for MigrationConn {
 
 async fn connect_for_migration(
     cfg: &tokio_postgres::Config,
+    tls: &Tls,
     target: &str,
     timeout: Duration,
 ) -> Result<MigrationConn, LogError> {
     let attempt = async {
-        let (client, connection) = cfg
-            .connect(NoTls)
+        let (client, task) = open_conn(cfg, tls, None)
             .await
             .map_err(|e| db_err(format!("connecting to PostgreSQL at {target}"), e))?;
-        let task = tokio::spawn(async move {
-            let _ = connection.await;
-        });
         Ok(MigrationConn(client, task))
     };
     match tokio::time::timeout(timeout, attempt).await {
@@ -861,6 +943,7 @@ async fn connect_for_migration(
 /// The task that owns the connection and runs every operation in call order.
 struct Worker {
     cfg: tokio_postgres::Config,
+    tls: Tls,
     target: String,
     opts: PgLogOptions,
     conn: Option<Conn>,
@@ -1152,6 +1235,7 @@ impl Worker {
             let fence = self.fences();
             let connected = match connect(
                 &self.cfg,
+                &self.tls,
                 &self.target,
                 self.opts.op_timeout,
                 fence,

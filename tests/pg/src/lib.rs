@@ -59,6 +59,8 @@ pub struct PgOptions {
     pub max_prepared_transactions: u32,
     /// `max_connections`.
     pub max_connections: u32,
+    /// Serve TLS (`ssl=on`) with this certificate chain and key (PEM); `None`: plain only.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Default for PgOptions {
@@ -67,6 +69,7 @@ impl Default for PgOptions {
             fsync: true,
             max_prepared_transactions: 64,
             max_connections: 200,
+            tls: None,
         }
     }
 }
@@ -215,6 +218,20 @@ impl PgServer {
                 String::from_utf8_lossy(&out.stderr)
             )));
         }
+        if let Some((cert, key)) = &options.tls {
+            // In the data directory: owned by the server's user, the key readable by it only
+            // (PostgreSQL refuses a key others can read).
+            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+                let path = data.join(name);
+                fs::write(&path, pem).map_err(failed("write the TLS files"))?;
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                    .map_err(failed("chmod"))?;
+                if let Some(u) = &run_as {
+                    nix::unistd::chown(path.as_path(), Some(u.uid), Some(u.gid))
+                        .map_err(|e| PgError::Failed(format!("chown {}: {e}", path.display())))?;
+                }
+            }
+        }
         let mut server = PgServer {
             bin,
             dir,
@@ -258,6 +275,7 @@ impl PgServer {
             // After a crash, sync the data directory with one syncfs rather than an fsync per
             // file: the same guarantee, seconds faster on a busy disk.
             .args(["-c", "recovery_init_sync_method=syncfs"])
+            .args(["-c", &format!("ssl={}", on_off(self.options.tls.is_some()))])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -19,7 +19,7 @@ use crate::proto;
 use serde::{Deserialize, Serialize};
 use sled::transaction::TransactionalTree;
 use std::path::Path;
-use treaty_sdk::postgres::PgStore;
+use treaty_sdk::postgres::{PgStore, PgStoreOptions};
 use treaty_sdk::sled::SledStore;
 use treaty_sdk::{
     decode_json, refuse, BarrierRow, BarrierStore, BranchContext, HandlerError, HandlerResult,
@@ -500,7 +500,17 @@ impl PgInstance {
         coordinator: &str,
         accounts: &[(String, i64)],
     ) -> Result<PgInstance, ParticipantError> {
-        let store = PgStore::connect(url).await?;
+        PgInstance::open_with(url, PgStoreOptions::default(), coordinator, accounts).await
+    }
+
+    /// [`PgInstance::open`] with the store's `options` (e.g. TLS to the database).
+    pub async fn open_with(
+        url: &str,
+        options: PgStoreOptions,
+        coordinator: &str,
+        accounts: &[(String, i64)],
+    ) -> Result<PgInstance, ParticipantError> {
+        let store = PgStore::connect_with(url, options).await?;
         let conn = store
             .pool()
             .get()

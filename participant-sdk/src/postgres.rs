@@ -126,6 +126,11 @@ pub struct PgStoreOptions {
     /// `lock_timeout` of the store's connections: how long a statement (the handler's
     /// included) waits for a lock before its delivery answers RETRY. Default 5 s.
     pub lock_timeout: Duration,
+    /// With `sslmode=require` in the URL: the CA (PEM file) that signed the database
+    /// server's certificate, the only roots trusted; the connections are then TLS (rustls),
+    /// the certificate and host name checked. Required then. Without `sslmode=require`
+    /// connections are plain TCP. Default none.
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl Default for PgStoreOptions {
@@ -133,6 +138,7 @@ impl Default for PgStoreOptions {
         PgStoreOptions {
             pool_size: 16,
             lock_timeout: Duration::from_secs(5),
+            tls_ca: None,
         }
     }
 }
@@ -141,6 +147,13 @@ impl PgStoreOptions {
     /// The options with `pool_size` connections at most.
     pub fn pool_size(mut self, pool_size: usize) -> Self {
         self.pool_size = pool_size;
+        self
+    }
+
+    /// The options with TLS checked against the CA in `ca` (PEM), for a URL with
+    /// `sslmode=require`.
+    pub fn tls_ca(mut self, ca: impl Into<std::path::PathBuf>) -> Self {
+        self.tls_ca = Some(ca.into());
         self
     }
 
@@ -494,6 +507,39 @@ async fn run_handler<'t>(
     }
 }
 
+/// A TLS connector that trusts only the CA certificates in the PEM file `ca`.
+fn tls_checked_by(
+    ca: Option<&std::path::Path>,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+    use rustls_pki_types::pem::PemObject;
+    let Some(ca) = ca else {
+        return Err(
+            "sslmode=require needs the CA of the database server's certificate \
+                    (PgStoreOptions::tls_ca)"
+                .into(),
+        );
+    };
+    let pem = std::fs::read(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("{}: {e}", ca.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: {e}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no certificate in it", ca.display()));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
 impl PgStore {
     /// Connects to PostgreSQL at `url` (`postgres://user:password@host:port/db`) with
     /// [`PgStoreOptions::default`], and creates the barrier tables if missing.
@@ -513,13 +559,16 @@ impl PgStore {
             _ => timeout,
         };
         config.options(&opts);
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            let tls = tls_checked_by(options.tls_ca.as_deref())
+                .map_err(|e| StoreError::new(format!("setting up TLS to {place}"), e))?;
+            Manager::from_config(config, tls, manager_config)
+        } else {
+            Manager::from_config(config, NoTls, manager_config)
+        };
         let pool = Pool::builder(manager)
             .max_size(options.pool_size.max(2))
             .build()

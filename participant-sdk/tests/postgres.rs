@@ -247,6 +247,61 @@ async fn a_server_without_prepared_transactions_is_refused_with_how_to_set_it() 
     }
 }
 
+/// `sslmode=require`: the store's connections are TLS, checked against `tls_ca`: refused
+/// without a CA, a failed handshake with another CA, and TLS in `pg_stat_ssl` with the right
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sslmode_require_the_store_uses_tls_checked_against_the_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use treaty_sdk::postgres::PgStoreOptions;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        let path = dir.path().join(format!("{name}.pem"));
+        std::fs::write(&path, cert.pem()).unwrap();
+        (Issuer::new(params, key), path)
+    };
+    let (issuer, ca_path) = ca("db-ca");
+    let (_, other_ca_path) = ca("other-ca");
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let Some(server) = PgServer::start_for_test(PgOptions {
+        fsync: false,
+        tls: Some((cert.pem().into_bytes(), key.serialize_pem().into_bytes())),
+        ..PgOptions::default()
+    }) else {
+        return;
+    };
+    let plain = server.create_database("tls").expect("a database");
+    let url = format!("{plain}?sslmode=require");
+    let err = PgStore::connect(&url).await.expect_err("no CA");
+    assert!(err.to_string().contains("tls_ca"), "{err}");
+    let err = PgStore::connect_with(&url, PgStoreOptions::default().tls_ca(&other_ca_path))
+        .await
+        .expect_err("another CA");
+    assert!(err.to_string().contains("connecting"), "{err}");
+    let store = PgStore::connect_with(&url, PgStoreOptions::default().tls_ca(&ca_path))
+        .await
+        .expect("TLS with the right CA");
+    let conn = store.pool().get().await.expect("a pooled connection");
+    let ssl: bool = conn
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("read pg_stat_ssl")
+        .get(0);
+    assert!(ssl, "the store's connection is TLS");
+}
+
 /// A prepare is a PostgreSQL prepared transaction: its change is invisible until the commit,
 /// it survives the participant (every session of the store closed), and a new participant
 /// finds it in doubt and commits it; duplicates change nothing, and nothing is left prepared.

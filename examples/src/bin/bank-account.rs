@@ -27,6 +27,10 @@ struct Cli {
     /// transactions). Default: sled, in --data-dir.
     #[arg(long, value_name = "URL")]
     store: Option<String>,
+    /// With `--store ...?sslmode=require`: the CA (PEM) that signed the database server's
+    /// certificate; the connections are TLS, checked against it.
+    #[arg(long, value_name = "FILE", requires = "store")]
+    store_ca: Option<PathBuf>,
     /// The coordinator, asked about prepared branches left in doubt by a crash.
     #[arg(long, default_value = "http://127.0.0.1:7700")]
     coordinator: String,
@@ -67,7 +71,11 @@ async fn run(cli: Cli) -> Result<(), String> {
                 "--store {url:?}: expected a PostgreSQL URL, postgres://user:password@host:port/db"
             ));
         }
-        let inst = PgInstance::open(url, &cli.coordinator, &accounts)
+        let mut options = treaty_sdk::postgres::PgStoreOptions::default();
+        if let Some(ca) = &cli.store_ca {
+            options = options.tls_ca(ca);
+        }
+        let inst = PgInstance::open_with(url, options, &cli.coordinator, &accounts)
             .await
             .map_err(|e| format!("cannot open the PostgreSQL store: {e}"))?;
         let bank = inst.bank_service();

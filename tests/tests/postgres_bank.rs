@@ -214,3 +214,54 @@ async fn a_2pc_transfer_prepared_on_postgres_commits_after_everything_crashed() 
     assert_eq!(bank.balances().await, (60, 0, 90, 0));
     assert_eq!(bank.prepared().await, 0, "no prepared transaction left");
 }
+
+/// A participant alone is SIGKILLed between prepare and commit: its branch stays prepared in
+/// PostgreSQL across the crash, and once the service is back the commit lands there (the
+/// coordinator's retry or the restarted service's in-doubt resolution, whichever is first),
+/// exactly once. treatyd holds its commits back for a while after the decision is durable
+/// (a `sleep` failpoint, which also blocks the transaction's shard: nothing here asks
+/// treatyd about it meanwhile) so that the kill falls between the two phases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_killed_between_prepare_and_commit_commits_after_its_restart() {
+    let Some(mut bank) = bank_on_postgres().await else {
+        return;
+    };
+    bank._treatyd
+        .restart_with(&[
+            ("FAILPOINTS", "treaty::after_decision_durable=sleep(6000)"),
+            // Commit retries while bob is down stay short.
+            ("TREATY_INITIAL_BACKOFF_MS", "20"),
+            ("TREATY_MAX_BACKOFF_MS", "200"),
+        ])
+        .expect("treatyd with the failpoint");
+    bank.client = Client::connect(bank._treatyd.uri()).await.expect("connect");
+    let gid = "pg-participant-killed";
+    let submit = {
+        let tx = bank
+            .client
+            .two_phase()
+            .gid(gid)
+            .branch(Branch::new(bank.a.uri(), "debit").payload(payload("alice", 40)))
+            .branch(Branch::new(bank.b.uri(), "credit").payload(payload("bob", 40)));
+        tokio::spawn(async move { tx.submit_and_wait(Duration::from_secs(60)).await })
+    };
+    wait_until(
+        "both branches prepared",
+        Duration::from_secs(20),
+        || async { (bank.prepared().await == 2).then_some(()) },
+    )
+    .await;
+    bank.b.kill();
+    assert_eq!(
+        bank.prepared().await,
+        2,
+        "bob's branch stays prepared after its service died"
+    );
+    bank.b.restart().expect("bob's service restarts");
+
+    let told = submit.await.expect("task").expect("the client is told");
+    assert_eq!(told.outcome, Outcome::Committed);
+    assert_eq!(bank.ended(gid).await, TxState::Committed);
+    assert_eq!(bank.balances().await, (60, 0, 90, 0), "moved exactly once");
+    assert_eq!(bank.prepared().await, 0, "no prepared transaction left");
+}

@@ -65,6 +65,15 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Output piped into `head` and the like: end quietly when the reader goes away, as
+    // command-line tools do, instead of panicking on a failed write to stdout.
+    // SAFETY: SIG_DFL installs no handler of ours, so nothing runs in signal context.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        );
+    }
     match treaty_examples::parse_args::<Cli>().command {
         Cmd::Transfer {
             coordinator,

@@ -373,3 +373,55 @@ fn the_three_coordinators_walkthrough_runs() {
         "{stdout}"
     );
 }
+
+/// A coordinator stopped cleanly (SIGTERM) gives its unfinished transactions up at once:
+/// another takes them over long before the lease (a minute here) would have run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_stopped_cleanly_hands_its_transactions_over_at_once() {
+    let Some(pg) = PgServer::start_for_test(PgOptions::default()) else {
+        return;
+    };
+    let url = pg.create_database("treaty").expect("create database");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let long_lease = |url: &str| {
+        let mut cmd = Command::new(treatyd_bin());
+        cmd.args(["--listen", "127.0.0.1:0", "--store", url])
+            .args(["--lease-ms", "60000", "--shutdown-grace-ms", "500"])
+            .args(["--initial-backoff-ms", "20", "--max-backoff-ms", "200"])
+            .env("TREATY_LOG_LEVEL", "warn");
+        Proc::spawn("treatyd", cmd, Duration::from_secs(60)).expect("treatyd")
+    };
+    let mut a = long_lease(&url);
+    let b = long_lease(&url);
+    let alice = BankAccount::start(&dir.path().join("a"), &b.uri(), "alice=100").expect("a");
+    let mut bob = BankAccount::start(&dir.path().join("b"), &b.uri(), "bob=50").expect("b");
+    bob.kill();
+    let gid = Client::connect(a.uri())
+        .await
+        .expect("connect a")
+        .saga()
+        .step(saga_step(&alice.uri(), "saga-debit", "alice", 10))
+        .step(saga_step(&bob.uri(), "saga-credit", "bob", 10))
+        .deadline(Duration::from_secs(120))
+        .submit()
+        .await
+        .expect("submit")
+        .gid;
+    assert!(
+        a.terminate(Duration::from_secs(20)).is_some(),
+        "a stops on SIGTERM"
+    );
+    let stopped = Instant::now();
+    bob.restart().expect("restart bob");
+    let b_client = Client::connect(b.uri()).await.expect("connect b");
+    let state = wait_until("b to finish the saga", Duration::from_secs(30), || async {
+        let tx = b_client.get(&gid).await.ok()?;
+        tx.state.is_terminal().then_some(tx.state)
+    })
+    .await;
+    assert_eq!(state, TxState::Committed);
+    assert!(
+        stopped.elapsed() < Duration::from_secs(30),
+        "taken over without waiting for the 60 s lease"
+    );
+}

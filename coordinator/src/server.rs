@@ -344,7 +344,7 @@ async fn serve_once(
             }
         })
     });
-    let _takeover = AbortOnDrop(takeover);
+    let takeover = AbortOnDrop(takeover);
     // `Retry` on another coordinator of a shared log, for a transaction this one drives.
     log.on_nudge(nudge_handler(&rt));
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -398,6 +398,8 @@ async fn serve_once(
         }
         _ = &mut shutdown => {}
     }
+    // Stopping: take nothing more over (what this coordinator has is left at the end).
+    drop(takeover);
     admin_state.ready.store(false, Ordering::Release);
     tracing::info!(
         live = rt.live(),

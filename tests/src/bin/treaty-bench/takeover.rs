@@ -41,7 +41,7 @@ pub struct TakeoverArgs {
     /// 1 is asked, any survivor may take over.
     #[arg(long, default_value_t = 3, value_name = "N")]
     coordinators: usize,
-    /// treatyd's `--lease-ms` for every coordinator [default: treatyd's default].
+    /// treatyd's `--lease-ms` for every coordinator (the default is treatyd's own).
     #[arg(long, default_value_t = DEFAULT_LEASE_MS, value_name = "MS")]
     lease_ms: u64,
     /// Repetitions, each on a fresh database with fresh processes; min, median and max are

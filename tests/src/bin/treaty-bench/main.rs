@@ -21,6 +21,10 @@
 //! shutdown (`log stats at shutdown`, JSON log format), after the bench sends SIGTERM: no new
 //! API, no extra port, and the count covers the daemon's whole life, which the bench controls.
 //!
+//! With `--postgres --coordinators N`, `run` starts N treatyd on one PostgreSQL database
+//! and sends operation i to coordinator i mod N. `takeover` measures how long the
+//! transactions of a killed coordinator wait until another one has finished them.
+//!
 //! This file: the command line, the `run` workload, and the `parked` and `recovery` scale
 //! figures.
 //!
@@ -29,11 +33,14 @@
 //! - [`participant`]: the no-op participant service.
 //! - [`load`]: the closed-loop load driver and latency quantiles.
 //! - [`log`]: the `log` subcommand (forced writes to the sled log, with and without sharing).
+//! - [`takeover`]: the `takeover` subcommand (SIGKILL one of several coordinators of a
+//!   PostgreSQL log, time until the others have finished its transactions).
 
 mod load;
 mod log;
 mod participant;
 mod procs;
+mod takeover;
 
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -78,6 +85,9 @@ enum Cmd {
     Recovery(ScaleArgs),
     /// Forced writes to the sled log one at a time and many at once: what group commit buys.
     Log(log::LogArgs),
+    /// Time for the coordinators of a shared PostgreSQL log to finish the transactions of one
+    /// that was SIGKILLed (its lease running out, their claim, their drive).
+    Takeover(takeover::TakeoverArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -163,6 +173,11 @@ struct RunArgs {
     /// 127.0.0.1.
     #[arg(long, value_name = "URI")]
     coordinator: Option<String>,
+    /// Start N treatyd on the same PostgreSQL database (needs --postgres) and send
+    /// transaction i to coordinator i mod N. CPU and flush counts are then the sum over the
+    /// N, peak RSS the largest.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    coordinators: usize,
     /// Print one JSON object on stdout instead of text.
     #[arg(long)]
     json: bool,
@@ -178,6 +193,10 @@ struct ParticipantArgs {
     /// How Prepare/Execute are answered (phase two always answers DONE).
     #[arg(long, value_enum, default_value = "ok")]
     answer: Answer,
+    /// Answer Prepare/Execute RETRY while this file does not exist, then as --answer says
+    /// (a participant holding its transactions until it is released) [default: no hold].
+    #[arg(long, value_name = "PATH")]
+    hold_until: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -222,11 +241,12 @@ pub fn main() -> ExitCode {
         }
     };
     let res = match cmd {
-        Cmd::Participant(a) => rt.block_on(participant::serve(a.listen, a.answer)),
+        Cmd::Participant(a) => rt.block_on(participant::serve(a.listen, a.answer, a.hold_until)),
         Cmd::Run(a) => rt.block_on(run(a)),
         Cmd::Parked(a) => rt.block_on(parked(a)),
         Cmd::Recovery(a) => rt.block_on(recovery(a)),
         Cmd::Log(a) => rt.block_on(log::run(a)),
+        Cmd::Takeover(a) => rt.block_on(takeover::run(a)),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -249,7 +269,7 @@ const TREATYD_LOG_LEVEL: &str =
 /// (a real disk, like the build, rather than a possible tmpfs under /tmp, where an fsync
 /// costs nothing), or `--data-dir`.
 struct Workspace {
-    _tmp: tempfile::TempDir,
+    tmp: tempfile::TempDir,
     bin: PathBuf,
     data_dir: PathBuf,
     /// With `--postgres`: the server (stopped on drop) and the URL treatyd's log uses.
@@ -286,7 +306,7 @@ fn workspace(d: &DaemonArgs) -> Result<Workspace, String> {
         None
     };
     Ok(Workspace {
-        _tmp: tmp,
+        tmp,
         bin,
         data_dir,
         postgres,
@@ -294,21 +314,46 @@ fn workspace(d: &DaemonArgs) -> Result<Workspace, String> {
 }
 
 fn start_treatyd(ws: &Workspace, extra: &[String]) -> Result<Proc, String> {
-    let mut cmd = Command::new(&ws.bin);
-    cmd.arg("--listen").arg("127.0.0.1:0");
+    start_treatyd_named("treatyd", ws, extra)
+}
+
+/// [`start_treatyd`] under a name of its own (for its echoed log lines), one of several
+/// treatyd on the workspace's PostgreSQL database.
+fn start_treatyd_named(name: &str, ws: &Workspace, extra: &[String]) -> Result<Proc, String> {
     match &ws.postgres {
-        Some((_, url)) => cmd.arg("--store").arg(url),
-        None => cmd.arg("--data-dir").arg(&ws.data_dir),
-    };
-    cmd.arg("--log-format")
+        Some((_, url)) => spawn_treatyd(name, &ws.bin, "--store", url.as_ref(), extra),
+        None => spawn_treatyd(name, &ws.bin, "--data-dir", ws.data_dir.as_os_str(), extra),
+    }
+}
+
+/// Start treatyd `bin` with its log at `--store <url>` or `--data-dir <dir>` (`store_flag`).
+fn spawn_treatyd(
+    name: &str,
+    bin: &Path,
+    store_flag: &str,
+    store: &std::ffi::OsStr,
+    extra: &[String],
+) -> Result<Proc, String> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg(store_flag)
+        .arg(store)
+        .arg("--log-format")
         .arg("json")
         .arg("--log-level")
         .arg(TREATYD_LOG_LEVEL)
         .args(extra);
-    Proc::spawn_with("treatyd", cmd, Duration::from_secs(120), Stderr::Keep)
+    Proc::spawn_with(name, cmd, Duration::from_secs(120), Stderr::Keep)
 }
 
-fn start_participants(n: usize, answer: Answer) -> Result<Vec<Proc>, String> {
+/// Start `n` no-op participants answering `answer` (held until `hold_until` exists, if
+/// given).
+fn start_participants(
+    n: usize,
+    answer: Answer,
+    hold_until: Option<&Path>,
+) -> Result<Vec<Proc>, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find our own binary: {e}"))?;
     (0..n)
         .map(|i| {
@@ -318,6 +363,9 @@ fn start_participants(n: usize, answer: Answer) -> Result<Vec<Proc>, String> {
                 .arg("127.0.0.1:0")
                 .arg("--answer")
                 .arg(answer.to_possible_value().expect("named").get_name());
+            if let Some(p) = hold_until {
+                cmd.arg("--hold-until").arg(p);
+            }
             Proc::spawn_with(
                 &format!("participant-{i}"),
                 cmd,
@@ -401,29 +449,57 @@ async fn run(a: RunArgs) -> Result<(), String> {
     if a.branches == 0 || a.concurrency == 0 {
         return Err("--branches and --concurrency must be at least 1".into());
     }
+    if a.coordinators == 0 {
+        return Err("--coordinators must be at least 1".into());
+    }
+    if a.coordinators > 1 && a.coordinator.is_some() {
+        return Err(format!(
+            "--coordinators {} starts its own coordinators: it cannot be combined with \
+             --coordinator",
+            a.coordinators
+        ));
+    }
+    if a.coordinators > 1 && !a.daemon.postgres {
+        return Err(format!(
+            "--coordinators {} needs --postgres: several treatyd share one log only in \
+             PostgreSQL (a sled log belongs to one process)",
+            a.coordinators
+        ));
+    }
     let rpcs_per_tx = a.mode.rpcs_per_tx(a.branches);
-    let (ws, mut treatyd) = match &a.coordinator {
-        Some(_) => (None, None),
+    let (ws, mut treatyds) = match &a.coordinator {
+        Some(_) => (None, Vec::new()),
         None => {
             let ws = workspace(&a.daemon)?;
-            let t = start_treatyd(&ws, &a.daemon.treatyd_args)?;
-            (Some(ws), Some(t))
+            let mut ts = Vec::new();
+            for i in 0..a.coordinators {
+                let name = match a.coordinators {
+                    1 => "treatyd".to_string(),
+                    _ => format!("treatyd-{i}"),
+                };
+                ts.push(start_treatyd_named(&name, &ws, &a.daemon.treatyd_args)?);
+            }
+            (Some(ws), ts)
         }
     };
-    let coord_uri = match (&a.coordinator, &treatyd) {
-        (Some(u), _) => u.clone(),
-        (None, Some(t)) => t.uri(),
-        (None, None) => unreachable!("treatyd started above"),
+    let coord_uris: Vec<String> = match &a.coordinator {
+        Some(u) => vec![u.clone()],
+        None => treatyds.iter().map(|t| t.uri()).collect(),
     };
-    let participants = start_participants(a.branches, Answer::Ok)?;
-    let coordinator = CoordinatorClient::new(channel(&coord_uri).await?);
+    let participants = start_participants(a.branches, Answer::Ok, None)?;
+    let mut coordinators = Vec::new();
+    for uri in &coord_uris {
+        coordinators.push(CoordinatorClient::new(channel(uri).await?));
+    }
     let defs = branches(&participants, a.mode, a.payload_bytes);
     let quiet = false;
 
     let begin = {
-        let (client, defs, mode) = (coordinator.clone(), defs.clone(), a.mode.proto());
-        move |_i: u64| {
-            let mut client = client.clone();
+        let (clients, defs, mode) = (coordinators.clone(), defs.clone(), a.mode.proto());
+        move |i: u64| {
+            // Operation i goes to coordinator i mod N: an even spread, whatever the number
+            // of load tasks.
+            let mut client = clients[(i % clients.len() as u64) as usize].clone();
             let req = pb::BeginRequest {
                 mode: mode as i32,
                 branches: defs.clone(),
@@ -461,10 +537,10 @@ async fn run(a: RunArgs) -> Result<(), String> {
         None => Workload::For(Duration::from_secs_f64(a.duration)),
     };
     let pids: Vec<u32> = participants.iter().map(|p| p.pid()).collect();
-    let treatyd_pid = treatyd.as_ref().map(|t| t.pid());
-    let cpu_before = cpu_snapshot(treatyd_pid, &pids);
+    let treatyd_pids: Vec<u32> = treatyds.iter().map(|t| t.pid()).collect();
+    let cpu_before = cpu_snapshot(&treatyd_pids, &pids);
     let main = drive(a.mode.name(), a.concurrency, work, quiet, begin).await;
-    let cpu_after = cpu_snapshot(treatyd_pid, &pids);
+    let cpu_after = cpu_snapshot(&treatyd_pids, &pids);
     committed_total += main.ok;
     if main.ok == 0 {
         return Err(format!(
@@ -508,11 +584,20 @@ async fn run(a: RunArgs) -> Result<(), String> {
     })
     .await;
 
-    let peak_rss = treatyd_pid.and_then(|p| status_kib(p, "VmHWM"));
-    let stats = match treatyd.as_mut() {
-        Some(t) => Some(stop_treatyd(t)?),
-        None => None,
-    };
+    let peak_rss = treatyd_pids
+        .iter()
+        .map(|p| status_kib(*p, "VmHWM"))
+        .collect::<Option<Vec<u64>>>()
+        .and_then(|v| v.into_iter().max());
+    let mut each = Vec::new();
+    for t in treatyds.iter_mut() {
+        each.push(stop_treatyd(t)?);
+    }
+    let stats = (!each.is_empty()).then(|| LogStats {
+        writes: each.iter().map(|s| s.writes).sum(),
+        forced_writes: each.iter().map(|s| s.forced_writes).sum(),
+        flushes: each.iter().map(|s| s.flushes).sum(),
+    });
     drop(participants);
     drop(ws);
 
@@ -525,6 +610,7 @@ async fn run(a: RunArgs) -> Result<(), String> {
     let report = serde_json::json!({
         "mode": a.mode.name(),
         "log": if a.daemon.postgres { "postgres" } else { "sled" },
+        "coordinators": coord_uris.len(),
         "branches": a.branches,
         "concurrency": a.concurrency,
         "payload_bytes": a.payload_bytes,
@@ -546,6 +632,7 @@ async fn run(a: RunArgs) -> Result<(), String> {
         "log_flushes": stats.map(|s| s.flushes),
         "log_forced_writes": stats.map(|s| s.forced_writes),
         "log_writes": stats.map(|s| s.writes),
+        "log_writes_per_coordinator": each.iter().map(|s| s.writes).collect::<Vec<_>>(),
         "committed_in_treatyd_life": committed_total,
         "treatyd_cpu_s": cpu.treatyd.map(round3),
         "participants_cpu_s": cpu.participants.iter().map(|c| c.map(round3)).collect::<Vec<_>>(),
@@ -593,9 +680,13 @@ impl Cpu {
     }
 }
 
-fn cpu_snapshot(treatyd: Option<u32>, participants: &[u32]) -> Cpu {
+/// CPU seconds so far; `treatyd` is the sum over the `treatyds` (none when there are none).
+fn cpu_snapshot(treatyds: &[u32], participants: &[u32]) -> Cpu {
     Cpu {
-        treatyd: treatyd.and_then(cpu_seconds),
+        treatyd: match treatyds {
+            [] => None,
+            pids => pids.iter().map(|p| cpu_seconds(*p)).sum::<Option<f64>>(),
+        },
         participants: participants.iter().map(|p| cpu_seconds(*p)).collect(),
         bench: self_cpu_seconds(),
     }
@@ -631,6 +722,9 @@ fn reproduce(a: &RunArgs) -> String {
     if a.daemon.postgres {
         s.push_str(" --postgres");
     }
+    if a.coordinators != 1 {
+        s.push_str(&format!(" --coordinators {}", a.coordinators));
+    }
     for t in &a.daemon.treatyd_args {
         s.push_str(&format!(" --treatyd-arg={t}"));
     }
@@ -643,9 +737,11 @@ fn reproduce(a: &RunArgs) -> String {
 fn print_run(r: &serde_json::Value) {
     let f = |k: &str| r[k].to_string();
     println!(
-        "treaty-bench: {} on a {} log with {} branches, {} in flight, {} cores",
+        "treaty-bench: {} on a {} log, {} coordinator(s), with {} branches, {} in flight, {} \
+         cores",
         r["mode"].as_str().unwrap_or("?"),
         r["log"].as_str().unwrap_or("?"),
+        f("coordinators"),
         f("branches"),
         f("concurrency"),
         f("cores")
@@ -692,9 +788,20 @@ fn print_run(r: &serde_json::Value) {
         f("committed_in_treatyd_life")
     );
     println!(
-        "  treatyd memory   peak RSS {} KiB",
-        f("treatyd_peak_rss_kib")
+        "  treatyd memory   peak RSS {} KiB{}",
+        f("treatyd_peak_rss_kib"),
+        if r["coordinators"].as_u64().unwrap_or(1) > 1 {
+            " (the largest of the coordinators)"
+        } else {
+            ""
+        }
     );
+    if r["coordinators"].as_u64().unwrap_or(1) > 1 {
+        println!(
+            "  per coordinator  log writes {}",
+            f("log_writes_per_coordinator")
+        );
+    }
     println!("  reproduce        {}", r["command"].as_str().unwrap_or(""));
 }
 
@@ -771,7 +878,7 @@ async fn settled_rss(pid: u32, bound: Duration) -> Option<u64> {
 async fn parked(a: ScaleArgs) -> Result<(), String> {
     let ws = workspace(&a.daemon)?;
     let treatyd = start_treatyd(&ws, &scale_treatyd_args(&a))?;
-    let participants = start_participants(a.branches, Answer::Retry)?;
+    let participants = start_participants(a.branches, Answer::Retry, None)?;
     let coordinator = CoordinatorClient::new(channel(&treatyd.uri()).await?);
     let defs = branches(&participants, a.mode, a.payload_bytes);
     let pid = treatyd.pid();
@@ -854,7 +961,7 @@ async fn recovery(a: ScaleArgs) -> Result<(), String> {
     let ws = workspace(&a.daemon)?;
     let args = scale_treatyd_args(&a);
     let mut treatyd = start_treatyd(&ws, &args)?;
-    let participants = start_participants(a.branches, Answer::Retry)?;
+    let participants = start_participants(a.branches, Answer::Retry, None)?;
     {
         let coordinator = CoordinatorClient::new(channel(&treatyd.uri()).await?);
         let defs = branches(&participants, a.mode, a.payload_bytes);

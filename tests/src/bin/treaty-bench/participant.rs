@@ -2,6 +2,7 @@
 //! answers at once, storing nothing, so the bench measures the coordinator, not a store.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -20,7 +21,17 @@ pub enum Answer {
 #[derive(Clone)]
 struct Noop {
     answer: Answer,
+    /// While this file does not exist, phase one answers RETRY whatever `answer` says: a
+    /// participant holding its transactions until the bench releases them (`takeover`).
+    hold_until: Option<Arc<PathBuf>>,
     calls: Arc<AtomicU64>,
+}
+
+impl Noop {
+    /// Whether phase one answers OK now.
+    fn ok_now(&self) -> bool {
+        self.answer == Answer::Ok && self.hold_until.as_ref().is_none_or(|p| p.exists())
+    }
 }
 
 #[tonic::async_trait]
@@ -30,9 +41,10 @@ impl Participant for Noop {
         _req: Request<pb::BranchRequest>,
     ) -> Result<Response<pb::PrepareResponse>, Status> {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        let result = match self.answer {
-            Answer::Ok => pb::PrepareResult::Prepared,
-            Answer::Retry => pb::PrepareResult::Retry,
+        let result = if self.ok_now() {
+            pb::PrepareResult::Prepared
+        } else {
+            pb::PrepareResult::Retry
         };
         Ok(Response::new(pb::PrepareResponse {
             result: result as i32,
@@ -45,9 +57,10 @@ impl Participant for Noop {
         _req: Request<pb::BranchRequest>,
     ) -> Result<Response<pb::ExecuteResponse>, Status> {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        let result = match self.answer {
-            Answer::Ok => pb::ExecuteResult::Succeeded,
-            Answer::Retry => pb::ExecuteResult::Retry,
+        let result = if self.ok_now() {
+            pb::ExecuteResult::Succeeded
+        } else {
+            pb::ExecuteResult::Retry
         };
         Ok(Response::new(pb::ExecuteResponse {
             result: result as i32,
@@ -85,8 +98,13 @@ fn done() -> Response<pb::PhaseTwoResponse> {
 }
 
 /// Serve until killed (the bench SIGKILLs its participants when it is done). Prints
-/// `listening on <addr>` on stdout once bound.
-pub async fn serve(listen: SocketAddr, answer: Answer) -> Result<(), String> {
+/// `listening on <addr>` on stdout once bound. With `hold_until`, phase one answers RETRY
+/// until that file exists.
+pub async fn serve(
+    listen: SocketAddr,
+    answer: Answer,
+    hold_until: Option<PathBuf>,
+) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -94,6 +112,7 @@ pub async fn serve(listen: SocketAddr, answer: Answer) -> Result<(), String> {
     println!("listening on {addr}");
     let svc = Noop {
         answer,
+        hold_until: hold_until.map(Arc::new),
         calls: Arc::new(AtomicU64::new(0)),
     };
     // Nagle off on accepted sockets, as tonic's own `serve(addr)` does.

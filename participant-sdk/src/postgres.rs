@@ -26,10 +26,11 @@
 //!
 //! # Concurrency
 //!
-//! Every delivery first takes a transaction-level advisory lock on its gid (class
+//! Every saga delivery first takes a transaction-level advisory lock on its gid (class
 //! [`LOCK_CLASS`], key a 32-bit hash of the gid: a collision only serializes two gids), so
 //! concurrent duplicates are planned one after the other and the business code runs once;
-//! the sweep takes the same lock, so no row can appear behind a marker. Connections are
+//! a 2PC delivery takes that lock shared and its branch's lock exclusive (see below); the
+//! sweep takes the gid's lock exclusive, so no row can appear behind a marker. Connections are
 //! opened with `lock_timeout` ([`PgStoreOptions::lock_timeout`]): a handler blocked on a row
 //! that another transaction holds answers RETRY rather than holding a pooled connection for
 //! ever.
@@ -43,8 +44,12 @@
 //! under 200): deterministic, unique across the databases of a server (the store id), and
 //! recognisable by its prefix ([`PgStore::prepared_transactions`]). [`PgStore::connect`]
 //! refuses a server with `max_prepared_transactions = 0` (PostgreSQL's default), saying how
-//! to set it. A 2PC delivery holds its gid's advisory lock at session level for all its steps
-//! (a prepared transaction does not keep session locks, so `PREPARE TRANSACTION` is allowed).
+//! to set it. A 2PC delivery holds advisory locks at session level for all its steps (a
+//! prepared transaction does not keep session locks, so `PREPARE TRANSACTION` is allowed):
+//! its gid's lock shared and its branch's lock ([`BRANCH_LOCK_CLASS`]) exclusive, so the
+//! branches of one gid in one database never wait for each other (a commit waiting behind
+//! its sibling branch, which waits for a row another transaction's prepared branch holds,
+//! was a livelock).
 //!
 //! - **Prepare**: the `PREPARED` row and the open-branch entry (with the name) commit first;
 //!   then the handler runs on a new transaction, which also inserts a proof row
@@ -113,6 +118,11 @@ use crate::store::{panic_message, BarrierStore, HandlerCall, SweepPage, Txn};
 /// The advisory-lock class (first key of `pg_advisory_xact_lock(int, int)`) of the barrier's
 /// per-gid locks: "TRTY". An application using two-key advisory locks should avoid it.
 pub const LOCK_CLASS: i32 = 0x5452_5459;
+
+/// The advisory-lock class of the per-branch locks of 2PC deliveries: "TRTB". A 2PC delivery
+/// holds its gid's lock ([`LOCK_CLASS`]) shared and its branch's lock exclusive, so that the
+/// deliveries of two branches of one gid in the same database never wait for each other.
+pub const BRANCH_LOCK_CLASS: i32 = 0x5452_5442;
 
 /// The second key of the lock that serializes schema creation.
 const SCHEMA_LOCK: i32 = 0;
@@ -233,6 +243,16 @@ fn pg_error(what: impl Into<String>, e: tokio_postgres::Error) -> StoreError {
 /// The 32-bit advisory-lock key of a gid.
 fn gid_lock_key(gid: &str) -> i32 {
     let digest = Sha256::digest(gid.as_bytes());
+    i32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
+}
+
+/// The 32-bit advisory-lock key of a branch (class [`BRANCH_LOCK_CLASS`]).
+fn branch_lock_key(gid: &str, branch_id: u32) -> i32 {
+    let digest = Sha256::new()
+        .chain_update(gid.as_bytes())
+        .chain_update([0])
+        .chain_update(branch_id.to_be_bytes())
+        .finalize();
     i32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
 }
 
@@ -965,9 +985,20 @@ impl Inner {
         format!("treaty-{}-", self.store_id)
     }
 
-    /// A 2PC delivery: under a session-level advisory lock on the gid (held across the
-    /// several transactions of a prepare, a commit or an abort, and released before the
-    /// answer), see [`Inner::two_phase_locked`].
+    /// A 2PC delivery: under session-level advisory locks (held across the several
+    /// transactions of a prepare, a commit or an abort, and released before the answer):
+    /// its gid's lock shared (a sweep of the gid takes it exclusive) and its branch's lock
+    /// exclusive (duplicates of the delivery run one after the other), see
+    /// [`Inner::two_phase_locked`].
+    ///
+    /// Why not the gid's lock exclusive, as saga deliveries take it: a commit's handler may
+    /// wait (up to `lock_timeout`) for a row that another transaction's prepared branch
+    /// holds, and that transaction's decision may wait for a row that this gid's *other*
+    /// branch, prepared in the same database, holds until its own commit. With one lock per
+    /// gid that commit queued behind the first one (and behind its redeliveries, each holding
+    /// the lock for a `lock_timeout` or two), timed out on the lock, and came back at the end
+    /// of the queue: a livelock that the PostgreSQL chaos campaign saw as transactions stuck
+    /// in Committing or Aborting for good.
     async fn deliver_two_phase(
         &self,
         op: Op,
@@ -980,21 +1011,34 @@ impl Inner {
             Ok(c) => c,
             Err(e) => return retry(op, ctx, e.to_string()),
         };
-        let key = gid_lock_key(&ctx.gid);
-        if let Err(e) = conn
-            .execute("SELECT pg_advisory_lock($1, $2)", &[&LOCK_CLASS, &key])
+        let (gid_key, branch_key) = (
+            gid_lock_key(&ctx.gid),
+            branch_lock_key(&ctx.gid, ctx.branch_id),
+        );
+        let locked = async {
+            conn.execute(
+                "SELECT pg_advisory_lock_shared($1, $2)",
+                &[&LOCK_CLASS, &gid_key],
+            )
+            .await?;
+            conn.execute(
+                "SELECT pg_advisory_lock($1, $2)",
+                &[&BRANCH_LOCK_CLASS, &branch_key],
+            )
             .await
-        {
-            return retry(op, ctx, pg_error("locking the gid", e).to_string());
         }
-        let verdict = self
-            .two_phase_locked(&mut conn, op, ctx, payload, handler, delivery)
-            .await;
-        let unlocked = conn
-            .execute("SELECT pg_advisory_unlock($1, $2)", &[&LOCK_CLASS, &key])
-            .await;
+        .await;
+        let verdict = match locked {
+            Ok(_) => {
+                self.two_phase_locked(&mut conn, op, ctx, payload, handler, delivery)
+                    .await
+            }
+            Err(e) => retry(op, ctx, pg_error("locking the gid", e).to_string()),
+        };
+        // Session locks survive a failed statement: release whatever this session holds.
+        let unlocked = conn.execute("SELECT pg_advisory_unlock_all()", &[]).await;
         if unlocked.is_err() {
-            // Never hand a connection holding the lock back to the pool: closing the
+            // Never hand a connection holding a lock back to the pool: closing the
             // session releases it.
             drop(Object::take(conn));
         }
@@ -1287,12 +1331,17 @@ impl Inner {
                     .await?;
                     tx.batch_execute(&format!("PREPARE TRANSACTION '{xact}'"))
                         .await
-                    // `tx` is dropped here; its ROLLBACK finds no transaction (PostgreSQL
-                    // logs a warning): the prepared one belongs to no session now.
                 }
                 .await;
                 match prepared {
-                    Ok(()) => return Ok(settled.reply),
+                    Ok(()) => {
+                        // The prepared transaction belongs to no session now. Dropping `tx`
+                        // would send a ROLLBACK that finds no transaction (PostgreSQL logs
+                        // "WARNING: there is no transaction in progress" for each prepare);
+                        // forgetting it leaks nothing (a borrow of the client, no savepoint).
+                        std::mem::forget(tx);
+                        return Ok(settled.reply);
+                    }
                     Err(e) => Stopped::Retry(
                         pg_error(format!("PREPARE TRANSACTION '{xact}'"), e).to_string(),
                     ),

@@ -647,6 +647,50 @@ async fn create_schema(conn: &mut Object, place: &str) -> Result<String, StoreEr
     Ok(id)
 }
 
+/// A pooled connection holding a 2PC delivery's session locks ([`Inner::lock_branch`]).
+/// Dropped before [`BranchLocked::unlock`] (the delivery's future was cancelled while it
+/// waited for a lock, which the server may still grant), its statement is cancelled and the
+/// connection taken out of the pool and closed, which releases whatever the session holds:
+/// a connection holding a lock never goes back to the pool.
+struct BranchLocked {
+    conn: Option<Object>,
+}
+
+impl BranchLocked {
+    /// Releases every advisory lock of the session and returns the connection to the pool
+    /// (or closes it, when the release fails).
+    async fn unlock(mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        // Session locks survive a failed statement: release whatever this session holds.
+        if conn
+            .execute("SELECT pg_advisory_unlock_all()", &[])
+            .await
+            .is_err()
+        {
+            drop(Object::take(conn));
+        }
+    }
+}
+
+impl Drop for BranchLocked {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        // The connection only closes once its statement in flight ends: cancel that
+        // statement (a lock wait, until `lock_timeout` otherwise) through the server.
+        let cancel = conn.cancel_token();
+        drop(Object::take(conn));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = cancel.cancel_query(NoTls).await;
+            });
+        }
+    }
+}
+
 impl Inner {
     async fn conn(&self) -> Result<Object, StoreError> {
         self.pool.get().await.map_err(|e| {
@@ -664,11 +708,12 @@ impl Inner {
         ctx: &BranchContext,
         payload: &[u8],
         handler: Option<&HandlerCall<PgStore>>,
+        locked: Option<BranchLocked>,
     ) -> Verdict {
         let delivery = Delivery::new(op, &ctx.handler, payload, &ctx.log_id, handler.is_some());
-        if matches!(op, Op::Prepare | Op::Commit | Op::Abort) {
+        if let Some(locked) = locked {
             return self
-                .deliver_two_phase(op, ctx, payload, handler, &delivery)
+                .deliver_two_phase(locked, op, ctx, payload, handler, &delivery)
                 .await;
         }
         match self
@@ -985,63 +1030,74 @@ impl Inner {
         format!("treaty-{}-", self.store_id)
     }
 
-    /// A 2PC delivery: under session-level advisory locks (held across the several
-    /// transactions of a prepare, a commit or an abort, and released before the answer):
-    /// its gid's lock shared (a sweep of the gid takes it exclusive) and its branch's lock
-    /// exclusive (duplicates of the delivery run one after the other), see
-    /// [`Inner::two_phase_locked`].
+    /// Takes a connection and the locks a 2PC delivery runs under, at session level (held
+    /// across the several transactions of a prepare, a commit or an abort, and released
+    /// before the answer): its gid's lock shared (a sweep of the gid takes it exclusive) and
+    /// its branch's lock exclusive (duplicates of the delivery run one after the other).
     ///
     /// Why not the gid's lock exclusive, as saga deliveries take it: a commit's handler may
     /// wait (up to `lock_timeout`) for a row that another transaction's prepared branch
     /// holds, and that transaction's decision may wait for a row that this gid's *other*
     /// branch, prepared in the same database, holds until its own commit. With one lock per
-    /// gid that commit queued behind the first one (and behind its redeliveries, each holding
-    /// the lock for a `lock_timeout` or two), timed out on the lock, and came back at the end
-    /// of the queue: a livelock that the PostgreSQL chaos campaign saw as transactions stuck
-    /// in Committing or Aborting for good.
-    async fn deliver_two_phase(
-        &self,
-        op: Op,
-        ctx: &BranchContext,
-        payload: &[u8],
-        handler: Option<&HandlerCall<PgStore>>,
-        delivery: &Delivery,
-    ) -> Verdict {
-        let mut conn = match self.conn().await {
+    /// gid that commit queued behind the first one (and behind its redeliveries), timed out
+    /// on the lock, and came back at the end of the queue: a livelock that the PostgreSQL
+    /// chaos campaign saw as transactions stuck in Committing or Aborting for good.
+    ///
+    /// Called where the caller going away cancels it (see [`PgStore::deliver`]): a
+    /// redelivery waiting here for the first delivery is dropped when the coordinator's call
+    /// times out, and its connection closed (which ends the wait in the server), instead of
+    /// holding a pooled connection for as long as the first one runs. Under load such
+    /// waiters filled the pool and starved the deliveries that would have released the rows
+    /// everyone waited for.
+    async fn lock_branch(&self, op: Op, ctx: &BranchContext) -> Result<BranchLocked, Verdict> {
+        let conn = match self.conn().await {
             Ok(c) => c,
-            Err(e) => return retry(op, ctx, e.to_string()),
+            Err(e) => return Err(retry(op, ctx, e.to_string())),
         };
+        let locked = BranchLocked { conn: Some(conn) };
         let (gid_key, branch_key) = (
             gid_lock_key(&ctx.gid),
             branch_lock_key(&ctx.gid, ctx.branch_id),
         );
-        let locked = async {
-            conn.execute(
+        let c = locked.conn.as_ref().expect("just set");
+        let taken = async {
+            c.execute(
                 "SELECT pg_advisory_lock_shared($1, $2)",
                 &[&LOCK_CLASS, &gid_key],
             )
             .await?;
-            conn.execute(
+            c.execute(
                 "SELECT pg_advisory_lock($1, $2)",
                 &[&BRANCH_LOCK_CLASS, &branch_key],
             )
             .await
         }
         .await;
-        let verdict = match locked {
-            Ok(_) => {
-                self.two_phase_locked(&mut conn, op, ctx, payload, handler, delivery)
-                    .await
+        match taken {
+            Ok(_) => Ok(locked),
+            Err(e) => {
+                locked.unlock().await;
+                Err(retry(op, ctx, pg_error("locking the gid", e).to_string()))
             }
-            Err(e) => retry(op, ctx, pg_error("locking the gid", e).to_string()),
-        };
-        // Session locks survive a failed statement: release whatever this session holds.
-        let unlocked = conn.execute("SELECT pg_advisory_unlock_all()", &[]).await;
-        if unlocked.is_err() {
-            // Never hand a connection holding a lock back to the pool: closing the
-            // session releases it.
-            drop(Object::take(conn));
         }
+    }
+
+    /// A 2PC delivery under the locks [`Inner::lock_branch`] took, see
+    /// [`Inner::two_phase_locked`]; the locks are released before the answer.
+    async fn deliver_two_phase(
+        &self,
+        mut locked: BranchLocked,
+        op: Op,
+        ctx: &BranchContext,
+        payload: &[u8],
+        handler: Option<&HandlerCall<PgStore>>,
+        delivery: &Delivery,
+    ) -> Verdict {
+        let conn = locked.conn.as_mut().expect("held until unlocked");
+        let verdict = self
+            .two_phase_locked(conn, op, ctx, payload, handler, delivery)
+            .await;
+        locked.unlock().await;
         verdict
     }
 
@@ -1406,10 +1462,19 @@ impl BarrierStore for PgStore {
     ) -> Verdict {
         // Handler futures are not `Send`: the delivery runs on a blocking thread, driven with
         // the runtime's I/O (see the module docs).
+        // A 2PC delivery's locks are taken here, where the caller going away (the
+        // coordinator's call timed out) cancels the wait (see `Inner::lock_branch`).
+        let locked = match op {
+            Op::Prepare | Op::Commit | Op::Abort => match self.inner.lock_branch(op, &ctx).await {
+                Ok(l) => Some(l),
+                Err(verdict) => return verdict,
+            },
+            Op::Execute | Op::Compensate => None,
+        };
         let rt = tokio::runtime::Handle::current();
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            rt.block_on(inner.deliver(op, &ctx, &payload, handler.as_ref()))
+            rt.block_on(inner.deliver(op, &ctx, &payload, handler.as_ref(), locked))
         })
         .await
         .unwrap_or_else(|e| Verdict::Retry(format!("{op} delivery panicked: {e}")))

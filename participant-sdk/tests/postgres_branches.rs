@@ -34,15 +34,20 @@ impl Drop for OpenOnDrop {
 
 /// Branch locks granted to any session of the server.
 async fn branch_locks_held(url: &str) -> i64 {
+    branch_locks(url, true).await
+}
+
+/// Branch locks granted (`granted`) or waited for (`!granted`) by any session.
+async fn branch_locks(url: &str, granted: bool) -> i64 {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .expect("connect");
     tokio::spawn(conn);
     client
         .query_one(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted = $2 \
              AND classid = $1::bigint::oid",
-            &[&i64::from(BRANCH_LOCK_CLASS)],
+            &[&i64::from(BRANCH_LOCK_CLASS), &granted],
         )
         .await
         .expect("read pg_locks")
@@ -72,7 +77,7 @@ async fn a_branch_is_not_delayed_by_a_delivery_of_another_branch_of_its_gid() {
         .expect("create a database");
     let store = PgStore::connect_with(
         &url,
-        PgStoreOptions::default().lock_timeout(Duration::from_millis(500)),
+        PgStoreOptions::default().lock_timeout(Duration::from_secs(30)),
     )
     .await
     .expect("open the store");
@@ -125,15 +130,31 @@ async fn a_branch_is_not_delayed_by_a_delivery_of_another_branch_of_its_gid() {
         .into_inner();
     assert_eq!(r.result(), pb::PhaseTwoResult::Done, "{}", r.message);
 
-    // A duplicate of branch 0's prepare still waits for the first (one at a time per
-    // branch): answered RETRY once the lock wait times out.
-    let r = participant
-        .prepare(Request::new(req("g", 0, b"go")))
-        .await
-        .expect("answered")
-        .into_inner();
-    assert_eq!(r.result(), pb::PrepareResult::Retry, "{}", r.message);
-    assert!(r.message.contains("lock"), "{}", r.message);
+    // A duplicate of branch 0's prepare (the coordinator's call timed out and it tried
+    // again) waits for the first; when its caller goes away (tonic drops the handler's
+    // future) it must stop waiting, not hold a pooled connection until `lock_timeout`.
+    let duplicate = {
+        let p = participant.clone();
+        tokio::spawn(async move { p.prepare(Request::new(req("g", 0, b"go"))).await })
+    };
+    let start = tokio::time::Instant::now();
+    while branch_locks(&url, false).await == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the duplicate never waited for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    duplicate.abort();
+    let _ = duplicate.await;
+    let start = tokio::time::Instant::now();
+    while branch_locks(&url, false).await > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "a cancelled duplicate still waits for the branch's lock (lock_timeout is 30 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     GATE.add_permits(1);
     let r = slow

@@ -708,22 +708,40 @@ impl Inner {
         ctx: &BranchContext,
         payload: &[u8],
         handler: Option<&HandlerCall<PgStore>>,
-        locked: Option<BranchLocked>,
+        mut locked: BranchLocked,
     ) -> Verdict {
         let delivery = Delivery::new(op, &ctx.handler, payload, &ctx.log_id, handler.is_some());
-        if let Some(locked) = locked {
+        if matches!(op, Op::Prepare | Op::Commit | Op::Abort) {
             return self
                 .deliver_two_phase(locked, op, ctx, payload, handler, &delivery)
                 .await;
         }
+        let verdict = self
+            .deliver_saga(&mut locked, op, ctx, payload, handler, &delivery)
+            .await;
+        locked.unlock().await;
+        verdict
+    }
+
+    /// A saga delivery under the gid's lock [`Inner::lock_branch`] took.
+    async fn deliver_saga(
+        &self,
+        locked: &mut BranchLocked,
+        op: Op,
+        ctx: &BranchContext,
+        payload: &[u8],
+        handler: Option<&HandlerCall<PgStore>>,
+        delivery: &Delivery,
+    ) -> Verdict {
+        let client: &mut Client = locked.conn.as_mut().expect("held until unlocked");
         match self
-            .deliver_in_one(op, ctx, payload, handler, &delivery)
+            .deliver_in_one(client, op, ctx, payload, handler, delivery)
             .await
         {
             Ok(reply) => verdict(op, ctx, reply),
             Err(Stopped::Refused(reason)) => {
                 match self
-                    .after_refusal(op, ctx, payload, &delivery, &reason)
+                    .after_refusal(client, op, ctx, payload, delivery, &reason)
                     .await
                 {
                     Ok(reply) => {
@@ -742,6 +760,7 @@ impl Inner {
     /// A saga delivery in one transaction: lock, plan, business code, rows, commit.
     async fn deliver_in_one(
         &self,
+        client: &mut Client,
         op: Op,
         ctx: &BranchContext,
         payload: &[u8],
@@ -749,8 +768,6 @@ impl Inner {
         delivery: &Delivery,
     ) -> Result<rules::Reply, Stopped> {
         let what = |e| Stopped::from(pg_error(format!("delivering {op}"), e));
-        let mut conn = self.conn().await?;
-        let client: &mut Client = &mut conn;
         let tx = client.transaction().await.map_err(what)?;
         lock_gid(&tx, &ctx.gid).await.map_err(what)?;
         let plan = plan_for(&tx, ctx, op, delivery).await?;
@@ -781,6 +798,7 @@ impl Inner {
     /// as the plan says.
     async fn after_refusal(
         &self,
+        client: &mut Client,
         op: Op,
         ctx: &BranchContext,
         payload: &[u8],
@@ -788,8 +806,6 @@ impl Inner {
         reason: &str,
     ) -> Result<rules::Reply, StoreError> {
         let what = |e| pg_error(format!("recording the {op} refusal"), e);
-        let mut conn = self.conn().await?;
-        let client: &mut Client = &mut conn;
         let tx = client.transaction().await.map_err(what)?;
         lock_gid(&tx, &ctx.gid).await.map_err(what)?;
         let plan = plan_for(&tx, ctx, op, delivery).await?;
@@ -1030,10 +1046,11 @@ impl Inner {
         format!("treaty-{}-", self.store_id)
     }
 
-    /// Takes a connection and the locks a 2PC delivery runs under, at session level (held
-    /// across the several transactions of a prepare, a commit or an abort, and released
-    /// before the answer): its gid's lock shared (a sweep of the gid takes it exclusive) and
-    /// its branch's lock exclusive (duplicates of the delivery run one after the other).
+    /// Takes a connection and the locks a delivery runs under, at session level (held across
+    /// the several transactions of a prepare, a commit or an abort, and released before the
+    /// answer). A saga delivery: its gid's lock exclusive. A 2PC delivery: its gid's lock
+    /// shared (a sweep of the gid takes it exclusive) and its branch's lock exclusive
+    /// (duplicates of the delivery run one after the other).
     ///
     /// Why not the gid's lock exclusive, as saga deliveries take it: a commit's handler may
     /// wait (up to `lock_timeout`) for a row that another transaction's prepared branch
@@ -1060,7 +1077,15 @@ impl Inner {
             branch_lock_key(&ctx.gid, ctx.branch_id),
         );
         let c = locked.conn.as_ref().expect("just set");
+        let two_phase = matches!(op, Op::Prepare | Op::Commit | Op::Abort);
         let taken = async {
+            if !two_phase {
+                // A saga delivery: the gid's lock exclusive (its transaction takes it
+                // again, which the session already holds).
+                return c
+                    .execute("SELECT pg_advisory_lock($1, $2)", &[&LOCK_CLASS, &gid_key])
+                    .await;
+            }
             c.execute(
                 "SELECT pg_advisory_lock_shared($1, $2)",
                 &[&LOCK_CLASS, &gid_key],
@@ -1462,14 +1487,11 @@ impl BarrierStore for PgStore {
     ) -> Verdict {
         // Handler futures are not `Send`: the delivery runs on a blocking thread, driven with
         // the runtime's I/O (see the module docs).
-        // A 2PC delivery's locks are taken here, where the caller going away (the
-        // coordinator's call timed out) cancels the wait (see `Inner::lock_branch`).
-        let locked = match op {
-            Op::Prepare | Op::Commit | Op::Abort => match self.inner.lock_branch(op, &ctx).await {
-                Ok(l) => Some(l),
-                Err(verdict) => return verdict,
-            },
-            Op::Execute | Op::Compensate => None,
+        // A delivery's connection and locks are taken here, where the caller going away
+        // (the coordinator's call timed out) cancels the wait (see `Inner::lock_branch`).
+        let locked = match self.inner.lock_branch(op, &ctx).await {
+            Ok(l) => l,
+            Err(verdict) => return verdict,
         };
         let rt = tokio::runtime::Handle::current();
         let inner = self.inner.clone();

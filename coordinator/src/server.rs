@@ -131,7 +131,16 @@ async fn serve(
         shutdown.await;
         let _ = stop_all.send(true);
     });
+    // One health service for the process, not one per incarnation: a health watch open on
+    // a connection served by a failed incarnation (a load balancer keeps one open for ever)
+    // must see the replacement report SERVING, not the failed one's NOT_SERVING for good.
+    let health_reporter = tonic_health::server::HealthReporter::new();
+    let health = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(health_reporter.clone()),
+    );
     let incarnation = Incarnation {
+        health_reporter,
+        health,
         log,
         config,
         #[cfg(feature = "mutations")]
@@ -143,6 +152,12 @@ async fn serve(
         gc_interval,
         max_message_bytes,
     };
+    let mut grpc = Grpc {
+        listener,
+        current: tokio::sync::watch::channel(None).0,
+        task: None,
+        stop: None,
+    };
     let mut replaced = false;
     loop {
         let clone = |l: &std::net::TcpListener, what: &str| {
@@ -150,12 +165,11 @@ async fn serve(
                 .and_then(TcpListener::from_std)
                 .map_err(|e| ServeError::Config(format!("cannot reuse the {what} listener: {e}")))
         };
-        let grpc = clone(&listener, "gRPC")?;
         let admin = match &admin_listener {
             Some(l) => Some(clone(l, "admin")?),
             None => None,
         };
-        match serve_once(&incarnation, grpc, admin, &mut stopping.clone(), replaced).await {
+        match serve_once(&incarnation, &mut grpc, admin, &mut stopping.clone(), replaced).await {
             Ok(Ended::Done(r)) => return r,
             Ok(Ended::Replace) => {
                 tracing::info!("the log answers again: recovering from it with a new runtime");
@@ -198,6 +212,9 @@ enum Ended {
 
 /// What every incarnation of [`serve`] is built from.
 struct Incarnation {
+    /// The process's health service and its reporter (see [`serve`]).
+    health_reporter: tonic_health::server::HealthReporter,
+    health: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
     log: Arc<dyn LogStore>,
     config: Config,
     #[cfg(feature = "mutations")]
@@ -215,7 +232,7 @@ struct Incarnation {
 /// until it fails (see [`Ended`]).
 async fn serve_once(
     inc: &Incarnation,
-    listener: TcpListener,
+    grpc: &mut Grpc,
     admin_listener: Option<TcpListener>,
     stopping: &mut tokio::sync::watch::Receiver<bool>,
     replacing: bool,
@@ -264,7 +281,7 @@ async fn serve_once(
         None => None,
     };
     let resumed = rt.recover().await.map_err(ServeError::Recover)?;
-    let addr = listener.local_addr().ok();
+    let addr = grpc.listener.local_addr().ok();
     tracing::info!(
         ?addr,
         resumed,
@@ -273,7 +290,7 @@ async fn serve_once(
         "treaty coordinator serving"
     );
 
-    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let health_reporter = inc.health_reporter.clone();
     health_reporter
         .set_serving::<CoordinatorServer<CoordinatorService>>()
         .await;
@@ -347,27 +364,20 @@ async fn serve_once(
     let takeover = AbortOnDrop(takeover);
     // `Retry` on another coordinator of a shared log, for a transaction this one drives.
     log.on_nudge(nudge_handler(&rt));
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = builder
-        // Every error answer counted by its status (treaty_requests_rejected_total).
-        .layer(crate::metrics::rejections_layer(Arc::clone(rt.metrics())))
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(
-            // tonic's default 4 MiB decode limit would refuse a valid transaction of
-            // max_tx_bytes before validation could say why.
-            CoordinatorServer::new(service).max_decoding_message_size(max_message_bytes),
-        )
-        // Nagle off on accepted connections: small HTTP/2 frames must not wait for ACKs.
-        .serve_with_incoming_shutdown(incoming, async {
-            let _ = stop_rx.await;
-        });
-    let mut server = tokio::spawn(server);
+    // From now on every Coordinator call goes to this incarnation, on every connection,
+    // including those a failed predecessor served (see `Current`).
+    grpc.current.send_replace(Some(Serving {
+        // tonic's default 4 MiB decode limit would refuse a valid transaction of
+        // max_tx_bytes before validation could say why.
+        api: CoordinatorServer::new(service).max_decoding_message_size(max_message_bytes),
+        metrics: Arc::clone(rt.metrics()),
+    }));
+    grpc.start(builder, inc.health.clone(), reflection)?;
+    let server = grpc.task.as_mut().expect("started above");
     admin_state.ready.store(true, Ordering::Release);
 
     tokio::select! {
-        res = &mut server => {
+        res = &mut *server => {
             gc.abort();
             return match res {
                 Ok(r) => r.map(|()| Ended::Done(Ok(()))).map_err(ServeError::from),
@@ -385,6 +395,8 @@ async fn serve_once(
                 server.abort();
                 return Err(ServeError::Failed(why));
             }
+            // Meanwhile the gRPC server stays up, routing to this (failed) incarnation:
+            // UNAVAILABLE, until the replacement has recovered and takes over.
             // The data is safe in the database: keep answering (UNAVAILABLE, NOT_SERVING)
             // until it answers again, then serve anew (see `Ended::Replace`).
             admin_state.ready.store(false, Ordering::Release);
@@ -393,7 +405,9 @@ async fn serve_once(
                 () = wait_for_log(log.as_ref()) => true,
                 () = &mut shutdown => false,
             };
-            server.abort();
+            if !back {
+                server.abort();
+            }
             return Ok(if back { Ended::Replace } else { Ended::Done(Err(ServeError::Failed(why))) });
         }
         _ = &mut shutdown => {}
@@ -409,11 +423,13 @@ async fn serve_once(
     health_reporter
         .set_not_serving::<CoordinatorServer<CoordinatorService>>()
         .await;
-    let _ = stop_tx.send(());
+    if let Some(stop) = grpc.stop.take() {
+        let _ = stop.send(());
+    }
     let deadline = tokio::time::Instant::now() + grace;
     let finished = rt.shutdown(grace);
     let (log_result, _) = tokio::join!(finished, async {
-        if tokio::time::timeout_at(deadline, &mut server)
+        if tokio::time::timeout_at(deadline, &mut *server)
             .await
             .is_err()
         {
@@ -455,6 +471,139 @@ fn nudge_handler(rt: &Runtime) -> crate::log::NudgeHandler {
 /// How often a coordinator of a shared log claims what gone coordinators owned: a dead
 /// coordinator's transactions resume within its lease plus this.
 const TAKEOVER_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// What serves the Coordinator service now: the incarnation's API, with its metrics.
+#[derive(Clone)]
+struct Serving {
+    api: CoordinatorServer<CoordinatorService>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// The gRPC server: one for the whole process, started by the first incarnation once it has
+/// recovered (connections wait in the listener's backlog until then), stopped by the last
+/// one (a graceful shutdown), aborted when dropped. Every Coordinator call is routed to the
+/// incarnation in `current` ([`Current`]).
+///
+/// Why not a server per incarnation: tonic serves each HTTP/2 connection in a task of its
+/// own, which outlives the server that accepted it, and clients keep their connections
+/// (channels, pools, a health watch a load balancer holds open). A connection accepted
+/// before an outage went on being served by the failed incarnation, and once told to go
+/// away it was closed under the calls sent on it meanwhile.
+struct Grpc {
+    listener: std::net::TcpListener,
+    current: tokio::sync::watch::Sender<Option<Serving>>,
+    task: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Grpc {
+    /// Start serving, unless already started.
+    fn start(
+        &mut self,
+        builder: tonic::transport::Server,
+        health: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+        reflection: tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+    ) -> Result<(), ServeError> {
+        if self.task.is_some() {
+            return Ok(());
+        }
+        let listener = self
+            .listener
+            .try_clone()
+            .and_then(TcpListener::from_std)
+            .map_err(|e| ServeError::Config(format!("cannot reuse the gRPC listener: {e}")))?;
+        // Nagle off on accepted connections: small HTTP/2 frames must not wait for ACKs.
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let current = self.current.subscribe();
+        let counted = current.clone();
+        let server = builder
+            // Every error answer counted by its status (treaty_requests_rejected_total), in
+            // the metrics of the incarnation serving now.
+            .layer(tower::util::MapResponseLayer::new(
+                move |resp: http::Response<tonic::body::Body>| {
+                    let code = resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .map(tonic::Code::from_i32);
+                    if let (Some(code), Some(serving)) = (code, counted.borrow().as_ref()) {
+                        if code != tonic::Code::Ok {
+                            serving.metrics.rejected(code);
+                        }
+                    }
+                    resp
+                },
+            ))
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(Current(current))
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            });
+        self.task = Some(tokio::spawn(server));
+        self.stop = Some(stop);
+        Ok(())
+    }
+}
+
+impl Drop for Grpc {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+/// The Coordinator service as the gRPC server sees it: each call goes to the incarnation
+/// serving at that moment ([`Grpc`]).
+#[derive(Clone)]
+struct Current(tokio::sync::watch::Receiver<Option<Serving>>);
+
+impl tonic::server::NamedService for Current {
+    const NAME: &'static str =
+        <CoordinatorServer<CoordinatorService> as tonic::server::NamedService>::NAME;
+}
+
+impl<B> tower::Service<http::Request<B>> for Current
+where
+    CoordinatorServer<CoordinatorService>: tower::Service<
+        http::Request<B>,
+        Response = http::Response<tonic::body::Body>,
+        Error = std::convert::Infallible,
+        Future = tonic::codegen::BoxFuture<
+            http::Response<tonic::body::Body>,
+            std::convert::Infallible,
+        >,
+    >,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future =
+        tonic::codegen::BoxFuture<http::Response<tonic::body::Body>, std::convert::Infallible>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // A generated server is always ready; which one serves is chosen per call.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let serving = self.0.borrow().as_ref().map(|s| s.api.clone());
+        match serving {
+            Some(mut api) => tower::Service::call(&mut api, req),
+            // Not reached: the server starts after the first incarnation is published.
+            None => Box::pin(async {
+                Ok(tonic::Status::unavailable("the coordinator is starting").into_http())
+            }),
+        }
+    }
+}
 
 /// How often a log that [`LogStore::recovers_in_process`] is probed with a `sync`.
 const LOG_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);

@@ -26,10 +26,11 @@
 //!
 //! # Concurrency
 //!
-//! Every delivery first takes a transaction-level advisory lock on its gid (class
+//! Every saga delivery first takes a transaction-level advisory lock on its gid (class
 //! [`LOCK_CLASS`], key a 32-bit hash of the gid: a collision only serializes two gids), so
 //! concurrent duplicates are planned one after the other and the business code runs once;
-//! the sweep takes the same lock, so no row can appear behind a marker. Connections are
+//! a 2PC delivery takes that lock shared and its branch's lock exclusive (see below); the
+//! sweep takes the gid's lock exclusive, so no row can appear behind a marker. Connections are
 //! opened with `lock_timeout` ([`PgStoreOptions::lock_timeout`]): a handler blocked on a row
 //! that another transaction holds answers RETRY rather than holding a pooled connection for
 //! ever.
@@ -43,8 +44,12 @@
 //! under 200): deterministic, unique across the databases of a server (the store id), and
 //! recognisable by its prefix ([`PgStore::prepared_transactions`]). [`PgStore::connect`]
 //! refuses a server with `max_prepared_transactions = 0` (PostgreSQL's default), saying how
-//! to set it. A 2PC delivery holds its gid's advisory lock at session level for all its steps
-//! (a prepared transaction does not keep session locks, so `PREPARE TRANSACTION` is allowed).
+//! to set it. A 2PC delivery holds advisory locks at session level for all its steps (a
+//! prepared transaction does not keep session locks, so `PREPARE TRANSACTION` is allowed):
+//! its gid's lock shared and its branch's lock ([`BRANCH_LOCK_CLASS`]) exclusive, so the
+//! branches of one gid in one database never wait for each other (a commit waiting behind
+//! its sibling branch, which waits for a row another transaction's prepared branch holds,
+//! was a livelock).
 //!
 //! - **Prepare**: the `PREPARED` row and the open-branch entry (with the name) commit first;
 //!   then the handler runs on a new transaction, which also inserts a proof row
@@ -113,6 +118,11 @@ use crate::store::{panic_message, BarrierStore, HandlerCall, SweepPage, Txn};
 /// The advisory-lock class (first key of `pg_advisory_xact_lock(int, int)`) of the barrier's
 /// per-gid locks: "TRTY". An application using two-key advisory locks should avoid it.
 pub const LOCK_CLASS: i32 = 0x5452_5459;
+
+/// The advisory-lock class of the per-branch locks of 2PC deliveries: "TRTB". A 2PC delivery
+/// holds its gid's lock ([`LOCK_CLASS`]) shared and its branch's lock exclusive, so that the
+/// deliveries of two branches of one gid in the same database never wait for each other.
+pub const BRANCH_LOCK_CLASS: i32 = 0x5452_5442;
 
 /// The second key of the lock that serializes schema creation.
 const SCHEMA_LOCK: i32 = 0;
@@ -246,6 +256,16 @@ fn pg_error(what: impl Into<String>, e: tokio_postgres::Error) -> StoreError {
 /// The 32-bit advisory-lock key of a gid.
 fn gid_lock_key(gid: &str) -> i32 {
     let digest = Sha256::digest(gid.as_bytes());
+    i32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
+}
+
+/// The 32-bit advisory-lock key of a branch (class [`BRANCH_LOCK_CLASS`]).
+fn branch_lock_key(gid: &str, branch_id: u32) -> i32 {
+    let digest = Sha256::new()
+        .chain_update(gid.as_bytes())
+        .chain_update([0])
+        .chain_update(branch_id.to_be_bytes())
+        .finalize();
     i32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
 }
 
@@ -676,6 +696,50 @@ async fn create_schema(conn: &mut Object, place: &str) -> Result<String, StoreEr
     Ok(id)
 }
 
+/// A pooled connection holding a 2PC delivery's session locks ([`Inner::lock_branch`]).
+/// Dropped before [`BranchLocked::unlock`] (the delivery's future was cancelled while it
+/// waited for a lock, which the server may still grant), its statement is cancelled and the
+/// connection taken out of the pool and closed, which releases whatever the session holds:
+/// a connection holding a lock never goes back to the pool.
+struct BranchLocked {
+    conn: Option<Object>,
+}
+
+impl BranchLocked {
+    /// Releases every advisory lock of the session and returns the connection to the pool
+    /// (or closes it, when the release fails).
+    async fn unlock(mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        // Session locks survive a failed statement: release whatever this session holds.
+        if conn
+            .execute("SELECT pg_advisory_unlock_all()", &[])
+            .await
+            .is_err()
+        {
+            drop(Object::take(conn));
+        }
+    }
+}
+
+impl Drop for BranchLocked {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        // The connection only closes once its statement in flight ends: cancel that
+        // statement (a lock wait, until `lock_timeout` otherwise) through the server.
+        let cancel = conn.cancel_token();
+        drop(Object::take(conn));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = cancel.cancel_query(NoTls).await;
+            });
+        }
+    }
+}
+
 impl Inner {
     async fn conn(&self) -> Result<Object, StoreError> {
         self.pool.get().await.map_err(|e| {
@@ -693,21 +757,40 @@ impl Inner {
         ctx: &BranchContext,
         payload: &[u8],
         handler: Option<&HandlerCall<PgStore>>,
+        mut locked: BranchLocked,
     ) -> Verdict {
         let delivery = Delivery::new(op, &ctx.handler, payload, &ctx.log_id, handler.is_some());
         if matches!(op, Op::Prepare | Op::Commit | Op::Abort) {
             return self
-                .deliver_two_phase(op, ctx, payload, handler, &delivery)
+                .deliver_two_phase(locked, op, ctx, payload, handler, &delivery)
                 .await;
         }
+        let verdict = self
+            .deliver_saga(&mut locked, op, ctx, payload, handler, &delivery)
+            .await;
+        locked.unlock().await;
+        verdict
+    }
+
+    /// A saga delivery under the gid's lock [`Inner::lock_branch`] took.
+    async fn deliver_saga(
+        &self,
+        locked: &mut BranchLocked,
+        op: Op,
+        ctx: &BranchContext,
+        payload: &[u8],
+        handler: Option<&HandlerCall<PgStore>>,
+        delivery: &Delivery,
+    ) -> Verdict {
+        let client: &mut Client = locked.conn.as_mut().expect("held until unlocked");
         match self
-            .deliver_in_one(op, ctx, payload, handler, &delivery)
+            .deliver_in_one(client, op, ctx, payload, handler, delivery)
             .await
         {
             Ok(reply) => verdict(op, ctx, reply),
             Err(Stopped::Refused(reason)) => {
                 match self
-                    .after_refusal(op, ctx, payload, &delivery, &reason)
+                    .after_refusal(client, op, ctx, payload, delivery, &reason)
                     .await
                 {
                     Ok(reply) => {
@@ -726,6 +809,7 @@ impl Inner {
     /// A saga delivery in one transaction: lock, plan, business code, rows, commit.
     async fn deliver_in_one(
         &self,
+        client: &mut Client,
         op: Op,
         ctx: &BranchContext,
         payload: &[u8],
@@ -733,8 +817,6 @@ impl Inner {
         delivery: &Delivery,
     ) -> Result<rules::Reply, Stopped> {
         let what = |e| Stopped::from(pg_error(format!("delivering {op}"), e));
-        let mut conn = self.conn().await?;
-        let client: &mut Client = &mut conn;
         let tx = client.transaction().await.map_err(what)?;
         lock_gid(&tx, &ctx.gid).await.map_err(what)?;
         let plan = plan_for(&tx, ctx, op, delivery).await?;
@@ -765,6 +847,7 @@ impl Inner {
     /// as the plan says.
     async fn after_refusal(
         &self,
+        client: &mut Client,
         op: Op,
         ctx: &BranchContext,
         payload: &[u8],
@@ -772,8 +855,6 @@ impl Inner {
         reason: &str,
     ) -> Result<rules::Reply, StoreError> {
         let what = |e| pg_error(format!("recording the {op} refusal"), e);
-        let mut conn = self.conn().await?;
-        let client: &mut Client = &mut conn;
         let tx = client.transaction().await.map_err(what)?;
         lock_gid(&tx, &ctx.gid).await.map_err(what)?;
         let plan = plan_for(&tx, ctx, op, delivery).await?;
@@ -1014,39 +1095,83 @@ impl Inner {
         format!("treaty-{}-", self.store_id)
     }
 
-    /// A 2PC delivery: under a session-level advisory lock on the gid (held across the
-    /// several transactions of a prepare, a commit or an abort, and released before the
-    /// answer), see [`Inner::two_phase_locked`].
+    /// Takes a connection and the locks a delivery runs under, at session level (held across
+    /// the several transactions of a prepare, a commit or an abort, and released before the
+    /// answer). A saga delivery: its gid's lock exclusive. A 2PC delivery: its gid's lock
+    /// shared (a sweep of the gid takes it exclusive) and its branch's lock exclusive
+    /// (duplicates of the delivery run one after the other).
+    ///
+    /// Why not the gid's lock exclusive, as saga deliveries take it: a commit's handler may
+    /// wait (up to `lock_timeout`) for a row that another transaction's prepared branch
+    /// holds, and that transaction's decision may wait for a row that this gid's *other*
+    /// branch, prepared in the same database, holds until its own commit. With one lock per
+    /// gid that commit queued behind the first one (and behind its redeliveries), timed out
+    /// on the lock, and came back at the end of the queue: a livelock that the PostgreSQL
+    /// chaos campaign saw as transactions stuck in Committing or Aborting for good.
+    ///
+    /// Called where the caller going away cancels it (see [`PgStore::deliver`]): a
+    /// redelivery waiting here for the first delivery is dropped when the coordinator's call
+    /// times out, and its connection closed (which ends the wait in the server), instead of
+    /// holding a pooled connection for as long as the first one runs. Under load such
+    /// waiters filled the pool and starved the deliveries that would have released the rows
+    /// everyone waited for.
+    async fn lock_branch(&self, op: Op, ctx: &BranchContext) -> Result<BranchLocked, Verdict> {
+        let conn = match self.conn().await {
+            Ok(c) => c,
+            Err(e) => return Err(retry(op, ctx, e.to_string())),
+        };
+        let locked = BranchLocked { conn: Some(conn) };
+        let (gid_key, branch_key) = (
+            gid_lock_key(&ctx.gid),
+            branch_lock_key(&ctx.gid, ctx.branch_id),
+        );
+        let c = locked.conn.as_ref().expect("just set");
+        let two_phase = matches!(op, Op::Prepare | Op::Commit | Op::Abort);
+        let taken = async {
+            if !two_phase {
+                // A saga delivery: the gid's lock exclusive (its transaction takes it
+                // again, which the session already holds).
+                return c
+                    .execute("SELECT pg_advisory_lock($1, $2)", &[&LOCK_CLASS, &gid_key])
+                    .await;
+            }
+            c.execute(
+                "SELECT pg_advisory_lock_shared($1, $2)",
+                &[&LOCK_CLASS, &gid_key],
+            )
+            .await?;
+            c.execute(
+                "SELECT pg_advisory_lock($1, $2)",
+                &[&BRANCH_LOCK_CLASS, &branch_key],
+            )
+            .await
+        }
+        .await;
+        match taken {
+            Ok(_) => Ok(locked),
+            Err(e) => {
+                locked.unlock().await;
+                Err(retry(op, ctx, pg_error("locking the gid", e).to_string()))
+            }
+        }
+    }
+
+    /// A 2PC delivery under the locks [`Inner::lock_branch`] took, see
+    /// [`Inner::two_phase_locked`]; the locks are released before the answer.
     async fn deliver_two_phase(
         &self,
+        mut locked: BranchLocked,
         op: Op,
         ctx: &BranchContext,
         payload: &[u8],
         handler: Option<&HandlerCall<PgStore>>,
         delivery: &Delivery,
     ) -> Verdict {
-        let mut conn = match self.conn().await {
-            Ok(c) => c,
-            Err(e) => return retry(op, ctx, e.to_string()),
-        };
-        let key = gid_lock_key(&ctx.gid);
-        if let Err(e) = conn
-            .execute("SELECT pg_advisory_lock($1, $2)", &[&LOCK_CLASS, &key])
-            .await
-        {
-            return retry(op, ctx, pg_error("locking the gid", e).to_string());
-        }
+        let conn = locked.conn.as_mut().expect("held until unlocked");
         let verdict = self
-            .two_phase_locked(&mut conn, op, ctx, payload, handler, delivery)
+            .two_phase_locked(conn, op, ctx, payload, handler, delivery)
             .await;
-        let unlocked = conn
-            .execute("SELECT pg_advisory_unlock($1, $2)", &[&LOCK_CLASS, &key])
-            .await;
-        if unlocked.is_err() {
-            // Never hand a connection holding the lock back to the pool: closing the
-            // session releases it.
-            drop(Object::take(conn));
-        }
+        locked.unlock().await;
         verdict
     }
 
@@ -1336,12 +1461,17 @@ impl Inner {
                     .await?;
                     tx.batch_execute(&format!("PREPARE TRANSACTION '{xact}'"))
                         .await
-                    // `tx` is dropped here; its ROLLBACK finds no transaction (PostgreSQL
-                    // logs a warning): the prepared one belongs to no session now.
                 }
                 .await;
                 match prepared {
-                    Ok(()) => return Ok(settled.reply),
+                    Ok(()) => {
+                        // The prepared transaction belongs to no session now. Dropping `tx`
+                        // would send a ROLLBACK that finds no transaction (PostgreSQL logs
+                        // "WARNING: there is no transaction in progress" for each prepare);
+                        // forgetting it leaks nothing (a borrow of the client, no savepoint).
+                        std::mem::forget(tx);
+                        return Ok(settled.reply);
+                    }
                     Err(e) => Stopped::Retry(
                         pg_error(format!("PREPARE TRANSACTION '{xact}'"), e).to_string(),
                     ),
@@ -1406,10 +1536,16 @@ impl BarrierStore for PgStore {
     ) -> Verdict {
         // Handler futures are not `Send`: the delivery runs on a blocking thread, driven with
         // the runtime's I/O (see the module docs).
+        // A delivery's connection and locks are taken here, where the caller going away
+        // (the coordinator's call timed out) cancels the wait (see `Inner::lock_branch`).
+        let locked = match self.inner.lock_branch(op, &ctx).await {
+            Ok(l) => l,
+            Err(verdict) => return verdict,
+        };
         let rt = tokio::runtime::Handle::current();
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            rt.block_on(inner.deliver(op, &ctx, &payload, handler.as_ref()))
+            rt.block_on(inner.deliver(op, &ctx, &payload, handler.as_ref(), locked))
         })
         .await
         .unwrap_or_else(|e| Verdict::Retry(format!("{op} delivery panicked: {e}")))

@@ -243,10 +243,23 @@ impl Coordinator for CoordinatorService {
                             _ = tx.closed() => return,
                         };
                         if changed.is_err() {
-                            // The driver finished; its last snapshot is the terminal one.
+                            // The driver finished; its last snapshot is the terminal one,
+                            // unless the runtime stopped under it (fail-stop): then the
+                            // stream ends UNAVAILABLE, so that the client watches again
+                            // (a clean end would read as "finished" with a live state).
                             let last = snap.borrow().clone();
                             if last.record.seq != current.record.seq {
                                 let _ = tx.send(Ok(to_proto(&last))).await;
+                            }
+                            if !(last.record.phase.is_terminal()
+                                && last.outcome != Outcome::Pending)
+                            {
+                                let _ = tx
+                                    .send(Err(Status::unavailable(format!(
+                                        "the coordinator stopped driving transaction {gid:?} \
+                                         before it ended (a failed log?); watch it again"
+                                    ))))
+                                    .await;
                             }
                             return;
                         }

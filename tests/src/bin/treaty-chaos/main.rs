@@ -289,12 +289,15 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
     );
     // PostgreSQL mode: every prepared transaction must have been committed or rolled back.
     let mut prepared_left = 0;
+    // Whether that check ran and read the server's prepared transactions (for the tests).
+    let mut prepared_checked = false;
     if let Some(url) = &cluster.log_db {
         match rt.block_on(prepared_left_over(
             url,
             Duration::from_secs(PREPARED_BOUND_SECS),
         )) {
             Ok(left) => {
+                prepared_checked = true;
                 prepared_left = left.len();
                 for (gid, db) in left {
                     harness_problems.push(format!(
@@ -378,6 +381,7 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
         "coordinator_pauses": faults.coordinator_pauses,
         "exited_after_pg_kill": faults.exited_after_pg_kill,
         "pg_prepared_left": prepared_left,
+        "pg_prepared_checked": prepared_checked,
         "reuse_same_body": verdict.reuse_same,
         "reuse_other_body_refused": verdict.reuse_refused,
         "reuse_unanswered": verdict.reuse_unanswered,

@@ -559,9 +559,6 @@ fn extra(
             pg.pause(false);
         }
         Extra::CoordinatorPause => {
-            if cluster.pause_past_lease() {
-                return super::owners::pause_past_lease(cluster, t0, counts);
-            }
             let lasts = Duration::from_millis(rng.gen_range(300..3000));
             let (lasts, t) = cluster.pick_coordinator(rng, lasts);
             let mut t = lock(t);
@@ -646,6 +643,11 @@ pub fn nemesis(
             });
             if now >= until {
                 break;
+            }
+            // Checker tests: only this fault, at every step (owners.rs).
+            if cluster.pause_past_lease() {
+                super::owners::pause_past_lease(cluster, t0, &mut counts)?;
+                continue;
             }
             if !extras.is_empty() && rng.gen_bool(0.3) {
                 // PostgreSQL mode: its actions in turn (a server kill first), so that a short

@@ -136,8 +136,9 @@ struct Cli {
     /// 1500` when more than one); the nemesis kills and pauses any one of them.
     #[arg(long, default_value_t = 1, requires = "postgres")]
     coordinators: usize,
-    /// Checker tests only, with --coordinators > 1: every coordinator pause of the nemesis
-    /// freezes coordinator 0 until another coordinator has taken its transactions over.
+    /// Checker tests only, with --coordinators > 1: the nemesis does nothing but freeze
+    /// coordinator 0 (with writes queued) until another coordinator has taken its
+    /// transactions over, then resume it, again and again.
     #[arg(long, requires = "postgres")]
     pause_past_lease: bool,
     /// Checker tests only: run bank-account built with the deliberately broken PgStore
@@ -419,6 +420,7 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
     });
     if let Some(o) = &owners {
         summary["owners_checked"] = o.gids.into();
+        summary["owners_violations"] = o.violations.len().into();
         summary["coordinator_takeovers"] = o.takeovers.into();
         summary["paused_past_takeover"] = faults.paused_past_takeover.into();
     }

@@ -174,7 +174,7 @@ async fn taken_over(db: &tokio_postgres::Client, epochs: &[i64]) -> Result<bool,
 }
 
 /// How long [`pause_past_lease`] holds PostgreSQL still before freezing coordinator 0.
-const QUEUE_WRITES_FOR: Duration = Duration::from_millis(300);
+const QUEUE_WRITES_FOR: Duration = Duration::from_millis(800);
 
 /// `--pause-past-lease`: SIGSTOP coordinator 0 (under load, so with transactions in flight
 /// and writes queued), wait until the log shows its epoch dead and its unfinished records

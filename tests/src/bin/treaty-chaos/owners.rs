@@ -221,7 +221,8 @@ pub fn pause_past_lease(
         if let Some(pg) = &cluster.pg {
             let pg = lock(pg);
             pg.pause(true);
-            tokio::time::sleep(QUEUE_WRITES_FOR).await;
+            // Blocking this thread (the nemesis's own) while holding the server's lock.
+            std::thread::sleep(QUEUE_WRITES_FOR);
             let _ = nix::sys::signal::kill(nix_pid, nix::sys::signal::Signal::SIGSTOP);
             pg.pause(false);
         }

@@ -77,8 +77,8 @@ pub struct PgMode {
     /// Coordinators on the one log database (each with a short lease when more than one,
     /// see `owners.rs`).
     pub coordinators: usize,
-    /// Checker tests only: the nemesis's coordinator pauses all freeze coordinator 0 past its
-    /// lease, until another coordinator has taken its transactions over (`owners.rs`).
+    /// Checker tests only: the nemesis only freezes coordinator 0 past its lease, until
+    /// another coordinator has taken its transactions over, again and again (`owners.rs`).
     pub pause_past_lease: bool,
 }
 

@@ -31,9 +31,9 @@
 //! (postmaster and backends at once) and its restart after up to 1.5 s, a pause of the whole
 //! server (SIGSTOP, then SIGCONT after 0.3 to 3 s), and a pause of treatyd (SIGSTOP/SIGCONT).
 //! After a server kill, every process that exited meanwhile (a coordinator that fail-stopped
-//! on a lost log write) is started again and counted. The cluster is built for N coordinators
-//! on the one log database (`--coordinators`), but only N = 1 runs today: two coordinators
-//! would both recover the same records until the store has ownership (leases and fencing).
+//! on a lost log write) is started again and counted. With `--coordinators N` (N > 1), N
+//! treatyd share the one log database (see `owners.rs`): the nemesis kills and pauses any one
+//! of them, and the checker reads the log's ownership history.
 
 use super::workload::Account;
 use rand::rngs::StdRng;
@@ -74,9 +74,12 @@ pub struct PgMode {
     /// The server's `fsync` (on by default; off only for speed: the nemesis kills processes,
     /// not the machine).
     pub fsync: bool,
-    /// Coordinators on the one log database. Only 1 is accepted until the PostgreSQL log
-    /// has ownership of records (leases, fencing); [`Cluster::start`] refuses more.
+    /// Coordinators on the one log database (each with a short lease when more than one,
+    /// see `owners.rs`).
     pub coordinators: usize,
+    /// Checker tests only: the nemesis only freezes coordinator 0 past its lease, until
+    /// another coordinator has taken its transactions over, again and again (`owners.rs`).
+    pub pause_past_lease: bool,
 }
 
 /// The name of the coordinator's log database in the PostgreSQL mode.
@@ -112,6 +115,9 @@ const TREATYD_ARGS: [&str; 10] = [
 pub struct Cluster {
     pub treatyd: Mutex<Treatyd>,
     pub treatyd_uri: String,
+    /// PostgreSQL mode with `--coordinators N`: coordinators 1..N on the same log
+    /// (coordinator 0 is `treatyd`).
+    pub others: Vec<Mutex<Treatyd>>,
     pub banks: Vec<Mutex<BankAccount>>,
     /// Each instance's own address (for balances and barrier rows: never through a proxy).
     pub bank_uris: Vec<String>,
@@ -150,13 +156,8 @@ impl Cluster {
         let bin = dir.join("bin");
         let copy = |from: PathBuf| treaty_tests::private_copy(&from, &bin);
         if let Some(m) = &opts.postgres {
-            if m.coordinators != 1 {
-                return Err(format!(
-                    "--coordinators {}: only 1 coordinator per PostgreSQL log is supported; \
-                     multi-coordinator ownership of records (leases and fencing) is not built \
-                     yet, and two coordinators would both recover the same records",
-                    m.coordinators
-                ));
+            if m.coordinators == 0 {
+                return Err("--coordinators must be at least 1".into());
             }
             if opts.power_cut || opts.sync_faults || opts.skip_fdatasync_mutant {
                 return Err(
@@ -241,14 +242,20 @@ impl Cluster {
         if let Some(url) = &log_db {
             args.extend(["--store", url]);
         }
+        let coordinators = opts.postgres.as_ref().map_or(1, |m| m.coordinators);
+        if coordinators > 1 {
+            args.extend(super::owners::SHARED_LOG_ARGS);
+        }
         let env: Vec<(&str, &str)> = opts
             .treatyd_failpoints
             .as_deref()
             .map(|f| ("FAILPOINTS", f))
             .into_iter()
             .collect();
-        let treatyd = Treatyd::start_from(treatyd_bin, &dir.join("treatyd"), &args, &env)?;
+        let treatyd = Treatyd::start_from(treatyd_bin.clone(), &dir.join("treatyd"), &args, &env)?;
         let treatyd_uri = treatyd.uri();
+        let others = super::owners::start_others(&treatyd_bin, dir, coordinators, &args, &env)?;
+        let coordinator_uris = super::owners::uris(&treatyd_uri, &others);
         let mut banks = Vec::new();
         let mut bank_uris = Vec::new();
         let mut proxies = Vec::new();
@@ -261,9 +268,11 @@ impl Cluster {
                 .map(|n| format!("{n}={opening}"))
                 .collect::<Vec<_>>()
                 .join(",");
+            // Several coordinators: banks ask them round robin (any one answers Outcome).
+            let coordinator = &coordinator_uris[i % coordinator_uris.len()];
             let bank = match bank_dbs.get(i) {
                 Some(url) => {
-                    BankAccount::start_on_postgres_from(bank_bin.clone(), url, &treatyd_uri, &spec)?
+                    BankAccount::start_on_postgres_from(bank_bin.clone(), url, coordinator, &spec)?
                 }
                 None => BankAccount::start_from(
                     bank_bin.clone(),
@@ -287,6 +296,7 @@ impl Cluster {
         Ok(Cluster {
             treatyd: Mutex::new(treatyd),
             treatyd_uri,
+            others: others.into_iter().map(Mutex::new).collect(),
             banks,
             bank_uris,
             proxies,
@@ -316,9 +326,11 @@ impl Cluster {
             pg.restart()
                 .map_err(|e| format!("cannot restart PostgreSQL: {e}"))?;
         }
-        let mut t = lock(&self.treatyd);
-        if t.proc.exited().is_some() || t.proc.pid() == 0 {
-            t.restart()?;
+        for t in self.coordinators() {
+            let mut t = lock(t);
+            if t.proc.exited().is_some() || t.proc.pid() == 0 {
+                t.restart()?;
+            }
         }
         for b in &self.banks {
             let mut b = lock(b);
@@ -330,7 +342,7 @@ impl Cluster {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -359,6 +371,9 @@ pub struct FaultCounts {
     pub pg_pauses: u64,
     /// PostgreSQL mode: pauses (SIGSTOP, SIGCONT) of treatyd.
     pub coordinator_pauses: u64,
+    /// Several coordinators: pauses that lasted until another coordinator had taken the
+    /// paused one's transactions over (`--pause-past-lease`).
+    pub paused_past_takeover: u64,
     /// PostgreSQL mode: processes found exited after a server kill (and started again).
     pub exited_after_pg_kill: u64,
     /// Things that went wrong in a way only the nemesis can see (e.g. a process that did
@@ -514,13 +529,14 @@ fn extra(
             }
             // A process may have stopped on a lost write (treatyd fail-stops on a failed
             // forced write of its log); the campaign continues with it started again.
-            let mut t = lock(&cluster.treatyd);
-            if t.proc.exited().is_some() {
-                eprintln!("[chaos {}] treatyd exited meanwhile; restart", at(t0));
-                counts.exited_after_pg_kill += 1;
-                t.restart()?;
+            for t in cluster.coordinators() {
+                let mut t = lock(t);
+                if t.proc.exited().is_some() {
+                    eprintln!("[chaos {}] treatyd exited meanwhile; restart", at(t0));
+                    counts.exited_after_pg_kill += 1;
+                    t.restart()?;
+                }
             }
-            drop(t);
             for (i, b) in cluster.banks.iter().enumerate() {
                 let mut b = lock(b);
                 if b.proc.exited().is_some() {
@@ -544,7 +560,8 @@ fn extra(
         }
         Extra::CoordinatorPause => {
             let lasts = Duration::from_millis(rng.gen_range(300..3000));
-            let mut t = lock(&cluster.treatyd);
+            let (lasts, t) = cluster.pick_coordinator(rng, lasts);
+            let mut t = lock(t);
             // Never signal pid 0 (our own process group): only a running treatyd.
             if t.proc.pid() == 0 || t.proc.exited().is_some() {
                 return Ok(());
@@ -627,6 +644,11 @@ pub fn nemesis(
             if now >= until {
                 break;
             }
+            // Checker tests: only this fault, at every step (owners.rs).
+            if cluster.pause_past_lease() {
+                super::owners::pause_past_lease(cluster, t0, &mut counts)?;
+                continue;
+            }
             if !extras.is_empty() && rng.gen_bool(0.3) {
                 // PostgreSQL mode: its actions in turn (a server kill first), so that a short
                 // campaign is sure to do each; the other modes keep their random choice.
@@ -653,7 +675,9 @@ pub fn nemesis(
                 }
                 25..=39 => {
                     let down = Duration::from_millis(rng.gen_range(0..800));
-                    let mut t = lock(&cluster.treatyd);
+                    // Several coordinators: sometimes down past the lease (a takeover).
+                    let (down, t) = cluster.pick_coordinator(&mut rng, down);
+                    let mut t = lock(t);
                     eprintln!("[chaos {}] SIGKILL treatyd (down {down:?})", at(t0));
                     t.kill();
                     counts.coordinator_kills += 1;
@@ -663,7 +687,8 @@ pub fn nemesis(
                 40..=54 => {
                     let fp = FAILPOINTS[next_failpoint % FAILPOINTS.len()];
                     next_failpoint += 1;
-                    let mut t = lock(&cluster.treatyd);
+                    let (_, t) = cluster.pick_coordinator(&mut rng, Duration::ZERO);
+                    let mut t = lock(t);
                     eprintln!(
                         "[chaos {}] SIGKILL treatyd, restart with {fp} armed",
                         at(t0)

@@ -24,6 +24,7 @@
 
 mod check;
 mod cluster;
+mod owners;
 mod workload;
 
 use check::{Final, Observed};
@@ -59,7 +60,11 @@ use workload::{Record, Reuse, Submitted, Told};
 /// (`--store`), bank instance i keeps its accounts in `bank_<i>` (2PC prepares are PostgreSQL
 /// prepared transactions). The nemesis also SIGKILLs and restarts the whole server, pauses it
 /// (SIGSTOP/SIGCONT), and pauses treatyd. The checker also requires that no prepared
-/// transaction is left in `pg_prepared_xacts` at the end. Not combinable with the sled-file
+/// transaction is left in `pg_prepared_xacts` at the end, and that no transaction was driven
+/// by two coordinators at once (no epoch in a record's `owners` history after another took
+/// it over). `--coordinators N` runs N treatyd on the one log (lease 1.5 s): the clients fail
+/// over across them, and the nemesis kills and pauses any one of them, a third of the time
+/// past the lease (a takeover). Not combinable with the sled-file
 /// modes (`--sync-faults`, `--power-cut`); `--all` does not include it.
 ///
 /// The seed is printed first; `TREATY_SEED=<n>` replays the same fault schedule and the same
@@ -127,10 +132,15 @@ struct Cli {
     /// nemesis, which kills processes, not the machine) [default: fsync on].
     #[arg(long, requires = "postgres")]
     pg_fsync_off: bool,
-    /// With --postgres: coordinators sharing the one log database. Only 1 is accepted until
-    /// the PostgreSQL log has ownership of records (leases, fencing).
+    /// With --postgres: coordinators sharing the one log database (each with `--lease-ms
+    /// 1500` when more than one); the nemesis kills and pauses any one of them.
     #[arg(long, default_value_t = 1, requires = "postgres")]
     coordinators: usize,
+    /// Checker tests only, with --coordinators > 1: the nemesis does nothing but freeze
+    /// coordinator 0 (with writes queued) until another coordinator has taken its
+    /// transactions over, then resume it, again and again.
+    #[arg(long, requires = "postgres")]
+    pause_past_lease: bool,
     /// Checker tests only: run bank-account built with the deliberately broken PgStore
     /// (`mutation-abort-keeps-prepared`: an abort leaves its prepared transaction in
     /// PostgreSQL), which --postgres must catch.
@@ -188,6 +198,7 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
         postgres: cli.postgres.then_some(cluster::PgMode {
             fsync: !cli.pg_fsync_off,
             coordinators: cli.coordinators,
+            pause_past_lease: cli.pause_past_lease,
         }),
         abort_keeps_prepared_mutant: cli.abort_keeps_prepared_mutant,
     };
@@ -216,6 +227,11 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
     let client = rt
         .block_on(Client::connect(cluster.treatyd_uri.clone()))
         .map_err(|e| format!("cannot connect to treatyd: {e}"))?;
+    // Several coordinators: each worker fails over across all of them (and so does the drain).
+    let clients = (0..cli.concurrency)
+        .map(|w| rt.block_on(owners::worker_client(&cluster, &client, w)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let client = clients.first().cloned().unwrap_or(client);
 
     let t0 = Instant::now();
     let stop_at = t0 + Duration::from_secs(cli.secs);
@@ -228,7 +244,7 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
             rt.spawn(workload::worker(
                 seed,
                 w,
-                client.clone(),
+                clients[w].clone(),
                 cluster.endpoints(),
                 cluster.accounts.clone(),
                 stop_at,
@@ -309,6 +325,13 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
             Err(e) => harness_problems.push(format!("cannot read pg_prepared_xacts: {e}")),
         }
     }
+    // PostgreSQL mode: no transaction driven by two coordinators at once (owners.rs).
+    let owners = cluster.log_db.as_ref().map(|url| {
+        rt.block_on(owners::check(url)).unwrap_or_else(|e| {
+            harness_problems.push(format!("cannot read the log's owners: {e}"));
+            owners::Report::default()
+        })
+    });
     let banks = rt.block_on(read_banks(&cluster.bank_uris));
     let mut verdict = match banks {
         Ok((rows, balances)) => check::check(
@@ -330,6 +353,9 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
         }
         Err(e) => return Err(e),
     };
+    if let Some(o) = &owners {
+        verdict.violations.extend(o.violations.iter().cloned());
+    }
     for p in harness_problems {
         verdict
             .violations
@@ -353,7 +379,7 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
             .filter(|r| r.submitted == Submitted::Accepted(t))
             .count()
     };
-    let summary = serde_json::json!({
+    let mut summary = serde_json::json!({
         "seed": seed,
         "transactions": records.len(),
         "committed": verdict.committed,
@@ -396,6 +422,12 @@ fn run(cli: &Cli, seed: u64) -> Result<usize, String> {
         "chaos_secs": cli.secs,
         "elapsed_secs": (t0.elapsed().as_secs_f64() * 10.0).round() / 10.0,
     });
+    if let Some(o) = &owners {
+        summary["owners_checked"] = o.gids.into();
+        summary["owners_violations"] = o.violations.len().into();
+        summary["coordinator_takeovers"] = o.takeovers.into();
+        summary["paused_past_takeover"] = faults.paused_past_takeover.into();
+    }
     let n = verdict.violations.len();
     drop(cluster);
     if n > 0 {

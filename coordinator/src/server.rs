@@ -169,7 +169,15 @@ async fn serve(
             Some(l) => Some(clone(l, "admin")?),
             None => None,
         };
-        match serve_once(&incarnation, &mut grpc, admin, &mut stopping.clone(), replaced).await {
+        match serve_once(
+            &incarnation,
+            &mut grpc,
+            admin,
+            &mut stopping.clone(),
+            replaced,
+        )
+        .await
+        {
             Ok(Ended::Done(r)) => return r,
             Ok(Ended::Replace) => {
                 tracing::info!("the log answers again: recovering from it with a new runtime");

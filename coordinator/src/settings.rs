@@ -696,7 +696,8 @@ mod tests {
         assert_eq!(d.config.limits.max_branches, 2);
     }
 
-    const SETTINGS_PATHS: [&str; 8] = [
+    const SETTINGS_PATHS: [&str; 9] = [
+        "store-ca",
         "tls-cert",
         "tls-key",
         "tls-client-ca",

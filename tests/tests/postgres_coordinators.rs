@@ -23,6 +23,22 @@ fn saga_step(endpoint: &str, handler: &str, account: &str, amount: i64) -> Step 
         .compensation(payload(account, amount))
 }
 
+/// Begins on `coordinator` a saga moving 10 from alice to bob, whose second step waits while
+/// bob's service is down; returns its gid.
+async fn begin_transfer(coordinator: &str, alice: &str, bob: &str, deadline_secs: u64) -> String {
+    Client::connect(coordinator.to_string())
+        .await
+        .expect("connect")
+        .saga()
+        .step(saga_step(alice, "saga-debit", "alice", 10))
+        .step(saga_step(bob, "saga-credit", "bob", 10))
+        .deadline(Duration::from_secs(deadline_secs))
+        .submit()
+        .await
+        .expect("submit")
+        .gid
+}
+
 /// A treatyd on the shared log, its stderr kept (to read what it logged).
 fn coordinator(url: &str) -> Proc {
     coordinator_with(
@@ -116,16 +132,7 @@ async fn a_coordinator_paused_past_its_lease_loses_its_transactions_and_writes_n
 
     // A saga on `a`: its first step ran, its second waits for bob's service (down).
     bob.kill();
-    let client = Client::connect(a.uri()).await.expect("connect");
-    let gid = client
-        .saga()
-        .step(saga_step(&alice.uri(), "saga-debit", "alice", 10))
-        .step(saga_step(&bob.uri(), "saga-credit", "bob", 10))
-        .deadline(Duration::from_secs(120))
-        .submit()
-        .await
-        .expect("submit")
-        .gid;
+    let gid = begin_transfer(&a.uri(), &alice.uri(), &bob.uri(), 120).await;
     let (a_epoch, history) = owners(&db, &gid).await;
     assert_eq!(history, [a_epoch], "begun by a");
 
@@ -278,15 +285,7 @@ async fn retry_on_another_coordinator_is_passed_on_to_the_owner() {
     let mut bob = BankAccount::start(&dir.path().join("b"), &a.uri(), "bob=50").expect("b");
     bob.kill();
     let client = Client::connect(a.uri()).await.expect("connect a");
-    let gid = client
-        .saga()
-        .step(saga_step(&alice.uri(), "saga-debit", "alice", 10))
-        .step(saga_step(&bob.uri(), "saga-credit", "bob", 10))
-        .deadline(Duration::from_secs(300))
-        .submit()
-        .await
-        .expect("submit")
-        .gid;
+    let gid = begin_transfer(&a.uri(), &alice.uri(), &bob.uri(), 300).await;
     let b_client = Client::connect(b.uri()).await.expect("connect b");
     wait_until(
         "a's call to bob to fail once",
@@ -396,17 +395,7 @@ async fn a_coordinator_stopped_cleanly_hands_its_transactions_over_at_once() {
     let alice = BankAccount::start(&dir.path().join("a"), &b.uri(), "alice=100").expect("a");
     let mut bob = BankAccount::start(&dir.path().join("b"), &b.uri(), "bob=50").expect("b");
     bob.kill();
-    let gid = Client::connect(a.uri())
-        .await
-        .expect("connect a")
-        .saga()
-        .step(saga_step(&alice.uri(), "saga-debit", "alice", 10))
-        .step(saga_step(&bob.uri(), "saga-credit", "bob", 10))
-        .deadline(Duration::from_secs(120))
-        .submit()
-        .await
-        .expect("submit")
-        .gid;
+    let gid = begin_transfer(&a.uri(), &alice.uri(), &bob.uri(), 120).await;
     assert!(
         a.terminate(Duration::from_secs(20)).is_some(),
         "a stops on SIGTERM"

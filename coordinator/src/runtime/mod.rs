@@ -563,12 +563,7 @@ impl Runtime {
             };
             after = Some(last.gid.clone());
             let full = page.len() == RECOVERY_PAGE;
-            for rec in page {
-                n += 1;
-                let gid = rec.gid.clone();
-                let tx = self.inner.engine(Tx::recover(rec));
-                self.send(&gid, Msg::Recover(Box::new(tx))).await;
-            }
+            n += self.resume(page).await;
             if !full {
                 return Ok(n);
             }
@@ -584,12 +579,7 @@ impl Runtime {
             let page = self.inner.log.claim(RECOVERY_PAGE).await?;
             self.inner.fatal.check()?;
             let full = page.len() == RECOVERY_PAGE;
-            for rec in page {
-                n += 1;
-                let gid = rec.gid.clone();
-                let tx = self.inner.engine(Tx::recover(rec));
-                self.send(&gid, Msg::Recover(Box::new(tx))).await;
-            }
+            n += self.resume(page).await;
             if !full {
                 if n > 0 {
                     self.inner.metrics.taken_over(n);
@@ -597,6 +587,18 @@ impl Runtime {
                 return Ok(n);
             }
         }
+    }
+
+    /// Hands each recovered (or claimed) record to its shard, to be driven from where the log
+    /// says it stopped. Returns how many.
+    async fn resume(&self, page: Vec<TxRecord>) -> usize {
+        let n = page.len();
+        for rec in page {
+            let gid = rec.gid.clone();
+            let tx = self.inner.engine(Tx::recover(rec));
+            self.send(&gid, Msg::Recover(Box::new(tx))).await;
+        }
+        n
     }
 
     /// Start a transaction (or find the existing one with this gid) and answer once `Begun`
